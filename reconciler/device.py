@@ -1,0 +1,158 @@
+"""All access to the device's file system, confined to one root directory.
+
+Every path spos reads or writes on a device goes through a `Device`. A path is given as the
+device sees it (`/etc/cron.d/spos-x`) and is resolved under `root`, so tests and demos run the
+same code against a temporary directory that a real device runs against `/`.
+
+Guarantees:
+- a path never leaves the root (no `..`), and no component below the root may be a symlink, so
+  nothing is read or written through a link someone planted;
+- writes are atomic: a temporary file in the same directory, fsync, rename, fsync the directory.
+  A crash leaves either the old or the new content, never a torn file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from reconciler.errors import UnsafePathError
+
+
+class Device:
+    """The file system of one device, rooted at `root` (a real device uses `/`)."""
+
+    def __init__(self, root: str | os.PathLike = "/"):
+        self.root = Path(os.path.abspath(root))
+
+    def __repr__(self) -> str:
+        return f"Device({str(self.root)!r})"
+
+    def path(self, device_path: str) -> Path:
+        """The host path of `device_path`, refusing `..` and symlinked components."""
+        parts = [p for p in device_path.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise UnsafePathError(f"refusing path with '..': {device_path}")
+        current = self.root
+        for part in parts:
+            current = current / part
+            try:
+                mode = os.lstat(current).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(mode):
+                raise UnsafePathError(
+                    f"refusing to use {device_path}: {current} is a symlink; spos never "
+                    "reads or writes through links"
+                )
+        return current
+
+    def read_bytes(self, device_path: str) -> bytes | None:
+        """The file's content, or None when it does not exist."""
+        host = self.path(device_path)
+        try:
+            fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePathError(f"refusing to read {device_path}: it is a symlink") from exc
+            raise
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read()
+
+    def read_text(self, device_path: str) -> str | None:
+        data = self.read_bytes(device_path)
+        return None if data is None else data.decode("utf-8", errors="replace")
+
+    def stat(self, device_path: str) -> os.stat_result | None:
+        try:
+            return os.lstat(self.path(device_path))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, device_path: str) -> bool:
+        return self.stat(device_path) is not None
+
+    def is_dir(self, device_path: str) -> bool:
+        st = self.stat(device_path)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    def listdir(self, device_path: str) -> list[str]:
+        """Sorted entry names, or an empty list when the directory does not exist."""
+        try:
+            return sorted(os.listdir(self.path(device_path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def makedirs(self, device_path: str, mode: int = 0o755) -> None:
+        """Create the directory (with `mode`) and its missing parents (0755), each checked for
+        symlinks."""
+        parts = [p for p in device_path.split("/") if p]
+        for depth in range(1, len(parts) + 1):
+            partial = "/" + "/".join(parts[:depth])
+            host = self.path(partial)
+            try:
+                os.mkdir(host, mode if depth == len(parts) else 0o755)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(host).st_mode):
+                    raise UnsafePathError(f"{partial} exists and is not a directory") from None
+
+    def write_atomic(self, device_path: str, data: bytes, mode: int = 0o644) -> None:
+        """Replace the file's content atomically; the parent directory must exist."""
+        host = self.path(device_path)
+        st = self.stat(device_path)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"refusing to replace {device_path}: not a regular file")
+        directory = host.parent
+        temp = directory / f".{host.name}.spos-tmp-{os.getpid()}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp)
+            raise
+        os.close(fd)
+        try:
+            os.rename(temp, host)
+        except BaseException:
+            os.unlink(temp)
+            raise
+        self._fsync_dir(directory)
+
+    def remove(self, device_path: str) -> bool:
+        """Delete a file (never a directory); False when it was already gone."""
+        host = self.path(device_path)
+        try:
+            os.unlink(host)
+        except FileNotFoundError:
+            return False
+        self._fsync_dir(host.parent)
+        return True
+
+    def rmdir_if_empty(self, device_path: str) -> bool:
+        """Remove an empty directory; a non-empty or missing one is left alone."""
+        try:
+            os.rmdir(self.path(device_path))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
+        return True
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,79 @@
+"""The one exception family of spos, and the diagnostics that manifest problems are reported as.
+
+Manifest problems are never raised one at a time: validation collects every `Diagnostic` and the
+CLI prints them all. Runtime failures raise a `SposError` subclass that says whether trying again
+can help (`retryable`). Any other exception escaping spos is a bug.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, order=True)
+class Diagnostic:
+    """One problem found in the manifests, pointing at the file, line and field it concerns."""
+
+    file: str
+    line: int
+    col: int
+    summary: str
+    field_path: str = ""
+    hint: str = ""
+    severity: str = field(default="error", compare=False)
+
+    def render(self) -> str:
+        """`FILE:LINE:COL: error: summary (at field) hint` — the form editors and CI parse."""
+        where = f" (at {self.field_path})" if self.field_path else ""
+        text = f"{self.file}:{self.line}:{self.col}: {self.severity}: {self.summary}{where}"
+        return f"{text}\n    hint: {self.hint}" if self.hint else text
+
+    def to_json(self) -> dict:
+        return {
+            "severity": self.severity,
+            "file": self.file,
+            "line": self.line,
+            "col": self.col,
+            "field": self.field_path,
+            "summary": self.summary,
+            "hint": self.hint,
+        }
+
+
+class SposError(Exception):
+    """Base of every error spos raises on purpose. `retryable` says whether a retry can help."""
+
+    retryable = False
+
+
+class ManifestError(SposError):
+    """The manifests are invalid; nothing was changed. Carries every problem found."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = sorted(diagnostics)
+        count = len(self.diagnostics)
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in the manifests")
+
+
+class UnsafePathError(SposError):
+    """A path would leave the device root or pass through a symlink."""
+
+
+class LockHeldError(SposError):
+    """Another spos process holds the apply lock."""
+
+    retryable = True
+
+
+class StalePlanError(SposError):
+    """A saved plan no longer matches the device or the manifests it was made from."""
+
+
+class UsageError(SposError):
+    """The command line or its arguments are wrong."""
+
+
+class ApplyError(SposError):
+    """One or more resources could not be changed; the others were applied and recorded."""
+
+    retryable = True

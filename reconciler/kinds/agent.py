@@ -1,0 +1,206 @@
+"""Agents on the device: a directory per agent and the compiled config the executor reads.
+
+`/var/lib/systemprompt-os/agents/<name>/agent.json` holds the agent's tasks with every default
+filled in and durations and sizes in plain numbers, plus the Capability and Quota it resolves
+to. That file is the whole contract with the executor (see docs/agent-config.md); the executor
+never reads manifests. Beside it, the run directories (queue, active, completed, failed,
+checkpoints, logs, tmp, output).
+
+Deleting an agent removes its config, so nothing runs it any more, and its run directories
+when they are empty; run history and outputs are kept for the operator.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Iterable
+
+from reconciler import STATE_DIR, units
+from reconciler.manifest import ManifestSet
+from reconciler.resource import Change, Facts, Resource
+
+if TYPE_CHECKING:
+    from reconciler.device import Device
+
+CONFIG_FORMAT = 1
+AGENTS_DIR = f"/{STATE_DIR}/agents"
+RUN_DIRECTORIES = ("queue", "active", "completed", "failed", "checkpoints", "logs", "tmp", "output")
+CONFIG_NAME = "agent.json"
+
+TASK_DEFAULTS = {
+    "timeout": "1h",
+    "concurrency": "Forbid",
+    "priority": 50,
+}
+RETRY_DEFAULTS = {"limit": 0, "initial": "10s", "factor": 2, "max": "10m"}
+RETENTION_DEFAULTS = {"temp": "24h", "completed": "7d", "failed": "30d"}
+
+
+def config_path(agent: str) -> str:
+    return f"{AGENTS_DIR}/{agent}/{CONFIG_NAME}"
+
+
+def compile_agent(name: str, spec: dict, capability: dict | None, quota: dict | None) -> dict:
+    """The executor's view of one agent: explicit, normalised, versioned. Pure."""
+    agent_env = spec.get("env") or {}
+    return {
+        "format": CONFIG_FORMAT,
+        "agent": name,
+        "user": spec.get("user", "root"),
+        "tasks": {
+            task: _compile_task(task_spec, agent_env)
+            for task, task_spec in sorted((spec.get("tasks") or {}).items())
+        },
+        "capability": capability,
+        "quota": quota,
+    }
+
+
+def _compile_task(task: dict, agent_env: dict) -> dict:
+    retries = task.get("retries") or {}
+    backoff = retries.get("backoff") or {}
+    checkpoint = task.get("checkpoint")
+    compiled = {
+        "command": task.get("command"),
+        "steps": [
+            {
+                "name": step["name"],
+                "command": step["command"],
+                "timeoutSeconds": units.seconds(step["timeout"]) if "timeout" in step else None,
+                "continueOnError": step.get("continueOnError", False),
+            }
+            for step in task.get("steps") or []
+        ] or None,
+        "timeoutSeconds": units.seconds(task.get("timeout", TASK_DEFAULTS["timeout"])),
+        "retries": {
+            "limit": retries.get("limit", RETRY_DEFAULTS["limit"]),
+            "backoff": {
+                "initialSeconds": units.seconds(backoff.get("initial", RETRY_DEFAULTS["initial"])),
+                "factor": backoff.get("factor", RETRY_DEFAULTS["factor"]),
+                "maxSeconds": units.seconds(backoff.get("max", RETRY_DEFAULTS["max"])),
+            },
+        },
+        "concurrency": task.get("concurrency", TASK_DEFAULTS["concurrency"]),
+        "priority": task.get("priority", TASK_DEFAULTS["priority"]),
+        "env": {**agent_env, **(task.get("env") or {})},
+        "workdir": task.get("workdir"),
+        "checkpoint": None,
+        "flexible": task.get("flexible", False),
+    }
+    if checkpoint and checkpoint.get("enabled", True):
+        interval = checkpoint.get("interval")
+        compiled["checkpoint"] = {"intervalSeconds": units.seconds(interval) if interval else None}
+    return compiled
+
+
+def compile_capability(name: str, spec: dict) -> dict:
+    def access(side: dict) -> dict:
+        return {key: list(side.get(key) or []) for key in ("read", "write", "execute", "devices", "network")}
+
+    return {
+        "name": name,
+        "allowed": access(spec.get("allowed") or {}),
+        "denied": access(spec.get("denied") or {}),
+    }
+
+
+def compile_quota(name: str, spec: dict) -> dict:
+    storage = spec.get("storage") or {}
+    retention = {**RETENTION_DEFAULTS, **(spec.get("retention") or {})}
+    return {
+        "name": name,
+        "cpuPercent": units.percent(spec["cpu"]) if "cpu" in spec else None,
+        "memoryBytes": units.size_bytes(spec["memory"]) if "memory" in spec else None,
+        "ioWeight": spec.get("ioWeight"),
+        "tasksMax": spec.get("tasksMax"),
+        "nice": spec.get("nice"),
+        "storageBytes": {k: units.size_bytes(v) for k, v in sorted(storage.items())},
+        "retentionSeconds": {k: units.seconds(v) for k, v in sorted(retention.items())},
+    }
+
+
+class AgentKind:
+    name = "agent"
+    replace_on: tuple[str, ...] = ()
+
+    def render(self, manifests: ManifestSet, facts: Facts) -> Iterable[Resource]:
+        """One resource per Agent. Pure."""
+        capabilities = manifests.of_kind("Capability")
+        quotas = manifests.of_kind("Quota")
+        for agent in manifests.of_kind("Agent").values():
+            capability = capabilities.get(agent.spec.get("capability"))
+            quota = quotas.get(agent.spec.get("quota"))
+            config = compile_agent(
+                agent.name,
+                agent.spec,
+                compile_capability(capability.name, capability.spec) if capability else None,
+                compile_quota(quota.name, quota.spec) if quota else None,
+            )
+            yield Resource(
+                id=f"agent/{agent.name}",
+                kind=self.name,
+                attrs={
+                    "path": config_path(agent.name),
+                    "directories": list(RUN_DIRECTORIES),
+                    "config": config,
+                },
+                source=agent.where,
+            )
+
+    def observe(self, device: "Device", ids: set[str]) -> dict[str, Resource]:
+        """Every agent with a compiled config on the device, plus any of `ids` partly present."""
+        names = {rid.split("/", 1)[1] for rid in ids}
+        names.update(n for n in device.listdir(AGENTS_DIR) if device.exists(config_path(n)))
+        found = {}
+        for name in sorted(names):
+            resource = self._read(device, name)
+            if resource is not None:
+                found[resource.id] = resource
+        return found
+
+    def _read(self, device: "Device", name: str) -> Resource | None:
+        raw = device.read_text(config_path(name))
+        present = [d for d in RUN_DIRECTORIES if device.is_dir(f"{AGENTS_DIR}/{name}/{d}")]
+        if raw is None and not present:
+            return None
+        try:
+            config = json.loads(raw) if raw is not None else None
+        except ValueError:
+            config = "unreadable: not valid JSON"
+        return Resource(
+            id=f"agent/{name}",
+            kind=self.name,
+            attrs={"path": config_path(name), "directories": present, "config": config},
+        )
+
+    def apply(self, device: "Device", changes: list[Change]) -> Iterable[tuple[Change, str | None]]:
+        for change in changes:
+            try:
+                if change.action == "delete":
+                    self._delete(device, change.before)
+                else:
+                    self._write(device, change.after)
+            except OSError as exc:
+                yield change, str(exc)
+            else:
+                yield change, None
+
+    @staticmethod
+    def _write(device: "Device", attrs: dict) -> None:
+        directory = attrs["path"].rsplit("/", 1)[0]
+        for sub in attrs["directories"]:
+            device.makedirs(f"{directory}/{sub}", mode=0o750)
+        payload = json.dumps(attrs["config"], indent=2, sort_keys=True) + "\n"
+        if device.read_text(attrs["path"]) != payload:
+            device.write_atomic(attrs["path"], payload.encode(), mode=0o644)
+
+    @staticmethod
+    def _delete(device: "Device", attrs: dict) -> None:
+        directory = attrs["path"].rsplit("/", 1)[0]
+        device.remove(attrs["path"])
+        for sub in RUN_DIRECTORIES:
+            device.rmdir_if_empty(f"{directory}/{sub}")
+        device.rmdir_if_empty(directory)
+
+
+KIND = AgentKind()

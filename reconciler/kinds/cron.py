@@ -1,0 +1,181 @@
+"""Cron schedules on the device: one line per Schedule in `/etc/cron.d/spos-<agent>`.
+
+Each managed line is preceded by a marker comment naming its resource id:
+
+    # spos:managed cron/research-001-hourly
+    0 * * * * root /usr/local/bin/spos action run --agent research-001 --task check ...
+
+spos edits only marked lines. Anything else in the file (lines an operator added, comments,
+blank lines, environment settings) is kept in place and in order. A file is deleted only when
+nothing but spos's own lines would remain.
+
+Debian's cron reads `/etc/cron.d` files whose names have no dot and that are not writable by
+group or others, so files are named `spos-<agent>` and written 0644. A cron `%` means newline,
+so one in a command is escaped; newlines never reach here (validation refuses them).
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import TYPE_CHECKING, Iterable
+
+from reconciler import cronexpr
+from reconciler.manifest import ManifestSet
+from reconciler.resource import Change, Facts, Resource
+
+if TYPE_CHECKING:
+    from reconciler.device import Device
+
+CRON_DIR = "/etc/cron.d"
+FILE_PREFIX = "spos-"
+FILE_MODE = "0644"
+MARKER = "# spos:managed "
+HEADER = "# spos:file "
+SUSPENDED = "#suspended# "
+
+
+def file_for(agent: str) -> str:
+    return f"{CRON_DIR}/{FILE_PREFIX}{agent}"
+
+
+def render_line(schedule: str, spec: dict, user: str, facts: Facts) -> str:
+    """The crontab line for one Schedule. Pure."""
+    expression = spec["cron"].strip()
+    argv = list(facts.spos_command)
+    if facts.root != "/":
+        argv += ["--root", facts.root]
+    argv += ["action", "run", "--agent", spec["agent"], "--task", spec["task"], "--schedule", schedule]
+    if spec.get("startingDeadline"):
+        argv += ["--deadline", spec["startingDeadline"]]
+    zone = spec.get("timeZone")
+    if zone and expression.lower() != cronexpr.REBOOT:
+        argv += ["--cron", expression, "--cron-tz", zone]
+        expression = cronexpr.widen_for_time_zone(cronexpr.parse(expression))
+    command = shlex.join(argv).replace("%", "\\%")
+    line = f"{expression} {user} {command}"
+    return SUSPENDED + line if spec.get("suspend") else line
+
+
+class CronKind:
+    name = "cron"
+    replace_on = ("file",)
+
+    def render(self, manifests: ManifestSet, facts: Facts) -> Iterable[Resource]:
+        """One resource per cron Schedule. Pure."""
+        agents = manifests.of_kind("Agent")
+        for schedule in manifests.of_kind("Schedule").values():
+            spec = schedule.spec
+            if "cron" not in spec:
+                continue
+            user = agents[spec["agent"]].spec.get("user", "root")
+            yield Resource(
+                id=f"cron/{schedule.name}",
+                kind=self.name,
+                attrs={
+                    "file": file_for(spec["agent"]),
+                    "mode": FILE_MODE,
+                    "line": render_line(schedule.name, spec, user, facts),
+                },
+                source=schedule.where,
+            )
+
+    def observe(self, device: "Device", ids: set[str]) -> dict[str, Resource]:
+        """Every marked line in spos's cron files (ids not found are absent)."""
+        found = {}
+        for name in device.listdir(CRON_DIR):
+            if not name.startswith(FILE_PREFIX):
+                continue
+            path = f"{CRON_DIR}/{name}"
+            text = device.read_text(path)
+            st = device.stat(path)
+            if text is None or st is None:
+                continue
+            mode = format(st.st_mode & 0o7777, "04o")
+            for rid, line in parse_entries(text).items():
+                found[rid] = Resource(rid, self.name, {"file": path, "mode": mode, "line": line})
+        return found
+
+    def apply(self, device: "Device", changes: list[Change]) -> Iterable[tuple[Change, str | None]]:
+        """Edit each affected file once: the changed lines, nothing else."""
+        edits: dict[str, dict[str, str | None]] = {}
+        touched: dict[str, list[Change]] = {}
+        for change in changes:
+            if change.before is not None and change.action in ("delete", "replace"):
+                edits.setdefault(change.before["file"], {})[change.id] = None
+                touched.setdefault(change.before["file"], []).append(change)
+            if change.after is not None:
+                edits.setdefault(change.after["file"], {})[change.id] = change.after["line"]
+                touched.setdefault(change.after["file"], []).append(change)
+        failed: dict[str, str] = {}
+        for path, lines in edits.items():
+            try:
+                self._edit_file(device, path, lines)
+            except OSError as exc:
+                for change in touched[path]:
+                    failed.setdefault(change.id, f"{path}: {exc}")
+        for change in changes:
+            yield change, failed.get(change.id)
+
+    @staticmethod
+    def _edit_file(device: "Device", path: str, lines: dict[str, str | None]) -> None:
+        current = device.read_text(path)
+        agent = path.rsplit("/", 1)[1][len(FILE_PREFIX):]
+        updated = edit(current, lines, agent)
+        if updated is None:
+            device.remove(path)
+        elif updated != current or _mode(device, path) != FILE_MODE:
+            device.makedirs(CRON_DIR)
+            device.write_atomic(path, updated.encode(), mode=int(FILE_MODE, 8))
+
+
+def _mode(device: "Device", path: str) -> str | None:
+    st = device.stat(path)
+    return None if st is None else format(st.st_mode & 0o7777, "04o")
+
+
+def parse_entries(text: str) -> dict[str, str]:
+    """Managed resource id -> the line below its marker ('' when the marker ends the file)."""
+    entries = {}
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith(MARKER):
+            rid = line[len(MARKER):].strip()
+            following = lines[index + 1] if index + 1 < len(lines) else ""
+            entries[rid] = "" if following.startswith(MARKER) else following
+    return entries
+
+
+def edit(text: str | None, changes: dict[str, str | None], agent: str) -> str | None:
+    """`text` with each managed entry in `changes` replaced (str), removed (None) or appended.
+
+    Unmarked lines keep their content and order. Returns None when only spos's own lines would
+    remain, meaning the file should be deleted. Pure.
+    """
+    lines = text.splitlines() if text else []
+    out: list[str] = []
+    done: set[str] = set()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        rid = line[len(MARKER):].strip() if line.startswith(MARKER) else None
+        if rid is None or rid not in changes:
+            out.append(line)
+            index += 1
+            continue
+        has_entry = index + 1 < len(lines) and not lines[index + 1].startswith(MARKER)
+        index += 2 if has_entry else 1
+        if changes[rid] is not None and rid not in done:
+            out += [line, changes[rid]]
+        done.add(rid)
+    additions = [rid for rid, new in sorted(changes.items()) if new is not None and rid not in done]
+    if not out and additions:
+        out.append(f"{HEADER}entries for agent {agent}. Lines below a '{MARKER.strip()}' marker "
+                   "belong to spos; all other lines are left as they are.")
+    for rid in additions:
+        out += [f"{MARKER}{rid}", changes[rid]]
+    if all(not line.strip() or line.startswith(HEADER) for line in out):
+        return None
+    return "\n".join(out) + "\n"
+
+
+KIND = CronKind()

@@ -1,0 +1,56 @@
+"""The validated manifest set: what the operator declared, indexed by kind and name.
+
+Data only. A `Manifest` remembers the file and line it came from so that later stages (policy
+checks, plan views) can point back at the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("Agent", "Schedule", "Trigger", "Quota", "Capability", "Policy")
+API_VERSION = "spos/v1"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str
+    name: str
+    spec: dict
+    labels: dict
+    file: str
+    index: int
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @classmethod
+    def from_document(cls, data: dict[str, Any], file: str, index: int, line: int) -> "Manifest":
+        metadata = data.get("metadata") or {}
+        return cls(
+            kind=data["kind"],
+            name=metadata["name"],
+            spec=data.get("spec") or {},
+            labels=metadata.get("labels") or {},
+            file=file,
+            index=index,
+            line=line,
+        )
+
+
+@dataclass
+class ManifestSet:
+    """Every manifest of one revision, plus where it came from."""
+
+    manifests: list[Manifest] = field(default_factory=list)
+    revision: str | None = None
+    digest: str = ""
+
+    def of_kind(self, kind: str) -> dict[str, Manifest]:
+        return {m.name: m for m in self.manifests if m.kind == kind}
+
+    def __len__(self) -> int:
+        return len(self.manifests)

@@ -1,0 +1,17 @@
+"""Actual state: read what spos owns on the device, for every resource kind. Read-only."""
+
+from __future__ import annotations
+
+from reconciler.device import Device
+from reconciler.kinds import ALL
+from reconciler.resource import Resource
+
+
+def observe(device: Device, ids: set[str]) -> dict[str, Resource]:
+    """Resource id -> the resource as found on the device. Each kind also reports what it finds
+    carrying its ownership marker, so ids missing from a lost inventory are still pruned."""
+    actual: dict[str, Resource] = {}
+    for kind in ALL:
+        wanted = {rid for rid in ids if rid.startswith(f"{kind.name}/")}
+        actual.update(kind.observe(device, wanted))
+    return actual

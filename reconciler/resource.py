@@ -1,0 +1,151 @@
+"""The data that flows from render to plan to apply: resources, changes, and the plan itself.
+
+A `Resource` is one thing spos owns on the device (an agent's compiled config, a crontab
+entry), described by JSON-able attributes. Two resources with the same attributes are the same:
+equality is a digest of the canonical JSON. A `Change` says what apply must do to one resource;
+the set of actions is closed (create, update, replace, delete) and each has the symbol the views
+show. A reason explains a change to the reader; it never drives apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAN_FORMAT = 1
+
+SYMBOLS = {"create": "+", "update": "~", "replace": "-/+", "delete": "-"}
+ACTIONS = tuple(SYMBOLS)
+
+
+def digest(attrs: Any) -> str:
+    canonical = json.dumps(attrs, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Resource:
+    id: str
+    kind: str
+    attrs: dict
+    source: str = ""
+
+    @property
+    def digest(self) -> str:
+        return digest(self.attrs)
+
+
+@dataclass(frozen=True)
+class Change:
+    id: str
+    kind: str
+    action: str
+    reason: str
+    before: dict | None
+    after: dict | None
+    fields: list[dict] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def symbol(self) -> str:
+        return SYMBOLS[self.action]
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "action": self.action,
+            "symbol": self.symbol,
+            "reason": self.reason,
+            "source": self.source,
+            "fields": self.fields,
+            "before": self.before,
+            "after": self.after,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Change":
+        return cls(
+            id=data["id"],
+            kind=data["kind"],
+            action=data["action"],
+            reason=data["reason"],
+            before=data["before"],
+            after=data["after"],
+            fields=data.get("fields", []),
+            source=data.get("source", ""),
+        )
+
+
+@dataclass
+class Plan:
+    """What apply will do, and what it was computed from.
+
+    `observed` holds the digest of every resource as it was seen on the device (None: absent)
+    and `inventory` the digest of the inventory; a saved plan whose device no longer matches
+    them is stale. `desired` holds the digest of every desired resource, changed or not: it is
+    what the inventory records once the plan is applied.
+    """
+
+    root: str
+    changes: list[Change]
+    desired: dict[str, dict]
+    observed: dict[str, str | None]
+    inventory: str
+    manifests: dict
+    notices: list[str] = field(default_factory=list)
+    version: str = ""
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.changes)
+
+    def summary(self) -> dict[str, int]:
+        counts = {action: 0 for action in ACTIONS}
+        for change in self.changes:
+            counts[change.action] += 1
+        counts["unchanged"] = sum(1 for rid in self.desired if rid not in {c.id for c in self.changes})
+        return counts
+
+    def to_json(self) -> dict:
+        return {
+            "formatVersion": PLAN_FORMAT,
+            "spos": self.version,
+            "root": self.root,
+            "manifests": self.manifests,
+            "summary": self.summary(),
+            "changes": [change.to_json() for change in self.changes],
+            "notices": self.notices,
+            "desired": self.desired,
+            "observed": self.observed,
+            "inventory": self.inventory,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        if data.get("formatVersion") != PLAN_FORMAT:
+            raise ValueError(f"unsupported plan format {data.get('formatVersion')!r}")
+        return cls(
+            root=data["root"],
+            changes=[Change.from_json(c) for c in data["changes"]],
+            desired=data["desired"],
+            observed=data["observed"],
+            inventory=data["inventory"],
+            manifests=data["manifests"],
+            notices=data.get("notices", []),
+            version=data.get("spos", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What rendering needs to know about the device, gathered by the caller.
+
+    `spos_command` is the argv that cron and systemd run to reach spos (cron's PATH is minimal,
+    so it is absolute); `root` is passed on as `--root` when it is not `/`.
+    """
+
+    spos_command: tuple[str, ...]
+    root: str = "/"

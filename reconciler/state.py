@@ -1,0 +1,104 @@
+"""spos's own state on the device, under `<root>/var/lib/systemprompt-os/`.
+
+- `inventory.json`: the id and digest of every resource spos applied, with the revision and
+  time; what decides pruning (stale = inventoried minus desired) and what "drift" is measured
+  against. Written once per apply, atomically.
+- `apply.lock`: held (flock) by the one apply that may run at a time; it names its holder.
+- `cache/manifests.json`: parsed, checked manifests by content hash (see validate.py).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from datetime import datetime, timezone
+
+from reconciler import STATE_DIR
+from reconciler.device import Device
+from reconciler.errors import LockHeldError
+
+INVENTORY = f"/{STATE_DIR}/inventory.json"
+LOCK = f"/{STATE_DIR}/apply.lock"
+MANIFEST_CACHE = f"/{STATE_DIR}/cache/manifests.json"
+INVENTORY_FORMAT = 1
+
+
+def read_inventory(device: Device) -> dict:
+    """The last applied inventory; an empty one on a device spos never applied to."""
+    raw = device.read_text(INVENTORY)
+    if raw is None:
+        return {"format": INVENTORY_FORMAT, "resources": {}}
+    data = json.loads(raw)
+    data.setdefault("resources", {})
+    return data
+
+
+def write_inventory(device: Device, resources: dict, revision: str | None, manifest_digest: str) -> None:
+    device.makedirs(f"/{STATE_DIR}")
+    payload = {
+        "format": INVENTORY_FORMAT,
+        "revision": revision,
+        "manifestDigest": manifest_digest,
+        "appliedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "resources": dict(sorted(resources.items())),
+    }
+    device.write_atomic(INVENTORY, (json.dumps(payload, indent=2) + "\n").encode(), mode=0o644)
+
+
+def cache_file(device: Device):
+    """Where the manifest cache lives, or None before spos has state on this device."""
+    if not device.is_dir(f"/{STATE_DIR}"):
+        return None
+    return device.path(MANIFEST_CACHE)
+
+
+class ApplyLock:
+    """One apply at a time per device. A second one waits up to `timeout` seconds, then fails
+    naming the holder (pid, command, since when)."""
+
+    def __init__(self, device: Device, timeout: float = 0.0):
+        self.device = device
+        self.timeout = timeout
+        self.fd: int | None = None
+
+    def __enter__(self) -> "ApplyLock":
+        self.device.makedirs(f"/{STATE_DIR}")
+        path = self.device.path(LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise LockHeldError(
+                        f"another spos apply holds {path}: {holder or 'holder unknown'}; "
+                        "wait for it, or pass --lock-timeout to wait"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        command = " ".join(_own_command())
+        os.pwrite(fd, f"pid {os.getpid()} ({command}) since {since}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _own_command() -> list[str]:
+    try:
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as handle:
+            return [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+    except OSError:
+        return ["spos"]
