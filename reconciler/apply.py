@@ -40,6 +40,7 @@ def apply(
 ) -> ApplyResult:
     """Apply `plan` to `device`. Raises StalePlanError (changing nothing) when the device no
     longer looks as it did when the plan was made."""
+    device.ensure_root()
     with ApplyLock(device, timeout=lock_timeout):
         inventory = read_inventory(device)
         _refuse_if_stale(device, plan, inventory["resources"])

@@ -17,6 +17,8 @@ EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if not hasattr(args, "root"):
+        args.root = "/"
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
@@ -29,12 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     except SposError as exc:
         print(f"spos: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:
+        print(f"spos: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("spos: interrupted", file=sys.stderr)
         return 130
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --root is accepted before or after any command word. The option is shared between the
+    # parsers, so its default must stay SUPPRESS: a real default would let a later command word
+    # overwrite a --root given before it. main() fills in "/" when it is absent.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--root", default=argparse.SUPPRESS, metavar="DIR",
@@ -45,7 +53,6 @@ def _parser() -> argparse.ArgumentParser:
         prog="spos", parents=[common],
         description="Converge this device to the agents, schedules and limits declared in git.",
     )
-    parser.set_defaults(root="/")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     validate = commands.add_parser(

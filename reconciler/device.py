@@ -40,7 +40,7 @@ class Device:
             current = current / part
             try:
                 mode = os.lstat(current).st_mode
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             if stat.S_ISLNK(mode):
                 raise UnsafePathError(
@@ -50,17 +50,20 @@ class Device:
         return current
 
     def read_bytes(self, device_path: str) -> bytes | None:
-        """The file's content, or None when it does not exist."""
+        """The file's content, or None when it does not exist. Refuses anything but a regular
+        file (O_NONBLOCK: a planted FIFO must not hang the read)."""
         host = self.path(device_path)
         try:
-            fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise UnsafePathError(f"refusing to read {device_path}: it is a symlink") from exc
             raise
         with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafePathError(f"refusing to read {device_path}: not a regular file")
             return handle.read()
 
     def read_text(self, device_path: str) -> str | None:
@@ -70,7 +73,7 @@ class Device:
     def stat(self, device_path: str) -> os.stat_result | None:
         try:
             return os.lstat(self.path(device_path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def exists(self, device_path: str) -> bool:
@@ -87,9 +90,14 @@ class Device:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def ensure_root(self) -> None:
+        """Create the root directory itself when missing (a fresh demo or test root)."""
+        os.makedirs(self.root, mode=0o755, exist_ok=True)
+
     def makedirs(self, device_path: str, mode: int = 0o755) -> None:
         """Create the directory (with `mode`) and its missing parents (0755), each checked for
-        symlinks."""
+        symlinks. A root that does not exist yet is created too."""
+        self.root.mkdir(parents=True, exist_ok=True)
         parts = [p for p in device_path.split("/") if p]
         for depth in range(1, len(parts) + 1):
             partial = "/" + "/".join(parts[:depth])

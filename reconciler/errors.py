@@ -22,12 +22,6 @@ class Diagnostic:
     hint: str = ""
     severity: str = field(default="error", compare=False)
 
-    def render(self) -> str:
-        """`FILE:LINE:COL: error: summary (at field) hint` — the form editors and CI parse."""
-        where = f" (at {self.field_path})" if self.field_path else ""
-        text = f"{self.file}:{self.line}:{self.col}: {self.severity}: {self.summary}{where}"
-        return f"{text}\n    hint: {self.hint}" if self.hint else text
-
     def to_json(self) -> dict:
         return {
             "severity": self.severity,
