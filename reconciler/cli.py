@@ -159,7 +159,7 @@ def _make_plan(args):
     from reconciler.errors import UsageError
     from reconciler.observe import observe
     from reconciler.plan import plan
-    from reconciler.render import render
+    from reconciler.render import notices, render
     from reconciler.resource import Facts
     from reconciler.state import cache_file, read_inventory
     from reconciler.validate import load
@@ -180,12 +180,14 @@ def _make_plan(args):
     _stage(args, "Observing the device...")
     actual = observe(device, set(desired) | set(inventory))
     _stage(args, "Planning...")
-    return device, plan(
+    result = plan(
         desired, actual, inventory,
         root=str(device.root),
         manifests={"path": args.path, "revision": manifests.revision, "digest": manifests.digest},
         version=__version__,
     )
+    result.notices = notices(manifests)
+    return device, result
 
 
 def _plan(args) -> int:

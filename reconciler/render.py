@@ -14,3 +14,22 @@ def render(manifests: ManifestSet, facts: Facts) -> dict[str, Resource]:
         for resource in kind.render(manifests, facts):
             desired[resource.id] = resource
     return desired
+
+
+def notices(manifests: ManifestSet) -> list[str]:
+    """What the manifests declare that this version of spos validates but does not put on the
+    device, said plainly so that a plan never implies more than apply will do. Pure."""
+    timers = sorted(n for n, m in manifests.of_kind("Schedule").items() if "timer" in m.spec)
+    triggers = sorted(manifests.of_kind("Trigger"))
+    said = []
+    if timers:
+        said.append(
+            f"{len(timers)} timer Schedule(s) ({', '.join(timers)}) are validated but not "
+            "rendered: systemd timers are not managed by this version of spos."
+        )
+    if triggers:
+        said.append(
+            f"{len(triggers)} Trigger(s) ({', '.join(triggers)}) are validated but not "
+            "registered: the trigger daemon is not part of this version of spos."
+        )
+    return said
