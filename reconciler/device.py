@@ -61,9 +61,10 @@ class Device:
             if exc.errno == errno.ELOOP:
                 raise UnsafePathError(f"refusing to read {device_path}: it is a symlink") from exc
             raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafePathError(f"refusing to read {device_path}: not a regular file")
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UnsafePathError(f"refusing to read {device_path}: not a regular file")
             return handle.read()
 
     def read_text(self, device_path: str) -> str | None:
@@ -96,8 +97,7 @@ class Device:
 
     def makedirs(self, device_path: str, mode: int = 0o755) -> None:
         """Create the directory (with `mode`) and its missing parents (0755), each checked for
-        symlinks. A root that does not exist yet is created too."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        symlinks."""
         parts = [p for p in device_path.split("/") if p]
         for depth in range(1, len(parts) + 1):
             partial = "/" + "/".join(parts[:depth])

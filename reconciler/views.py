@@ -64,8 +64,12 @@ def _leaves(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _short(value: Any) -> str:
+    """The value as JSON, lists and objects cut at WIDTH. Strings are shown whole: a crontab
+    line that changed past the cut would otherwise read the same on both sides of the arrow."""
     text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= WIDTH else text[: WIDTH - 3] + "..."
+    if isinstance(value, str) or len(text) <= WIDTH:
+        return text
+    return text[: WIDTH - 3] + "..."
 
 
 def apply_line(change: dict, error: str | None) -> str:

@@ -16,6 +16,7 @@ import json
 from typing import TYPE_CHECKING, Iterable
 
 from reconciler import STATE_DIR, units
+from reconciler.errors import UnsafePathError
 from reconciler.manifest import ManifestSet
 from reconciler.resource import Change, Facts, Resource
 
@@ -148,7 +149,9 @@ class AgentKind:
             )
 
     def observe(self, device: "Device", ids: set[str]) -> dict[str, Resource]:
-        """Every agent with a compiled config on the device, plus any of `ids` partly present."""
+        """Every agent with a compiled config on the device. The config is what makes an agent
+        exist: without it nothing runs the agent, so leftover run directories alone are absent
+        (a config deleted by hand is planned as a create, not an update from null)."""
         names = {rid.split("/", 1)[1] for rid in ids}
         names.update(n for n in device.listdir(AGENTS_DIR) if device.exists(config_path(n)))
         found = {}
@@ -160,11 +163,11 @@ class AgentKind:
 
     def _read(self, device: "Device", name: str) -> Resource | None:
         raw = device.read_text(config_path(name))
-        present = [d for d in RUN_DIRECTORIES if device.is_dir(f"{AGENTS_DIR}/{name}/{d}")]
-        if raw is None and not present:
+        if raw is None:
             return None
+        present = [d for d in RUN_DIRECTORIES if device.is_dir(f"{AGENTS_DIR}/{name}/{d}")]
         try:
-            config = json.loads(raw) if raw is not None else None
+            config = json.loads(raw)
         except ValueError:
             config = "unreadable: not valid JSON"
         return Resource(
@@ -180,7 +183,7 @@ class AgentKind:
                     self._delete(device, change.before)
                 else:
                     self._write(device, change.after)
-            except OSError as exc:
+            except (OSError, UnsafePathError) as exc:
                 yield change, str(exc)
             else:
                 yield change, None

@@ -20,6 +20,7 @@ import shlex
 from typing import TYPE_CHECKING, Iterable
 
 from reconciler import cronexpr
+from reconciler.errors import UnsafePathError
 from reconciler.manifest import ManifestSet
 from reconciler.resource import Change, Facts, Resource
 
@@ -110,7 +111,7 @@ class CronKind:
         for path, lines in edits.items():
             try:
                 self._edit_file(device, path, lines)
-            except OSError as exc:
+            except (OSError, UnsafePathError) as exc:
                 for change in touched[path]:
                     failed.setdefault(change.id, f"{path}: {exc}")
         for change in changes:
