@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline", metavar="DURATION", help="drop the run if it cannot start within this")
     run.add_argument("--cron", metavar="EXPR", help="enqueue only if EXPR matches now in --cron-tz")
     run.add_argument("--cron-tz", metavar="ZONE", help="the time zone EXPR is written in")
+    run.add_argument("-q", "--quiet", action="store_true",
+                     help="print nothing on success (cron mails whatever a job prints)")
     run.set_defaults(handler=_action_run)
     return parser
 
@@ -171,7 +173,8 @@ def _make_plan(args):
     manifests = load(args.path, _policy_dir(args), cache_file(device))
     manifests.revision = _git_revision(args.path)
     inventory = read_inventory(device)["resources"]
-    if not len(manifests) and inventory and not args.allow_empty:
+    declared = sum(1 for m in manifests.manifests if m.kind != "Policy")
+    if not declared and inventory and not args.allow_empty:
         raise UsageError(
             f"{args.path} holds no manifests: applying it would delete all {len(inventory)} "
             "resources spos manages here. Pass --allow-empty if that is what you want."
@@ -301,7 +304,8 @@ def _action_run(args) -> int:
         Device(args.root), args.agent, args.task,
         priority=args.priority, source=source, deadline_seconds=deadline,
     )
-    print(record["id"])
+    if not args.quiet:
+        print(record["id"])
     return EXIT_OK
 
 

@@ -62,8 +62,11 @@ def enqueue(
         "attempt": 1,
     }
     name = f"{100 - priority:03d}-{int(now * 1e9):020d}-{run_id}.json"
+    queue = f"/{STATE_DIR}/agents/{agent}/queue"
+    if not device.is_dir(queue):
+        device.makedirs(queue, mode=0o750)
     device.write_atomic(
-        f"/{STATE_DIR}/agents/{agent}/queue/{name}",
+        f"{queue}/{name}",
         (json.dumps(record, indent=2) + "\n").encode(),
         mode=0o644,
     )

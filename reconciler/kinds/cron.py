@@ -45,7 +45,8 @@ def render_line(schedule: str, spec: dict, user: str, facts: Facts) -> str:
     argv = list(facts.spos_command)
     if facts.root != "/":
         argv += ["--root", facts.root]
-    argv += ["action", "run", "--agent", spec["agent"], "--task", spec["task"], "--schedule", schedule]
+    argv += ["action", "run", "--quiet", "--agent", spec["agent"], "--task", spec["task"],
+             "--schedule", schedule]
     if spec.get("startingDeadline"):
         argv += ["--deadline", spec["startingDeadline"]]
     zone = spec.get("timeZone")
