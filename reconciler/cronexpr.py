@@ -2,14 +2,16 @@
 
 Pure: no clock, no files. croniter accepts more than the cron daemon does (seconds fields, `L`,
 `W`, `#`), so validation here follows crontab(5) instead: five fields of `*`, numbers, ranges,
-steps and lists; month and weekday names only as single values; the `@` macros.
+steps and lists; month and weekday names only as single values; the `@` macros, in lower case
+(cron compares them case-sensitively and ignores a line with `@Daily`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timedelta
+from functools import lru_cache
 
 MACROS = {
     "@yearly": "0 0 1 1 *",
@@ -30,7 +32,13 @@ _FIELDS = (
         "jan feb mar apr may jun jul aug sep oct nov dec".split(), start=1)}),
     ("day of week", 0, 7, {n: i for i, n in enumerate("sun mon tue wed thu fri sat".split())}),
 )
-_ELEMENT = re.compile(r"^(\*|\d+(?:-\d+)?)(?:/(\d+))?$")
+_ELEMENT = re.compile(r"^(\*|[0-9]+(?:-[0-9]+)?)(?:/([0-9]+))?$")
+"""ASCII digits only: Python's \\d and str.split() would also read `٣٠` as 30 and split at a
+no-break space, and the expression goes into the crontab line as written."""
+_BLANKS = re.compile(r"[ \t]+")
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_CYCLE_START, _CYCLE_DAYS = date(2001, 1, 1), 28 * 365 + 7
+"""28 years: every combination of leap year and weekday of 1 January (exact for 1901-2099)."""
 
 
 class CronSyntaxError(ValueError):
@@ -52,26 +60,49 @@ class CronExpr:
         """Whether cron would fire at `moment` (to the minute), with cron's day-or-weekday rule."""
         if moment.minute not in self.minutes or moment.hour not in self.hours:
             return False
-        if moment.month not in self.months:
-            return False
-        day_ok = moment.day in self.days
-        weekday_ok = (moment.isoweekday() % 7) in self.weekdays
-        if self.days_restricted and self.weekdays_restricted:
-            return day_ok or weekday_ok
-        return day_ok and weekday_ok
+        return _fires_on(self._day_rule, moment.month, moment.day, moment.isoweekday() % 7)
 
     def min_interval_minutes(self) -> int:
-        """A lower bound on the minutes between two consecutive firings."""
+        """The fewest minutes between two consecutive firings."""
         times = sorted(h * 60 + m for h in self.hours for m in self.minutes)
         gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-        gaps.append(1440 - times[-1] + times[0])
+        gaps.append((_shortest_day_gap(self._day_rule) - 1) * 1440 + 1440 - times[-1] + times[0])
         return min(gaps)
+
+    @property
+    def _day_rule(self) -> tuple:
+        either = self.days_restricted and self.weekdays_restricted
+        return self.months, self.days, self.weekdays, either
+
+
+def _fires_on(rule: tuple, month: int, day: int, weekday: int) -> bool:
+    """Whether cron fires on this day (weekday 0 = Sunday) at all: when both day fields are
+    restricted, either one matching is enough (cron's rule)."""
+    months, days, weekdays, either = rule
+    if month not in months:
+        return False
+    if either:
+        return day in days or weekday in weekdays
+    return day in days and weekday in weekdays
+
+
+@lru_cache(maxsize=256)
+def _shortest_day_gap(rule: tuple) -> int:
+    """The fewest days from one firing day to the next (1: consecutive days) over a whole
+    calendar cycle; the cycle's length when the rule picks one day or none."""
+    months, days, weekdays, either = rule
+    all_days, all_weekdays = len(days) == 31, len(weekdays) == 7
+    every_day = (all_days or all_weekdays) if either else (all_days and all_weekdays)
+    if len(months) == 12 and every_day:
+        return 1
+    firing = [n for n, day in enumerate(_calendar_cycle()) if _fires_on(rule, *day)]
+    return min((later - earlier for earlier, later in zip(firing, firing[1:])), default=_CYCLE_DAYS)
 
 
 def parse(text: str) -> CronExpr:
     """Parse a five-field expression or an `@` macro (not `@reboot`, which has no times)."""
-    expanded = MACROS.get(text.strip().lower(), text)
-    fields = expanded.split()
+    expanded = MACROS.get(text.strip(), text).strip(" \t")
+    fields = _BLANKS.split(expanded) if expanded else []
     if len(fields) != 5:
         raise CronSyntaxError(
             f"expected 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}"
@@ -93,13 +124,26 @@ def parse(text: str) -> CronExpr:
 
 
 def validate(text: str) -> None:
-    """Raise CronSyntaxError unless Debian's cron accepts `text` as a schedule."""
-    if text.strip().lower() == REBOOT:
+    """Raise CronSyntaxError unless Debian's cron accepts `text` as a schedule that fires."""
+    stripped = text.strip()
+    if stripped == REBOOT:
         return
-    if text.strip().startswith("@") and text.strip().lower() not in MACROS:
+    if stripped.startswith("@") and stripped not in MACROS:
         known = ", ".join([*MACROS, REBOOT])
-        raise CronSyntaxError(f"unknown macro {text.strip()!r}; known: {known}")
-    parse(text)
+        case = " (macros are lower case)" if stripped.lower() in (*MACROS, REBOOT) else ""
+        raise CronSyntaxError(f"unknown macro {stripped!r}{case}; known: {known}")
+    expr = parse(text)
+    if not expr.weekdays_restricted and not any(
+        day <= _DAYS_IN_MONTH[month - 1] for month in expr.months for day in expr.days
+    ):
+        raise CronSyntaxError("never fires: no month it names has a day of month it names")
+
+
+@lru_cache(maxsize=1)
+def _calendar_cycle() -> tuple[tuple[int, int, int], ...]:
+    """(month, day, weekday with 0 = Sunday) of every day of the cycle, in order."""
+    days = (_CYCLE_START + timedelta(days=n) for n in range(_CYCLE_DAYS))
+    return tuple((d.month, d.day, d.isoweekday() % 7) for d in days)
 
 
 def widen_for_time_zone(expr: CronExpr) -> str:

@@ -4,16 +4,25 @@ A policy can deny paths, executables, devices and network to every Capability, p
 Quotas and task timeouts, bound how often schedules fire, and require every Agent to name a
 Capability and a Quota. A violation is reported at the field that breaks the rule, naming the
 policy that forbids it.
+
+A denied path is granted by allowing it, anything below it or a directory above it. A denied
+network destination is granted by any allowed rule that reaches some address and port of it,
+unless the Capability's own `denied` list refuses all of it again ("any, but not the metadata
+service" is a common and compliant Capability).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import posixpath
 from typing import Iterable
 
 from reconciler import cronexpr, units
 from reconciler.manifest import Manifest
 
 Violation = tuple[Manifest, tuple, str, str]
+DEFAULT_TIMEOUT = "1h"
+"""The timeout of a task that sets none (agent.schema.json); ceilings.timeout counts it."""
 
 
 def violations(manifests: list[Manifest]) -> Iterable[Violation]:
@@ -33,9 +42,14 @@ def _by(policy: Manifest) -> str:
 
 
 def _overlaps(allowed: str, denied: str) -> bool:
-    """Allowing `allowed` grants `denied` when one contains the other."""
-    a, d = allowed.rstrip("/") or "/", denied.rstrip("/") or "/"
+    """Allowing `allowed` grants `denied` when one contains the other (compared after resolving
+    `.`, `..` and repeated slashes, so `/usr/local/../bin` is `/usr/bin`)."""
+    a, d = _normal(allowed), _normal(denied)
     return a == d or d.startswith(a if a == "/" else a + "/") or a.startswith(d if d == "/" else d + "/")
+
+
+def _normal(path: str) -> str:
+    return "/" + posixpath.normpath(path).lstrip("/")
 
 
 def _denials(policy: Manifest, deny: dict, manifests: list[Manifest]) -> Iterable[Violation]:
@@ -48,12 +62,15 @@ def _denials(policy: Manifest, deny: dict, manifests: list[Manifest]) -> Iterabl
                         yield capability, ("spec", "allowed", access, index), (
                             f"allowing {access} of {path} grants {denied}, which {_by(policy)} denies"
                         ), ""
-        denied_network = set(deny.get("network") or [])
+        carved_out = (capability.spec.get("denied") or {}).get("network") or []
         for index, item in enumerate(allowed.get("network") or []):
-            if item in denied_network or ("any" in denied_network and item != "none"):
-                yield capability, ("spec", "allowed", "network", index), (
-                    f"network {item!r} is denied by {_by(policy)}"
-                ), ""
+            for denied in deny.get("network") or []:
+                if _network_overlaps(item, denied) and not any(
+                    _network_covers(own, denied) for own in carved_out
+                ):
+                    yield capability, ("spec", "allowed", "network", index), (
+                        f"allowing network {item!r} grants {denied!r}, which {_by(policy)} denies"
+                    ), f"narrow the rule, or add {denied!r} to spec.denied.network"
 
 
 _QUOTA_CEILINGS = {
@@ -78,11 +95,56 @@ def _ceilings(policy: Manifest, ceilings: dict, manifests: list[Manifest]) -> It
     limit = units.seconds(ceilings["timeout"])
     for agent in (m for m in manifests if m.kind == "Agent"):
         for task_name, task in (agent.spec.get("tasks") or {}).items():
-            timeout = task.get("timeout")
-            if timeout and units.seconds(timeout) > limit:
+            if "timeout" in task and units.seconds(task["timeout"]) > limit:
                 yield agent, ("spec", "tasks", task_name, "timeout"), (
-                    f"timeout {timeout} is above the ceiling {ceilings['timeout']} of {_by(policy)}"
+                    f"timeout {task['timeout']} is above the ceiling {ceilings['timeout']} "
+                    f"of {_by(policy)}"
                 ), ""
+            elif "timeout" not in task and units.seconds(DEFAULT_TIMEOUT) > limit:
+                yield agent, ("spec", "tasks", task_name), (
+                    f"the default timeout {DEFAULT_TIMEOUT} is above the ceiling "
+                    f"{ceilings['timeout']} of {_by(policy)}"
+                ), f"set a timeout of at most {ceilings['timeout']}"
+
+
+def _network_overlaps(allowed: str, denied: str) -> bool:
+    """Whether some destination (address and port) matches both rules."""
+    return any(
+        a.version == d.version and a.overlaps(d) and (a_port is None or d_port is None or a_port == d_port)
+        for a, a_port in destinations(allowed)
+        for d, d_port in destinations(denied)
+    )
+
+
+def _network_covers(own: str, denied: str) -> bool:
+    """Whether a Capability's own `denied` rule refuses every destination of `denied`."""
+    inside = destinations(own)
+    return all(
+        any(d.version == o.version and d.subnet_of(o) and o_port in (None, d_port) for o, o_port in inside)
+        for d, d_port in destinations(denied)
+    )
+
+
+_NAMED_NETWORKS = {
+    "any": ("0.0.0.0/0", "::/0"),
+    "loopback": ("127.0.0.0/8", "::1/128"),
+    "none": (),
+}
+
+
+def destinations(rule: str) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]]:
+    """A network rule as (network, port or None) pairs; `none` has none. ValueError when the
+    rule has the schema's shape but is no address (`1:2:3`)."""
+    if rule in _NAMED_NETWORKS:
+        return [(ipaddress.ip_network(n), None) for n in _NAMED_NETWORKS[rule]]
+    address, port = rule, None
+    if rule.startswith("["):
+        address, _, rest = rule[1:].partition("]")
+        port = int(rest[1:]) if rest else None
+    elif rule.count(":") == 1:
+        address, _, text = rule.partition(":")
+        port = int(text)
+    return [(ipaddress.ip_network(address, strict=False), port)]
 
 
 def _schedule_bounds(policy: Manifest, bounds: dict, manifests: list[Manifest]) -> Iterable[Violation]:

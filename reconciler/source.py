@@ -1,11 +1,11 @@
 """Reading manifest files: discovery, hardened YAML parsing, and locating fields for errors.
 
-Parsing uses ruamel.yaml's C safe loader (fast, no line numbers). Only when a problem must be
-reported is the file parsed again with the round-trip loader to find the line and column of the
-offending field (`locate`). YAML hazards are turned into diagnostics, never tracebacks:
+Parsing uses ruamel.yaml's C safe loader. Only when a problem must be reported is the file
+composed again (same parser, without constructing) to find the line and column of the offending
+field in the node marks (`locate`). YAML hazards are turned into diagnostics, never tracebacks:
 duplicate keys, tags other than the core schema's, `%YAML 1.1` (its booleans and octals differ),
-alias/merge bombs and recursive aliases (the expanded size is bounded), absurd nesting depth,
-oversized files.
+alias/merge bombs and recursive aliases (the expanded size is bounded, before construction),
+mapping keys that are not strings, absurd nesting depth, oversized files, absurd document counts.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from reconciler.errors import Diagnostic
 
 MAX_FILE_BYTES = 1 << 20
+MAX_DOCUMENTS = 10_000
+"""Per file. Each document costs ~0.1 ms to construct: 1 MiB of `---` would otherwise take 10 s."""
 MAX_EXPANDED_NODES = 100_000
 MAX_DEPTH = 64
 MAX_SCAN_DEPTH = 1_000
@@ -68,6 +71,7 @@ def parse(text: str, file: str) -> tuple[list[Document], list[Diagnostic]]:
     if _nesting_upper_bound(text) > MAX_SCAN_DEPTH:
         return [], [Diagnostic(file, 1, 1, f"YAML nesting deeper than {MAX_DEPTH} levels")]
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
+    from ruamel.yaml.reader import ReaderError
 
     constructor, parser = _safe_loader(text)
     documents: list[Document] = []
@@ -75,14 +79,24 @@ def parse(text: str, file: str) -> tuple[list[Document], list[Diagnostic]]:
     try:
         while parser.check_node():
             node = parser.get_node()
-            line = node.start_mark.line + 1
+            if index == MAX_DOCUMENTS:
+                return [], [Diagnostic(
+                    file, node.start_mark.line + 1, node.start_mark.column + 1,
+                    f"more than {MAX_DOCUMENTS} documents in one file", hint="split the file",
+                )]
+            unsafe = _unsafe_node(node)
+            if unsafe:
+                mark, problem, hint = unsafe
+                return [], [Diagnostic(file, mark.line + 1, mark.column + 1, problem, hint=hint)]
             data = constructor.construct_document(node)
             if data is not None:
-                problem = _bomb_check(data)
-                if problem:
-                    return [], [Diagnostic(file, line, node.start_mark.column + 1, problem)]
-                documents.append(Document(file, index, line, data))
+                documents.append(Document(file, index, node.start_mark.line + 1, data))
             index += 1
+    except ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - text.rfind("\n", 0, exc.position)
+        summary = f"invalid YAML: {exc.reason}: {chr(exc.character)!r}"
+        return [], [Diagnostic(file, line, col, summary)]
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -96,58 +110,58 @@ def parse(text: str, file: str) -> tuple[list[Document], list[Diagnostic]]:
 
 
 def locate(text: str, index: int, path: tuple) -> tuple[int, int]:
-    """1-based line and column of the deepest existing node along `path` in document `index`.
+    """1-based line and column of the deepest existing node along `path` in document `index`:
+    a mapping entry is found at its key, a list item at the item.
 
-    Slow (round-trip loader); called only to report a problem.
+    Called only to report a problem. The file is composed again (C parser, node marks only)
+    once, and kept for the next problem in the same file: a file with many problems costs one
+    parse, not one per problem.
     """
-    from ruamel.yaml import YAML
-
-    yaml = YAML(typ="rt")
-    yaml.allow_duplicate_keys = True
     try:
-        docs = list(yaml.load_all(text))
+        nodes = _composed(text)
     except Exception:  # the fast parse already reported why this file is unreadable
         return 1, 1
-    nonempty = _doc_positions(text)
-    node = docs[index] if index < len(docs) else None
-    line, col = nonempty.get(index, (1, 1))
+    if index >= len(nodes.roots):
+        return 1, 1
+    node = nodes.roots[index]
+    mark = node.start_mark
     for key in path:
-        position = _child_position(node, key)
-        if position is None:
+        child = nodes.child(node, key)
+        if child is None:
             break
-        line, col = position
-        node = node[key]
-    return line, col
+        mark, node = child
+    return mark.line + 1, mark.column + 1
 
 
-def _child_position(node: Any, key: Any) -> tuple[int, int] | None:
-    lc = getattr(node, "lc", None)
-    if lc is None:
+@lru_cache(maxsize=4)
+def _composed(text: str) -> "_Nodes":
+    _, parser = _safe_loader(text)
+    roots = []
+    while parser.check_node():
+        roots.append(parser.get_node())
+    return _Nodes(roots)
+
+
+class _Nodes:
+    """The composed documents of one file; each mapping's keys are indexed on first use."""
+
+    def __init__(self, roots: list[Any]):
+        self.roots = roots
+        self.keys: dict[int, dict[str, tuple[Any, Any]]] = {}
+
+    def child(self, node: Any, key: Any) -> tuple[Any, Any] | None:
+        """(mark, node) of `key` below `node`: the key's mark in a mapping, the item's in a list."""
+        from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+        if isinstance(node, MappingNode):
+            if id(node) not in self.keys:
+                self.keys[id(node)] = {
+                    k.value: (k.start_mark, v) for k, v in node.value if isinstance(k, ScalarNode)
+                }
+            return self.keys[id(node)].get(key) if isinstance(key, str) else None
+        if isinstance(node, SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+            return node.value[key].start_mark, node.value[key]
         return None
-    try:
-        if isinstance(key, int) and isinstance(node, list) and 0 <= key < len(node):
-            line, col = lc.item(key)
-        elif isinstance(node, dict) and key in node:
-            line, col = lc.key(key)
-        else:
-            return None
-    except (KeyError, IndexError, TypeError):
-        return None
-    return line + 1, col + 1
-
-
-def _doc_positions(text: str) -> dict[int, tuple[int, int]]:
-    constructor, parser = _safe_loader(text)
-    positions = {}
-    index = 0
-    try:
-        while parser.check_node():
-            node = parser.get_node()
-            positions[index] = (node.start_mark.line + 1, node.start_mark.column + 1)
-            index += 1
-    except Exception:
-        pass
-    return positions
 
 
 def _nesting_upper_bound(text: str) -> int:
@@ -173,9 +187,10 @@ def _safe_loader(text: str):
 
     yaml = YAML(typ="safe", pure=False)
     constructor, parser = yaml.get_constructor_parser(text)
-    for tag in _REJECTED_TAGS:
+    for tag in (*_REJECTED_TAGS, None):  # None: every tag without a constructor (!!python/...)
         constructor.add_constructor(tag, _reject_tag)
-    constructor.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_as_string)
+    for tag in _STRING_TAGS:
+        constructor.add_constructor(tag, _as_string)
     return constructor, parser
 
 
@@ -195,55 +210,92 @@ def _reject_tag(constructor, node):
     )
 
 
-def _timestamp_as_string(constructor, node):
+_STRING_TAGS = (
+    "tag:yaml.org,2002:timestamp",  # a date stays the text it was written as
+    "tag:yaml.org,2002:value",  # YAML 1.1's `=`; in YAML 1.2 a plain `=` is a string
+)
+
+
+def _as_string(constructor, node):
     return constructor.construct_scalar(node)
 
 
-def _bomb_check(data: Any) -> str:
-    """Explain why `data` is unsafe to walk (cyclic, too large when expanded, too deep), or ''."""
+def _unsafe_node(root: Any) -> tuple[Any, str, str] | None:
+    """Why the composed document `root` is unsafe to construct, as (mark, summary, hint), or None.
+
+    Checked on the node graph, before construction: an alias refers to the same node each time,
+    so its expanded size is counted without expanding it, and merge keys (`<<`), which the
+    constructor would expand, are counted like any other alias. Mapping keys must be strings.
+    """
+    from ruamel.yaml.nodes import MappingNode, ScalarNode
+
     sizes: dict[int, int] = {}
     in_progress: set[int] = set()
 
-    def expanded(value: Any, depth: int) -> int:
+    def expanded(node: Any, depth: int) -> int:
         if depth > MAX_DEPTH:
-            raise _TooDeep
-        if not isinstance(value, (dict, list)):
+            raise _Unsafe(node, f"YAML nesting deeper than {MAX_DEPTH} levels")
+        if isinstance(node, ScalarNode):
             return 1
-        key = id(value)
+        key = id(node)
         if key in sizes:
             return sizes[key]
         if key in in_progress:
-            raise _Cyclic
+            raise _Unsafe(node, "recursive YAML alias: a node refers to itself")
         in_progress.add(key)
-        children = value.values() if isinstance(value, dict) else value
+        if isinstance(node, MappingNode):
+            for key_node, _ in node.value:
+                _check_key(key_node)
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value
         total = 1 + sum(expanded(child, depth + 1) for child in children)
         if total > MAX_EXPANDED_NODES:
-            raise _TooLarge
+            raise _Unsafe(
+                node, f"document expands to more than {MAX_EXPANDED_NODES} nodes (alias or merge bomb?)"
+            )
         in_progress.discard(key)
         sizes[key] = total
         return total
 
     try:
-        expanded(data, 0)
-    except _Cyclic:
-        return "recursive YAML alias: a node refers to itself"
-    except _TooLarge:
-        return f"document expands to more than {MAX_EXPANDED_NODES} nodes (alias or merge bomb?)"
-    except _TooDeep:
-        return f"YAML nesting deeper than {MAX_DEPTH} levels"
-    return ""
+        expanded(root, 0)
+    except _Unsafe as unsafe:
+        return unsafe.node.start_mark, unsafe.summary, unsafe.hint
+    return None
 
 
-class _Cyclic(Exception):
-    pass
+_STRING_KEY_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge", *_STRING_TAGS)
+_TAG_NOUNS = {
+    "tag:yaml.org,2002:int": "a number",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+    "tag:yaml.org,2002:null": "null",
+    "tag:yaml.org,2002:seq": "a list",
+    "tag:yaml.org,2002:map": "a mapping",
+}
 
 
-class _TooLarge(Exception):
-    pass
+def _check_key(key_node: Any) -> None:
+    """Keys are field names and names of your own (tasks, env variables): only strings.
+    `1:`, `true:` or `null:` would reach the device as "1", "true" or "null"."""
+    from ruamel.yaml.nodes import ScalarNode
+
+    if key_node.tag in _STRING_KEY_TAGS:
+        return
+    what = _TAG_NOUNS.get(key_node.tag, f"tagged {key_node.tag}")
+    if isinstance(key_node, ScalarNode) and key_node.value:
+        raise _Unsafe(
+            key_node, f"mapping key {key_node.value} is read as {what}, not a string",
+            f'quote it: "{key_node.value}"',
+        )
+    raise _Unsafe(key_node, f"a mapping key must be a string, not {what}")
 
 
-class _TooDeep(Exception):
-    pass
+class _Unsafe(Exception):
+    def __init__(self, node: Any, summary: str, hint: str = ""):
+        super().__init__(summary)
+        self.node, self.summary, self.hint = node, summary, hint
 
 
 def _first_line(text: str) -> str:

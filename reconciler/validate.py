@@ -15,14 +15,17 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
 from reconciler import __version__, cronexpr
 from reconciler.errors import Diagnostic, ManifestError
 from reconciler.manifest import API_VERSION, KINDS, Manifest, ManifestSet
-from reconciler.source import Document, discover, locate, parse
+from reconciler.source import MAX_FILE_BYTES, Document, discover, locate, parse
 
 SCHEMA_FILES = {kind: f"{kind.lower()}.schema.json" for kind in KINDS}
 _CACHE_FORMAT = 1
@@ -40,7 +43,7 @@ def load(
     """
     run = _Run(cache_file)
     run.read_directory(Path(manifest_dir), role="manifests")
-    if policy_dir is not None and Path(policy_dir).is_dir():
+    if policy_dir is not None:  # named but missing is a problem: no guardrails would apply
         run.read_directory(Path(policy_dir), role="policies")
     run.check_across_documents()
     run.save_cache()
@@ -73,9 +76,9 @@ class _Run:
 
     def read_directory(self, directory: Path, role: str) -> None:
         if not directory.is_dir():
-            self.diagnostics.append(
-                Diagnostic(str(directory), 1, 1, f"{role} directory does not exist")
-            )
+            summary = (f"expected the {role} directory, got a file" if directory.exists()
+                       else f"{role} directory does not exist")
+            self.diagnostics.append(Diagnostic(str(directory), 1, 1, summary))
             return
         for path in discover(directory):
             self.read_file(path, role)
@@ -83,11 +86,15 @@ class _Run:
     def read_file(self, path: Path, role: str) -> None:
         display = _display(path)
         self.paths[display] = path
-        raw = path.read_bytes()
+        raw, unreadable = _read_bounded(path)
+        if unreadable:
+            self.diagnostics.append(Diagnostic(display, 1, 1, unreadable))
+            return
         digest = hashlib.sha256(raw).hexdigest()
         self.file_hashes[display] = digest
         documents = self.cache.get(display, digest)
         problems: list[Diagnostic] = []
+        invalid: set[int] = set()
         if documents is None:
             text = self.text_of(display, raw)
             if text is None:
@@ -95,12 +102,15 @@ class _Run:
                 return
             documents, problems = parse(text, display)
             for document in documents:
-                problems.extend(self.check_document(document, text))
+                found = self.check_document(document, text)
+                if found:
+                    invalid.add(document.index)
+                problems.extend(found)
             if not problems:
                 self.cache.put(display, digest, documents)
         self.diagnostics.extend(problems)
         for document in documents:
-            self.accept(document, role, valid=not problems)
+            self.accept(document, role, valid=document.index not in invalid)
 
     def accept(self, document: Document, role: str, valid: bool) -> None:
         data = document.data
@@ -134,6 +144,8 @@ class _Run:
 
         for manifest, path, summary, hint in _duplicates(self.candidates):
             self.report(manifest, path, summary, hint)
+        for manifest, path, summary, hint in _duplicate_webhook_paths(self.candidates):
+            self.report(manifest, path, summary, hint)
         known = _index(self.candidates)
         for manifest, path, summary, hint in _dangling_references(self.manifests, known):
             self.report(manifest, path, summary, hint)
@@ -165,12 +177,28 @@ class _Run:
         self.cache.save(keep=self.file_hashes)
 
 
+def _read_bounded(path: Path) -> tuple[bytes, str]:
+    """The bytes of a manifest file, or why they are not read. Only regular files of at most
+    MAX_FILE_BYTES: a symlink to /dev/zero or a FIFO would otherwise never end (or block)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return b"", f"cannot read the file: {exc.strerror}"
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b"", "not a regular file"
+        raw = handle.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        return b"", f"file is larger than {MAX_FILE_BYTES} bytes"
+    return raw, ""
+
+
 def _document_problems(data: Any, schema_checker) -> Iterable[tuple[tuple, str, str]]:
     """(field path, summary, hint) for every problem a single document has on its own."""
     if not isinstance(data, dict):
         yield (), "a manifest must be a mapping with apiVersion, kind, metadata and spec", ""
         return
-    yield from _control_characters(data, ())
+    yield from _unsafe_values(data, ())
     if data.get("apiVersion") != API_VERSION:
         yield ("apiVersion",), f"apiVersion must be {API_VERSION!r}, got {data.get('apiVersion')!r}", ""
         return
@@ -180,8 +208,46 @@ def _document_problems(data: Any, schema_checker) -> Iterable[tuple[tuple, str, 
         return
     yield from _schema_problems(data, schema_checker(kind))
     spec = data.get("spec")
+    if kind == "Agent" and isinstance(spec, dict):
+        yield from _step_name_problems(spec)
     if kind == "Schedule" and isinstance(spec, dict):
         yield from _schedule_problems(spec)
+    if kind in ("Capability", "Policy") and isinstance(spec, dict):
+        yield from _network_rule_problems(spec)
+
+
+def _network_rule_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
+    """Network rules the schema's pattern lets through but that are no address (`1:2:3`)."""
+    from reconciler.policy import destinations
+
+    for section in ("allowed", "denied", "deny"):
+        rules = spec.get(section).get("network") if isinstance(spec.get(section), dict) else None
+        for index, rule in enumerate(rules if isinstance(rules, list) else ()):
+            if not isinstance(rule, str):
+                continue
+            try:
+                destinations(rule)
+            except ValueError as exc:
+                yield ("spec", section, "network", index), f"{rule!r} is not a network rule: {exc}", (
+                    "write any, loopback, none, or an address or CIDR with an optional :port")
+
+
+def _step_name_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
+    """Step names are unique within a task: a resumed run continues at the step it names."""
+    tasks = spec.get("tasks")
+    for task_name, task in (tasks.items() if isinstance(tasks, dict) else ()):
+        steps = task.get("steps") if isinstance(task, dict) else None
+        seen: dict[str, int] = {}
+        for index, step in enumerate(steps if isinstance(steps, list) else ()):
+            name = step.get("name") if isinstance(step, dict) else None
+            if not isinstance(name, str):
+                continue
+            if name in seen:
+                yield ("spec", "tasks", task_name, "steps", index, "name"), (
+                    f"duplicate step name {name!r}: also the name of steps[{seen[name]}]"
+                ), "step names must be unique within a task; a resumed run continues at a step by name"
+            else:
+                seen[name] = index
 
 
 def _schedule_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
@@ -192,20 +258,22 @@ def _schedule_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
         except cronexpr.CronSyntaxError as exc:
             yield ("spec", "cron"), f"invalid cron expression {expression!r}: {exc}", ""
     zone = spec.get("timeZone")
-    if isinstance(zone, str):
-        if "cron" not in spec:
-            yield ("spec", "timeZone"), "timeZone applies to cron schedules only", (
-                "for a timer, write the zone inside onCalendar, e.g. '*-*-* 09:00 Europe/Berlin'")
-        elif not _is_time_zone(zone):
+    if isinstance(zone, str) and "cron" in spec:
+        if not _is_time_zone(zone):
             yield ("spec", "timeZone"), f"unknown time zone {zone!r}", "use an IANA name such as Europe/Berlin or UTC"
         elif expression and expression.strip().lower() == cronexpr.REBOOT:
             yield ("spec", "timeZone"), "timeZone has no meaning for @reboot", ""
 
 
+_TIME_ZONE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$")
+"""An IANA key: ASCII words separated by single slashes. It reaches the crontab line, so no
+path tricks (leading '/', '..', '.') and nothing a shell or cron would read."""
+
+
 def _is_time_zone(name: str) -> bool:
     import zoneinfo
 
-    if name.startswith(("/", ".")) or ".." in name or not all(c.isalnum() or c in "_+-/" for c in name):
+    if not _TIME_ZONE.fullmatch(name):
         return False
     try:
         zoneinfo.ZoneInfo(name)
@@ -214,10 +282,13 @@ def _is_time_zone(name: str) -> bool:
     return True
 
 
-def _control_characters(value: Any, path: tuple) -> Iterable[tuple[tuple, str, str]]:
+def _unsafe_values(value: Any, path: tuple) -> Iterable[tuple[tuple, str, str]]:
     """Newlines, NUL and other control characters would let a value inject lines into a crontab
-    or unit file; they are refused in every string a manifest holds."""
-    if isinstance(value, str):
+    or unit file; they are refused in every string a manifest holds. So are `.inf` and `.nan`,
+    which no field means and JSON cannot carry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, f"{value} is not a finite number", ""
+    elif isinstance(value, str):
         bad = sorted({c for c in value if ord(c) < 32 and c != "\t" or ord(c) == 127})
         if bad:
             shown = ", ".join(repr(c) for c in bad)
@@ -225,11 +296,11 @@ def _control_characters(value: Any, path: tuple) -> Iterable[tuple[tuple, str, s
                 "newlines and NUL could inject lines into crontab or unit files; write one line")
     elif isinstance(value, dict):
         for key, child in value.items():
-            yield from _control_characters(key, path)
-            yield from _control_characters(child, (*path, key))
+            yield from _unsafe_values(key, path)
+            yield from _unsafe_values(child, (*path, key))
     elif isinstance(value, list):
         for index, child in enumerate(value):
-            yield from _control_characters(child, (*path, index))
+            yield from _unsafe_values(child, (*path, index))
 
 
 _PATTERN_MESSAGES = {
@@ -241,12 +312,35 @@ _PATTERN_MESSAGES = {
     "^([0-9]+(ms|s|m|h|d))+$": ("is not a duration", "write e.g. 90s, 5m, 2h, 1h30m or 7d"),
     "^[0-9]+(K|M|G|T|Ki|Mi|Gi|Ti)?$": ("is not a size", "write e.g. 512M, 2G or 1Gi"),
     "^[0-9]+(\\.[0-9]+)?%$": ("is not a percentage", "write e.g. 50% (half a CPU) or 150%"),
+    "^[a-z_][a-z0-9_-]{0,31}$": (
+        "is not a valid user name",
+        "lowercase letters, digits, '_' and '-', starting with a letter or '_', at most 32",
+    ),
+    "^[A-Za-z_][A-Za-z0-9_]*$": (
+        "is not a valid environment variable name",
+        "letters, digits and '_', not starting with a digit",
+    ),
+    "^[^%]*$": (
+        "contains '%'",
+        "systemd reads '%' in a unit file as a specifier; calendar events never need one",
+    ),
+    "^/": ("is not an absolute path", "start it with '/'"),
+    "^/dev/": ("is not a device path", "device nodes are under /dev, e.g. /dev/ttyUSB0"),
 }
+_DEPENDENCY_HINTS = {
+    "timeZone": "for a timer, write the zone inside onCalendar, e.g. '*-*-* 09:00 Europe/Berlin'",
+}
+_TYPE_NOUNS = {"object": "mapping", "array": "list", "integer": "integer", "number": "number",
+               "string": "string", "boolean": "boolean", "null": "null"}
 
 
 def _schema_problems(data: dict, validator) -> Iterable[tuple[tuple, str, str]]:
+    seen = set()  # jsonschema reports each missing field of one `required` as its own error
     for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
-        yield from _explain(error)
+        for problem in _explain(error):
+            if problem not in seen:
+                seen.add(problem)
+                yield problem
 
 
 def _explain(error) -> Iterable[tuple[tuple, str, str]]:
@@ -254,18 +348,29 @@ def _explain(error) -> Iterable[tuple[tuple, str, str]]:
     path = tuple(error.absolute_path)
     kind = error.validator
     instance = error.instance
+    expected = error.validator_value
+    if "propertyNames" in error.absolute_schema_path:
+        path = (*path, instance)  # the key itself is wrong: point at it
     if kind == "additionalProperties" and isinstance(instance, dict):
         allowed = list(error.schema.get("properties", {}))
         for key in _unexpected_keys(instance, error.schema):
             yield (*path, key), f"unknown field {key!r}", _did_you_mean(
                 key, allowed, f"allowed here: {', '.join(allowed)}" if allowed else "")
     elif kind == "required":
-        missing = [name for name in error.validator_value if name not in instance]
+        missing = [name for name in expected if name not in instance]
         for name in missing:
             yield path, f"missing required field {name!r}", ""
-    elif kind in ("oneOf", "anyOf") and _alternatives(error.validator_value):
-        names = _alternatives(error.validator_value)
-        present = [n for n in names if isinstance(instance, dict) and n in instance]
+    elif kind == "dependentRequired":
+        for name, needs in expected.items():
+            missing = [need for need in needs if name in instance and need not in instance]
+            if missing:
+                yield (*path, name), f"{name} is only allowed together with {' and '.join(missing)}", \
+                    _DEPENDENCY_HINTS.get(name, "")
+    elif kind in ("oneOf", "anyOf") and _alternatives(expected):
+        if not isinstance(instance, dict):
+            return  # the type error says what is wrong
+        names = _alternatives(expected)
+        present = [n for n in names if n in instance]
         choice = ", ".join(repr(n) for n in names)
         if present:
             yield path, f"set exactly one of {choice}; found {', '.join(map(repr, present))}", ""
@@ -274,25 +379,64 @@ def _explain(error) -> Iterable[tuple[tuple, str, str]]:
     elif kind in ("oneOf", "anyOf") and error.context:
         from jsonschema.exceptions import best_match
 
-        yield from _explain(best_match(error.context))
-    elif kind == "pattern" and error.validator_value in _PATTERN_MESSAGES:
-        what, hint = _PATTERN_MESSAGES[error.validator_value]
-        yield path, f"{instance!r} {what}", hint
+        best = best_match([error])  # descends to the branch error that explains most
+        if best is not error:
+            yield from _explain(best)
+        elif all(branch.validator == "type" for branch in error.context):
+            yield _type_problem(path, [branch.validator_value for branch in error.context], instance)
+        else:
+            yield path, error.message, ""
+    elif kind == "not" and isinstance(expected, dict) and expected.get("description"):
+        yield path, expected["description"], ""
+    elif kind == "pattern" and expected in _PATTERN_MESSAGES:
+        what, hint = _PATTERN_MESSAGES[expected]
+        yield path, f"{_shown(instance)} {what}", hint
+    elif kind == "pattern":
+        yield path, f"{_shown(instance)} is not in the required form", _form_hint(error.schema)
     elif kind == "enum":
-        options = [str(o) for o in error.validator_value]
-        yield path, f"{instance!r} is not one of {', '.join(options)}", _did_you_mean(
+        options = [str(o) for o in expected]
+        yield path, f"{_shown(instance)} is not one of {', '.join(options)}", _did_you_mean(
             str(instance), options, "")
     elif kind == "type":
-        expected = error.validator_value
-        expected = " or ".join(expected) if isinstance(expected, list) else expected
-        yield path, f"expected {_article(expected)}, got {_json_type(instance)}", ""
+        yield _type_problem(path, expected if isinstance(expected, list) else [expected], instance)
+    elif kind in ("minLength", "minItems", "minProperties") and expected == 1:
+        yield path, "must not be empty", ""
+    elif kind == "minItems":
+        yield path, f"needs at least {expected} items, has {len(instance)}", ""
+    elif kind == "maxItems":
+        yield path, f"may hold at most {expected} items, has {len(instance)}", ""
+    elif kind == "maxLength":
+        yield path, f"{_shown(instance)} is longer than {expected} characters", ""
+    elif kind == "uniqueItems" and isinstance(instance, list):
+        repeated = next(v for i, v in enumerate(instance) if v in instance[:i])
+        yield path, f"{_shown(repeated)} is listed more than once", ""
     else:
         yield path, error.message, ""
 
 
-def _unexpected_keys(instance: dict, schema: dict) -> list[str]:
-    import re
+def _type_problem(path: tuple, wanted: list[str], instance: Any) -> tuple[tuple, str, str]:
+    nouns = " or ".join(_TYPE_NOUNS.get(t, t) for t in wanted)
+    hint = ""
+    if "string" in wanted and isinstance(instance, (bool, int, float)):
+        hint = f"quote it: {json.dumps(json.dumps(instance))}"
+    return path, f"expected {_article(nouns)}, got {_json_type(instance)}", hint
 
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _form_hint(schema: dict) -> str:
+    """What a value of `schema` looks like, from its description and examples."""
+    hint = schema.get("description", "")
+    examples = schema.get("examples")
+    if examples:
+        hint = f"{hint} e.g. {', '.join(map(str, examples[:3]))}".strip()
+    return hint
+
+
+def _unexpected_keys(instance: dict, schema: dict) -> list[str]:
     properties = schema.get("properties", {})
     patterns = [re.compile(p) for p in schema.get("patternProperties", {})]
     return [
@@ -324,6 +468,23 @@ def _duplicates(manifests: list[Manifest]):
             first[key] = manifest
 
 
+def _duplicate_webhook_paths(manifests: list[Manifest]):
+    """The trigger daemon routes a request by its path: one webhook Trigger per path."""
+    first: dict[str, Manifest] = {}
+    for manifest in manifests:
+        webhook = manifest.spec.get("webhook") if manifest.kind == "Trigger" else None
+        path = webhook.get("path") if isinstance(webhook, dict) else None
+        if not isinstance(path, str):
+            continue
+        if path in first:
+            yield manifest, ("spec", "webhook", "path"), (
+                f"webhook path {path!r} is already used by Trigger {first[path].name!r} "
+                f"at {first[path].where}"
+            ), ""
+        else:
+            first[path] = manifest
+
+
 def _index(manifests: list[Manifest]) -> dict[str, dict[str, Manifest]]:
     known: dict[str, dict[str, Manifest]] = {kind: {} for kind in KINDS}
     for manifest in manifests:
@@ -338,15 +499,19 @@ def _dangling_references(manifests: list[Manifest], known: dict[str, dict[str, M
             for field, kind in (("capability", "Capability"), ("quota", "Quota")):
                 name = spec.get(field)
                 if name is not None and name not in known[kind]:
+                    defined = ", ".join(sorted(known[kind]))
+                    otherwise = f"defined: {defined}" if defined else f"no {kind} is defined"
                     yield manifest, ("spec", field), f"{kind} {name!r} does not exist", \
-                        _did_you_mean(name, known[kind], f"no {kind} is defined" if not known[kind] else "")
+                        _did_you_mean(name, known[kind], otherwise)
         elif manifest.kind in ("Schedule", "Trigger"):
             agent = known["Agent"].get(spec.get("agent"))
             if agent is None:
                 yield manifest, ("spec", "agent"), f"Agent {spec.get('agent')!r} does not exist", \
                     _did_you_mean(spec.get("agent"), known["Agent"], "")
                 continue
-            tasks = agent.spec.get("tasks") or {}
+            tasks = agent.spec.get("tasks") if isinstance(agent.spec, dict) else None
+            if not isinstance(tasks, dict):
+                continue  # the Agent's own problems are reported where it is defined
             if spec.get("task") not in tasks:
                 yield manifest, ("spec", "task"), (
                     f"Agent {agent.name!r} has no task {spec.get('task')!r}"
