@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     except SposError as exc:
         print(f"spos: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (`spos plan --json | head`): stop quietly, as other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
     except OSError as exc:
         print(f"spos: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
