@@ -7,7 +7,7 @@ checks, plan views) can point back at the source.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 KINDS = ("Agent", "Schedule", "Trigger", "Quota", "Capability", "Policy")
 API_VERSION = "spos/v1"
@@ -54,3 +54,11 @@ class ManifestSet:
 
     def __len__(self) -> int:
         return len(self.manifests)
+
+
+def dotted_path(parts: Iterable) -> str:
+    """A field path as users write it: `spec.tasks.scan.steps[0].name`."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text

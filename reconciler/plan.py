@@ -14,6 +14,7 @@ the inventory says was applied.
 from __future__ import annotations
 
 from reconciler.kinds import BY_NAME
+from reconciler.manifest import dotted_path
 from reconciler.resource import Change, Plan, Resource, digest
 
 
@@ -92,7 +93,7 @@ def field_changes(before: dict, after: dict) -> list[dict]:
         for level in levels:
             old, new = level.t1, level.t2
             changes.append({
-                "path": _dotted(level.path(output_format="list")),
+                "path": dotted_path(level.path(output_format="list")),
                 "before": None if _missing(old) else old,
                 "after": None if _missing(new) else new,
             })
@@ -101,10 +102,3 @@ def field_changes(before: dict, after: dict) -> list[dict]:
 
 def _missing(value) -> bool:
     return type(value).__name__ == "NotPresent"
-
-
-def _dotted(parts: list) -> str:
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from reconciler import __version__, cronexpr
 from reconciler.errors import Diagnostic, ManifestError
-from reconciler.manifest import API_VERSION, KINDS, Manifest, ManifestSet
+from reconciler.manifest import API_VERSION, KINDS, Manifest, ManifestSet, dotted_path
 from reconciler.source import MAX_FILE_BYTES, Document, discover, locate, parse
 
 SCHEMA_FILES = {kind: f"{kind.lower()}.schema.json" for kind in KINDS}
@@ -131,7 +131,7 @@ class _Run:
         problems = []
         for path, summary, hint in _document_problems(document.data, self.schema_checker):
             line, col = locate(text, document.index, path)
-            problems.append(Diagnostic(document.file, line, col, summary, _dotted(path), hint))
+            problems.append(Diagnostic(document.file, line, col, summary, dotted_path(path), hint))
         return problems
 
     def schema_checker(self, kind: str):
@@ -156,7 +156,7 @@ class _Run:
         text = self.text_of(manifest.file)
         line, col = locate(text, manifest.index, path) if text else (manifest.line, 1)
         self.diagnostics.append(
-            Diagnostic(manifest.file, line, col, summary, _dotted(path), hint)
+            Diagnostic(manifest.file, line, col, summary, dotted_path(path), hint)
         )
 
     def text_of(self, display: str, raw: bytes | None = None) -> str | None:
@@ -544,13 +544,6 @@ def _json_type(value: Any) -> str:
     if isinstance(value, str):
         return f"the string {value!r}"
     return {dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
-
-
-def _dotted(path: tuple) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
 
 
 def _display(path: Path) -> str:
