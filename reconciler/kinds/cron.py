@@ -82,8 +82,14 @@ class CronKind:
             )
 
     def observe(self, device: "Device", ids: set[str]) -> dict[str, Resource]:
-        """Every marked line in spos's cron files (ids not found are absent)."""
-        found = {}
+        """Every marked line in spos's cron files (ids not found are absent).
+
+        A marker found in more than one file (a file copied by hand) is one resource: the copy
+        in its agent's own file, with the other files listed as `duplicates`. The desired form
+        has no duplicates, so the plan shows them and apply removes them: a task never fires
+        twice because of a stray copy.
+        """
+        copies: dict[str, list[tuple[str, str, str]]] = {}
         for name in device.listdir(CRON_DIR):
             if not name.startswith(FILE_PREFIX):
                 continue
@@ -94,20 +100,34 @@ class CronKind:
                 continue
             mode = format(st.st_mode & 0o7777, "04o")
             for rid, line in parse_entries(text).items():
-                found[rid] = Resource(rid, self.name, {"file": path, "mode": mode, "line": line})
+                copies.setdefault(rid, []).append((path, mode, line))
+        found = {}
+        for rid, entries in copies.items():
+            entries.sort(key=lambda entry: entry[0] != file_for(_agent_of(entry[2])))
+            path, mode, line = entries[0]
+            attrs = {"file": path, "mode": mode, "line": line}
+            if len(entries) > 1:
+                attrs["duplicates"] = sorted(entry[0] for entry in entries[1:])
+            found[rid] = Resource(rid, self.name, attrs)
         return found
 
     def apply(self, device: "Device", changes: list[Change]) -> Iterable[tuple[Change, str | None]]:
         """Edit each affected file once: the changed lines, nothing else."""
         edits: dict[str, dict[str, str | None]] = {}
         touched: dict[str, list[Change]] = {}
+
+        def plan_edit(path: str, change: Change, line: str | None) -> None:
+            edits.setdefault(path, {})[change.id] = line
+            touched.setdefault(path, []).append(change)
+
         for change in changes:
-            if change.before is not None and change.action in ("delete", "replace"):
-                edits.setdefault(change.before["file"], {})[change.id] = None
-                touched.setdefault(change.before["file"], []).append(change)
-            if change.after is not None:
-                edits.setdefault(change.after["file"], {})[change.id] = change.after["line"]
-                touched.setdefault(change.after["file"], []).append(change)
+            before = change.before or {}
+            for stray in before.get("duplicates", []):
+                plan_edit(stray, change, None)
+            if change.action in ("delete", "replace"):
+                plan_edit(before["file"], change, None)
+            if change.after is not None:  # last, so a line kept in a file is not removed
+                plan_edit(change.after["file"], change, change.after["line"])
         failed: dict[str, str] = {}
         for path, lines in edits.items():
             try:
@@ -128,6 +148,12 @@ class CronKind:
         elif updated != current or _mode(device, path) != FILE_MODE:
             device.makedirs(CRON_DIR)
             device.write_atomic(path, updated.encode(), mode=int(FILE_MODE, 8))
+
+
+def _agent_of(line: str) -> str:
+    """The agent a rendered line enqueues for ('' when the line is not one of ours)."""
+    words = line.split()
+    return words[words.index("--agent") + 1] if "--agent" in words[:-1] else ""
 
 
 def _mode(device: "Device", path: str) -> str | None:
