@@ -290,7 +290,7 @@ def _confirm() -> bool:
 def _action_run(args) -> int:
     from reconciler.device import Device
     from reconciler.errors import UsageError
-    from reconciler.runqueue import enqueue
+    from reconciler.executor.enqueue import enqueue
 
     if (args.cron is None) != (args.cron_tz is None):
         raise UsageError("--cron and --cron-tz go together")

@@ -66,7 +66,7 @@ BITES = {
     "a kind imports Device at run time": (
         "kinds-are-handed-the-device", {"kinds/agent.py": "from reconciler.device import Device"}),
     "a lower module imports the CLI": (
-        "cli-on-top", {"runqueue.py": "from reconciler.cli import main"}),
+        "cli-on-top", {"executor/enqueue.py": "from reconciler.cli import main"}),
     "the device layer imports a process above it": (
         "one-direction-of-flow", {"device.py": "from reconciler import observe"}),
     "an executor module imports the planner through a helper": (

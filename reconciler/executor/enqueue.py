@@ -1,9 +1,10 @@
-"""The on-disk action queue, as far as enqueueing goes (what cron calls every minute).
+"""Enqueueing an action: what `spos action run` (and so every crontab line) does.
 
 A queued action is one JSON file in `<state>/agents/<agent>/queue/`, written atomically; its
-name sorts by priority (highest first), then by time. The format is a contract with the
-executor, documented in docs/queue.md. This module imports only the standard library and the
-device layer, so that `spos action run` starts fast.
+name sorts by priority (highest first), then by time. The format is the contract with the
+executor (docs/queue.md). After writing, a byte on the executor's wake pipe starts it at once.
+This module imports only the standard library and the device layer, so that cron's call every
+minute starts fast.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import secrets
 import time
 from datetime import datetime, timedelta, timezone
 
+import os
+import stat
+
 from reconciler import STATE_DIR
 from reconciler.device import Device
-from reconciler.errors import SposError
+from reconciler.executor.config import ConfigError, agent_config, task_config
 
 QUEUE_FORMAT = 1
-
-
-class UnknownTaskError(SposError):
-    """The agent or task is not applied on this device."""
+WAKE_PIPE = f"/{STATE_DIR}/executor.wake"
 
 
 def enqueue(
@@ -35,15 +36,13 @@ def enqueue(
     now: float | None = None,
 ) -> dict:
     """Queue one run of `agent`/`task` and return the queued record (its `id` names the run)."""
-    config = _agent_config(device, agent)
-    tasks = config.get("tasks", {})
-    if task not in tasks:
-        known = ", ".join(sorted(tasks)) or "none"
-        raise UnknownTaskError(f"agent {agent!r} has no task {task!r} (its tasks: {known})")
+    if "/" in agent or agent in ("", ".", ".."):
+        raise ConfigError(f"{agent!r} is not an agent name")
+    task_spec = task_config(agent_config(device, agent), task)
     if priority is None:
-        priority = int(tasks[task].get("priority", 50))
+        priority = int(task_spec.get("priority", 50))
     if not 0 <= priority <= 100:
-        raise UnknownTaskError(f"priority must be 0-100, got {priority}")
+        raise ConfigError(f"priority must be 0-100, got {priority}")
     now = time.time() if now is None else now
     enqueued = datetime.fromtimestamp(now, timezone.utc)
     run_id = f"{enqueued:%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
@@ -70,15 +69,23 @@ def enqueue(
         (json.dumps(record, indent=2) + "\n").encode(),
         mode=0o644,
     )
+    wake(device)
     return record
 
 
-def _agent_config(device: Device, agent: str) -> dict:
-    path = f"/{STATE_DIR}/agents/{agent}/agent.json"
-    raw = device.read_text(path) if "/" not in agent and agent not in ("", ".", "..") else None
-    if raw is None:
-        raise UnknownTaskError(f"agent {agent!r} is not applied on this device (no {path})")
+def wake(device: Device) -> None:
+    """Nudge a running executor. Never blocks and never fails: with no executor reading,
+    nothing happens, and an executor's periodic rescan finds the work anyway."""
     try:
-        return json.loads(raw)
-    except ValueError:
-        raise UnknownTaskError(f"{path} is not valid JSON; run spos apply to repair it") from None
+        host = device.path(WAKE_PIPE)
+        if not stat.S_ISFIFO(os.lstat(host).st_mode):
+            return
+        fd = os.open(host, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, b"!")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

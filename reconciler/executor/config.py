@@ -1,0 +1,39 @@
+"""Reading the compiled agent config, the executor's only source of what to run."""
+
+from __future__ import annotations
+
+import json
+
+from reconciler import STATE_DIR
+from reconciler.device import Device
+from reconciler.errors import SposError
+
+SUPPORTED_FORMAT = 1
+
+
+class ConfigError(SposError):
+    """The agent or task cannot be run as configured; the message says why."""
+
+
+def agent_config(device: Device, agent: str) -> dict:
+    path = f"/{STATE_DIR}/agents/{agent}/agent.json"
+    raw = device.read_text(path)
+    if raw is None:
+        raise ConfigError(f"agent {agent!r} is not applied on this device (no {path})")
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{path} is not valid JSON; run spos apply to repair it") from None
+    if config.get("format") != SUPPORTED_FORMAT:
+        raise ConfigError(
+            f"{path} has format {config.get('format')!r}; this executor reads format {SUPPORTED_FORMAT}"
+        )
+    return config
+
+
+def task_config(config: dict, task: str) -> dict:
+    tasks = config.get("tasks") or {}
+    if task not in tasks:
+        known = ", ".join(sorted(tasks)) or "none"
+        raise ConfigError(f"agent {config.get('agent')!r} has no task {task!r} (its tasks: {known})")
+    return tasks[task]
