@@ -210,6 +210,7 @@ def _document_problems(data: Any, schema_checker) -> Iterable[tuple[tuple, str, 
     spec = data.get("spec")
     if kind == "Agent" and isinstance(spec, dict):
         yield from _step_name_problems(spec)
+        yield from _hook_problems(spec)
     if kind == "Schedule" and isinstance(spec, dict):
         yield from _schedule_problems(spec)
     if kind in ("Capability", "Policy") and isinstance(spec, dict):
@@ -230,6 +231,21 @@ def _network_rule_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
             except ValueError as exc:
                 yield ("spec", section, "network", index), f"{rule!r} is not a network rule: {exc}", (
                     "write any, loopback, none, or an address or CIDR with an optional :port")
+
+
+def _hook_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
+    """onSuccess / onFailure name tasks of the same agent."""
+    tasks = spec.get("tasks")
+    if not isinstance(tasks, dict):
+        return
+    for task_name, task in tasks.items():
+        for hook in ("onSuccess", "onFailure"):
+            names = task.get(hook) if isinstance(task, dict) else None
+            for index, name in enumerate(names if isinstance(names, list) else ()):
+                if isinstance(name, str) and name not in tasks:
+                    yield ("spec", "tasks", task_name, hook, index), (
+                        f"this agent has no task {name!r}"
+                    ), _did_you_mean(name, tasks, f"its tasks: {', '.join(tasks)}")
 
 
 def _step_name_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:

@@ -171,7 +171,7 @@ def test_unknown_keys_at_every_level_of_an_agent_are_all_reported(project, spos)
         "    hint: did you mean 'continueOnError'?",
         "agents.d/bad.yaml:20:7: error: unknown field 'schedule' (at spec.tasks.scan.schedule)\n"
         "    hint: allowed here: description, command, steps, timeout, retries, concurrency, "
-        "priority, env, workdir, checkpoint, flexible",
+        "priority, env, workdir, checkpoint, flexible, heartbeat, onSuccess, onFailure",
     ]
 
 
@@ -492,6 +492,29 @@ def test_step_names_are_unique_within_a_task(project, spos):
         "agents.d/bad.yaml:13:11: error: duplicate step name 'fetch': also the name of steps[0] "
         "(at spec.tasks.scan.steps[2].name)\n"
         "    hint: step names must be unique within a task; a resumed run continues at a step by name",
+    ]
+
+
+def test_hooks_name_tasks_of_the_same_agent(project, spos):
+    write(project, "bad.yaml", """\
+        apiVersion: spos/v1
+        kind: Agent
+        metadata:
+          name: probe
+        spec:
+          tasks:
+            scan:
+              command: ["/bin/true"]
+              onSuccess: [report]
+              onFailure: [alert, scna]
+            report:
+              command: ["/bin/true"]
+    """)
+    assert problems(spos("validate", "agents.d")) == [
+        "agents.d/bad.yaml:10:19: error: this agent has no task 'alert' (at spec.tasks.scan.onFailure[0])\n"
+        "    hint: its tasks: scan, report",
+        "agents.d/bad.yaml:10:26: error: this agent has no task 'scna' (at spec.tasks.scan.onFailure[1])\n"
+        "    hint: did you mean 'scan'?",
     ]
 
 

@@ -33,7 +33,7 @@ TASK_DEFAULTS = {
     "concurrency": "Forbid",
     "priority": 50,
 }
-RETRY_DEFAULTS = {"limit": 0, "initial": "10s", "factor": 2, "max": "10m"}
+RETRY_DEFAULTS = {"limit": 0, "initial": "10s", "factor": 2, "max": "5m"}
 RETENTION_DEFAULTS = {"temp": "24h", "completed": "7d", "failed": "30d"}
 
 
@@ -80,6 +80,7 @@ def _compile_task(task: dict, agent_env: dict) -> dict:
                 "factor": backoff.get("factor", RETRY_DEFAULTS["factor"]),
                 "maxSeconds": units.seconds(backoff.get("max", RETRY_DEFAULTS["max"])),
             },
+            "nonRetryableExitCodes": sorted(retries.get("nonRetryableExitCodes") or []),
         },
         "concurrency": task.get("concurrency", TASK_DEFAULTS["concurrency"]),
         "priority": task.get("priority", TASK_DEFAULTS["priority"]),
@@ -87,6 +88,11 @@ def _compile_task(task: dict, agent_env: dict) -> dict:
         "workdir": task.get("workdir"),
         "checkpoint": None,
         "flexible": task.get("flexible", False),
+        "heartbeatTimeoutSeconds": (
+            units.seconds(task["heartbeat"]["timeout"]) if task.get("heartbeat") else None
+        ),
+        "onSuccess": list(task.get("onSuccess") or []),
+        "onFailure": list(task.get("onFailure") or []),
     }
     if checkpoint and checkpoint.get("enabled", True):
         interval = checkpoint.get("interval")
