@@ -26,18 +26,28 @@ class Device:
 
     def __init__(self, root: str | os.PathLike = "/"):
         self.root = Path(os.path.abspath(root))
+        self._root = str(self.root).rstrip("/")
+        self._real_directories: set[str] = set()
 
     def __repr__(self) -> str:
         return f"Device({str(self.root)!r})"
 
     def path(self, device_path: str) -> Path:
-        """The host path of `device_path`, refusing `..` and symlinked components."""
+        """The host path of `device_path`, refusing `..` and symlinked components.
+
+        A directory found to be a real directory (not a link) is remembered for the life of
+        this Device, so walking many files of one directory checks it once; the last component
+        is checked on every call.
+        """
         parts = [p for p in device_path.split("/") if p not in ("", ".")]
         if ".." in parts:
             raise UnsafePathError(f"refusing path with '..': {device_path}")
-        current = self.root
-        for part in parts:
-            current = current / part
+        current = self._root
+        last = len(parts) - 1
+        for index, part in enumerate(parts):
+            current = f"{current}/{part}"
+            if current in self._real_directories:
+                continue
             try:
                 mode = os.lstat(current).st_mode
             except (FileNotFoundError, NotADirectoryError):
@@ -47,7 +57,9 @@ class Device:
                     f"refusing to use {device_path}: {current} is a symlink; spos never "
                     "reads or writes through links"
                 )
-        return current
+            if index < last and stat.S_ISDIR(mode):
+                self._real_directories.add(current)
+        return Path(current or "/")
 
     def read_bytes(self, device_path: str) -> bytes | None:
         """The file's content, or None when it does not exist. Refuses anything but a regular
@@ -94,6 +106,14 @@ class Device:
     def ensure_root(self) -> None:
         """Create the root directory itself when missing (a fresh demo or test root)."""
         os.makedirs(self.root, mode=0o755, exist_ok=True)
+
+    def subdirectories(self, device_path: str) -> set[str]:
+        """Names of the real directories (not links) directly in `device_path`."""
+        try:
+            with os.scandir(self.path(device_path)) as entries:
+                return {e.name for e in entries if e.is_dir(follow_symlinks=False)}
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
 
     def makedirs(self, device_path: str, mode: int = 0o755) -> None:
         """Create the directory (with `mode`) and its missing parents (0755), each checked for

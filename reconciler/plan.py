@@ -84,21 +84,29 @@ def _change(resource: Resource, action, reason, before, after, fields=None) -> C
 
 
 def field_changes(before: dict, after: dict) -> list[dict]:
-    """Leaf-level differences as [{path, before, after}], paths dotted (`config.tasks.x.priority`)."""
-    from deepdiff import DeepDiff
+    """Leaf-level differences as [{path, before, after}], paths dotted (`config.tasks.x.priority`).
 
-    diff = DeepDiff(before, after, view="tree", verbose_level=2)
-    changes = []
-    for levels in diff.values():
-        for level in levels:
-            old, new = level.t1, level.t2
+    A field present on one side only shows `None` on the other. A list that changed length is
+    one change, shown whole: items shifting by one would otherwise read as every later item
+    changing."""
+    changes: list[dict] = []
+
+    def walk(old, new, path: tuple) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in old.keys() | new.keys():
+                walk(old.get(key, _MISSING), new.get(key, _MISSING), (*path, key))
+        elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+            for index, (old_item, new_item) in enumerate(zip(old, new)):
+                walk(old_item, new_item, (*path, index))
+        elif type(old) is not type(new) or old != new:
             changes.append({
-                "path": dotted_path(level.path(output_format="list")),
-                "before": None if _missing(old) else old,
-                "after": None if _missing(new) else new,
+                "path": dotted_path(path),
+                "before": None if old is _MISSING else old,
+                "after": None if new is _MISSING else new,
             })
-    return sorted(changes, key=lambda c: c["path"])
+
+    walk(before, after, ())
+    return sorted(changes, key=lambda change: change["path"])
 
 
-def _missing(value) -> bool:
-    return type(value).__name__ == "NotPresent"
+_MISSING = object()

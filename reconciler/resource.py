@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 PLAN_FORMAT = 1
@@ -32,7 +33,7 @@ class Resource:
     attrs: dict
     source: str = ""
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return digest(self.attrs)
 

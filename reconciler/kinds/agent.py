@@ -159,7 +159,7 @@ class AgentKind:
         exist: without it nothing runs the agent, so leftover run directories alone are absent
         (a config deleted by hand is planned as a create, not an update from null)."""
         names = {rid.split("/", 1)[1] for rid in ids}
-        names.update(n for n in device.listdir(AGENTS_DIR) if device.exists(config_path(n)))
+        names.update(device.subdirectories(AGENTS_DIR))
         found = {}
         for name in sorted(names):
             resource = self._read(device, name)
@@ -171,7 +171,8 @@ class AgentKind:
         raw = device.read_text(config_path(name))
         if raw is None:
             return None
-        present = [d for d in RUN_DIRECTORIES if device.is_dir(f"{AGENTS_DIR}/{name}/{d}")]
+        existing = device.subdirectories(f"{AGENTS_DIR}/{name}")
+        present = [d for d in RUN_DIRECTORIES if d in existing]
         try:
             config = json.loads(raw)
         except ValueError:
