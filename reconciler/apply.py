@@ -1,7 +1,9 @@
 """Carry out a plan on the device, exactly as planned, and record the result.
 
-Apply takes the lock, re-observes the device and refuses a plan whose device changed since it
-was made ("stale plan"). It then applies changes kind by kind (creates and updates in kind
+A saved plan is applied under the lock after re-observing every resource it looked at: when one
+of them, or the inventory, changed since it was made, it is refused ("stale plan"). `spos apply
+DIR` takes the lock before planning instead, so nothing can change between its plan and its
+apply and there is nothing to re-check (`apply_locked`). It then applies changes kind by kind (creates and updates in kind
 order, deletes in reverse), each kind changing only what its changes name. A failure on one
 resource does not stop the others. Whatever happened, the inventory is written once at the end
 (in `finally`) so that it stays true: what was applied is recorded, a failed delete stays
@@ -38,38 +40,48 @@ def apply(
     lock_timeout: float = 0.0,
     progress: Callable[[Change, str | None], None] = lambda change, error: None,
 ) -> ApplyResult:
-    """Apply `plan` to `device`. Raises StalePlanError (changing nothing) when the device no
-    longer looks as it did when the plan was made."""
+    """Apply a saved `plan` to `device`. Raises StalePlanError (changing nothing) when the device
+    no longer looks as it did when the plan was made."""
     device.ensure_root()
     with ApplyLock(device, timeout=lock_timeout):
-        inventory = read_inventory(device)
-        _refuse_if_stale(device, plan, inventory["resources"])
-        result = ApplyResult()
-        resources = dict(inventory["resources"])
-        try:
-            for kind, changes in _in_order(plan.changes):
-                for change, error in kind.apply(device, changes):
-                    progress(change, error)
-                    if error is None:
-                        result.applied.append(change)
-                    else:
-                        result.failed.append((change, error))
-        finally:
-            _record(resources, plan, result)
-            write_inventory(
-                device, resources, plan.manifests.get("revision"), plan.manifests.get("digest", "")
-            )
-        return result
+        _refuse_if_stale(device, plan, read_inventory(device)["resources"])
+        return apply_locked(device, plan, progress=progress)
+
+
+def apply_locked(
+    device: Device,
+    plan: Plan,
+    *,
+    progress: Callable[[Change, str | None], None] = lambda change, error: None,
+) -> ApplyResult:
+    """Apply `plan`, made while the caller held the apply lock it still holds."""
+    inventory = read_inventory(device)
+    result = ApplyResult()
+    resources = dict(inventory["resources"])
+    try:
+        for kind, changes in _in_order(plan.changes):
+            for change, error in kind.apply(device, changes):
+                progress(change, error)
+                if error is None:
+                    result.applied.append(change)
+                else:
+                    result.failed.append((change, error))
+    finally:
+        _record(resources, plan, result)
+        write_inventory(
+            device, resources, plan.manifests.get("revision"), plan.manifests.get("digest", "")
+        )
+    return result
 
 
 def _refuse_if_stale(device: Device, plan: Plan, inventory: dict) -> None:
     problems = []
     if digest(inventory) != plan.inventory:
         problems.append("the inventory changed (another apply ran since)")
-    actual = observe(device, set(plan.observed))
-    for rid in sorted(set(plan.observed) | set(actual)):
+    actual = observe(device, set(plan.observed), discover=False)
+    for rid in sorted(plan.observed):
         now = actual[rid].digest if rid in actual else None
-        if plan.observed.get(rid) != now:
+        if plan.observed[rid] != now:
             problems.append(f"{rid} changed on the device")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from reconciler.errors import ManifestError, SposError
 
     try:
-        return args.handler(args)
+        return _run(args)
     except ManifestError as exc:
         return _report_diagnostics(exc, getattr(args, "json", False))
     except SposError as exc:
@@ -42,6 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spos: interrupted", file=sys.stderr)
         return 130
+
+
+def _run(args) -> int:
+    """Run the command. Plan, apply and validate build many short-lived objects and end soon:
+    the cyclic garbage collector only costs them time (a third at 10,000 agents), so it pauses."""
+    if args.handler not in (_plan, _apply, _validate):
+        return args.handler(args)
+    import gc
+
+    gc.disable()
+    try:
+        return args.handler(args)
+    finally:
+        gc.enable()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,7 +125,66 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true",
                      help="print nothing on success (cron mails whatever a job prints)")
     run.set_defaults(handler=_action_run)
+
+    execute = action_commands.add_parser(
+        "execute", parents=[common], help="run a task now, in the foreground, in its sandbox",
+        description="Run one task now with the same sandbox, limits and retries the executor "
+                    "uses (what a systemd service calls). The exit code is the action's.",
+    )
+    execute.add_argument("--agent", required=True)
+    execute.add_argument("--task", required=True)
+    execute.add_argument("--timeout", metavar="DURATION", help="override the task's timeout")
+    _executor_args(execute)
+    execute.set_defaults(handler=_action_execute)
+
+    listing = action_commands.add_parser("list", parents=[common], help="list runs")
+    listing.add_argument("--agent")
+    listing.add_argument("--state", choices=("queued", "active", "completed", "failed", "timeout",
+                                             "cancelled", "skipped", "expired"))
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_action_list)
+
+    history = action_commands.add_parser("history", parents=[common], help="finished runs, newest first")
+    history.add_argument("--agent")
+    history.add_argument("--limit", type=int, default=50)
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(handler=_action_history)
+
+    show = action_commands.add_parser("show", parents=[common], help="one run: state, attempts, timings, why")
+    show.add_argument("run_id", metavar="RUN_ID")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_action_show)
+
+    logs = action_commands.add_parser("logs", parents=[common], help="a run's output")
+    logs.add_argument("run_id", metavar="RUN_ID")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+    logs.set_defaults(handler=_action_logs)
+
+    cancel = action_commands.add_parser("cancel", parents=[common], help="cancel a queued or running run")
+    cancel.add_argument("run_id", metavar="RUN_ID")
+    cancel.set_defaults(handler=_action_cancel)
+
+    executor = commands.add_parser(
+        "executor", parents=[common], help="the daemon that runs queued actions",
+        description="Run queued actions in their sandboxes until stopped. SIGTERM drains: no new "
+                    "runs start, active ones finish.",
+    )
+    executor.add_argument("--once", action="store_true", help="return when nothing is queued or running")
+    executor.add_argument("--max-parallel", type=int, default=4, metavar="N", help="runs at once (default 4)")
+    executor.add_argument("--max-per-agent", type=int, default=2, metavar="N",
+                          help="runs of one agent at once (default 2)")
+    executor.add_argument("--rescan", default="30s", metavar="DURATION",
+                          help="look at the queue this often even without a wake-up (default 30s)")
+    _executor_args(executor)
+    executor.set_defaults(handler=_executor)
     return parser
+
+
+def _executor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cgroup-root", default="/sys/fs/cgroup", metavar="DIR",
+                        help="where cgroups are mounted (default /sys/fs/cgroup)")
+    parser.add_argument("--grace", default="10s", metavar="DURATION",
+                        help="after SIGTERM, wait this long before killing the run's cgroup (default 10s)")
 
 
 def _manifest_args(parser: argparse.ArgumentParser, what: str = "manifests directory") -> None:
@@ -175,7 +248,8 @@ def _make_plan(args):
     if not os.path.isdir(args.path):
         raise UsageError(f"{args.path}: no such manifests directory")
     _stage(args, f"Loading manifests from {args.path}...")
-    manifests = load(args.path, _policy_dir(args), cache_file(device))
+    creating_state = getattr(args, "auto_approve", False)  # apply is about to create the state dir
+    manifests = load(args.path, _policy_dir(args), cache_file(device, create=creating_state))
     manifests.revision = _git_revision(args.path)
     inventory = read_inventory(device)["resources"]
     declared = sum(1 for m in manifests.manifests if m.kind != "Policy")
@@ -229,29 +303,24 @@ def _save_plan(path: str, data: dict) -> None:
 
 
 def _apply(args) -> int:
-    import json
-
-    from reconciler.apply import apply
+    from reconciler.apply import apply, apply_locked
     from reconciler.device import Device
-    from reconciler.errors import UsageError
-    from reconciler.resource import Plan
-    from reconciler.units import seconds
-    from reconciler.views import apply_line, plan_text
+    from reconciler.state import ApplyLock
+    from reconciler.views import plan_text
 
-    try:
-        lock_timeout = seconds(args.lock_timeout)
-    except ValueError as exc:
-        raise UsageError(f"--lock-timeout: {exc}") from None
+    lock_timeout = _duration("--lock-timeout", args.lock_timeout)
     if os.path.isfile(args.path):
-        device = Device(args.root)
-        try:
-            with open(args.path) as handle:
-                planned = Plan.from_json(json.load(handle))
-        except (OSError, ValueError, KeyError) as exc:
-            raise UsageError(f"{args.path}: not a saved spos plan ({exc})") from None
+        device, planned = Device(args.root), _saved_plan(args.path)
         if planned.root != str(device.root):
+            from reconciler.errors import UsageError
+
             raise UsageError(f"{args.path} was planned for root {planned.root}, not {device.root}")
-    else:
+        _stage(args, "Applying...")
+        result = apply(device, planned, lock_timeout=lock_timeout, progress=_progress(args))
+        return _report_apply(args, planned, result)
+    device = Device(args.root)
+    device.ensure_root()
+    with ApplyLock(device, timeout=lock_timeout):  # nothing changes between plan and apply
         device, planned = _make_plan(args)
         if not args.json:
             sys.stdout.write(plan_text(planned.to_json()))
@@ -260,13 +329,37 @@ def _apply(args) -> int:
         if not args.auto_approve and not _confirm():
             print("Apply cancelled; nothing was changed.", file=sys.stderr)
             return EXIT_ERROR
-    _stage(args, "Applying...")
+        _stage(args, "Applying...")
+        result = apply_locked(device, planned, progress=_progress(args))
+    return _report_apply(args, planned, result)
+
+
+def _saved_plan(path: str):
+    import json
+
+    from reconciler.errors import UsageError
+    from reconciler.resource import Plan
+
+    try:
+        with open(path) as handle:
+            return Plan.from_json(json.load(handle))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"{path}: not a saved spos plan ({exc})") from None
+
+
+def _progress(args):
+    from reconciler.views import apply_line
 
     def progress(change, error):
         if not args.json:
             print(apply_line(change.to_json(), error))
 
-    result = apply(device, planned, lock_timeout=lock_timeout, progress=progress)
+    return progress
+
+
+def _report_apply(args, planned, result) -> int:
+    import json
+
     if args.json:
         print(json.dumps({
             "plan": planned.to_json(),
@@ -360,3 +453,152 @@ def _git_revision(path: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _duration(option: str, text: str) -> float:
+    from reconciler.errors import UsageError
+    from reconciler.units import seconds
+
+    try:
+        return float(seconds(text))
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _make_executor(args, **settings):
+    from reconciler.device import Device
+    from reconciler.errors import SposError
+    from reconciler.executor.dispatch import Executor, Settings
+    from reconciler.executor.sandbox import Sandbox
+
+    device = Device(args.root)
+    sandbox = Sandbox(root=str(device.root), cgroup_root=args.cgroup_root)
+    ready, why = sandbox.available()
+    if not ready:
+        raise SposError(f"cannot run actions here: {why}")
+    return Executor(device, sandbox, Settings(grace=_duration("--grace", args.grace), **settings))
+
+
+def _executor(args) -> int:
+    executor = _make_executor(
+        args,
+        max_parallel=args.max_parallel,
+        max_per_agent=args.max_per_agent,
+        rescan=_duration("--rescan", args.rescan),
+    )
+    print(f"spos executor: serving {executor.device.root} (pid {os.getpid()})", file=sys.stderr)
+    executor.serve(once=args.once)
+    return EXIT_OK
+
+
+def _action_execute(args) -> int:
+    from reconciler.executor.enqueue import enqueue
+
+    timeout = _duration("--timeout", args.timeout) if args.timeout else None
+    executor = _make_executor(args)
+    record = enqueue(executor.device, args.agent, args.task, source={"kind": "execute"}, claim=True)
+    print(f"run {record['id']}", file=sys.stderr)
+    final = executor.execute(record["id"], args.agent, timeout=timeout)
+    code = final.get("exitCode")
+    state = final.get("state")
+    if state != "completed":
+        print(f"spos: run {record['id']} {state}: {final.get('reason')}", file=sys.stderr)
+    if isinstance(code, int) and code >= 0:
+        return code
+    return 128 - code if isinstance(code, int) else EXIT_ERROR
+
+
+def _store(args):
+    from reconciler.device import Device
+    from reconciler.executor.runs import RunStore
+
+    return RunStore(Device(args.root))
+
+
+def _find(args):
+    from reconciler.errors import UsageError
+
+    run = _store(args).find(args.run_id)
+    if run is None:
+        raise UsageError(f"no run {args.run_id!r} on this device")
+    return run
+
+
+def _action_list(args) -> int:
+    import json
+
+    from reconciler.executor import report
+
+    runs = [run for run in _store(args).runs(args.agent) if not args.state or run.state == args.state]
+    rows = [report.summary(run) for run in runs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        sys.stdout.write(report.table(rows))
+    return EXIT_OK
+
+
+def _action_history(args) -> int:
+    import json
+
+    from reconciler.executor import report
+
+    runs = _store(args).runs(args.agent, buckets=("completed", "failed"))
+    rows = sorted((report.summary(run) for run in runs), key=lambda r: r.get("endedAt") or "", reverse=True)
+    rows = rows[: max(args.limit, 0)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        sys.stdout.write(report.table(rows))
+    return EXIT_OK
+
+
+def _action_show(args) -> int:
+    import json
+
+    from reconciler.executor import report
+
+    run = _find(args)
+    if args.json:
+        print(json.dumps({**run.record, "state": run.state, "agent": run.agent}, indent=2))
+    else:
+        sys.stdout.write(report.detail(run))
+    return EXIT_OK
+
+
+def _action_logs(args) -> int:
+    import time
+
+    from reconciler.executor.supervise import run_dirs
+
+    run = _find(args)
+    store = _store(args)
+    path = store.device.path(run_dirs(run.agent, run.id)["log"])
+    offset = 0
+    while True:
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            offset += len(chunk)
+        if not args.follow:
+            return EXIT_OK
+        current = store.find(run.id)
+        if current is None or current.bucket in ("completed", "failed"):
+            if not chunk:
+                return EXIT_OK
+            continue
+        time.sleep(0.2)
+
+
+def _action_cancel(args) -> int:
+    from reconciler.executor.cancel import cancel
+
+    outcome = cancel(_store(args), args.run_id)
+    print(outcome)
+    return EXIT_OK

@@ -47,9 +47,10 @@ def write_inventory(device: Device, resources: dict, revision: str | None, manif
     device.write_atomic(INVENTORY, (json.dumps(payload, indent=2) + "\n").encode(), mode=0o644)
 
 
-def cache_file(device: Device):
-    """Where the manifest cache lives, or None before spos has state on this device."""
-    if not device.is_dir(f"/{STATE_DIR}"):
+def cache_file(device: Device, create: bool = False):
+    """Where the manifest cache lives, or None before spos has state on this device (unless
+    `create`: an apply that is about to create that state)."""
+    if not create and not device.is_dir(f"/{STATE_DIR}"):
         return None
     return device.path(MANIFEST_CACHE)
 

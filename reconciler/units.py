@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
 _DURATION = re.compile(r"^(?:\d+(?:ms|s|m|h|d))+$")
@@ -16,6 +17,7 @@ _SIZE_FACTOR = {
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 
 
+@lru_cache(maxsize=1024)
 def seconds(text: str) -> int | float:
     """`"1h30m"` -> 5400, `"1500ms"` -> 1.5. Raises ValueError for anything else."""
     if not _DURATION.match(text):
@@ -24,6 +26,7 @@ def seconds(text: str) -> int | float:
     return milliseconds // 1000 if milliseconds % 1000 == 0 else milliseconds / 1000
 
 
+@lru_cache(maxsize=1024)
 def size_bytes(text: str) -> int:
     """`"2G"` -> 2_000_000_000, `"1Gi"` -> 1_073_741_824."""
     match = _SIZE.match(str(text))
@@ -32,6 +35,7 @@ def size_bytes(text: str) -> int:
     return int(match.group(1)) * _SIZE_FACTOR[match.group(2)]
 
 
+@lru_cache(maxsize=1024)
 def percent(text: str) -> float:
     """`"150%"` -> 150.0 (one and a half CPUs)."""
     match = _PERCENT.match(str(text))

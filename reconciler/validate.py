@@ -73,6 +73,7 @@ class _Run:
         self.paths: dict[str, Path] = {}
         self.schemas: _Schemas | None = None
         self.cache = _Cache(cache_file)
+        self.cwd = os.path.realpath(os.getcwd())
 
     def read_directory(self, directory: Path, role: str) -> None:
         if not directory.is_dir():
@@ -84,7 +85,7 @@ class _Run:
             self.read_file(path, role)
 
     def read_file(self, path: Path, role: str) -> None:
-        display = _display(path)
+        display = _display(path, self.cwd)
         self.paths[display] = path
         raw, unreadable = _read_bounded(path)
         if unreadable:
@@ -562,11 +563,14 @@ def _json_type(value: Any) -> str:
     return {dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+def _display(path: Path, cwd: str) -> str:
+    """The path as users see it: relative to the working directory `cwd` (resolved) when below
+    it. Symlinks inside the manifest tree are resolved, so a linked file is reported where it
+    really is."""
+    resolved = os.path.realpath(path)
+    if resolved.startswith(cwd + os.sep):
+        return resolved[len(cwd) + 1:]
+    return str(path)
 
 
 class _Schemas:

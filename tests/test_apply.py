@@ -79,7 +79,8 @@ def test_a_second_apply_changes_nothing_and_rewrites_no_file(spos, manifests, de
     assert "No changes. The device matches the manifests (14 resources)." in second.out
     assert plan.code == 0
     assert "No changes." in plan.out
-    after = files_under(device_root)
+    # The apply lock records its holder on every apply; it is spos's bookkeeping, not a resource.
+    before, after = without(before, LOCK), without(files_under(device_root), LOCK)
     assert {path: after[path] for path in before} == before, "a file or directory was rewritten"
     # The one thing allowed to appear: spos's own manifest cache, once spos has state here.
     assert set(after) - set(before) <= {f"{STATE}/cache", MANIFEST_CACHE}
@@ -250,8 +251,7 @@ def test_empty_manifests_are_refused_unless_allow_empty(
     assert "would delete all 14 resources" in refused.err
     assert "--allow-empty" in refused.err
     cache = "var/lib/systemprompt-os/cache"  # spos's own parse cache, not the device's state
-    assert without(files_under(applied), cache, f"{cache}/manifests.json") == \
-        without(before, cache, f"{cache}/manifests.json")
+    assert without(files_under(applied), cache, LOCK) == without(before, cache, LOCK)
 
     allowed = spos("apply", manifests, "--root", applied, "--auto-approve", "--allow-empty")
 
@@ -378,8 +378,8 @@ def test_symlinks_under_the_root_are_refused(spos, manifests, applied, tmp_path,
     assert result.code == 1
     assert "symlink" in result.err
     # Loading the manifests may refresh spos's own cache (docs/promises.md); nothing else.
-    cache = f"device/{STATE}/cache"
-    assert without(files_under(tmp_path), cache) == without(before, cache), \
+    cache, lock = f"device/{STATE}/cache", f"device/{LOCK}"
+    assert without(files_under(tmp_path), cache, lock) == without(before, cache, lock), \
         "nothing may be written, inside the root or out"
 
 

@@ -34,8 +34,12 @@ def enqueue(
     source: dict | None = None,
     deadline_seconds: float | None = None,
     now: float | None = None,
+    claim: bool = False,
 ) -> dict:
-    """Queue one run of `agent`/`task` and return the queued record (its `id` names the run)."""
+    """Queue one run of `agent`/`task` and return the queued record (its `id` names the run).
+
+    With `claim`, the record goes straight to `active/`, owned by the caller, who runs it now
+    (`spos action execute`); no executor sees it in the queue."""
     if "/" in agent or agent in ("", ".", ".."):
         raise ConfigError(f"{agent!r} is not an agent name")
     task_spec = task_config(agent_config(device, agent), task)
@@ -60,16 +64,21 @@ def enqueue(
         "source": source or {"kind": "manual"},
         "attempt": 1,
     }
+    if claim:
+        from reconciler.executor.owner import identity
+
+        record.update(state="active", executor=identity())
     name = f"{100 - priority:03d}-{int(now * 1e9):020d}-{run_id}.json"
-    queue = f"/{STATE_DIR}/agents/{agent}/queue"
-    if not device.is_dir(queue):
-        device.makedirs(queue, mode=0o750)
+    bucket = f"/{STATE_DIR}/agents/{agent}/{'active' if claim else 'queue'}"
+    if not device.is_dir(bucket):
+        device.makedirs(bucket, mode=0o750)
     device.write_atomic(
-        f"{queue}/{name}",
+        f"{bucket}/{name}",
         (json.dumps(record, indent=2) + "\n").encode(),
         mode=0o644,
     )
-    wake(device)
+    if not claim:
+        wake(device)
     return record
 
 

@@ -132,16 +132,14 @@ class AgentKind:
 
     def render(self, manifests: ManifestSet, facts: Facts) -> Iterable[Resource]:
         """One resource per Agent. Pure."""
-        capabilities = manifests.of_kind("Capability")
-        quotas = manifests.of_kind("Quota")
+        capabilities = {n: compile_capability(n, m.spec) for n, m in manifests.of_kind("Capability").items()}
+        quotas = {n: compile_quota(n, m.spec) for n, m in manifests.of_kind("Quota").items()}
         for agent in manifests.of_kind("Agent").values():
-            capability = capabilities.get(agent.spec.get("capability"))
-            quota = quotas.get(agent.spec.get("quota"))
             config = compile_agent(
                 agent.name,
                 agent.spec,
-                compile_capability(capability.name, capability.spec) if capability else None,
-                compile_quota(quota.name, quota.spec) if quota else None,
+                capabilities.get(agent.spec.get("capability")),
+                quotas.get(agent.spec.get("quota")),
             )
             yield Resource(
                 id=f"agent/{agent.name}",
@@ -154,12 +152,13 @@ class AgentKind:
                 source=agent.where,
             )
 
-    def observe(self, device: "Device", ids: set[str]) -> dict[str, Resource]:
+    def observe(self, device: "Device", ids: set[str], discover: bool = True) -> dict[str, Resource]:
         """Every agent with a compiled config on the device. The config is what makes an agent
         exist: without it nothing runs the agent, so leftover run directories alone are absent
         (a config deleted by hand is planned as a create, not an update from null)."""
         names = {rid.split("/", 1)[1] for rid in ids}
-        names.update(device.subdirectories(AGENTS_DIR))
+        if discover:
+            names.update(device.subdirectories(AGENTS_DIR))
         found = {}
         for name in sorted(names):
             resource = self._read(device, name)

@@ -81,7 +81,7 @@ class CronKind:
                 source=schedule.where,
             )
 
-    def observe(self, device: "Device", ids: set[str]) -> dict[str, Resource]:
+    def observe(self, device: "Device", ids: set[str], discover: bool = True) -> dict[str, Resource]:
         """Every marked line in spos's cron files (ids not found are absent).
 
         A marker found in more than one file (a file copied by hand) is one resource: the copy
