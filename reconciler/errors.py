@@ -1,37 +1,12 @@
-"""The one exception family of spos, and the diagnostics that manifest problems are reported as.
+"""The one exception family of spos.
 
-Manifest problems are never raised one at a time: validation collects every `Diagnostic` and the
-CLI prints them all. Runtime failures raise a `SposError` subclass that says whether trying again
-can help (`retryable`). Any other exception escaping spos is a bug.
+Manifest problems are never raised one at a time: validation collects every `Diagnostic`
+(reconciler.diagnostics) and raises one ManifestError carrying them all. Runtime failures raise
+a `SposError` subclass that says whether trying again can help (`retryable`). Any other
+exception escaping spos is a bug.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-
-
-@dataclass(frozen=True, order=True)
-class Diagnostic:
-    """One problem found in the manifests, pointing at the file, line and field it concerns."""
-
-    file: str
-    line: int
-    col: int
-    summary: str
-    field_path: str = ""
-    hint: str = ""
-    severity: str = field(default="error", compare=False)
-
-    def to_json(self) -> dict:
-        return {
-            "severity": self.severity,
-            "file": self.file,
-            "line": self.line,
-            "col": self.col,
-            "field": self.field_path,
-            "summary": self.summary,
-            "hint": self.hint,
-        }
 
 
 class SposError(Exception):
@@ -43,7 +18,7 @@ class SposError(Exception):
 class ManifestError(SposError):
     """The manifests are invalid; nothing was changed. Carries every problem found."""
 
-    def __init__(self, diagnostics: list[Diagnostic]):
+    def __init__(self, diagnostics: list):
         self.diagnostics = sorted(diagnostics)
         count = len(self.diagnostics)
         super().__init__(f"{count} problem{'s' if count != 1 else ''} in the manifests")

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from reconciler.errors import Diagnostic
+from reconciler.diagnostics import Diagnostic
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DOCUMENTS = 10_000

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from reconciler import __version__, cronexpr
-from reconciler.errors import Diagnostic, ManifestError
+from reconciler.diagnostics import Diagnostic
+from reconciler.errors import ManifestError
 from reconciler.manifest import API_VERSION, KINDS, Manifest, ManifestSet, dotted_path
 from reconciler.source import MAX_FILE_BYTES, Document, discover, locate, parse
 

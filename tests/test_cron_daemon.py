@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+import reconciler
+
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
@@ -131,8 +133,9 @@ def _cron_already_running() -> bool:
 
 
 def _spos(*args: str) -> subprocess.CompletedProcess:
-    """The installed spos, as cron will call it: this interpreter, `-m reconciler`."""
-    env = {**os.environ, "SPOS_COMMAND": shlex.join([sys.executable, "-m", "reconciler"])}
+    """The installed spos. SPOS_COMMAND is unset, so the rendered lines use the default a device
+    gets: this interpreter running the lean entry point with -I -S."""
+    env = {key: value for key, value in os.environ.items() if key != "SPOS_COMMAND"}
     return subprocess.run(
         [sys.executable, "-m", "reconciler", *args],
         env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
@@ -228,7 +231,9 @@ def test_spos_renders_a_file_cron_accepts(cron_run):
     its jobs get PATH=/usr/bin:/bin only, so the command must be absolute."""
     assert re.fullmatch(r"[A-Za-z0-9_-]+", cron_run.rendered_file.name)
     assert stat.S_IMODE(cron_run.rendered_file.stat().st_mode) & 0o022 == 0
-    assert f"\n* * * * * root {shlex.quote(sys.executable)} -m reconciler --root " in cron_run.rendered
+    entry = Path(reconciler.__file__).resolve().parent / "_cron.py"
+    assert f"\n* * * * * root {shlex.quote(sys.executable)} -I -S {shlex.quote(str(entry))} --root " \
+        in cron_run.rendered
     assert "\n#suspended# * * * * * root " in cron_run.rendered
 
 

@@ -10,12 +10,10 @@ minute starts fast.
 from __future__ import annotations
 
 import json
-import secrets
-import time
-from datetime import datetime, timedelta, timezone
-
 import os
 import stat
+import time
+from datetime import datetime, timedelta, timezone
 
 from reconciler import STATE_DIR
 from reconciler.device import Device
@@ -49,7 +47,7 @@ def enqueue(
         raise ConfigError(f"priority must be 0-100, got {priority}")
     now = time.time() if now is None else now
     enqueued = datetime.fromtimestamp(now, timezone.utc)
-    run_id = f"{enqueued:%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+    run_id = f"{enqueued:%Y%m%dT%H%M%S}-{os.urandom(4).hex()}"
     record = {
         "format": QUEUE_FORMAT,
         "id": run_id,
