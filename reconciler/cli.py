@@ -7,7 +7,6 @@ they need, so heavy modules are imported inside the command functions.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,12 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
+    return guarded(lambda: _run(args), as_json=getattr(args, "json", False))
+
+
+def guarded(command, as_json: bool = False) -> int:
+    """Run `command` and turn what it raises into a message and an exit code."""
     from reconciler.errors import ManifestError, SposError
 
     try:
-        return _run(args)
+        return command()
     except ManifestError as exc:
-        return _report_diagnostics(exc, getattr(args, "json", False))
+        return _report_diagnostics(exc, as_json)
     except SposError as exc:
         print(f"spos: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -58,7 +62,9 @@ def _run(args) -> int:
         gc.enable()
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> "argparse.ArgumentParser":
+    import argparse
+
     # --root is accepted before or after any command word. The option is shared between the
     # parsers, so its default must stay SUPPRESS: a real default would let a later command word
     # overwrite a --root given before it. main() fills in "/" when it is absent.
@@ -180,14 +186,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _executor_args(parser: argparse.ArgumentParser) -> None:
+def _executor_args(parser: "argparse.ArgumentParser") -> None:
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup", metavar="DIR",
                         help="where cgroups are mounted (default /sys/fs/cgroup)")
     parser.add_argument("--grace", default="10s", metavar="DURATION",
                         help="after SIGTERM, wait this long before killing the run's cgroup (default 10s)")
 
 
-def _manifest_args(parser: argparse.ArgumentParser, what: str = "manifests directory") -> None:
+def _manifest_args(parser: "argparse.ArgumentParser", what: str = "manifests directory") -> None:
     parser.add_argument("path", nargs="?", default="agents.d", metavar="DIR", help=f"{what} (default agents.d)")
     parser.add_argument(
         "--policies", metavar="DIR",
@@ -381,28 +387,29 @@ def _confirm() -> bool:
 
 
 def _action_run(args) -> int:
+    return run_action(
+        args.root, args.agent, args.task, priority=args.priority, schedule=args.schedule,
+        deadline=args.deadline, cron=args.cron, cron_tz=args.cron_tz, quiet=args.quiet,
+    )
+
+
+def run_action(root: str, agent: str, task: str, *, priority: int | None = None,
+               schedule: str | None = None, deadline: str | None = None, cron: str | None = None,
+               cron_tz: str | None = None, quiet: bool = False) -> int:
+    """`spos action run`: enqueue one run and print its id. Shared by the full command line and
+    the lean entry point crontab lines use (reconciler/_cron.py)."""
     from reconciler.device import Device
     from reconciler.errors import UsageError
     from reconciler.executor.enqueue import enqueue
 
-    if (args.cron is None) != (args.cron_tz is None):
+    if (cron is None) != (cron_tz is None):
         raise UsageError("--cron and --cron-tz go together")
-    if args.cron is not None and not _cron_matches_now(args.cron, args.cron_tz):
+    if cron is not None and not _cron_matches_now(cron, cron_tz):
         return EXIT_OK
-    deadline = None
-    if args.deadline:
-        from reconciler.units import seconds
-
-        try:
-            deadline = seconds(args.deadline)
-        except ValueError as exc:
-            raise UsageError(f"--deadline: {exc}") from None
-    source = {"kind": "schedule", "name": args.schedule} if args.schedule else {"kind": "manual"}
-    record = enqueue(
-        Device(args.root), args.agent, args.task,
-        priority=args.priority, source=source, deadline_seconds=deadline,
-    )
-    if not args.quiet:
+    seconds = _duration("--deadline", deadline) if deadline else None
+    source = {"kind": "schedule", "name": schedule} if schedule else {"kind": "manual"}
+    record = enqueue(Device(root), agent, task, priority=priority, source=source, deadline_seconds=seconds)
+    if not quiet:
         print(record["id"])
     return EXIT_OK
 
@@ -423,16 +430,16 @@ def _cron_matches_now(expression: str, zone: str) -> bool:
 
 
 def _spos_command() -> tuple[str, ...]:
-    """How cron and systemd reach this spos: $SPOS_COMMAND, else this very executable."""
+    """How crontab lines reach spos: $SPOS_COMMAND, else this interpreter running the lean entry
+    point with -I -S (reconciler/_cron.py): cron starts it every minute, and skipping
+    site-packages processing halves its start-up."""
     override = os.environ.get("SPOS_COMMAND")
     if override:
         import shlex
 
         return tuple(shlex.split(override))
-    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if os.path.basename(script) == "spos" and os.path.isfile(script):
-        return (script,)
-    return (sys.executable, "-m", "reconciler")
+    entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cron.py")
+    return (sys.executable, "-I", "-S", entry)
 
 
 def _git_revision(path: str) -> str | None:

@@ -54,3 +54,32 @@ def test_permission_problems_are_one_line_not_a_traceback(spos, manifests, tmp_p
     result = spos("apply", manifests, "--root", blocker / "root", "--auto-approve")
     assert result.code == 1
     assert result.err.strip().splitlines()[-1].startswith("spos: error:")
+
+
+def test_the_lean_cron_entry_point_enqueues_and_falls_back_for_anything_else(spos, manifests, device_root):
+    """Crontab lines run reconciler/_cron.py with -I -S: it must enqueue exactly like
+    `spos action run`, and hand any other command to the full command line."""
+    from pathlib import Path
+
+    import reconciler
+
+    assert spos("apply", manifests, "--root", device_root, "--auto-approve").code == 0
+    entry = str(Path(reconciler.__file__).parent / "_cron.py")
+
+    def lean(*args):
+        return subprocess.run([sys.executable, "-I", "-S", entry, *args],
+                              capture_output=True, text=True, timeout=30)
+
+    queued = lean("--root", str(device_root), "action", "run", "--quiet", "--agent", "monitor-001",
+                  "--task", "health_check", "--schedule", "monitor-001-health", "--deadline", "4m")
+    assert (queued.returncode, queued.stdout, queued.stderr) == (0, "", "")
+    queue = device_root / "var/lib/systemprompt-os/agents/monitor-001/queue"
+    [record] = [path.read_text() for path in queue.iterdir()]
+    assert '"name": "monitor-001-health"' in record and '"notAfter": "' in record
+
+    unknown = lean("--root", str(device_root), "action", "run", "--agent", "nope", "--task", "x")
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("spos: error: agent 'nope' is not applied")
+
+    listed = lean("--root", str(device_root), "action", "list", "--json")
+    assert listed.returncode == 0 and '"task": "health_check"' in listed.stdout

@@ -1,0 +1,190 @@
+"""The in-sandbox launcher: the last step between bubblewrap's finished mounts and the action.
+
+Bubblewrap runs `python3 -I -S -c <this file's text> ARGS -- ACTION-ARGV` inside the new
+namespaces, with no capabilities and no_new_privs set. This program then, in order:
+
+1. restricts itself with Landlock (the ruleset built by `landlock.py`), so the action and all its
+   descendants can only read, write and execute what the rules allow; a ruleset that cannot be
+   applied in full is a setup failure, never a silent fallback. This happens first, as root,
+   so the rule paths are opened whatever the run's user may traverse (and the interpreter's own
+   modules, perhaps under /root, are still loadable);
+2. switches to the run's user when it is not root (bubblewrap kept CAP_SETUID/CAP_SETGID for
+   exactly this; the switch clears them, which is checked);
+3. closes every fd but 0-2 and the passed ones; restores the default SIGPIPE/SIGXFSZ handling
+   that Python's start-up ignored (ignored signals would survive exec);
+4. writes `exec` to the setup pipe (close-on-exec) and executes the action with exactly its
+   environment. On failure it writes the reason there instead and exits 126 (127: not found).
+
+It imports nothing but built-in modules (`_ctypes` for the three Landlock system calls, which the
+standard library does not wrap), so it starts as fast as Python can. Its only argument is an fd
+holding the real arguments, NUL-terminated (so the action's environment is in no command line):
+SETUP_FD UID GID GROUPS KEEP_FDS, then the Landlock arguments (`Ruleset.launcher_args`), then
+N_ENV and N `KEY=VALUE` items, `--`, and the action's argv.
+"""
+
+import os
+import sys
+
+SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
+RULE_PATH_BENEATH, RULE_NET_PORT = 1, 2
+
+
+class SetupError(Exception):
+    def __init__(self, message, code=126):
+        super().__init__(message)
+        self.code = code
+
+
+def main(args_fd):
+    args = read_args(args_fd)
+    setup_fd = int(args[0])
+    try:
+        uid, gid = int(args[1]), int(args[2])
+        groups = [int(g) for g in args[3].split(",") if g]
+        keep = {int(fd) for fd in args[4].split(",") if fd}
+        rules, rest = parse_landlock(args[5:])
+        env_count = int(rest[0])
+        env = dict(item.split("=", 1) for item in rest[1:1 + env_count])
+        if rest[1 + env_count] != "--" or len(rest) < 3 + env_count:
+            raise SetupError("launcher arguments are malformed")
+        argv = rest[2 + env_count:]
+        if rules[0] > 0:
+            restrict(*rules)
+        if uid != 0:
+            become(uid, gid, groups)
+        close_fds_except(keep | {setup_fd})
+        reset_signals()
+        os.set_inheritable(setup_fd, False)
+        os.write(setup_fd, b"exec\n")
+        try:
+            os.execve(argv[0], argv, env)
+        except OSError as exc:
+            raise SetupError(f"cannot execute {argv[0]}: {exc.strerror}",
+                             127 if exc.errno == 2 else 126) from None
+    except SetupError as exc:
+        fail(setup_fd, str(exc), exc.code)
+    except Exception as exc:  # anything else is a launcher bug: still fail visibly
+        fail(setup_fd, f"launcher error: {exc!r}", 126)
+
+
+def read_args(fd):
+    """NUL-terminated arguments from an fd (a memfd: nothing in any command line)."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return [os.fsdecode(arg) for arg in b"".join(chunks).split(b"\0")[:-1]]
+
+
+def parse_landlock(args):
+    abi, handled_fs, handled_net, scoped, file_rights, count = (int(a) for a in args[:6])
+    paths = [(int(args[6 + 2 * i]), args[7 + 2 * i]) for i in range(count)]
+    at = 6 + 2 * count
+    port_count = int(args[at])
+    ports = [(int(args[at + 1 + 2 * i]), int(args[at + 2 + 2 * i])) for i in range(port_count)]
+    return (abi, handled_fs, handled_net, scoped, file_rights, paths, ports), args[at + 1 + 2 * port_count:]
+
+
+def become(uid, gid, groups):
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    with open("/proc/self/status") as status:
+        caps = [line.split()[1] for line in status if line.startswith(("CapPrm", "CapEff", "CapAmb"))]
+    if any(int(value, 16) for value in caps):
+        raise SetupError(f"capabilities left after switching to uid {uid}: {caps}")
+
+
+def restrict(abi, handled_fs, handled_net, scoped, file_rights, paths, ports):
+    syscall, errno_of = libc_syscall()
+    attr = handled_fs.to_bytes(8, sys.byteorder)
+    if abi >= 4:
+        attr += handled_net.to_bytes(8, sys.byteorder)
+    if abi >= 6:
+        attr += scoped.to_bytes(8, sys.byteorder)
+    ruleset = syscall(SYS_CREATE_RULESET, attr, len(attr), 0)
+    if ruleset < 0:
+        raise SetupError(f"landlock_create_ruleset failed: {os.strerror(errno_of())}")
+    try:
+        for rights, path in paths:
+            add_path_rule(syscall, errno_of, ruleset, rights, path, file_rights)
+        for rights, port in ports:
+            rule = rights.to_bytes(8, sys.byteorder) + port.to_bytes(8, sys.byteorder)
+            if syscall(SYS_ADD_RULE, ruleset, RULE_NET_PORT, rule, 0) < 0:
+                raise SetupError(f"landlock_add_rule(port {port}) failed: {os.strerror(errno_of())}")
+        if syscall(SYS_RESTRICT_SELF, ruleset, 0) < 0:
+            raise SetupError(f"landlock_restrict_self failed: {os.strerror(errno_of())}")
+    finally:
+        os.close(ruleset)
+
+
+def add_path_rule(syscall, errno_of, ruleset, rights, path, file_rights):
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return  # not in this sandbox (or hidden): nothing to allow
+    try:
+        if os.fstat(fd).st_mode & 0o170000 != 0o040000:  # not a directory
+            rights &= file_rights
+        if not rights:
+            return
+        rule = rights.to_bytes(8, sys.byteorder) + fd.to_bytes(4, sys.byteorder, signed=True)
+        if syscall(SYS_ADD_RULE, ruleset, RULE_PATH_BENEATH, rule, 0) < 0:
+            raise SetupError(f"landlock_add_rule({path}) failed: {os.strerror(errno_of())}")
+    finally:
+        os.close(fd)
+
+
+def libc_syscall():
+    """libc's syscall(2) through the bare `_ctypes` module (importing `ctypes` costs ~6 ms)."""
+    import _ctypes
+
+    class Long(_ctypes._SimpleCData):
+        _type_ = "l"
+
+    class Function(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        _restype_ = Long
+
+    class Libc:
+        _handle = _ctypes.dlopen(None)
+
+    function = Function(("syscall", Libc))
+
+    def syscall(*args):
+        return function(*(Long(a) if isinstance(a, int) else a for a in args))
+
+    return syscall, _ctypes.get_errno
+
+
+def close_fds_except(keep):
+    low = 3
+    for fd in sorted(f for f in keep if f >= 3):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def reset_signals():
+    """Python ignores SIGPIPE and SIGXFSZ at start-up; an ignored signal survives exec."""
+    import _signal
+
+    for signum in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        _signal.signal(signum, _signal.SIG_DFL)
+
+
+def fail(setup_fd, message, code):
+    text = f"spos sandbox: {message}\n".encode(errors="replace")
+    for fd in (setup_fd, 2):
+        try:
+            os.write(fd, text)
+        except OSError:
+            pass
+    os._exit(code)
+
+
+main(int(sys.argv[1]))

@@ -1,0 +1,625 @@
+"""The executor's loop: claim queued runs, supervise them, record how they ended.
+
+One thread, one `selectors` loop. It sleeps until something happens: a byte on the wake pipe
+(`spos action run` writes one after enqueueing), output or progress from a run, a run's
+process exiting (pidfd), or the next deadline (a timeout, the end of a grace period, a retry
+becoming due). A periodic rescan (default 30 s) catches whatever a lost wake-up missed, so a
+deleted wake pipe or an executor that was down only delays work. Idle, it uses no CPU.
+
+Delivery is at-least-once: a run found in `active/` whose executor is gone is run again, with
+the attempt counted and its checkpoint handed over.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import selectors
+import signal
+import stat
+import time
+from dataclasses import dataclass
+
+from reconciler import STATE_DIR
+from reconciler.device import Device
+from reconciler.executor.config import ConfigError, agent_config, task_config
+from reconciler.executor.enqueue import WAKE_PIPE, enqueue
+from reconciler.executor.owner import alive, identity
+from reconciler.executor.runs import CorruptRecord, Run, RunStore
+from reconciler.executor.supervise import (
+    DEFAULT_LOG_BYTES, DEFAULT_PATH, ActiveRun, LogWriter, now_iso, run_dirs, steps_of,
+)
+
+DEFAULT_RETRY_CAP = 300.0
+
+
+@dataclass
+class Settings:
+    max_parallel: int = 4
+    max_per_agent: int = 2
+    grace: float = 10.0
+    rescan: float = 30.0
+    save_interval: float = 1.0
+
+
+class Executor:
+    def __init__(self, device: Device, sandbox, settings: Settings | None = None):
+        self.device = device
+        self.store = RunStore(device)
+        self.sandbox = sandbox
+        self.settings = settings or Settings()
+        self.selector = selectors.DefaultSelector()
+        self.active: dict[str, ActiveRun] = {}
+        self.stopping = False
+        self.identity = identity()
+        self.wake_fd = -1
+        self.wake_inode: tuple[int, int] | None = None
+        self.next_rescan = 0.0
+        self.retry_due: float | None = None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve(self, once: bool = False) -> None:
+        """Run until stopped (SIGTERM/SIGINT drain: no new claims, active runs finish). With
+        `once`, return as soon as nothing is queued and nothing is running."""
+        self._install_signal_handlers()
+        self._open_wake_pipe()
+        self.recover()
+        try:
+            while True:
+                if not self.stopping:
+                    started_any = self.dispatch()
+                else:
+                    started_any = False
+                if self.stopping and not self.active:
+                    return
+                if once and not self.active and not started_any and not self._queued_anything():
+                    return
+                self._wait(self._timeout(once))
+                self._enforce_deadlines()
+        finally:
+            for active in list(self.active.values()):
+                self._stop_run(active, "executor stopped")
+            self._close_wake_pipe()
+
+    def execute(self, run_id: str, agent: str, timeout: float | None = None) -> dict:
+        """Run one run this process already owns (in active/) in the foreground, retries
+        included, and return its final record (`spos action execute`)."""
+        self._install_signal_handlers()
+        while True:
+            run = self.store.load(agent, "active", _name_of(self.store, agent, "active", run_id))
+            config = agent_config(self.device, agent)
+            task = task_config(config, run.record.get("task"))
+            if timeout is not None:
+                task = {**task, "timeoutSeconds": timeout}
+            self._start(run, config, task)
+            while run_id in self.active:
+                if self.stopping:
+                    for active in list(self.active.values()):
+                        self._cancel(active, "interrupted")
+                self._wait(max(0.0, min(a.next_deadline(self.settings.grace)
+                                        for a in self.active.values()) - time.monotonic()))
+                self._enforce_deadlines()
+            if run.bucket != "queue":
+                return run.record
+            delay = (_epoch(run.record.get("notBefore")) or 0) - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            if not self.store.claim(run):
+                return run.record
+            run.record["executor"] = self.identity
+
+    def _timeout(self, once: bool) -> float:
+        now = time.monotonic()
+        deadlines = [self.next_rescan]
+        deadlines += [a.next_deadline(self.settings.grace) for a in self.active.values()]
+        if self.retry_due is not None:
+            deadlines.append(self.retry_due)
+        timeout = max(0.0, min(deadlines) - now)
+        return min(timeout, 0.5) if once else timeout
+
+    def _wait(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            # An earlier event of this batch may have closed this fd (a step's exit closes its
+            # output and progress pipes), and the number may even be reused already.
+            if self.selector.get_map().get(key.fd) is not key:
+                continue
+            kind, active = key.data
+            if kind == "wake":
+                self._drain_wake()
+            elif kind == "output":
+                self._read_output(active)
+            elif kind == "progress":
+                self._read_progress(active)
+            elif kind == "exit":
+                self._step_exited(active)
+
+    # -- claiming ---------------------------------------------------------------------------
+
+    def dispatch(self) -> bool:
+        """Start every eligible queued run the limits allow. True when one started."""
+        now_mono = time.monotonic()
+        if now_mono >= self.next_rescan:
+            self.next_rescan = now_mono + self.settings.rescan
+            self._check_wake_pipe()
+            self._collect_cancel_requests()
+        self.retry_due = None
+        started = False
+        for run in self._queued():
+            if len(self.active) >= self.settings.max_parallel:
+                break
+            if self._agent_running(run.agent) >= self.settings.max_per_agent:
+                continue
+            started |= self._consider(run)
+        return started
+
+    def _queued(self) -> list[Run]:
+        queued = []
+        for agent in self.store.agents():
+            for name in self.store.names(agent, "queue"):
+                try:
+                    queued.append(self.store.load(agent, "queue", name))
+                except FileNotFoundError:
+                    continue
+                except CorruptRecord as exc:
+                    self.store.set_aside(agent, "queue", name, str(exc))
+        return sorted(queued, key=lambda run: run.name)
+
+    def _queued_anything(self) -> bool:
+        return any(self.store.names(agent, "queue") for agent in self.store.agents())
+
+    def _consider(self, run: Run) -> bool:
+        record = run.record
+        now = time.time()
+        not_before = _epoch(record.get("notBefore"))
+        if not_before is not None and not_before > now:
+            due = time.monotonic() + (not_before - now)
+            self.retry_due = due if self.retry_due is None else min(self.retry_due, due)
+            return False
+        not_after = _epoch(record.get("notAfter"))
+        if not_after is not None and now > not_after and record.get("attempt", 1) == 1:
+            return self._end_unstarted(run, "expired", "could not start before its deadline (notAfter)")
+        try:
+            config = agent_config(self.device, run.agent)
+            task = task_config(config, record.get("task"))
+        except ConfigError as exc:
+            return self._end_unstarted(run, "failed", str(exc))
+        running = [a for a in self.active.values()
+                   if a.run.agent == run.agent and a.run.record.get("task") == record.get("task")]
+        policy = task.get("concurrency", "Forbid")
+        if running and policy == "Forbid":
+            return self._end_unstarted(
+                run, "skipped", f"concurrency Forbid: run {running[0].id} of this task is active")
+        if running and policy == "Replace":
+            for other in running:
+                self._cancel(other, f"replaced by run {run.id} (concurrency Replace)")
+            return False
+        if not self.store.claim(run):
+            return False
+        self._start(run, config, task)
+        return True
+
+    def _end_unstarted(self, run: Run, state: str, reason: str) -> bool:
+        if not self.store.claim(run):
+            return False
+        run.record.update(reason=reason, endedAt=now_iso())
+        self.store.finish(run, state)
+        return False
+
+    # -- starting and supervising ---------------------------------------------------------
+
+    def _start(self, run: Run, config: dict, task: dict) -> None:
+        record = run.record
+        attempt = record.get("attempt", 1)
+        dirs = run_dirs(run.agent, run.id)
+        for key in ("checkpoint", "tmp", "output"):
+            self.device.makedirs(dirs[key], mode=0o750)
+        self.device.makedirs(dirs["log"].rsplit("/", 1)[0], mode=0o750)
+        quota = config.get("quota") or {}
+        log = LogWriter(self.device, dirs["log"],
+                        (quota.get("storageBytes") or {}).get("log") or DEFAULT_LOG_BYTES)
+        log.open()
+        record.update(state="active", startedAt=now_iso(), executor=self.identity, reason="")
+        record.setdefault("attempts", [])
+        self.store.save(run)
+        active = ActiveRun(
+            run=run, task=task, config=config, log=log, steps=steps_of(task),
+            deadline=time.monotonic() + float(task.get("timeoutSeconds") or 3600),
+        )
+        self.active[run.id] = active
+        log.note(f"attempt {attempt} of run {run.id} ({run.agent}/{record.get('task')}) started")
+        self._next_step(active)
+
+    def _next_step(self, active: ActiveRun) -> None:
+        remaining = active.remaining_steps()
+        if not remaining:
+            self._end(active, 0)
+            return
+        step = remaining[0]
+        active.step = step
+        active.step_deadline = time.monotonic() + step.timeout if step.timeout else None
+        try:
+            spec = self._spec(active, step)
+            output_read, output_write = os.pipe()
+            progress_read, progress_write = os.pipe()
+            try:
+                spec.env["SPOS_PROGRESS_FD"] = str(progress_write)
+                active.process = self.sandbox.spawn(
+                    spec, stdout=output_write, stderr=output_write, pass_fds=(progress_write,),
+                )
+            finally:
+                os.close(output_write)
+                os.close(progress_write)
+        except Exception as exc:  # a run that cannot start fails visibly; the executor goes on
+            active.reason = f"could not start step {step.name!r}: {exc}"
+            active.log.note(active.reason)
+            self._end(active, None)
+            return
+        active.log.note(f"step {step.name} started: {' '.join(step.argv)}")
+        active.output_fd, active.progress_fd = output_read, progress_read
+        for fd in (output_read, progress_read):
+            os.set_blocking(fd, False)
+        self.selector.register(output_read, selectors.EVENT_READ, ("output", active))
+        self.selector.register(progress_read, selectors.EVENT_READ, ("progress", active))
+        self.selector.register(active.process.pidfd, selectors.EVENT_READ, ("exit", active))
+
+    def _spec(self, active: ActiveRun, step):
+        from reconciler.executor.sandbox import Limits, SandboxSpec
+
+        run, task, config = active.run, active.task, active.config
+        dirs = run_dirs(run.agent, run.id)
+        capability = config.get("capability") or {"allowed": {}, "denied": {}}
+        allowed, denied = capability.get("allowed") or {}, capability.get("denied") or {}
+        quota = config.get("quota") or {}
+        checkpoint_host = self.device.path(dirs["checkpoint"])
+        env = {
+            "PATH": DEFAULT_PATH,
+            "HOME": dirs["tmp"],
+            "TMPDIR": dirs["tmp"],
+            **(task.get("env") or {}),
+            "SPOS_RUN_ID": run.id,
+            "SPOS_AGENT": run.agent,
+            "SPOS_TASK": run.record.get("task", ""),
+            "SPOS_ATTEMPT": str(run.record.get("attempt", 1)),
+            "SPOS_STEP": step.name,
+            "SPOS_CHECKPOINT_DIR": dirs["checkpoint"],
+            "SPOS_OUTPUT_DIR": dirs["output"],
+        }
+        if any(checkpoint_host.iterdir()):
+            env["SPOS_RESUME"] = "1"
+        return SandboxSpec(
+            argv=list(step.argv),
+            env=env,
+            cwd=task.get("workdir") or dirs["tmp"],
+            read=tuple(allowed.get("read") or ()),
+            write=(*(allowed.get("write") or ()), dirs["checkpoint"], dirs["tmp"], dirs["output"]),
+            execute=tuple(allowed.get("execute") or ()),
+            denied=tuple(sorted({*(denied.get("read") or ()), *(denied.get("write") or ()),
+                                 *(denied.get("execute") or ())})),
+            devices=tuple(allowed.get("devices") or ()),
+            network=bool(allowed.get("network")) and "none" not in (allowed.get("network") or ()),
+            limits=Limits(
+                cpu_percent=quota.get("cpuPercent"),
+                memory_bytes=quota.get("memoryBytes"),
+                tasks_max=quota.get("tasksMax"),
+                io_weight=quota.get("ioWeight"),
+                nice=quota.get("nice"),
+            ),
+            cgroup_name=f"spos/{run.agent}/{run.id}",
+            user=config.get("user", "root"),
+        )
+
+    def _read_output(self, active: ActiveRun) -> None:
+        data = _read_available(active.output_fd)
+        if data:
+            active.log.write(data)
+        elif data == b"":
+            self._unregister(active.output_fd)
+            os.close(active.output_fd)
+            active.output_fd = -1
+
+    def _read_progress(self, active: ActiveRun) -> None:
+        data = _read_available(active.progress_fd)
+        if data:
+            if active.handle_progress(data):
+                now = time.monotonic()
+                if now - active.last_saved >= self.settings.save_interval:
+                    active.last_saved = now
+                    self.store.save(active.run)
+        elif data == b"":
+            self._unregister(active.progress_fd)
+            os.close(active.progress_fd)
+            active.progress_fd = -1
+
+    def _step_exited(self, active: ActiveRun) -> None:
+        process = active.process
+        code = process.wait()
+        self._unregister(process.pidfd)
+        for fd_name in ("output_fd", "progress_fd"):
+            fd = getattr(active, fd_name)
+            if fd >= 0:
+                if fd_name == "output_fd":
+                    rest = _read_available(fd)
+                    while rest:
+                        active.log.write(rest)
+                        rest = _read_available(fd)
+                self._unregister(fd)
+                os.close(fd)
+                setattr(active, fd_name, -1)
+        process.kill_all()
+        _merge_usage(active.usage, process.usage())
+        oom = process.oom_killed()
+        setup_error = process.setup_error()
+        process.cleanup()
+        step = active.step
+        active.log.note(f"step {step.name} exited with {code}" + (" (out of memory)" if oom else ""))
+        if active.ending:
+            self._end(active, code)
+        elif code == 0 or step.continue_on_error:
+            active.run.record.setdefault("stepsDone", []).append(step.name)
+            self.store.save(active.run)
+            self._next_step(active)
+        else:
+            if setup_error:
+                active.reason = f"step {step.name} could not start in its sandbox: {setup_error}"
+            elif oom:
+                active.reason = f"step {step.name} was killed: out of memory (quota memory limit)"
+            elif code < 0:
+                active.reason = f"step {step.name} was killed by signal {-code}"
+            else:
+                active.reason = f"step {step.name} exited with {code}"
+            self._end(active, code)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for active in list(self.active.values()):
+            if active.process is None:
+                continue
+            if active.terminated_at is not None:
+                if now >= active.terminated_at + self.settings.grace:
+                    active.process.kill_all()
+                continue
+            reason = active.expired(now)
+            if reason:
+                self._terminate(active, "timeout", reason)
+        self._collect_cancel_requests()
+
+    def _terminate(self, active: ActiveRun, ending: str, reason: str) -> None:
+        active.ending, active.reason = ending, reason
+        active.terminated_at = time.monotonic()
+        active.log.note(f"{reason}: SIGTERM, then SIGKILL of the whole cgroup after {self.settings.grace:g}s")
+        active.process.terminate()
+
+    def _cancel(self, active: ActiveRun, reason: str) -> None:
+        if active.ending is None:
+            self._terminate(active, "cancelled", reason)
+
+    def _stop_run(self, active: ActiveRun, reason: str) -> None:
+        """The executor is going away with this run still active: end its processes and leave
+        the run in active/, so the next executor reruns it (at-least-once)."""
+        if active.process is not None:
+            active.process.terminate()
+            try:
+                active.process.wait(timeout=self.settings.grace)
+            except Exception:
+                pass
+            active.process.kill_all()
+            active.process.cleanup()
+        active.log.note(f"{reason}; the run will be rerun")
+        active.log.close()
+
+    # -- ending -----------------------------------------------------------------------------
+
+    def _end(self, active: ActiveRun, code: int | None) -> None:
+        del self.active[active.id]
+        run, record = active.run, active.run.record
+        elapsed = time.monotonic() - active.started
+        attempt = record.get("attempt", 1)
+        if active.ending:
+            state = active.ending
+        elif code == 0:
+            state = "completed"
+        else:
+            state = "failed"
+        record["attempts"].append({
+            "attempt": attempt, "startedAt": record.get("startedAt"), "endedAt": now_iso(),
+            "state": state, "exitCode": code, "reason": active.reason,
+            "durationSeconds": round(elapsed, 3), "usage": active.usage,
+        })
+        record.update(endedAt=now_iso(), exitCode=code, reason=active.reason,
+                      durationSeconds=round(elapsed, 3), usage=active.usage)
+        retries = (active.task.get("retries") or {})
+        final = code in (retries.get("nonRetryableExitCodes") or ()) and state == "failed"
+        if final:
+            active.reason += " (not retried: the task marks this exit code as non-retryable)"
+            record["reason"] = active.reason
+        if state in ("failed", "timeout") and not final and attempt <= int(retries.get("limit", 0)):
+            delay = _backoff(retries.get("backoff") or {}, attempt)
+            record.update(attempt=attempt + 1, notBefore=_iso(time.time() + delay))
+            active.log.note(f"attempt {attempt} {state}: {active.reason}; retry in {delay:.1f}s")
+            active.log.close()
+            self.store.requeue(run)
+            return
+        active.log.note(f"run {state}" + (f": {active.reason}" if active.reason else ""))
+        active.log.close()
+        if state == "completed":
+            _remove_tree(self.device, run_dirs(run.agent, run.id)["checkpoint"])
+        _remove_tree(self.device, run_dirs(run.agent, run.id)["tmp"])
+        self._follow_up(run, active.task, state)
+        self.store.finish(run, state)
+
+    def _follow_up(self, run: Run, task: dict, state: str) -> None:
+        """Enqueue the task's onSuccess / onFailure tasks (cancelled and skipped runs have none)."""
+        hook = {"completed": "onSuccess", "failed": "onFailure", "timeout": "onFailure"}.get(state)
+        for name in task.get(hook) or () if hook else ():
+            try:
+                enqueue(self.device, run.agent, name,
+                        source={"kind": "hook", "run": run.id, "on": hook})
+            except ConfigError as exc:
+                run.record.setdefault("followUpErrors", []).append(str(exc))
+
+    # -- recovery and cancellation ------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Runs left in active/ by an executor that is gone are queued again (attempt counted,
+        checkpoint kept). A run whose record also reached a final bucket keeps that one."""
+        for agent in self.store.agents():
+            finished = set(self.store.names(agent, "completed")) | set(self.store.names(agent, "failed"))
+            for name in self.store.names(agent, "active"):
+                try:
+                    run = self.store.load(agent, "active", name)
+                except FileNotFoundError:
+                    continue
+                except CorruptRecord as exc:
+                    self.store.set_aside(agent, "active", name, str(exc))
+                    continue
+                if name in finished:
+                    self.device.remove(run.path)
+                    continue
+                owner = run.record.get("executor") or {}
+                if owner != self.identity and alive(owner):
+                    continue
+                self.sandbox.reap(f"spos/{agent}/{run.id}")
+                attempt = run.record.get("attempt", 1)
+                run.record.setdefault("attempts", []).append({
+                    "attempt": attempt, "startedAt": run.record.get("startedAt"), "endedAt": now_iso(),
+                    "state": "interrupted", "exitCode": None,
+                    "reason": "the executor stopped or died during the run",
+                })
+                run.record.update(attempt=attempt + 1, notBefore=None,
+                                  reason="rerun: the executor stopped or died during the previous attempt")
+                self.store.requeue(run)
+
+    def _collect_cancel_requests(self) -> None:
+        for active in list(self.active.values()):
+            request = active.run.path + ".cancel"
+            if self.device.exists(request):
+                self.device.remove(request)
+                self._cancel(active, "cancelled by request")
+
+    # -- the wake pipe ----------------------------------------------------------------------
+
+    def _open_wake_pipe(self) -> None:
+        self.device.makedirs(f"/{STATE_DIR}")
+        host = self.device.path(WAKE_PIPE)
+        try:
+            st = os.lstat(host)
+            if not stat.S_ISFIFO(st.st_mode):
+                os.unlink(host)
+                raise FileNotFoundError
+        except FileNotFoundError:
+            os.mkfifo(host, 0o622)
+        # O_RDWR keeps the pipe open with no writer, so select() does not spin on EOF.
+        self.wake_fd = os.open(host, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        st = os.fstat(self.wake_fd)
+        self.wake_inode = (st.st_dev, st.st_ino)
+        self.selector.register(self.wake_fd, selectors.EVENT_READ, ("wake", None))
+
+    def _check_wake_pipe(self) -> None:
+        """A deleted or replaced wake pipe is recreated (found on the periodic rescan)."""
+        try:
+            st = os.lstat(self.device.path(WAKE_PIPE))
+            if (st.st_dev, st.st_ino) == self.wake_inode and stat.S_ISFIFO(st.st_mode):
+                return
+        except FileNotFoundError:
+            pass
+        self._close_wake_pipe()
+        self._open_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        if self.wake_fd >= 0:
+            self._unregister(self.wake_fd)
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+
+    def _drain_wake(self) -> None:
+        while _read_available(self.wake_fd):
+            pass
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _agent_running(self, agent: str) -> int:
+        return sum(1 for a in self.active.values() if a.run.agent == agent)
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _install_signal_handlers(self) -> None:
+        def drain(signum, frame):
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, drain)
+        signal.signal(signal.SIGINT, drain)
+
+
+def _backoff(backoff: dict, attempt: int) -> float:
+    """Exponential, capped, with +-10 % jitter so retries of many runs do not align."""
+    initial = float(backoff.get("initialSeconds", 10))
+    factor = float(backoff.get("factor", 2))
+    cap = float(backoff.get("maxSeconds", DEFAULT_RETRY_CAP))
+    delay = min(initial * factor ** (attempt - 1), cap)
+    return delay * random.uniform(0.9, 1.1)
+
+
+def _merge_usage(total: dict, step: dict) -> None:
+    for key, value in (step or {}).items():
+        if value is None:
+            continue
+        if key.startswith("peak"):
+            total[key] = max(total.get(key) or 0, value)
+        else:
+            total[key] = (total.get(key) or 0) + value
+
+
+def _read_available(fd: int) -> bytes | None:
+    """Bytes ready on a non-blocking fd; b'' at end of file; None when nothing is ready now."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            return b""
+        raise
+
+
+def _remove_tree(device: Device, device_path: str) -> None:
+    """Remove a run's own directory without following symlinks."""
+    host = device.path(device_path)
+    if not os.path.isdir(host) or os.path.islink(host):
+        return
+    for current, dirs, files in os.walk(host, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(current, name))
+        for name in dirs:
+            path = os.path.join(current, name)
+            if os.path.islink(path):
+                os.unlink(path)
+            else:
+                os.rmdir(path)
+    os.rmdir(host)
+
+
+def _name_of(store: RunStore, agent: str, bucket: str, run_id: str) -> str:
+    for name in store.names(agent, bucket):
+        if name.endswith(f"-{run_id}.json"):
+            return name
+    raise FileNotFoundError(f"run {run_id} is not in {agent}/{bucket}")
+
+
+def _epoch(text: str | None) -> float | None:
+    if not text:
+        return None
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _iso(epoch: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")

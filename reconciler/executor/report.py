@@ -1,0 +1,71 @@
+"""How runs are shown: one line per run in listings, the whole story in `action show`. Pure."""
+
+from __future__ import annotations
+
+import json
+
+from reconciler.executor.runs import Run
+
+
+def summary(run: Run) -> dict:
+    """The listing row, also the `--json` form of `list` and `history`."""
+    record = run.record
+    return {
+        "id": run.id,
+        "agent": run.agent,
+        "task": record.get("task"),
+        "state": run.state,
+        "attempt": record.get("attempt", 1),
+        "priority": record.get("priority"),
+        "enqueuedAt": record.get("enqueuedAt"),
+        "startedAt": record.get("startedAt"),
+        "endedAt": record.get("endedAt"),
+        "durationSeconds": record.get("durationSeconds"),
+        "exitCode": record.get("exitCode"),
+        "reason": record.get("reason") or "",
+    }
+
+
+COLUMNS = (("id", 26), ("agent", 18), ("task", 22), ("state", 10), ("attempt", 7), ("exitCode", 8))
+
+
+def table(rows: list[dict]) -> str:
+    if not rows:
+        return "No runs.\n"
+    header = "  ".join(name.upper().ljust(width) for name, width in COLUMNS) + "  REASON"
+    lines = [header]
+    for row in rows:
+        cells = ["" if row[name] is None else str(row[name]) for name, _ in COLUMNS]
+        lines.append("  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS)) + "  " + row["reason"])
+    return "\n".join(lines) + "\n"
+
+
+def detail(run: Run) -> str:
+    record = run.record
+    lines = [
+        f"Run {run.id}: {run.agent}/{record.get('task')}",
+        f"  state:      {run.state}" + (f" ({record['reason']})" if record.get("reason") else ""),
+        f"  priority:   {record.get('priority')}",
+        f"  source:     {json.dumps(record.get('source'))}",
+        f"  enqueued:   {record.get('enqueuedAt')}",
+    ]
+    for key, label in (("notBefore", "not before"), ("notAfter", "not after"), ("startedAt", "started"),
+                       ("endedAt", "ended"), ("durationSeconds", "duration"), ("exitCode", "exit code")):
+        if record.get(key) is not None:
+            lines.append(f"  {label + ':':<11} {record[key]}")
+    if record.get("progress"):
+        lines.append(f"  progress:   {json.dumps(record['progress'])}")
+    if record.get("stepsDone"):
+        lines.append(f"  steps done: {', '.join(record['stepsDone'])}")
+    if record.get("usage"):
+        lines.append(f"  usage:      {json.dumps(record['usage'], sort_keys=True)}")
+    attempts = record.get("attempts") or []
+    if attempts:
+        lines.append("  attempts:")
+        for attempt in attempts:
+            lines.append(
+                f"    #{attempt.get('attempt')} {attempt.get('state')} exit={attempt.get('exitCode')} "
+                f"{attempt.get('startedAt')} -> {attempt.get('endedAt')}"
+                + (f": {attempt['reason']}" if attempt.get("reason") else "")
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,760 @@
+"""The sandbox one action runs in: namespaces, a read-only device, Landlock rules and a cgroup.
+
+`Sandbox.spawn(spec)` starts `spec.argv` and returns a `SandboxedRun` at once (it does not wait
+for the sandbox to be set up). The layers, outermost first (docs/sandbox.md has the whole story):
+
+1. A forked child joins the run's own cgroup (every v1 hierarchy, or the v2 leaf) and takes the
+   quota's nice level *before* it executes anything, so no process of the run is ever outside it.
+2. It executes bubblewrap, which makes new pid, ipc, uts, cgroup and (unless `network`) network
+   namespaces, a new session, drops every capability and sets no_new_privs, and builds the
+   view: the host's `/` read-only, the spec's writable paths bound read-write, denied paths
+   hidden behind empty mode-0000 mounts, a private `/tmp` and `/run`, its own `/proc`, and a
+   minimal `/dev` plus the allowed device nodes.
+3. Inside, the launcher (`_launch.py`) applies the Landlock ruleset (`landlock.py`): what may be
+   read, written, executed, and which TCP ports connected to; then it executes the action with
+   exactly `spec.env` and only fds 0-2 plus `pass_fds`.
+
+Device paths: every path in a spec is a path on the device (`--root`). A writable path is the
+host path `<root>/<path>`, bound at `<path>`; read and execute paths and device nodes that exist
+under the root are bound from there too, otherwise the host's own file at that path is seen (a
+temporary root has no `/usr`). With root `/` these binds are identities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import os
+import posixpath
+import pwd
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler.device import Device
+from reconciler.errors import SposError
+from reconciler.executor import landlock
+from reconciler.executor.cgroup import (
+    CgroupError, Cgroups, DeviceRule, Limits, RunCgroup, check_name,
+)
+
+__all__ = ["Limits", "Sandbox", "SandboxError", "SandboxSpec", "SandboxedRun"]
+
+# bubblewrap's own processes in the run's cgroup: the outer monitor and the pid namespace's init.
+# pids.max is raised by this much, so `tasks_max` counts the action's processes only.
+BWRAP_HELPERS = 2
+NAMESPACE_OPTIONS = ("--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try")
+PRIVATE_TMPFS = ("/tmp", "/run")
+_SIGNAL_EXIT_BASE = 128  # bubblewrap reports a death by signal N as exit 128+N, like a shell
+_MAX_SIGNAL = 64
+_MAX_FD = 1 << 20
+_LAUNCHER = Path(__file__).with_name("_launch.py")
+
+
+class SandboxError(SposError):
+    """The sandbox cannot run this spec on this machine (permanent unless `retryable`)."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What one sandboxed process may do. Paths are device paths (see the module docstring)."""
+
+    argv: list[str]                  # argv[0] absolute; always executable (unless denied)
+    env: dict[str, str]              # the complete environment: nothing is inherited
+    cwd: str = "/"
+    read: tuple[str, ...] = ()       # readable besides the system files (landlock.SYSTEM_READ)
+    write: tuple[str, ...] = ()      # writable (and readable); missing paths are skipped
+    execute: tuple[str, ...] = ()    # files or directories whose programs may be executed
+    denied: tuple[str, ...] = ()     # hidden: empty and inaccessible; denied wins over allowed
+    devices: tuple[str, ...] = ()    # device nodes besides /dev/null, zero, full, random, urandom, tty
+    network: bool = False            # False: own network namespace with only loopback
+    limits: Limits = field(default_factory=Limits)
+    cgroup_name: str = ""            # required, e.g. "spos/research-001/<run-id>"
+    user: str = "root"
+    # TCP ports the run may connect to (None: any). Landlock ABI 4; only with network=True.
+    connect_ports: tuple[int, ...] | None = None
+
+
+class Sandbox:
+    """Runs actions in sandboxes for one device root and one cgroup root."""
+
+    def __init__(self, root: str = "/", cgroup_root: str = "/sys/fs/cgroup"):
+        self.device = Device(root)
+        self.cgroups = Cgroups(cgroup_root)
+        self.bwrap = shutil.which("bwrap") or "/usr/bin/bwrap"
+        self.python = _launcher_python()
+        self.landlock_abi = landlock.supported_abi()
+        self._launcher_source = _LAUNCHER.read_text()
+        self._availability: tuple[bool, str] | None = None
+
+    def available(self) -> tuple[bool, str]:
+        """Whether this machine can sandbox, and what is (and is not) enforced, in words."""
+        if self._availability is None:
+            self._availability = self._check_availability()
+        return self._availability
+
+    def spawn(self, spec: SandboxSpec, *, stdin=subprocess.DEVNULL, stdout: int, stderr: int,
+              pass_fds: tuple[int, ...] = ()) -> SandboxedRun:
+        """Start `spec.argv` in a new sandbox. `pass_fds` stay open in the action under their
+        own numbers (as with subprocess.Popen); every other fd but 0-2 is closed."""
+        _check_spec(spec)
+        self._check_launcher_visible(spec.denied)
+        uid, gid, groups = _identity(spec.user)
+        plan = MountPlan(self.device, spec)
+        ruleset = self._ruleset(spec, plan)
+        limits = spec.limits
+        if limits.tasks_max is not None:
+            limits = dataclasses.replace(limits, tasks_max=limits.tasks_max + BWRAP_HELPERS)
+        try:
+            cgroup = self.cgroups.create(spec.cgroup_name, limits, plan.device_rules)
+        except CgroupError as exc:
+            raise SandboxError(str(exc)) from exc
+        return self._start(spec, plan, ruleset, cgroup, (uid, gid, groups),
+                           dict(stdin=stdin, stdout=stdout, stderr=stderr), tuple(pass_fds))
+
+    def reap(self, cgroup_name: str) -> bool:
+        """After an executor died: kill whatever is left in one of its runs' cgroups and remove
+        the cgroup. True when it is gone (or never existed); False when a dead process of it
+        is still waiting for its parent to reap it: the empty cgroup is then left, and reused
+        or removed by the next run of that name."""
+        run = self.cgroups.existing(cgroup_name)
+        if not run.exists():
+            return True
+        try:
+            run.remove()
+        except CgroupError:
+            if run.pids():
+                raise
+            return False
+        return True
+
+    def _check_launcher_visible(self, denied: tuple[str, ...]) -> None:
+        """The launcher's interpreter runs inside the sandbox: a denied path must not hide it."""
+        prefix = posixpath.dirname(posixpath.dirname(self.python))
+        for path in denied:
+            if _is_within(self.python, path) or _is_within(posixpath.join(prefix, "lib"), path):
+                raise SandboxError(f"denied path {path} hides {self.python}, which the sandbox "
+                                   "uses to start the action")
+
+    def _start(self, spec, plan, ruleset, cgroup, identity, stdio, pass_fds) -> SandboxedRun:
+        opened: list[int] = []
+        setup_read = -1
+        try:
+            stdio_fds = _stdio_fds(stdio, opened)
+            join_fds = cgroup.open_join_fds()
+            opened += join_fds
+            setup_read, setup_write = os.pipe2(os.O_CLOEXEC)
+            opened.append(setup_write)
+            hide_fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in plan.hidden_files]
+            opened += hide_fds
+            source_fds = plan.open_sources(opened)
+            launcher_fd = _args_fd(self._launcher_args(spec, ruleset, identity, setup_write, pass_fds))
+            opened.append(launcher_fd)
+            bwrap_fd = _args_fd(self._bwrap_args(spec, plan, identity, hide_fds, source_fds))
+            opened.append(bwrap_fd)
+            process = _Child.start(
+                [self.bwrap, "--args", str(bwrap_fd), "--", self.python, "-I", "-S", "-c",
+                 self._launcher_source, str(launcher_fd)],
+                stdio=stdio_fds,
+                keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, bwrap_fd),
+                join_fds=join_fds, nice=spec.limits.nice, error_fd=setup_write,
+            )
+        except BaseException as exc:
+            if setup_read >= 0:
+                os.close(setup_read)
+            cgroup.remove()
+            if isinstance(exc, OSError):
+                raise SandboxError(f"cannot start the sandbox: {exc}", retryable=True) from exc
+            raise
+        finally:
+            for fd in opened:
+                os.close(fd)
+        return SandboxedRun(process, cgroup, setup_read)
+
+    @staticmethod
+    def _bwrap_args(spec, plan, identity, hide_fds, source_fds) -> list[str]:
+        """bubblewrap's options; they reach it through an fd (`--args`), like the launcher's
+        arguments, so no command line that every local user can read shows the spec."""
+        uid = identity[0]
+        return [
+            "--die-with-parent", "--new-session", *NAMESPACE_OPTIONS,
+            *([] if spec.network else ["--unshare-net"]),
+            "--cap-drop", "ALL",
+            *(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if uid != 0 else []),
+            *plan.arguments(hide_fds, source_fds, network=spec.network),
+            "--chdir", spec.cwd,
+        ]
+
+    @staticmethod
+    def _launcher_args(spec, ruleset, identity, setup_fd, pass_fds) -> list[str]:
+        """The launcher's arguments (layout in _launch.py), also handed over through an fd."""
+        uid, gid, groups = identity
+        env_items = [f"{key}={value}" for key, value in spec.env.items()]
+        return [
+            str(setup_fd), str(uid), str(gid), ",".join(map(str, groups)),
+            ",".join(map(str, pass_fds)), *ruleset.launcher_args(),
+            str(len(env_items)), *env_items, "--", *spec.argv,
+        ]
+
+    def _ruleset(self, spec: SandboxSpec, plan: MountPlan) -> landlock.Ruleset:
+        connect_ports = spec.connect_ports if spec.network else None
+        if connect_ports is not None and self.landlock_abi < 4:
+            raise SandboxError(
+                f"TCP port rules need Landlock ABI 4 or later; this kernel has "
+                f"{self.landlock_abi or 'no Landlock'}"
+            )
+        return landlock.ruleset_for(
+            self.landlock_abi, read=spec.read, write=spec.write,
+            execute=(*spec.execute, *plan.implicit_executables),
+            devices=tuple(bind.dest for bind in plan.device_binds), connect_ports=connect_ports,
+        )
+
+    def _check_availability(self) -> tuple[bool, str]:
+        if os.geteuid() != 0:
+            return False, "the sandbox needs root (namespaces, cgroups, bubblewrap as root)"
+        if not os.access(self.bwrap, os.X_OK):
+            return False, "bubblewrap (bwrap) is not installed"
+        if self.cgroups.version is None:
+            return False, self.cgroups.describe()
+        probe = subprocess.run(
+            [self.bwrap, "--die-with-parent", *NAMESPACE_OPTIONS, "--unshare-net",
+             "--cap-drop", "ALL", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+             "--", self.python, "-I", "-S", "-c", "pass"],
+            capture_output=True, text=True, timeout=30, env={},
+        )
+        if probe.returncode != 0:
+            return False, f"bubblewrap cannot create namespaces here: {probe.stderr.strip()}"
+        notes = [_bwrap_version(self.bwrap), self.cgroups.describe()]
+        missing = self.cgroups.missing_controllers()
+        if missing:
+            notes.append(f"missing cgroup controllers: {' '.join(missing)}")
+        if self.landlock_abi:
+            notes.append(f"Landlock ABI {self.landlock_abi}: reads, writes, executables"
+                         + (" and TCP ports" if self.landlock_abi >= 4 else "") + " limited")
+        else:
+            notes.append("Landlock unavailable: executables and reads are NOT limited (only the "
+                         "read-only root, writable binds and hidden denied paths apply)")
+        return True, "; ".join(notes)
+
+
+class SandboxedRun:
+    """A running (or finished) sandboxed action. Select on `pidfd` to learn that it exited."""
+
+    def __init__(self, process: _Child, cgroup: RunCgroup, setup_fd: int):
+        self._process = process
+        self._cgroup = cgroup
+        self._setup_fd = setup_fd
+        self._setup_text = b""
+        self.pid = process.pid
+        self.pidfd = process.pidfd
+        self.unenforced: tuple[str, ...] = cgroup.unenforced
+        self._cleaned = False
+
+    def poll(self) -> int | None:
+        """The exit status like Popen.returncode (negative: killed by that signal), or None."""
+        return _exit_status(self._process.poll())
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the action's main process; raises subprocess.TimeoutExpired on timeout."""
+        return _exit_status(self._process.wait(timeout))
+
+    def terminate(self) -> None:
+        """SIGTERM to every process of the run (like systemd's KillMode=control-group): the
+        action, its process group and any child that left it. bubblewrap's own processes are
+        spared so they can report the action's exit."""
+        spare = {self.pid} | {pid for pid in self._cgroup.pids() if _is_namespace_init(pid)}
+        self._cgroup.signal_all(signal.SIGTERM, spare=spare)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the run's cgroup (double-forked, SIGTERM-ignoring and
+        bubblewrap's own included) and wait until the cgroup is empty."""
+        try:
+            self._cgroup.kill_all()
+        except CgroupError as exc:
+            raise SandboxError(str(exc), retryable=True) from exc
+
+    def usage(self) -> dict:
+        """{"cpuSeconds", "peakMemoryBytes", "readBytes", "writeBytes"} of the whole run so far
+        (bubblewrap and the launcher included); None where the kernel does not count it."""
+        return self._cgroup.usage()
+
+    def oom_killed(self) -> bool:
+        return self._cgroup.oom_killed()
+
+    def setup_error(self) -> str | None:
+        """Why the run ended before the action was executed (bubblewrap or the launcher
+        failed, or it was killed during set-up); None when the action ran or is running."""
+        if self._process.returncode is None:
+            return None
+        if self._setup_fd >= 0:
+            self._setup_text += _read_all(self._setup_fd)
+        marker = b"exec\n"
+        if self._setup_text == marker:
+            return None
+        if self._setup_text:
+            return self._setup_text.removeprefix(marker).decode(errors="replace").strip()
+        if self._process.returncode < 0:
+            return f"killed by signal {-self._process.returncode} before the action started"
+        return "bubblewrap could not set up the sandbox (its message is on the run's stderr)"
+
+    def cleanup(self) -> None:
+        """Kill anything left, reap, remove the run's cgroup, close the fds. Idempotent."""
+        if self._cleaned:
+            return
+        if self._process.poll() is None or self._cgroup.pids():
+            self.kill_all()
+        self._process.wait()
+        self.setup_error()
+        try:
+            self._cgroup.remove()
+        except CgroupError as exc:
+            raise SandboxError(str(exc), retryable=True) from exc
+        os.close(self.pidfd)
+        if self._setup_fd >= 0:
+            os.close(self._setup_fd)
+            self._setup_fd = -1
+        self._cleaned = True
+
+
+@dataclass(frozen=True)
+class _Bind:
+    option: str   # --ro-bind, --bind or --dev-bind
+    source: str   # host path
+    dest: str     # device path inside the sandbox
+
+
+class MountPlan:
+    """The bubblewrap mount arguments that build one run's view of the device.
+
+    It only looks at the host (lstat, scandir); it changes nothing. A mount point that does not
+    exist in the read-only host tree (a temporary root's `/var/lib/systemprompt-os/...`) is
+    made by replacing the deepest existing directory above it with a tmpfs holding read-only
+    binds of that directory's entries, then remounting that tmpfs read-only."""
+
+    def __init__(self, device: Device, spec: SandboxSpec):
+        self.device = device
+        self.host_root = device.root == Path("/")
+        self.binds = self._path_binds(spec)
+        self.device_binds, self.device_rules = self._device_binds(spec.devices)
+        self.synthesized = self._synthesize(
+            [*PRIVATE_TMPFS, *(b.dest for b in (*self.binds, *self.device_binds))])
+        self.hidden_dirs, self.hidden_files = self._hidden(spec.denied)
+        self.implicit_executables = self._implicit_executables(spec.argv[0])
+        if self.kind_in_view(spec.cwd) != "dir":
+            raise SandboxError(f"working directory {spec.cwd} does not exist in the sandbox")
+
+    def open_sources(self, opened: list[int]) -> list[int]:
+        """An O_PATH fd per path bind, opened component by component below the root without
+        following any link: what gets mounted is what was checked, even if someone swaps a
+        directory for a symlink meanwhile. Each fd is appended to `opened` (the caller closes)."""
+        fds = []
+        for bind in self.binds:
+            fds.append(_open_without_links(str(self.device.root), bind.dest))
+            opened.append(fds[-1])
+        return fds
+
+    def arguments(self, hide_fds: list[int], source_fds: list[int], *, network: bool) -> list[str]:
+        args: list[str] = []
+        if "/" in self.synthesized:
+            args += self._entries_of("/")
+        else:
+            args += ["--ro-bind", "/", "/"]
+        for directory in sorted(self.synthesized - {"/"}):
+            args += ["--tmpfs", directory, *self._entries_of(directory)]
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        for directory in PRIVATE_TMPFS:
+            args += ["--tmpfs", directory]
+        if network:
+            args += _resolver_binds()
+        for directory in self.created_dirs:  # bubblewrap would make them 0700
+            args += ["--perms", "0755", "--dir", directory]
+        for bind, fd in zip(self.binds, source_fds):
+            args += [f"{bind.option}-fd", str(fd), bind.dest]
+        for bind in self.device_binds:
+            args += [bind.option, bind.source, bind.dest]
+        for directory in self.hidden_dirs:
+            args += ["--perms", "0000", "--tmpfs", directory, "--remount-ro", directory]
+        for path, fd in zip(self.hidden_files, hide_fds):
+            args += ["--perms", "0000", "--ro-bind-data", str(fd), path]
+        for directory in (*sorted(self.synthesized), "/run"):
+            args += ["--remount-ro", directory]
+        return args
+
+    def kind_in_view(self, path: str) -> str | None:
+        """"dir", "file" or None (missing) for a path as the run will see it (symlinks followed)."""
+        backing = self._backing(path)
+        if backing is None:
+            return "dir" if path in (*PRIVATE_TMPFS, "/dev") else None
+        try:
+            mode = os.stat(backing).st_mode
+        except OSError:
+            return None
+        return "dir" if stat.S_ISDIR(mode) else "file"
+
+    def _path_binds(self, spec: SandboxSpec) -> list[_Bind]:
+        wanted: dict[str, _Bind] = {}
+        if not self.host_root:
+            for path in (*spec.read, *spec.execute):
+                source = self._under_root(path)
+                if os.path.lexists(source):
+                    wanted[path] = _Bind("--ro-bind", source, path)
+        for path in spec.write:
+            source = self._under_root(path)
+            if os.path.lexists(source):
+                wanted[path] = _Bind("--bind", source, path)
+        binds: list[_Bind] = []
+        for dest in sorted(wanted):
+            bind = wanted[dest]
+            if not any(_covers(outer, bind) for outer in binds):
+                binds.append(bind)
+        return binds
+
+    def _device_binds(self, devices: tuple[str, ...]) -> tuple[list[_Bind], tuple[DeviceRule, ...]]:
+        binds, rules = [], []
+        for path in sorted(set(devices)):
+            # Device paths are often links (/dev/serial/by-id/...): the node they lead to is bound.
+            source = path
+            if not self.host_root and os.path.lexists(str(self.device.root) + path):
+                source = str(self.device.root) + path
+            try:
+                st = os.stat(source)
+            except FileNotFoundError:
+                continue  # unplugged: the action finds no node and fails visibly
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise SandboxError(f"device {path} is not a device node")
+            kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
+            rules.append(DeviceRule(kind, os.major(st.st_rdev), os.minor(st.st_rdev)))
+            binds.append(_Bind("--dev-bind", os.path.realpath(source), path))
+        return binds, tuple(rules)
+
+    def _under_root(self, path: str) -> str:
+        try:
+            return str(self.device.path(path))
+        except SposError as exc:
+            raise SandboxError(f"refusing sandbox path {path}: {exc}") from exc
+
+    def _synthesize(self, mount_points: list[str]) -> set[str]:
+        """Directories of the host tree to replace by a tmpfs so that every mount point exists,
+        and (in `self.created_dirs`) the directories to create in a tmpfs on the way to one."""
+        synthesized: set[str] = set()
+        created: set[str] = set()
+        for mount_point in sorted(set(mount_points)):
+            missing = self._make_room(mount_point, synthesized)
+            if missing is not None:
+                created.update(_ancestors_between(missing, mount_point))
+        self.created_dirs = sorted(created)
+        return synthesized
+
+    def _make_room(self, mount_point: str, synthesized: set[str]) -> str | None:
+        """Walk down to `mount_point`; returns the first component that will live in a tmpfs
+        (None when the whole path exists on the host or in a bind)."""
+        path = "/"
+        for part in mount_point.strip("/").split("/"):
+            parent, path = path, posixpath.join(path, part)
+            if self._in_private_tmpfs(parent):
+                return path  # created inside the private tmpfs
+            outer = self._bind_above(path)
+            if outer is not None:
+                if not os.path.lexists(outer.source + mount_point[len(outer.dest):]):
+                    raise SandboxError(f"cannot mount {mount_point} in the sandbox: it would "
+                                       f"have to be created inside {outer.source}")
+                return None
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                synthesized.add(parent)
+                return path
+            if stat.S_ISLNK(mode):
+                raise SandboxError(f"cannot mount {mount_point} in the sandbox: {path} is a "
+                                   "symbolic link on this host")
+        return None
+
+    def _hidden(self, denied: tuple[str, ...]) -> tuple[list[str], list[str]]:
+        dirs, files = [], []
+        for path in sorted(set(denied)):
+            kind = self.kind_in_view(path)
+            if kind == "dir":
+                dirs.append(path)
+            elif kind == "file":
+                files.append(path)
+        return dirs, files
+
+    def _implicit_executables(self, program: str) -> tuple[str, ...]:
+        """argv[0], and the interpreter on its `#!` line when it is a script."""
+        backing = self._backing(program) or program
+        try:
+            with open(backing, "rb") as handle:
+                head = handle.read(256)
+        except OSError:
+            return (program,)
+        if head.startswith(b"#!") and head[2:].split():
+            return (program, head[2:].split()[0].decode(errors="replace"))
+        return (program,)
+
+    def _backing(self, path: str) -> str | None:
+        """The host path behind `path` in the run's view, None inside an empty private tmpfs."""
+        for bind in sorted((*self.binds, *self.device_binds), key=lambda b: -len(b.dest)):
+            if _is_within(path, bind.dest):
+                return bind.source + path[len(bind.dest):]
+        if any(_is_within(path, d) for d in (*PRIVATE_TMPFS, "/dev")):
+            return None
+        return path
+
+    def _bind_above(self, path: str) -> _Bind | None:
+        return next((b for b in self.binds if _is_within(path, b.dest) and path != b.dest), None)
+
+    @staticmethod
+    def _in_private_tmpfs(path: str) -> bool:
+        return any(_is_within(path, d) for d in (*PRIVATE_TMPFS, "/dev"))
+
+    def _entries_of(self, directory: str) -> list[str]:
+        """Read-only binds (symlinks recreated) of a host directory's entries, for its tmpfs."""
+        args: list[str] = []
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                path = posixpath.join(directory, entry.name)
+                if path in self.synthesized:
+                    continue
+                if entry.is_symlink():
+                    args += ["--symlink", os.readlink(path), path]
+                else:
+                    args += ["--ro-bind", path, path]
+        return args
+
+
+def _covers(outer: _Bind, inner: _Bind) -> bool:
+    """An earlier bind of the same tree makes `inner` redundant (a writable one covers all)."""
+    return _is_within(inner.dest, outer.dest) and (outer.option == "--bind" or inner.option == "--ro-bind")
+
+
+def _ancestors_between(first: str, mount_point: str) -> list[str]:
+    """`first` and its descendants on the way to `mount_point`, the mount point excluded."""
+    found, path = [], mount_point
+    while path != first and path != "/":
+        path = posixpath.dirname(path)
+        found.append(path)
+    return [p for p in found if _is_within(p, first)]
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _resolver_binds() -> list[str]:
+    """/etc/resolv.conf often points into /run, which is a private tmpfs: bring its target."""
+    target = os.path.realpath("/etc/resolv.conf")
+    return ["--ro-bind-try", target, target] if _is_within(target, "/run") else []
+
+
+def _check_spec(spec: SandboxSpec) -> None:
+    if not spec.argv or not spec.argv[0].startswith("/"):
+        raise SandboxError(f"argv[0] must be an absolute path: {spec.argv!r}")
+    for path in (spec.cwd, spec.argv[0], *spec.read, *spec.write, *spec.execute, *spec.denied,
+                 *spec.devices):
+        if not path.startswith("/") or path.startswith("//") or posixpath.normpath(path) != path \
+                or "\0" in path:
+            raise SandboxError(f"sandbox paths must be absolute and normalised: {path!r}")
+    for key, value in spec.env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise SandboxError(f"invalid environment variable {key!r}")
+    if not spec.cgroup_name:
+        raise SandboxError("a sandboxed run needs its own cgroup_name")
+    try:
+        check_name(spec.cgroup_name)
+    except CgroupError as exc:
+        raise SandboxError(str(exc)) from exc
+
+
+def _launcher_python() -> str:
+    """The interpreter that runs the launcher inside the sandbox: the system's python3 (outside
+    /root, /home, /opt and /tmp, which capabilities like to deny and the sandbox hides), else
+    the one running spos. The launcher needs only built-in modules of Python 3.6+."""
+    for candidate in ("/usr/bin/python3", sys.executable):
+        real = os.path.realpath(candidate or "/nonexistent")
+        if os.access(real, os.X_OK) and not any(_is_within(real, d) for d in PRIVATE_TMPFS):
+            return real
+    raise SandboxError("no python3 interpreter to run the sandbox launcher")
+
+
+def _identity(user: str) -> tuple[int, int, list[int]]:
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError) as exc:
+        raise SandboxError(f"unknown user {user!r}") from exc
+    if entry.pw_uid == 0:
+        return 0, 0, []
+    return entry.pw_uid, entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid)
+
+
+class _Child:
+    """bubblewrap's process: forked, placed in the run's cgroup, then executed, with the
+    caller going on right after the fork. (subprocess.Popen would wait for the exec, and the
+    first write to a fresh v1 memory cgroup waits for an RCU grace period, ~10-15 ms here.)
+    A failure between fork and exec is written to `error_fd` and the child exits 126."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, argv: list[str], *, stdio: list[int | None], keep: tuple[int, ...],
+              join_fds: list[int], nice: int | None, error_fd: int) -> _Child:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _enter_child(stdio, keep, join_fds, nice)
+                os.execve(argv[0], argv, {})
+            except BaseException as exc:  # in the child: report, never return into the caller
+                _report_and_exit(error_fd, f"cannot start bubblewrap: {exc}")
+            finally:
+                os._exit(126)
+        return cls(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._reap(os.WNOHANG)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and timeout is not None:
+            ready, _, _ = select.select([self.pidfd], [], [], max(0.0, timeout))
+            if not ready:
+                raise subprocess.TimeoutExpired("bwrap", timeout)
+        if self.returncode is None:
+            self._reap(0)
+        return self.returncode
+
+    def _reap(self, options: int) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, options)
+        except ChildProcessError as exc:
+            raise SandboxError(f"process {self.pid} was reaped by someone else") from exc
+        if pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+
+
+def _enter_child(stdio: list[int | None], keep: tuple[int, ...], join_fds: list[int],
+                 nice: int | None) -> None:
+    """In the forked child, before bubblewrap is executed: join the run's cgroup (so nothing of
+    the run is ever outside it), take the nice level, set up fds 0-2, keep only `keep` open,
+    default signal handling. Only system calls on values prepared by the parent."""
+    for fd in join_fds:
+        os.write(fd, b"0")
+    if nice is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    moved = [None if fd is None else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]
+    for number, fd in enumerate(moved):
+        if fd is not None:
+            os.dup2(fd, number)  # the copy at 0-2 is inheritable
+    for fd in keep:
+        os.set_inheritable(fd, True)
+    low = 3
+    for fd in sorted(f for f in set(keep) if f >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _MAX_FD)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def _report_and_exit(error_fd: int, message: str) -> None:
+    text = f"spos sandbox: {message}\n".encode(errors="replace")
+    for fd in (error_fd, 2):
+        try:
+            os.write(fd, text)
+        except OSError:
+            pass
+    os._exit(126)
+
+
+def _stdio_fds(stdio: dict, opened: list[int]) -> list[int | None]:
+    """fds for 0-2: an fd as given, DEVNULL opened here (and listed in `opened` to close),
+    None to share the caller's."""
+    fds: list[int | None] = []
+    for name in ("stdin", "stdout", "stderr"):
+        value = stdio[name]
+        if value == subprocess.DEVNULL:
+            value = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            opened.append(value)
+        elif value is not None and (not isinstance(value, int) or value < 0):
+            raise SandboxError(f"{name} must be an fd, subprocess.DEVNULL or None")
+        fds.append(value)
+    return fds
+
+
+def _exit_status(code: int | None) -> int | None:
+    """bubblewrap exits 128+N when the action died of signal N; report it as -N like Popen."""
+    if code is not None and _SIGNAL_EXIT_BASE < code <= _SIGNAL_EXIT_BASE + _MAX_SIGNAL:
+        return _SIGNAL_EXIT_BASE - code
+    return code
+
+
+def _open_without_links(root: str, device_path: str) -> int:
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    for part in [p for p in device_path.split("/") if p]:
+        try:
+            child = os.open(part, flags, dir_fd=fd)
+        except OSError as exc:
+            raise SandboxError(f"cannot open {device_path} under {root}: {exc.strerror}",
+                               retryable=True) from exc
+        finally:
+            os.close(fd)
+        fd = child
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SandboxError(f"refusing {device_path}: {part} is a symbolic link")
+    return fd
+
+
+def _args_fd(args: list[str]) -> int:
+    """A sealed-off memory file holding `args`, NUL-terminated, read from the start."""
+    fd = os.memfd_create("spos-sandbox-args", os.MFD_CLOEXEC)
+    os.write(fd, b"".join(os.fsencode(arg) + b"\0" for arg in args))
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _is_namespace_init(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("NSpid:"):
+                    ids = line.split()[1:]
+                    return len(ids) > 1 and ids[-1] == "1"
+    except OSError:
+        return False
+    return False
+
+
+def _read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                break
+            raise
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _bwrap_version(bwrap: str) -> str:
+    result = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10)
+    return result.stdout.strip() or "bubblewrap"

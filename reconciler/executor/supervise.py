@@ -1,0 +1,172 @@
+"""One active run: its sandboxed process, its log, its progress channel, its clock.
+
+A run is a sequence of steps (a single-command task is one step). Each step is its own
+sandboxed process; the run's record says which steps finished, so a retried or resumed run
+starts at the first unfinished one. Output (stdout and stderr together) is copied to the run's
+log as it arrives, within the quota's log size (the log is rotated once to `.1`). Progress
+lines arrive on fd 3 (see docs/executor.md); every line is a heartbeat.
+
+Durations use the monotonic clock; wall-clock times are only recorded for people.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from reconciler import STATE_DIR
+from reconciler.device import Device
+from reconciler.executor.runs import Run
+
+DEFAULT_LOG_BYTES = 10 * 1024 * 1024
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def run_dirs(agent: str, run_id: str) -> dict[str, str]:
+    """Device paths of the directories a run may write."""
+    base = f"/{STATE_DIR}/agents/{agent}"
+    return {
+        "checkpoint": f"{base}/checkpoints/{run_id}",
+        "tmp": f"{base}/tmp/{run_id}",
+        "output": f"{base}/output",
+        "log": f"{base}/logs/{run_id}.log",
+    }
+
+
+@dataclass
+class LogWriter:
+    """Appends to a run's log, rotating once to `.1` when it would pass `limit` bytes."""
+
+    device: Device
+    path: str
+    limit: int
+    fd: int = -1
+    size: int = 0
+
+    def open(self) -> None:
+        host = self.device.path(self.path)
+        self.fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, data: bytes) -> None:
+        if self.size + len(data) > self.limit:
+            self._rotate()
+        os.write(self.fd, data)
+        self.size += len(data)
+
+    def note(self, text: str) -> None:
+        self.write(f"--- spos {now_iso()} {text}\n".encode())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _rotate(self) -> None:
+        host = self.device.path(self.path)
+        os.close(self.fd)
+        os.replace(host, f"{host}.1")
+        self.open()
+
+
+@dataclass
+class Step:
+    index: int
+    name: str
+    argv: list[str]
+    timeout: float | None
+    continue_on_error: bool
+
+
+def steps_of(task: dict) -> list[Step]:
+    if task.get("steps"):
+        return [
+            Step(i, s["name"], s["command"], s.get("timeoutSeconds"), s.get("continueOnError", False))
+            for i, s in enumerate(task["steps"])
+        ]
+    return [Step(0, "main", task["command"], None, False)]
+
+
+@dataclass
+class ActiveRun:
+    """Bookkeeping for one run between its claim and its end."""
+
+    run: Run
+    task: dict
+    config: dict
+    log: LogWriter
+    steps: list[Step]
+    deadline: float
+    step: Step | None = None
+    process: object = None
+    output_fd: int = -1
+    progress_fd: int = -1
+    step_deadline: float | None = None
+    terminated_at: float | None = None
+    ending: str | None = None       # "timeout" or "cancelled" once the executor decided so
+    reason: str = ""
+    started: float = field(default_factory=time.monotonic)
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    last_saved: float = 0.0
+    progress_buffer: bytes = b""
+    usage: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.run.id
+
+    def remaining_steps(self) -> list[Step]:
+        done = set(self.run.record.get("stepsDone", []))
+        return [s for s in self.steps if s.name not in done]
+
+    def next_deadline(self, grace: float) -> float:
+        if self.terminated_at is not None:
+            return self.terminated_at + grace
+        return min(d for d in (self.deadline, self.step_deadline, self.heartbeat_deadline()) if d is not None)
+
+    def heartbeat_deadline(self) -> float | None:
+        limit = self.task.get("heartbeatTimeoutSeconds")
+        return None if not limit else self.last_heartbeat + float(limit)
+
+    def expired(self, now: float) -> str | None:
+        """Why the run must be stopped now (a timeout or a missing heartbeat), or None."""
+        if now >= self.deadline:
+            return f"run timed out after {self.task.get('timeoutSeconds'):g}s"
+        if self.step_deadline is not None and now >= self.step_deadline:
+            return f"step {self.step.name} timed out after {self.step.timeout:g}s"
+        heartbeat = self.heartbeat_deadline()
+        if heartbeat is not None and now >= heartbeat:
+            return f"hung: no heartbeat for {self.task['heartbeatTimeoutSeconds']:g}s"
+        return None
+
+    def handle_progress(self, data: bytes) -> bool:
+        """Parse progress lines; True when the record changed."""
+        self.progress_buffer += data
+        self.last_heartbeat = time.monotonic()
+        changed = False
+        while b"\n" in self.progress_buffer:
+            line, self.progress_buffer = self.progress_buffer.split(b"\n", 1)
+            changed |= self._progress_line(line.decode(errors="replace").strip())
+        if len(self.progress_buffer) > 4096:
+            self.progress_buffer = b""
+        return changed
+
+    def _progress_line(self, line: str) -> bool:
+        record = self.run.record
+        record["heartbeatAt"] = now_iso()
+        word, _, rest = line.partition(" ")
+        if word == "progress":
+            value, _, message = rest.partition(" ")
+            try:
+                record["progress"] = {"percent": max(0.0, min(100.0, float(value))), "message": message}
+            except ValueError:
+                return True
+        elif word == "message":
+            record.setdefault("progress", {})["message"] = rest
+        return True

@@ -1,0 +1,623 @@
+"""The sandbox keeps its promises, checked from inside it with real namespaces and cgroups.
+
+Every test starts a real sandboxed process (bubblewrap, Landlock, the run's own cgroup under
+the real /sys/fs/cgroup) against a temporary device root, and asserts on what the action could
+and could not do, and on what changed on the host. The run cgroups live under a per-session
+parent `spos-test-<pid>` and are removed; each wait is bounded.
+
+Needs root, bubblewrap and cgroups: otherwise every test is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from reconciler.executor.sandbox import Limits, Sandbox, SandboxError, SandboxSpec
+
+pytestmark = pytest.mark.root
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PARENT = f"spos-test-{os.getpid()}"
+AGENT_DIR = "/var/lib/systemprompt-os/agents/probe"
+OUTPUT = f"{AGENT_DIR}/output"
+PYTHON = "/usr/bin/python3"
+SH = "/bin/sh"
+WAIT_SECONDS = 20
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the sandbox needs root (namespaces, cgroups)"
+    if not shutil.which("bwrap"):
+        return "bubblewrap (bwrap) is not installed"
+    if not Path(PYTHON).exists():
+        return f"{PYTHON} is needed to write probe actions"
+    ready, why = Sandbox(cgroup_root=str(CGROUP_ROOT)).available()
+    return None if ready else why
+
+
+_SKIP = _why_not()
+if _SKIP:
+    pytestmark = [pytest.mark.root, pytest.mark.skip(reason=_SKIP)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parent_cgroup():
+    yield
+    for directory in sorted(CGROUP_ROOT.glob(f"*/{PARENT}")) + [CGROUP_ROOT / PARENT]:
+        if directory.is_dir():
+            directory.rmdir()
+
+
+@pytest.fixture
+def device_root(tmp_path) -> Path:
+    root = tmp_path / "device"
+    for sub in ("output", "tmp/run", "checkpoints/run"):
+        (root / AGENT_DIR.lstrip("/") / sub).mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def sandbox(device_root) -> Sandbox:
+    return Sandbox(root=str(device_root), cgroup_root=str(CGROUP_ROOT))
+
+
+class Runner:
+    """Start a spec, wait (bounded), collect the output, always clean the run up."""
+
+    def __init__(self, sandbox: Sandbox, tmp_path: Path):
+        self.sandbox = sandbox
+        self.tmp_path = tmp_path
+        self.runs = []
+
+    def spec(self, argv, **fields) -> SandboxSpec:
+        defaults = dict(
+            env={"PATH": "/usr/bin:/bin", "HOME": f"{AGENT_DIR}/tmp/run"},
+            cwd=f"{AGENT_DIR}/tmp/run",
+            write=(OUTPUT, f"{AGENT_DIR}/tmp/run", f"{AGENT_DIR}/checkpoints/run"),
+            execute=(SH, PYTHON, "/usr/bin/ls", "/usr/bin/cat", "/usr/bin/grep", "/usr/bin/id",
+                     "/usr/bin/env", "/usr/bin/sleep", "/usr/bin/touch", "/usr/bin/mount"),
+            cgroup_name=f"{PARENT}/{uuid.uuid4().hex[:12]}",
+        )
+        defaults.update(fields)
+        return SandboxSpec(argv=list(argv), **defaults)
+
+    def start(self, spec: SandboxSpec, **kwargs):
+        output = open(self.tmp_path / f"out-{uuid.uuid4().hex[:8]}", "w+b")
+        run = self.sandbox.spawn(spec, stdout=output.fileno(), stderr=output.fileno(), **kwargs)
+        self.runs.append(run)
+        return run, output
+
+    def __call__(self, argv, **fields) -> tuple[int, str, object]:
+        run, output = self.start(self.spec(argv, **fields))
+        code = run.wait(timeout=WAIT_SECONDS)
+        output.seek(0)
+        return code, output.read().decode(errors="replace"), run
+
+    def close(self):
+        for run in self.runs:
+            run.cleanup()
+
+
+@pytest.fixture
+def sandboxed(sandbox, tmp_path):
+    runner = Runner(sandbox, tmp_path)
+    yield runner
+    runner.close()
+
+
+def sh(script: str) -> list[str]:
+    return [SH, "-c", script]
+
+
+def py(code: str) -> list[str]:
+    return [PYTHON, "-c", code]
+
+
+def cgroup_dirs(name: str) -> list[Path]:
+    return [CGROUP_ROOT / c / name for c in ("memory", "pids", "cpu", "cpuacct", "freezer",
+                                               "devices", "blkio") if (CGROUP_ROOT / c).is_dir()]
+
+
+# -- the file system ------------------------------------------------------------------------
+
+def test_the_root_file_system_is_read_only(sandboxed):
+    code, out, _ = sandboxed(sh("touch /etc/spos-probe; echo touch=$?"))
+    assert "Read-only file system" in out and "touch=1" in out
+    assert not Path("/etc/spos-probe").exists()
+
+
+def test_a_writable_path_is_written_on_the_host_under_the_root(sandboxed, device_root):
+    code, out, _ = sandboxed(sh(f"echo from-inside > {OUTPUT}/report.txt && echo ok"))
+    assert (code, out.strip()) == (0, "ok")
+    assert (device_root / OUTPUT.lstrip("/") / "report.txt").read_text() == "from-inside\n"
+
+
+def test_a_denied_path_under_a_writable_dir_is_hidden_and_unwritable(sandboxed, device_root):
+    output = device_root / OUTPUT.lstrip("/")
+    (output / "secret").mkdir()
+    (output / "secret" / "key").write_text("s3cret")
+    (output / "token.txt").write_text("t0ken")
+    script = f"""
+        ls -A {OUTPUT}/secret; echo ls=$?
+        cat {OUTPUT}/secret/key; echo catdir=$?
+        echo x > {OUTPUT}/secret/new; echo writedir=$?
+        cat {OUTPUT}/token.txt; echo catfile=$?
+        echo x > {OUTPUT}/token.txt; echo writefile=$?
+        echo fine > {OUTPUT}/allowed.txt; echo allowed=$?
+    """
+    code, out, _ = sandboxed(sh(script), denied=(f"{OUTPUT}/secret", f"{OUTPUT}/token.txt"))
+    assert "s3cret" not in out and "t0ken" not in out
+    for probe in ("ls", "catdir", "writedir", "catfile", "writefile"):
+        assert f"{probe}=0" not in out, out
+    assert "allowed=0" in out
+    assert (output / "token.txt").read_text() == "t0ken"
+    assert sorted(p.name for p in (output / "secret").iterdir()) == ["key"]
+
+
+def test_a_writable_path_through_a_symlink_is_refused(sandboxed, device_root, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (device_root / "data").symlink_to(elsewhere)
+    with pytest.raises(SandboxError, match="symbolic link|symlink"):
+        sandboxed(["/bin/true"], write=("/data",))
+
+
+def test_reads_outside_the_capability_are_refused(sandboxed, device_root):
+    opt = device_root / "opt/agents/probe"
+    opt.mkdir(parents=True)
+    (opt / "config").write_text("readable")
+    script = "cat /opt/agents/probe/config; ls /root; echo root=$?; ls /var/lib/dpkg >/dev/null; echo dpkg=$?"
+    code, out, _ = sandboxed(sh(script), read=("/opt/agents/probe",))
+    assert "readable" in out
+    assert "root=0" not in out and "dpkg=0" not in out
+
+
+# -- processes, network, privileges ------------------------------------------------------------
+
+def test_host_processes_are_invisible(sandboxed):
+    code, out, _ = sandboxed(sh("ls /proc; cat /proc/1/comm"))
+    pids = {int(word) for word in out.split() if word.isdigit()}
+    assert pids and max(pids) < 20, out
+    assert os.getpid() not in pids or os.getpid() < 20
+    assert "bwrap" in out  # the namespace's init is bubblewrap's reaper, not the host's
+
+
+class LoopbackListener:
+    """A real listener on the host's 127.0.0.1 that greets whoever connects (bounded)."""
+
+    def __init__(self):
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.socket.settimeout(WAIT_SECONDS)
+        self.port = self.socket.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            while True:
+                connection, _ = self.socket.accept()
+                with connection:
+                    connection.sendall(b"hello-from-host")
+        except OSError:
+            return
+
+    def close(self):
+        self.socket.close()
+
+
+@pytest.fixture
+def listener():
+    server = LoopbackListener()
+    yield server
+    server.close()
+
+
+def _connect(port: int) -> list[str]:
+    return py(
+        "import socket\n"
+        "try:\n"
+        f"    s = socket.create_connection(('127.0.0.1', {port}), timeout=5)\n"
+        "    print('got', s.recv(100).decode())\n"
+        "except OSError as e:\n"
+        "    print('failed', type(e).__name__, e.errno)\n"
+    )
+
+
+def test_the_hosts_loopback_is_unreachable_without_network(sandboxed, listener):
+    code, out, _ = sandboxed(_connect(listener.port))
+    assert "failed ConnectionRefusedError" in out, out
+
+
+def test_the_hosts_loopback_is_reachable_with_network(sandboxed, listener):
+    code, out, _ = sandboxed(_connect(listener.port), network=True)
+    assert "got hello-from-host" in out, out
+
+
+def test_tcp_connect_is_limited_to_the_listed_ports(sandboxed, listener):
+    allowed_code, allowed, _ = sandboxed(_connect(listener.port), network=True,
+                                         connect_ports=(listener.port,))
+    other_code, other, _ = sandboxed(_connect(listener.port), network=True,
+                                     connect_ports=(listener.port + 1,))
+    assert "got hello-from-host" in allowed, allowed
+    assert "failed PermissionError 13" in other, other
+
+
+def test_mount_fails(sandboxed):
+    code, out, _ = sandboxed(sh("mount -t tmpfs none /mnt; echo mount=$?"))
+    assert "mount=0" not in out and "mount=" in out, out
+
+
+def test_no_new_privileges_no_capabilities_default_signals(sandboxed):
+    code, out, _ = sandboxed(sh("grep -E '^(NoNewPrivs|CapEff|CapPrm|CapAmb|SigIgn|SigBlk):' /proc/self/status"))
+    fields = dict(line.split(":\t") for line in out.strip().splitlines())
+    assert fields["NoNewPrivs"] == "1"
+    assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == int(fields["CapAmb"], 16) == 0
+    assert int(fields["SigIgn"], 16) == 0 and int(fields["SigBlk"], 16) == 0
+
+
+def test_runs_as_the_configured_user(sandboxed, device_root):
+    (device_root / OUTPUT.lstrip("/")).chmod(0o777)
+    code, out, _ = sandboxed(sh(f"id -u; grep CapEff /proc/self/status; touch {OUTPUT}/mine"),
+                             user="nobody")
+    assert out.split()[0] == "65534", out
+    assert "0000000000000000" in out
+    assert (device_root / OUTPUT.lstrip("/") / "mine").stat().st_uid == 65534
+
+
+def test_the_environment_is_exactly_the_specs(sandboxed):
+    env = {"PATH": "/usr/bin:/bin", "SPOS_RUN_ID": "r-1", "WITH_EQUALS": "a=b"}
+    code, out, _ = sandboxed(["/usr/bin/env"], env=env)
+    assert sorted(out.strip().splitlines()) == sorted(f"{k}={v}" for k, v in env.items())
+
+
+def test_the_environment_is_in_no_command_line(sandboxed):
+    spec = sandboxed.spec(["/usr/bin/sleep", "5"], env={"API_TOKEN": "tok-5ecret-value"})
+    run, _ = sandboxed.start(spec)
+    procs = CGROUP_ROOT / "pids" / spec.cgroup_name / "cgroup.procs"
+    deadline = time.monotonic() + WAIT_SECONDS
+    command_lines = {}
+    while time.monotonic() < deadline:
+        command_lines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()
+                         for pid in procs.read_text().split()}
+        if any(line.startswith(b"/usr/bin/sleep") for line in command_lines.values()):
+            break
+        time.sleep(0.01)
+    run.kill_all()
+    assert any(line.startswith(b"/usr/bin/sleep") for line in command_lines.values())
+    assert not [line for line in command_lines.values() if b"5ecret" in line]
+
+
+# -- executables --------------------------------------------------------------------------------
+
+def test_only_listed_programs_may_be_executed(sandboxed):
+    script = "/usr/bin/ls /usr >/dev/null; echo ls=$?; /usr/bin/id -u; echo id=$?"
+    code, out, _ = sandboxed(sh(script), execute=(SH, "/usr/bin/id"))
+    assert "ls=126" in out and "Permission denied" in out, out
+    assert "id=0" in out
+    code, out, _ = sandboxed(sh(script), execute=(SH, "/usr/bin/ls", "/usr/bin/id"))
+    assert "ls=0" in out and "id=0" in out, out
+
+
+def test_argv0_and_its_script_interpreter_are_executable_without_listing(sandboxed, device_root):
+    script = device_root / OUTPUT.lstrip("/") / "job.sh"
+    script.write_text("#!/bin/sh\necho script-ran\n/usr/bin/id -u; echo id=$?\n")
+    script.chmod(0o755)
+    code, out, _ = sandboxed([f"{OUTPUT}/job.sh"], execute=())
+    assert "script-ran" in out and "id=126" in out, out
+
+
+def test_a_missing_program_is_a_setup_error(sandboxed):
+    code, out, run = sandboxed(["/usr/bin/no-such-program"])
+    assert code == 127
+    assert "cannot execute /usr/bin/no-such-program" in run.setup_error()
+
+
+def test_a_run_that_started_has_no_setup_error(sandboxed):
+    code, out, run = sandboxed(["/bin/true"], execute=())
+    assert code == 0 and run.setup_error() is None
+
+
+def test_a_missing_working_directory_is_refused_before_anything_starts(sandboxed):
+    with pytest.raises(SandboxError, match="working directory"):
+        sandboxed(["/bin/true"], cwd="/no/such/dir")
+
+
+def test_a_denied_path_may_not_hide_the_launcher(sandboxed, sandbox):
+    with pytest.raises(SandboxError, match="hides"):
+        sandboxed(["/bin/true"], denied=(os.path.dirname(sandbox.python),))
+
+
+# -- fds, devices -------------------------------------------------------------------------------
+
+def test_only_fds_0_to_2_are_open(sandboxed):
+    stray = os.open("/dev/null", os.O_RDONLY)  # inheritable, not passed: must not leak
+    try:
+        code, out, _ = sandboxed(sh("ls /proc/$$/fd"))
+    finally:
+        os.close(stray)
+    assert sorted(int(x) for x in out.split()) == [0, 1, 2], out
+
+
+def test_passed_fds_stay_open_under_their_numbers(sandboxed):
+    read_end, write_end = os.pipe()
+    try:
+        run, output = sandboxed.start(sandboxed.spec(py(
+            "import os\n"
+            "def is_open(fd):\n"
+            "    try:\n"
+            "        return os.fstat(fd) is not None\n"
+            "    except OSError:\n"
+            "        return False\n"
+            "print(*[fd for fd in range(1024) if is_open(fd)])\n"
+            f"os.write({write_end}, b'progress 50\\n')\n"
+        )), pass_fds=(write_end,))
+        os.close(write_end)
+        assert run.wait(timeout=WAIT_SECONDS) == 0
+        output.seek(0)
+        assert sorted(int(x) for x in output.read().split()) == sorted([0, 1, 2, write_end])
+        assert os.read(read_end, 100) == b"progress 50\n"
+    finally:
+        os.close(read_end)
+
+
+def test_only_allowed_device_nodes_exist_and_the_devices_cgroup_says_so(sandboxed, device_root):
+    master, slave = os.openpty()  # the pty's slave stands in for a USB serial adapter
+    try:
+        node = device_root / "dev/ttyUSB0"
+        node.parent.mkdir()
+        node.symlink_to(os.ttyname(slave))
+        rdev = os.fstat(slave).st_rdev
+        spec = sandboxed.spec(sh("ls /dev; echo reading > /dev/ttyUSB0; echo tty=$?; sleep 5"),
+                              devices=("/dev/ttyUSB0",))
+        run, output = sandboxed.start(spec)
+        deadline = time.monotonic() + WAIT_SECONDS
+        data = b""
+        while b"reading" not in data and time.monotonic() < deadline:
+            data += os.read(master, 100) if _readable(master) else b""
+        rules = (CGROUP_ROOT / "devices" / spec.cgroup_name / "devices.list").read_text().split("\n")
+        run.kill_all()
+        run.wait(timeout=WAIT_SECONDS)
+        output.seek(0)
+        listing = output.read().decode().split()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert b"reading" in data
+    assert "ttyUSB0" in listing and not {"sda", "vda", "mem", "kmsg"} & set(listing)
+    assert f"c {os.major(rdev)}:{os.minor(rdev)} rwm" in rules and "a *:* rwm" not in rules
+    assert "c 1:3 rwm" in rules  # /dev/null
+
+
+def _readable(fd: int) -> bool:
+    import select
+    return bool(select.select([fd], [], [], 0.1)[0])
+
+
+# -- cgroup limits, killing, usage ----------------------------------------------------------------
+
+def test_a_memory_hog_is_oom_killed_alone(sandboxed):
+    script = f"""
+        sleep 30 & sibling=$!
+        {PYTHON} -c "x = b'x' * (300 << 20); print('survived')"
+        echo hog=$?
+        kill -0 $sibling && echo sibling-alive
+        kill $sibling
+    """
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        code, out, run = sandboxed(sh(script), limits=Limits(memory_bytes=64 << 20))
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+    assert "survived" not in out and "hog=137" in out and "sibling-alive" in out, out
+    assert code == 0
+    assert run.oom_killed()
+
+
+def test_quota_limits_are_applied(sandboxed):
+    limits = Limits(cpu_percent=20, memory_bytes=96 << 20, tasks_max=16, nice=7)
+    spec = sandboxed.spec(py(
+        "import os, time\n"
+        "print('nice', os.getpriority(os.PRIO_PROCESS, 0), flush=True)\n"
+        "end = time.monotonic() + 1.0\n"
+        "while time.monotonic() < end: pass\n"
+    ), limits=limits)
+    run, output = sandboxed.start(spec)
+    files = {f: (CGROUP_ROOT / f.split(".")[0] / spec.cgroup_name / f).read_text().strip()
+             for f in ("memory.limit_in_bytes", "cpu.cfs_quota_us", "cpu.cfs_period_us", "pids.max")}
+    assert run.wait(timeout=WAIT_SECONDS) == 0
+    output.seek(0)
+    assert "nice 7" in output.read().decode()
+    assert files == {"memory.limit_in_bytes": str(96 << 20), "cpu.cfs_quota_us": "20000",
+                     "cpu.cfs_period_us": "100000", "pids.max": "18"}
+    assert run.usage()["cpuSeconds"] < 0.5  # 1 s of spinning at 20 % of one CPU
+
+
+def test_tasks_max_limits_forks(sandboxed):
+    code, out, _ = sandboxed(py(
+        "import os, time\n"
+        "children = []\n"
+        "try:\n"
+        "    for _ in range(50):\n"
+        "        pid = os.fork()\n"
+        "        if pid == 0:\n"
+        "            time.sleep(10); os._exit(0)\n"
+        "        children.append(pid)\n"
+        "except OSError as e:\n"
+        "    print('fork failed', e.errno)\n"
+        "print('forked', len(children))\n"
+        "for pid in children: os.kill(pid, 9)\n"
+    ), limits=Limits(tasks_max=8))
+    assert "fork failed 11" in out and "forked 7" in out, out  # 8 tasks: the action + 7
+
+
+def test_kill_all_kills_double_forked_sigterm_ignoring_children(sandboxed):
+    spec = sandboxed.spec(py(
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "        print('grandchild', flush=True)\n"
+        "        time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "time.sleep(60)\n"
+    ))
+    run, output = sandboxed.start(spec)
+    procs = CGROUP_ROOT / "pids" / spec.cgroup_name / "cgroup.procs"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while b"grandchild" not in (output.seek(0) or output.read()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pids = {int(p) for p in procs.read_text().split()}
+    assert len(pids) >= 4  # bwrap, its init, the action, the double-forked grandchild
+
+    run.terminate()
+    time.sleep(0.3)
+    assert run.poll() is None  # SIGTERM is ignored
+
+    run.kill_all()
+    assert run.wait(timeout=WAIT_SECONDS) == -signal.SIGKILL
+    assert procs.read_text().split() == []
+    deadline = time.monotonic() + 2  # out of the cgroup comes just before the end of exit(2)
+    while [pid for pid in pids if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or dead and waiting for the host's init to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_terminate_ends_a_cooperative_action(sandboxed):
+    run, _ = sandboxed.start(sandboxed.spec(["/usr/bin/sleep", "60"]))
+    time.sleep(0.2)
+    run.terminate()
+    assert run.wait(timeout=WAIT_SECONDS) == -signal.SIGTERM
+
+
+def test_usage_reports_cpu_and_memory(sandboxed):
+    code, out, run = sandboxed(py(
+        "import time\n"
+        "block = bytearray(80 << 20)\n"
+        "for i in range(0, len(block), 4096): block[i] = 1\n"
+        "end = time.process_time() + 0.3\n"
+        "while time.process_time() < end: pass\n"
+    ))
+    usage = run.usage()
+    assert code == 0
+    assert 0.3 <= usage["cpuSeconds"] < 5
+    assert 80 << 20 <= usage["peakMemoryBytes"] < 400 << 20
+    assert all(usage[k] is None or usage[k] >= 0 for k in ("readBytes", "writeBytes"))
+
+
+def test_cleanup_removes_the_runs_cgroup(sandboxed):
+    spec = sandboxed.spec(["/bin/true"])
+    run, _ = sandboxed.start(spec)
+    assert all(d.is_dir() for d in cgroup_dirs(spec.cgroup_name))
+    run.wait(timeout=WAIT_SECONDS)
+    run.cleanup()
+    assert not [d for d in cgroup_dirs(spec.cgroup_name) if d.exists()]
+
+
+REAP_HELPER = """
+import subprocess, sys, time
+from reconciler.executor.sandbox import Sandbox, SandboxSpec
+root, name, cwd = sys.argv[1:]
+Sandbox(root=root).spawn(SandboxSpec(argv=["/usr/bin/sleep", "60"], env={}, cwd=cwd, write=(cwd,),
+                                     cgroup_name=name), stdout=2, stderr=2)
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_reap_cleans_up_after_an_executor_that_died(sandbox, device_root):
+    name = f"{PARENT}/{uuid.uuid4().hex[:12]}"
+    executor = subprocess.Popen(
+        [sys.executable, "-c", REAP_HELPER, str(device_root), name, f"{AGENT_DIR}/tmp/run"],
+        stdout=subprocess.PIPE)
+    try:
+        assert executor.stdout.readline() == b"started\n"
+        procs = CGROUP_ROOT / "pids" / name / "cgroup.procs"
+        deadline = time.monotonic() + WAIT_SECONDS
+        while len(procs.read_text().split()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pids = {int(p) for p in procs.read_text().split()}
+    finally:
+        executor.kill()
+        executor.wait()
+    assert sandbox.reap(name)
+    assert not [d for d in cgroup_dirs(name) if d.exists()]
+    assert not [pid for pid in pids if _alive(pid)]
+    assert sandbox.reap(name)  # nothing left: nothing to do
+
+
+def test_a_death_by_signal_is_reported_negative(sandboxed):
+    code, out, _ = sandboxed(sh("kill -KILL $$"))
+    assert code == -signal.SIGKILL
+
+
+def test_cgroup_v2_tree_kills_and_counts(tmp_path, device_root):
+    unified = CGROUP_ROOT / "unified"
+    if not (unified / "cgroup.controllers").exists():
+        pytest.skip("no cgroup v2 mount at /sys/fs/cgroup/unified")
+    runner = Runner(Sandbox(root=str(device_root), cgroup_root=str(unified)), tmp_path)
+    try:
+        spec = runner.spec(sh("sleep 60 & exec sleep 60"))
+        run, _ = runner.start(spec)
+        time.sleep(0.2)
+        assert len((unified / spec.cgroup_name / "cgroup.procs").read_text().split()) >= 3
+        run.kill_all()
+        assert run.wait(timeout=WAIT_SECONDS) == -signal.SIGKILL
+        assert run.usage()["cpuSeconds"] > 0
+        run.cleanup()
+        assert not (unified / spec.cgroup_name).exists()
+    finally:
+        runner.close()
+        if (unified / PARENT).is_dir():
+            (unified / PARENT).rmdir()
+
+
+def test_spawn_cost_is_measured(sandboxed, capsys):
+    """Not a timing assertion: prints the median spawn-to-exit of /bin/true in the full sandbox
+    (quota limits set) next to a plain subprocess, and the clean-up after it (docs/sandbox.md)."""
+    to_exit, to_clean, plain = [], [], []
+    for _ in range(50):
+        began = time.perf_counter()
+        run, _ = sandboxed.start(sandboxed.spec(["/bin/true"], limits=Limits(
+            cpu_percent=100, memory_bytes=256 << 20, tasks_max=64, nice=0)))
+        assert run.wait(timeout=WAIT_SECONDS) == 0
+        exited = time.perf_counter()
+        run.cleanup()
+        to_exit.append(exited - began)
+        to_clean.append(time.perf_counter() - exited)
+    for _ in range(50):
+        began = time.perf_counter()
+        subprocess.run(["/bin/true"], check=True)
+        plain.append(time.perf_counter() - began)
+    with capsys.disabled():
+        print(f"\nmedian of 50 /bin/true: sandbox spawn-to-exit {_ms(to_exit)}, its clean-up "
+              f"{_ms(to_clean)}; plain subprocess {_ms(plain)}")
+
+
+def _ms(samples: list[float]) -> str:
+    return f"{statistics.median(samples) * 1000:.1f} ms"
