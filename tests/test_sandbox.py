@@ -55,10 +55,14 @@ if _SKIP:
 
 @pytest.fixture(scope="module", autouse=True)
 def _parent_cgroup():
+    """Remove the session's cgroups, runs a failed test left behind included."""
     yield
-    for directory in sorted(CGROUP_ROOT.glob(f"*/{PARENT}")) + [CGROUP_ROOT / PARENT]:
-        if directory.is_dir():
-            directory.rmdir()
+    sandbox = Sandbox(cgroup_root=str(CGROUP_ROOT))
+    leftovers = {d.name for d in CGROUP_ROOT.glob(f"*/{PARENT}/*") if d.is_dir()}
+    for name in leftovers:
+        sandbox.reap(f"{PARENT}/{name}")
+    for directory in CGROUP_ROOT.glob(f"*/{PARENT}"):
+        directory.rmdir()
 
 
 @pytest.fixture
@@ -179,7 +183,8 @@ def test_reads_outside_the_capability_are_refused(sandboxed, device_root):
     opt = device_root / "opt/agents/probe"
     opt.mkdir(parents=True)
     (opt / "config").write_text("readable")
-    script = "cat /opt/agents/probe/config; ls /root; echo root=$?; ls /var/lib/dpkg >/dev/null; echo dpkg=$?"
+    script = ("cat /opt/agents/probe/config; ls /root; echo root=$?; "
+              "ls /var/lib/dpkg >/dev/null; echo dpkg=$?")
     code, out, _ = sandboxed(sh(script), read=("/opt/agents/probe",))
     assert "readable" in out
     assert "root=0" not in out and "dpkg=0" not in out
@@ -261,11 +266,28 @@ def test_mount_fails(sandboxed):
 
 
 def test_no_new_privileges_no_capabilities_default_signals(sandboxed):
-    code, out, _ = sandboxed(sh("grep -E '^(NoNewPrivs|CapEff|CapPrm|CapAmb|SigIgn|SigBlk):' /proc/self/status"))
+    wanted = "NoNewPrivs|CapEff|CapPrm|CapAmb|SigIgn|SigBlk"
+    code, out, _ = sandboxed(sh(f"grep -E '^({wanted}):' /proc/self/status"))
     fields = dict(line.split(":\t") for line in out.strip().splitlines())
     assert fields["NoNewPrivs"] == "1"
     assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == int(fields["CapAmb"], 16) == 0
     assert int(fields["SigIgn"], 16) == 0 and int(fields["SigBlk"], 16) == 0
+
+
+@pytest.mark.parametrize("landlock", ["landlock", "mounts only"])
+def test_sysctls_cannot_be_written(sandboxed, landlock):
+    if landlock == "mounts only":
+        sandboxed.sandbox.landlock_abi = 0  # what a kernel without Landlock gets
+    code, out, _ = sandboxed(sh(
+        "cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern; echo sysctl=$?"))
+    assert "sysctl=2" in out, out  # the same value written back: harmless if it ever passed
+
+
+def test_without_landlock_the_sandbox_says_what_it_cannot_enforce(device_root):
+    sandbox = Sandbox(root=str(device_root), cgroup_root=str(CGROUP_ROOT))
+    sandbox.landlock_abi = 0
+    ready, why = sandbox.available()
+    assert ready and "Landlock unavailable: executables and reads are NOT limited" in why
 
 
 def test_runs_as_the_configured_user(sandboxed, device_root):

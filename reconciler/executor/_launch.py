@@ -85,7 +85,8 @@ def parse_landlock(args):
     at = 6 + 2 * count
     port_count = int(args[at])
     ports = [(int(args[at + 1 + 2 * i]), int(args[at + 2 + 2 * i])) for i in range(port_count)]
-    return (abi, handled_fs, handled_net, scoped, file_rights, paths, ports), args[at + 1 + 2 * port_count:]
+    rules = (abi, handled_fs, handled_net, scoped, file_rights, paths, ports)
+    return rules, args[at + 1 + 2 * port_count:]
 
 
 def become(uid, gid, groups):

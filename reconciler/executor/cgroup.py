@@ -92,9 +92,11 @@ class Cgroups:
 
     def describe(self) -> str:
         if self.version == 2:
-            return f"cgroup v2 at {self.root} (controllers: {' '.join(self._v2_available()) or 'none'})"
+            controllers = " ".join(self._v2_available()) or "none"
+            return f"cgroup v2 at {self.root} (controllers: {controllers})"
         if self.version == 1:
-            return f"cgroup v1 at {self.root} ({' '.join(sorted(self.hierarchies)) or 'no controllers'})"
+            controllers = " ".join(sorted(self.hierarchies)) or "no controllers"
+            return f"cgroup v1 at {self.root} ({controllers})"
         return f"no cgroup file system at {self.root}"
 
     def missing_controllers(self) -> list[str]:
@@ -196,7 +198,8 @@ class RunCgroup:
                 _kill(self.pids(), signal.SIGKILL)
             time.sleep(0.002)
         if self.pids():
-            raise CgroupError(f"processes of cgroup {self.name} survived SIGKILL: {sorted(self.pids())}")
+            survivors = sorted(self.pids())
+            raise CgroupError(f"processes of cgroup {self.name} survived SIGKILL: {survivors}")
 
     def signal_all(self, signum: int, *, spare: set[int] = frozenset()) -> None:
         """Send `signum` to every process in the cgroup except `spare`."""

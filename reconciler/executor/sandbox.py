@@ -371,7 +371,8 @@ class MountPlan:
             args += ["--ro-bind", "/", "/"]
         for directory in sorted(self.synthesized - {"/"}):
             args += ["--tmpfs", directory, *self._entries_of(directory)]
-        args += ["--proc", "/proc", "--dev", "/dev"]
+        # Read-only: uid 0 without capabilities may still write many sysctls (core_pattern!).
+        args += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev"]
         for directory in PRIVATE_TMPFS:
             args += ["--tmpfs", directory]
         if network:
@@ -491,14 +492,10 @@ class MountPlan:
 
     def _implicit_executables(self, program: str) -> tuple[str, ...]:
         """argv[0], and the interpreter on its `#!` line when it is a script."""
-        backing = self._backing(program) or program
-        try:
-            with open(backing, "rb") as handle:
-                head = handle.read(256)
-        except OSError:
-            return (program,)
-        if head.startswith(b"#!") and head[2:].split():
-            return (program, head[2:].split()[0].decode(errors="replace"))
+        head = _head_of_regular_file(self._backing(program) or program)
+        words = head[2:].split() if head.startswith(b"#!") else []
+        if words and words[0].startswith(b"/"):
+            return (program, os.fsdecode(words[0]))
         return (program,)
 
     def _backing(self, path: str) -> str | None:
@@ -534,7 +531,8 @@ class MountPlan:
 
 def _covers(outer: _Bind, inner: _Bind) -> bool:
     """An earlier bind of the same tree makes `inner` redundant (a writable one covers all)."""
-    return _is_within(inner.dest, outer.dest) and (outer.option == "--bind" or inner.option == "--ro-bind")
+    writable_outer = outer.option == "--bind"
+    return _is_within(inner.dest, outer.dest) and (writable_outer or inner.option == "--ro-bind")
 
 
 def _ancestors_between(first: str, mount_point: str) -> list[str]:
@@ -699,6 +697,18 @@ def _exit_status(code: int | None) -> int | None:
     if code is not None and _SIGNAL_EXIT_BASE < code <= _SIGNAL_EXIT_BASE + _MAX_SIGNAL:
         return _SIGNAL_EXIT_BASE - code
     return code
+
+
+def _head_of_regular_file(path: str) -> bytes:
+    """The first bytes of a regular file; b"" for anything else (a FIFO must not hang us)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, 256) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    finally:
+        os.close(fd)
 
 
 def _open_without_links(root: str, device_path: str) -> int:
