@@ -99,6 +99,7 @@ def _shortest_day_gap(rule: tuple) -> int:
     return min((later - earlier for earlier, later in zip(firing, firing[1:])), default=_CYCLE_DAYS)
 
 
+@lru_cache(maxsize=4096)
 def parse(text: str) -> CronExpr:
     """Parse a five-field expression or an `@` macro (not `@reboot`, which has no times)."""
     expanded = MACROS.get(text.strip(), text).strip(" \t")

@@ -33,7 +33,11 @@ class Device:
         return f"Device({str(self.root)!r})"
 
     def path(self, device_path: str) -> Path:
-        """The host path of `device_path`, refusing `..` and symlinked components.
+        """The host path of `device_path`, refusing `..` and symlinked components."""
+        return Path(self._host(device_path))
+
+    def _host(self, device_path: str) -> str:
+        """`path()` as a string: what the many reads of a plan use, without building Paths.
 
         A directory found to be a real directory (not a link) is remembered for the life of
         this Device, so walking many files of one directory checks it once; the last component
@@ -59,12 +63,12 @@ class Device:
                 )
             if index < last and stat.S_ISDIR(mode):
                 self._real_directories.add(current)
-        return Path(current or "/")
+        return current or "/"
 
     def read_bytes(self, device_path: str) -> bytes | None:
         """The file's content, or None when it does not exist. Refuses anything but a regular
         file (O_NONBLOCK: a planted FIFO must not hang the read)."""
-        host = self.path(device_path)
+        host = self._host(device_path)
         try:
             fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
@@ -85,7 +89,7 @@ class Device:
 
     def stat(self, device_path: str) -> os.stat_result | None:
         try:
-            return os.lstat(self.path(device_path))
+            return os.lstat(self._host(device_path))
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -99,7 +103,7 @@ class Device:
     def listdir(self, device_path: str) -> list[str]:
         """Sorted entry names, or an empty list when the directory does not exist."""
         try:
-            return sorted(os.listdir(self.path(device_path)))
+            return sorted(os.listdir(self._host(device_path)))
         except (FileNotFoundError, NotADirectoryError):
             return []
 
@@ -110,7 +114,7 @@ class Device:
     def subdirectories(self, device_path: str) -> set[str]:
         """Names of the real directories (not links) directly in `device_path`."""
         try:
-            with os.scandir(self.path(device_path)) as entries:
+            with os.scandir(self._host(device_path)) as entries:
                 return {e.name for e in entries if e.is_dir(follow_symlinks=False)}
         except (FileNotFoundError, NotADirectoryError):
             return set()
@@ -121,7 +125,7 @@ class Device:
         parts = [p for p in device_path.split("/") if p]
         for depth in range(1, len(parts) + 1):
             partial = "/" + "/".join(parts[:depth])
-            host = self.path(partial)
+            host = self._host(partial)
             try:
                 os.mkdir(host, mode if depth == len(parts) else 0o755)
             except FileExistsError:
@@ -168,7 +172,7 @@ class Device:
     def rmdir_if_empty(self, device_path: str) -> bool:
         """Remove an empty directory; a non-empty or missing one is left alone."""
         try:
-            os.rmdir(self.path(device_path))
+            os.rmdir(self._host(device_path))
         except FileNotFoundError:
             return False
         except OSError as exc:

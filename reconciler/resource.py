@@ -107,7 +107,8 @@ class Plan:
         counts = {action: 0 for action in ACTIONS}
         for change in self.changes:
             counts[change.action] += 1
-        counts["unchanged"] = sum(1 for rid in self.desired if rid not in {c.id for c in self.changes})
+        changed = {change.id for change in self.changes}
+        counts["unchanged"] = sum(1 for rid in self.desired if rid not in changed)
         return counts
 
     def to_json(self) -> dict:
