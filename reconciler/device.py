@@ -16,28 +16,38 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from pathlib import Path
-
 from reconciler.errors import UnsafePathError
+
+TYPE_CHECKING = False  # typing itself costs cron's every-minute enqueue ~10 ms to import
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class Device:
     """The file system of one device, rooted at `root` (a real device uses `/`)."""
 
     def __init__(self, root: str | os.PathLike = "/"):
-        self.root = Path(os.path.abspath(root))
-        self._root = str(self.root).rstrip("/")
+        self._root = os.path.abspath(root).rstrip("/")
         self._real_directories: set[str] = set()
 
+    @property
+    def root(self) -> "Path":
+        from pathlib import Path  # not at import: enqueueing, run by cron every minute, needs no pathlib
+
+        return Path(self._root or "/")
+
     def __repr__(self) -> str:
-        return f"Device({str(self.root)!r})"
+        return f"Device({self._root or '/'!r})"
 
-    def path(self, device_path: str) -> Path:
+    def path(self, device_path: str) -> "Path":
         """The host path of `device_path`, refusing `..` and symlinked components."""
-        return Path(self._host(device_path))
+        from pathlib import Path
 
-    def _host(self, device_path: str) -> str:
-        """`path()` as a string: what the many reads of a plan use, without building Paths.
+        return Path(self.host(device_path))
+
+    def host(self, device_path: str) -> str:
+        """`path()` as a string, for the many reads of a plan and for cron's enqueue, which
+        should not pay for importing pathlib.
 
         A directory found to be a real directory (not a link) is remembered for the life of
         this Device, so walking many files of one directory checks it once; the last component
@@ -68,7 +78,7 @@ class Device:
     def read_bytes(self, device_path: str) -> bytes | None:
         """The file's content, or None when it does not exist. Refuses anything but a regular
         file (O_NONBLOCK: a planted FIFO must not hang the read)."""
-        host = self._host(device_path)
+        host = self.host(device_path)
         try:
             fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
@@ -89,7 +99,7 @@ class Device:
 
     def stat(self, device_path: str) -> os.stat_result | None:
         try:
-            return os.lstat(self._host(device_path))
+            return os.lstat(self.host(device_path))
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -103,18 +113,18 @@ class Device:
     def listdir(self, device_path: str) -> list[str]:
         """Sorted entry names, or an empty list when the directory does not exist."""
         try:
-            return sorted(os.listdir(self._host(device_path)))
+            return sorted(os.listdir(self.host(device_path)))
         except (FileNotFoundError, NotADirectoryError):
             return []
 
     def ensure_root(self) -> None:
         """Create the root directory itself when missing (a fresh demo or test root)."""
-        os.makedirs(self.root, mode=0o755, exist_ok=True)
+        os.makedirs(self._root or "/", mode=0o755, exist_ok=True)
 
     def subdirectories(self, device_path: str) -> set[str]:
         """Names of the real directories (not links) directly in `device_path`."""
         try:
-            with os.scandir(self._host(device_path)) as entries:
+            with os.scandir(self.host(device_path)) as entries:
                 return {e.name for e in entries if e.is_dir(follow_symlinks=False)}
         except (FileNotFoundError, NotADirectoryError):
             return set()
@@ -125,7 +135,7 @@ class Device:
         parts = [p for p in device_path.split("/") if p]
         for depth in range(1, len(parts) + 1):
             partial = "/" + "/".join(parts[:depth])
-            host = self._host(partial)
+            host = self.host(partial)
             try:
                 os.mkdir(host, mode if depth == len(parts) else 0o755)
             except FileExistsError:
@@ -134,12 +144,12 @@ class Device:
 
     def write_atomic(self, device_path: str, data: bytes, mode: int = 0o644) -> None:
         """Replace the file's content atomically; the parent directory must exist."""
-        host = self.path(device_path)
+        host = self.host(device_path)
         st = self.stat(device_path)
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise UnsafePathError(f"refusing to replace {device_path}: not a regular file")
-        directory = host.parent
-        temp = directory / f".{host.name}.spos-tmp-{os.getpid()}"
+        directory, name = os.path.split(host)
+        temp = os.path.join(directory, f".{name}.spos-tmp-{os.getpid()}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
             view = memoryview(data)
@@ -161,18 +171,18 @@ class Device:
 
     def remove(self, device_path: str) -> bool:
         """Delete a file (never a directory); False when it was already gone."""
-        host = self.path(device_path)
+        host = self.host(device_path)
         try:
             os.unlink(host)
         except FileNotFoundError:
             return False
-        self._fsync_dir(host.parent)
+        self._fsync_dir(os.path.dirname(host))
         return True
 
     def rmdir_if_empty(self, device_path: str) -> bool:
         """Remove an empty directory; a non-empty or missing one is left alone."""
         try:
-            os.rmdir(self._host(device_path))
+            os.rmdir(self.host(device_path))
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -182,7 +192,7 @@ class Device:
         return True
 
     @staticmethod
-    def _fsync_dir(directory: Path) -> None:
+    def _fsync_dir(directory: str) -> None:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)

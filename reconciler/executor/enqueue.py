@@ -84,7 +84,7 @@ def wake(device: Device) -> None:
     """Nudge a running executor. Never blocks and never fails: with no executor reading,
     nothing happens, and an executor's periodic rescan finds the work anyway."""
     try:
-        host = device.path(WAKE_PIPE)
+        host = device.host(WAKE_PIPE)
         if not stat.S_ISFIFO(os.lstat(host).st_mode):
             return
         fd = os.open(host, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
