@@ -22,8 +22,9 @@ process of the real `spos` executable, exactly as a user or cron starts it:
                       spos's own bookkeeping (inventory, manifest cache, apply lock).
 - action run          `spos action run --agent A --task T --schedule S`, what a crontab line
                       runs every minute; the same with `--cron/--cron-tz`, what the line of a
-                      Schedule with a timeZone runs; and the same under `python -S` (no site
-                      processing), for the start-up floor.
+                      Schedule with a timeZone runs (both through the `spos` script); and the
+                      command a rendered crontab line really runs: the lean entry point under
+                      `python3 -I -S`.
 
 Wall time is measured from spawning the process to reaping it; CPU time and peak RSS come from
 the rusage of that one child (os.wait4 in a small spawner process, see SPAWNER).
@@ -81,7 +82,7 @@ TARGETS = {
     "apply 1 changed": plan_target,  # "costing about the same" as the no-op plan
     "action run": lambda n: ACTION_RUN_TARGET,
     "action run --cron-tz": lambda n: ACTION_RUN_TARGET,
-    "action run, python -S": lambda n: ACTION_RUN_TARGET,
+    "action run, cron line": lambda n: ACTION_RUN_TARGET,
 }
 
 QUOTAS = {
@@ -459,10 +460,11 @@ class SizeBench:
         self.action_tz_cmd = [*spos, *r, "action", "run", "--agent", tz_agent, "--task", "report",
                               "--schedule", f"{tz_agent}-daily", "--deadline", "30m",
                               "--cron", "* * * * *", "--cron-tz", "Europe/Berlin"]
-        # The same `action run` started as `python -S`: no site-packages processing (.pth
-        # files, the editable-install finder). It needs only the standard library, so a
-        # crontab line could start it this way. Informational: shows the start-up floor.
-        self.action_lean_cmd = [sys.executable, "-S", "-m", "reconciler",
+        # What a rendered crontab line really runs: the lean entry point under `python3 -I -S`
+        # (no site-packages processing; enqueueing needs only the standard library). It finds
+        # the package beside itself, so the snapshot's copy is measured when there is one.
+        code_root = os.environ.get("SPOS_BENCH_CODE") or package_parent()
+        self.action_lean_cmd = [sys.executable, "-I", "-S", os.path.join(code_root, "reconciler", "_cron.py"),
                                 *self.action_cmd[len(spos):]]
 
     def run(self) -> dict:
@@ -475,7 +477,7 @@ class SizeBench:
             self.measure("action run", self.action_cmd, warm=True)
             if self.agents >= 10:
                 self.measure("action run --cron-tz", self.action_tz_cmd, warm=True)
-            self.measure("action run, python -S", self.action_lean_cmd, warm=True, lean=True)
+            self.measure("action run, cron line", self.action_lean_cmd, warm=True, lean=True)
             self.clear_queues()
             self.no_op(self.runner.run(self.plan_cmd, self.repo))
             if self.args.profile:
@@ -865,6 +867,8 @@ def main() -> int:
     try:
         code = snapshot_code(code_dir) if code_dir else describe_code()
         code["snapshot"] = code_dir is not None
+        if code_dir:
+            os.environ["SPOS_BENCH_CODE"] = str(code_dir)
         runner = Runner(spos, str(code_dir) if code_dir else None)
         env_info = environment(args, spos, code)
         if not env_info["ruamel_c_loader"]:
