@@ -581,26 +581,41 @@ def _action_logs(args) -> int:
     run = _find(args)
     store = _store(args)
     path = store.device.path(run_dirs(run.agent, run.id)["log"])
-    offset = 0
-    while True:
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                chunk = handle.read()
-        except FileNotFoundError:
-            chunk = b""
-        if chunk:
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            offset += len(chunk)
-        if not args.follow:
-            return EXIT_OK
-        current = store.find(run.id)
-        if current is None or current.bucket in ("completed", "failed"):
-            if not chunk:
+    handle = None
+    try:
+        while True:
+            if handle is None:
+                try:
+                    handle = open(path, "rb")
+                except FileNotFoundError:
+                    pass
+            chunk = handle.read() if handle is not None else b""
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            if not args.follow:
                 return EXIT_OK
-            continue
-        time.sleep(0.2)
+            if handle is not None and not chunk and _rotated(path, handle):
+                handle.close()  # read to its end; go on with the new log from its start
+                handle = None
+                continue
+            current = store.find(run.id)
+            if current is None or current.bucket in ("completed", "failed"):
+                if not chunk:
+                    return EXIT_OK
+                continue
+            time.sleep(0.2)
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _rotated(path, handle) -> bool:
+    """Whether the log at `path` is no longer the file `handle` reads (it was rotated)."""
+    try:
+        return os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _action_cancel(args) -> int:

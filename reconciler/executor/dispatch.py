@@ -55,6 +55,7 @@ class Executor:
         self.identity = identity()
         self.wake_fd = -1
         self.wake_inode: tuple[int, int] | None = None
+        self.signal_pipe: tuple[int, int] | None = None
         self.next_rescan = 0.0
         self.retry_due: float | None = None
 
@@ -82,33 +83,41 @@ class Executor:
             for active in list(self.active.values()):
                 self._stop_run(active, "executor stopped")
             self._close_wake_pipe()
+            self._close_signal_pipe()
 
     def execute(self, run_id: str, agent: str, timeout: float | None = None) -> dict:
         """Run one run this process already owns (in active/) in the foreground, retries
         included, and return its final record (`spos action execute`)."""
         self._install_signal_handlers()
-        while True:
-            run = self.store.load(agent, "active", _name_of(self.store, agent, "active", run_id))
-            config = agent_config(self.device, agent)
-            task = task_config(config, run.record.get("task"))
-            if timeout is not None:
-                task = {**task, "timeoutSeconds": timeout}
-            self._start(run, config, task)
-            while run_id in self.active:
+        try:
+            while True:
+                run = self.store.load(agent, "active", _name_of(self.store, agent, "active", run_id))
+                config = agent_config(self.device, agent)
+                task = task_config(config, run.record.get("task"))
+                if timeout is not None:
+                    task = {**task, "timeoutSeconds": timeout}
+                self._start(run, config, task)
+                while run_id in self.active:
+                    if self.stopping:
+                        for active in list(self.active.values()):
+                            self._cancel(active, "interrupted")
+                    self._wait(max(0.0, min(a.next_deadline(self.settings.grace)
+                                            for a in self.active.values()) - time.monotonic()))
+                    self._enforce_deadlines()
+                if run.bucket != "queue":
+                    return run.record
+                while not self.stopping:  # the retry's backoff; a signal ends the wait
+                    delay = (_epoch(run.record.get("notBefore")) or 0) - time.time()
+                    if delay <= 0:
+                        break
+                    self._wait(delay)
                 if self.stopping:
-                    for active in list(self.active.values()):
-                        self._cancel(active, "interrupted")
-                self._wait(max(0.0, min(a.next_deadline(self.settings.grace)
-                                        for a in self.active.values()) - time.monotonic()))
-                self._enforce_deadlines()
-            if run.bucket != "queue":
-                return run.record
-            delay = (_epoch(run.record.get("notBefore")) or 0) - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            if not self.store.claim(run):
-                return run.record
-            run.record["executor"] = self.identity
+                    self._end_unstarted(run, "cancelled", "interrupted while waiting to retry")
+                    return run.record
+                if not self._claim(run):
+                    return run.record
+        finally:
+            self._close_signal_pipe()
 
     def _timeout(self, once: bool) -> float:
         now = time.monotonic()
@@ -128,6 +137,9 @@ class Executor:
             kind, active = key.data
             if kind == "wake":
                 self._drain_wake()
+            elif kind == "signal":
+                while _read_available(key.fd):
+                    pass
             elif kind == "output":
                 self._read_output(active)
             elif kind == "progress":
@@ -188,6 +200,8 @@ class Executor:
         running = [a for a in self.active.values()
                    if a.run.agent == run.agent and a.run.record.get("task") == record.get("task")]
         policy = task.get("concurrency", "Forbid")
+        if policy == "Forbid" and not running:
+            running = self._active_elsewhere(run.agent, record.get("task"))
         if running and policy == "Forbid":
             return self._end_unstarted(
                 run, "skipped", f"concurrency Forbid: run {running[0].id} of this task is active")
@@ -195,17 +209,48 @@ class Executor:
             for other in running:
                 self._cancel(other, f"replaced by run {run.id} (concurrency Replace)")
             return False
-        if not self.store.claim(run):
+        if not self._claim(run):
             return False
         self._start(run, config, task)
         return True
 
+    def _active_elsewhere(self, agent: str, task: str) -> list[Run]:
+        """Runs of `task` active in another live process: a second executor, or
+        `spos action execute`."""
+        return [other for other in self.store.runs(agent, buckets=("active",))
+                if other.record.get("task") == task and other.id not in self.active
+                and alive(other.record.get("executor") or {})]
+
+    def _claim(self, run: Run) -> bool:
+        """Claim a queued run and record this executor as its owner, under the claim lock
+        that `recover` takes too. False when another executor was faster."""
+        with self.store.locked():
+            if not self.store.claim(run):
+                return False
+            run.record.update(state="active", executor=self.identity)
+            self.store.save(run)
+        return True
+
     def _end_unstarted(self, run: Run, state: str, reason: str) -> bool:
-        if not self.store.claim(run):
+        if not self._claim(run):
             return False
         run.record.update(reason=reason, endedAt=now_iso())
+        self._note(run, f"run {state}: {reason}")
         self.store.finish(run, state)
         return False
+
+    def _note(self, run: Run, text: str) -> None:
+        """A `--- spos` line in the log of a run that is not running here. Best effort: the
+        record says the same whatever happens to the log."""
+        log_path = run_dirs(run.agent, run.id)["log"]
+        try:
+            self.device.makedirs(log_path.rsplit("/", 1)[0], mode=0o750)
+            log = LogWriter(self.device, log_path, DEFAULT_LOG_BYTES)
+            log.open()
+            log.note(text)
+            log.close()
+        except OSError:
+            pass
 
     # -- starting and supervising ---------------------------------------------------------
 
@@ -465,31 +510,37 @@ class Executor:
         """Runs left in active/ by an executor that is gone are queued again (attempt counted,
         checkpoint kept). A run whose record also reached a final bucket keeps that one."""
         for agent in self.store.agents():
-            finished = set(self.store.names(agent, "completed")) | set(self.store.names(agent, "failed"))
-            for name in self.store.names(agent, "active"):
-                try:
-                    run = self.store.load(agent, "active", name)
-                except FileNotFoundError:
-                    continue
-                except CorruptRecord as exc:
-                    self.store.set_aside(agent, "active", name, str(exc))
-                    continue
-                if name in finished:
-                    self.device.remove(run.path)
-                    continue
-                owner = run.record.get("executor") or {}
-                if owner != self.identity and alive(owner):
-                    continue
-                self.sandbox.reap(f"spos/{agent}/{run.id}")
-                attempt = run.record.get("attempt", 1)
-                run.record.setdefault("attempts", []).append({
-                    "attempt": attempt, "startedAt": run.record.get("startedAt"), "endedAt": now_iso(),
-                    "state": "interrupted", "exitCode": None,
-                    "reason": "the executor stopped or died during the run",
-                })
-                run.record.update(attempt=attempt + 1, notBefore=None,
-                                  reason="rerun: the executor stopped or died during the previous attempt")
-                self.store.requeue(run)
+            if self.store.names(agent, "active"):
+                with self.store.locked():
+                    self._recover_agent(agent)
+
+    def _recover_agent(self, agent: str) -> None:
+        finished = set(self.store.names(agent, "completed")) | set(self.store.names(agent, "failed"))
+        for name in self.store.names(agent, "active"):
+            try:
+                run = self.store.load(agent, "active", name)
+            except FileNotFoundError:
+                continue
+            except CorruptRecord as exc:
+                self.store.set_aside(agent, "active", name, str(exc))
+                continue
+            if name in finished:
+                self.device.remove(run.path)
+                continue
+            owner = run.record.get("executor") or {}
+            if owner != self.identity and alive(owner):
+                continue
+            self.sandbox.reap(f"spos/{agent}/{run.id}")
+            attempt = run.record.get("attempt", 1)
+            run.record.setdefault("attempts", []).append({
+                "attempt": attempt, "startedAt": run.record.get("startedAt"), "endedAt": now_iso(),
+                "state": "interrupted", "exitCode": None,
+                "reason": "the executor stopped or died during the run",
+            })
+            run.record.update(attempt=attempt + 1, notBefore=None,
+                              reason="rerun: the executor stopped or died during the previous attempt")
+            self._note(run, f"attempt {attempt} interrupted: the executor stopped or died; queued again")
+            self.store.requeue(run)
 
     def _collect_cancel_requests(self) -> None:
         for active in list(self.active.values()):
@@ -533,6 +584,13 @@ class Executor:
             os.close(self.wake_fd)
             self.wake_fd = -1
 
+    def _close_signal_pipe(self) -> None:
+        if self.signal_pipe is not None:
+            fds, self.signal_pipe = self.signal_pipe, None
+            self._unregister(fds[0])
+            for fd in fds:
+                os.close(fd)
+
     def _drain_wake(self) -> None:
         while _read_available(self.wake_fd):
             pass
@@ -549,8 +607,19 @@ class Executor:
             pass
 
     def _install_signal_handlers(self) -> None:
+        # The handler also writes to a pipe the loop selects on: Python retries an interrupted
+        # select() with the remaining timeout, so a flag alone would wait for the next deadline.
+        if self.signal_pipe is None:
+            self.signal_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.selector.register(self.signal_pipe[0], selectors.EVENT_READ, ("signal", None))
+
         def drain(signum, frame):
             self.stopping = True
+            if self.signal_pipe is not None:
+                try:
+                    os.write(self.signal_pipe[1], b"!")
+                except OSError:
+                    pass
 
         signal.signal(signal.SIGTERM, drain)
         signal.signal(signal.SIGINT, drain)

@@ -17,8 +17,10 @@ write, so readers never see a torn file.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -103,14 +105,19 @@ class RunStore:
 
     def find(self, run_id: str) -> Run | None:
         suffix = f"-{run_id}.json"
-        for agent in self.agents():
-            for bucket in BUCKETS:
-                for name in self.names(agent, bucket):
-                    if name.endswith(suffix):
-                        try:
-                            return self.load(agent, bucket, name)
-                        except (FileNotFoundError, CorruptRecord):
-                            return None
+        # A run that moves while we look (claimed, finished, or queued again for a retry,
+        # which is a move back to an earlier bucket) is looked for again.
+        for _ in range(3):
+            for agent in self.agents():
+                for bucket in BUCKETS:
+                    for name in self.names(agent, bucket):
+                        if name.endswith(suffix):
+                            try:
+                                return self.load(agent, bucket, name)
+                            except FileNotFoundError:
+                                continue
+                            except CorruptRecord:
+                                return None
         return None
 
     def save(self, run: Run) -> None:
@@ -119,8 +126,22 @@ class RunStore:
         self.device.write_atomic(run.path, data, mode=0o644)
 
     def claim(self, run: Run) -> bool:
-        """Move a queued run to active; False when another executor was faster."""
+        """Move a queued run to active; False when another executor was faster. Executors
+        hold `locked()` around the claim and the write of their ownership."""
         return self.move(run, "active")
+
+    @contextmanager
+    def locked(self):
+        """The claim lock (flock on `agents/.claims.lock`). A claim and the recording of its
+        owner happen under it, and so does recovery: a run claimed a moment ago is never
+        mistaken for one whose executor died."""
+        fd = os.open(self.device.path(f"{AGENTS}/.claims.lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def finish(self, run: Run, state: str) -> None:
         """Record the final state and move the run to its terminal bucket."""
@@ -128,9 +149,12 @@ class RunStore:
         self._relocate(run, TERMINAL_BUCKET[state])
 
     def requeue(self, run: Run) -> None:
-        """Put an active run back in the queue (a retry, or a run whose executor died)."""
+        """Put an active run back in the queue (a retry, or a run whose executor died): the
+        record is rewritten in active/, then renamed, so no executor can claim a queued copy
+        while the active one still exists."""
         run.record["state"] = "queued"
-        self._relocate(run, "queue")
+        self.save(run)
+        self.move(run, "queue")
 
     def set_aside(self, agent: str, bucket: str, name: str, reason: str) -> None:
         """Move an unreadable file out of the way, into failed/, renamed so it is never retried."""

@@ -4,7 +4,7 @@ A run is a sequence of steps (a single-command task is one step). Each step is i
 sandboxed process; the run's record says which steps finished, so a retried or resumed run
 starts at the first unfinished one. Output (stdout and stderr together) is copied to the run's
 log as it arrives, within the quota's log size (the log is rotated once to `.1`). Progress
-lines arrive on fd 3 (see docs/executor.md); every line is a heartbeat.
+lines arrive on the fd named by `SPOS_PROGRESS_FD` (see docs/executor.md); every line is a heartbeat.
 
 Durations use the monotonic clock; wall-clock times are only recorded for people.
 """
@@ -55,10 +55,14 @@ class LogWriter:
         self.size = os.fstat(self.fd).st_size
 
     def write(self, data: bytes) -> None:
-        if self.size + len(data) > self.limit:
-            self._rotate()
-        os.write(self.fd, data)
-        self.size += len(data)
+        while data:
+            room = self.limit - self.size
+            if room <= 0 or (self.size and len(data) > room):
+                self._rotate()
+                room = self.limit
+            piece, data = data[:room], data[room:]  # a chunk bigger than the limit is split
+            os.write(self.fd, piece)
+            self.size += len(piece)
 
     def note(self, text: str) -> None:
         self.write(f"--- spos {now_iso()} {text}\n".encode())
