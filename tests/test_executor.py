@@ -502,11 +502,6 @@ def test_multi_step_task_resumes_at_the_first_unfinished_step(device):
     assert not survivors(pids, "86402")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "docs/manifests.md: `checkpoint.enabled: false` always restarts from the beginning; the "
-    "executor ignores the compiled `checkpoint` field and always resumes at the first unfinished "
-    "step (and render compiles an absent checkpoint to null, 'off' per docs/agent-config.md, "
-    "while docs/manifests.md says the default is enabled)"))
 def test_a_task_without_checkpoints_restarts_from_its_first_step(device):
     device.apply({"steps": {"timeout": "30s", "checkpoint": {"enabled": False}, "steps": [
         {"name": "one", "command": sh("echo one >> $SPOS_OUTPUT_DIR/count")},

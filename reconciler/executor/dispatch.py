@@ -265,6 +265,10 @@ class Executor:
         log = LogWriter(self.device, dirs["log"],
                         (quota.get("storageBytes") or {}).get("log") or DEFAULT_LOG_BYTES)
         log.open()
+        if task.get("checkpoint") is None:  # checkpoints off: every attempt starts afresh
+            record["stepsDone"] = []
+            _remove_tree(self.device, dirs["checkpoint"])
+            self.device.makedirs(dirs["checkpoint"], mode=0o750)
         record.update(state="active", startedAt=now_iso(), executor=self.identity, reason="")
         record.setdefault("attempts", [])
         self.store.save(run)

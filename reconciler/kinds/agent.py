@@ -94,7 +94,8 @@ def _compile_task(task: dict, agent_env: dict) -> dict:
         "onSuccess": list(task.get("onSuccess") or []),
         "onFailure": list(task.get("onFailure") or []),
     }
-    if checkpoint and checkpoint.get("enabled", True):
+    checkpoint = checkpoint or {}  # on unless the task turns it off (docs/manifests.md)
+    if checkpoint.get("enabled", True):
         interval = checkpoint.get("interval")
         compiled["checkpoint"] = {"intervalSeconds": units.seconds(interval) if interval else None}
     return compiled
