@@ -54,7 +54,7 @@ def _cases(section: str):
         yield pytest.param(case, id=f"{path.parent.name}/{path.stem}", marks=marks)
 
 
-@pytest.mark.parametrize("case", _cases("manifests"))
+@pytest.mark.parametrize("case", list(_cases("manifests")))
 def test_plan_case(case, tmp_path):
     device = Device(tmp_path / "device")
     facts = Facts(spos_command=SPOS_COMMAND, root=case.get("root", "/"))
@@ -80,7 +80,7 @@ def test_plan_case(case, tmp_path):
     assert [c.id for c in replanned.changes] == [], "a second plan after apply must be empty"
 
 
-@pytest.mark.parametrize("case", _cases("edit"))
+@pytest.mark.parametrize("case", list(_cases("edit")))
 def test_cron_edit_case(case):
     edit = case["edit"]
     assert cron.edit(edit["before"], edit["changes"], edit["agent"]) == edit["after"]
