@@ -532,27 +532,25 @@ def _find(args):
 
 
 def _action_list(args) -> int:
-    import json
-
     from reconciler.executor import report
 
     runs = [run for run in _store(args).runs(args.agent) if not args.state or run.state == args.state]
-    rows = [report.summary(run) for run in runs]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        sys.stdout.write(report.table(rows))
-    return EXIT_OK
+    return _print_rows(args, [report.summary(run) for run in runs])
 
 
 def _action_history(args) -> int:
-    import json
-
     from reconciler.executor import report
 
     runs = _store(args).runs(args.agent, buckets=("completed", "failed"))
     rows = sorted((report.summary(run) for run in runs), key=lambda r: r.get("endedAt") or "", reverse=True)
-    rows = rows[: max(args.limit, 0)]
+    return _print_rows(args, rows[: max(args.limit, 0)])
+
+
+def _print_rows(args, rows: list[dict]) -> int:
+    import json
+
+    from reconciler.executor import report
+
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
