@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 import sys
 
+TYPE_CHECKING = False  # typing itself is a cost on the every-minute enqueue path
+if TYPE_CHECKING:
+    import argparse
+
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
 

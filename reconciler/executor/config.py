@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from reconciler import STATE_DIR
+from reconciler import AGENT_CONFIG, AGENTS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
 
@@ -16,7 +16,7 @@ class ConfigError(SposError):
 
 
 def agent_config(device: Device, agent: str) -> dict:
-    path = f"/{STATE_DIR}/agents/{agent}/agent.json"
+    path = f"{AGENTS_DIR}/{agent}/{AGENT_CONFIG}"
     raw = device.read_text(path)
     if raw is None:
         raise ConfigError(f"agent {agent!r} is not applied on this device (no {path})")

@@ -15,7 +15,7 @@ import stat
 import time
 from datetime import datetime, timedelta, timezone
 
-from reconciler import STATE_DIR
+from reconciler import AGENTS_DIR, STATE_DIR
 from reconciler.device import Device
 from reconciler.executor.config import ConfigError, agent_config, task_config
 
@@ -67,7 +67,7 @@ def enqueue(
 
         record.update(state="active", executor=identity())
     name = f"{100 - priority:03d}-{int(now * 1e9):020d}-{run_id}.json"
-    bucket = f"/{STATE_DIR}/agents/{agent}/{'active' if claim else 'queue'}"
+    bucket = f"{AGENTS_DIR}/{agent}/{'active' if claim else 'queue'}"
     if not device.is_dir(bucket):
         device.makedirs(bucket, mode=0o750)
     device.write_atomic(

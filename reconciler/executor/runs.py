@@ -24,10 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from reconciler import STATE_DIR
+from reconciler import AGENTS_DIR
 from reconciler.device import Device
 
-AGENTS = f"/{STATE_DIR}/agents"
 BUCKETS = ("queue", "active", "completed", "failed")
 TERMINAL_BUCKET = {
     "completed": "completed",
@@ -59,7 +58,7 @@ class Run:
 
     @property
     def path(self) -> str:
-        return f"{AGENTS}/{self.agent}/{self.bucket}/{self.name}"
+        return f"{AGENTS_DIR}/{self.agent}/{self.bucket}/{self.name}"
 
 
 class CorruptRecord(Exception):
@@ -73,16 +72,16 @@ class RunStore:
         self.device = device
 
     def agents(self) -> list[str]:
-        return [name for name in self.device.listdir(AGENTS) if not name.startswith(".")]
+        return [name for name in self.device.listdir(AGENTS_DIR) if not name.startswith(".")]
 
     def names(self, agent: str, bucket: str) -> list[str]:
         return [
-            name for name in self.device.listdir(f"{AGENTS}/{agent}/{bucket}")
+            name for name in self.device.listdir(f"{AGENTS_DIR}/{agent}/{bucket}")
             if name.endswith(".json") and not name.startswith(".")
         ]
 
     def load(self, agent: str, bucket: str, name: str) -> Run:
-        raw = self.device.read_text(f"{AGENTS}/{agent}/{bucket}/{name}")
+        raw = self.device.read_text(f"{AGENTS_DIR}/{agent}/{bucket}/{name}")
         if raw is None:
             raise FileNotFoundError(name)
         try:
@@ -135,7 +134,7 @@ class RunStore:
         """The claim lock (flock on `agents/.claims.lock`). A claim and the recording of its
         owner happen under it, and so does recovery: a run claimed a moment ago is never
         mistaken for one whose executor died."""
-        fd = os.open(self.device.path(f"{AGENTS}/.claims.lock"),
+        fd = os.open(self.device.path(f"{AGENTS_DIR}/.claims.lock"),
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -158,20 +157,20 @@ class RunStore:
 
     def set_aside(self, agent: str, bucket: str, name: str, reason: str) -> None:
         """Move an unreadable file out of the way, into failed/, renamed so it is never retried."""
-        source = self.device.path(f"{AGENTS}/{agent}/{bucket}/{name}")
-        target = self.device.path(f"{AGENTS}/{agent}/failed/{name}.corrupt")
+        source = self.device.path(f"{AGENTS_DIR}/{agent}/{bucket}/{name}")
+        target = self.device.path(f"{AGENTS_DIR}/{agent}/failed/{name}.corrupt")
         try:
             os.rename(source, target)
         except FileNotFoundError:
             return
-        note = self.device.path(f"{AGENTS}/{agent}/failed/{name}.corrupt.reason")
+        note = self.device.path(f"{AGENTS_DIR}/{agent}/failed/{name}.corrupt.reason")
         note.write_text(reason + "\n")
 
     def _relocate(self, run: Run, bucket: str) -> None:
         """Write the updated record into `bucket`, then drop the old copy. A crash in between
         leaves two copies; the executor's recovery keeps the one in the later bucket."""
         target = Run(run.agent, bucket, run.name, run.record)
-        self.device.makedirs(f"{AGENTS}/{run.agent}/{bucket}", mode=0o750)
+        self.device.makedirs(f"{AGENTS_DIR}/{run.agent}/{bucket}", mode=0o750)
         self.save(target)
         if bucket != run.bucket:
             self.device.remove(run.path)
@@ -180,8 +179,8 @@ class RunStore:
     def move(self, run: Run, bucket: str) -> bool:
         """Rename the run's file into `bucket`; False when it was no longer where `run` says."""
         source = self.device.path(run.path)
-        self.device.makedirs(f"{AGENTS}/{run.agent}/{bucket}", mode=0o750)
-        target = self.device.path(f"{AGENTS}/{run.agent}/{bucket}/{run.name}")
+        self.device.makedirs(f"{AGENTS_DIR}/{run.agent}/{bucket}", mode=0o750)
+        target = self.device.path(f"{AGENTS_DIR}/{run.agent}/{bucket}/{run.name}")
         try:
             os.rename(source, target)
         except FileNotFoundError:

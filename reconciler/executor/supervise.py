@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from reconciler import STATE_DIR
+from reconciler import AGENTS_DIR
 from reconciler.device import Device
 from reconciler.executor.runs import Run
 
@@ -30,7 +30,7 @@ def now_iso() -> str:
 
 def run_dirs(agent: str, run_id: str) -> dict[str, str]:
     """Device paths of the directories a run may write."""
-    base = f"/{STATE_DIR}/agents/{agent}"
+    base = f"{AGENTS_DIR}/{agent}"
     return {
         "checkpoint": f"{base}/checkpoints/{run_id}",
         "tmp": f"{base}/tmp/{run_id}",

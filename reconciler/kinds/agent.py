@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Iterable
 
-from reconciler import STATE_DIR, units
+from reconciler import AGENT_CONFIG, AGENTS_DIR, units
 from reconciler.errors import UnsafePathError
 from reconciler.manifest import ManifestSet
 from reconciler.resource import Change, Facts, Resource
@@ -24,9 +24,7 @@ if TYPE_CHECKING:
     from reconciler.device import Device
 
 CONFIG_FORMAT = 1
-AGENTS_DIR = f"/{STATE_DIR}/agents"
 RUN_DIRECTORIES = ("queue", "active", "completed", "failed", "checkpoints", "logs", "tmp", "output")
-CONFIG_NAME = "agent.json"
 
 TASK_DEFAULTS = {
     "timeout": "1h",
@@ -38,7 +36,7 @@ RETENTION_DEFAULTS = {"temp": "24h", "completed": "7d", "failed": "30d"}
 
 
 def config_path(agent: str) -> str:
-    return f"{AGENTS_DIR}/{agent}/{CONFIG_NAME}"
+    return f"{AGENTS_DIR}/{agent}/{AGENT_CONFIG}"
 
 
 def compile_agent(name: str, spec: dict, capability: dict | None, quota: dict | None) -> dict:
