@@ -65,6 +65,7 @@ BOOKKEEPING = (
     f"{STATE}/inventory.json",
     f"{STATE}/apply.lock",
     f"{STATE}/cache/manifests.json",
+    f"{STATE}/cache/plan.json",
 )
 """Files every apply may rewrite besides the changed resources."""
 

@@ -247,39 +247,96 @@ def _make_plan(args):
     from reconciler import __version__
     from reconciler.device import Device
     from reconciler.errors import UsageError
+    from reconciler.memo import PlanMemo, fingerprint
     from reconciler.observe import observe
     from reconciler.plan import plan
-    from reconciler.render import notices, render
     from reconciler.resource import Facts
-    from reconciler.state import cache_file, read_inventory
-    from reconciler.validate import load
+    from reconciler.state import memo_file, read_inventory
 
     device = Device(args.root)
     if not os.path.isdir(args.path):
         raise UsageError(f"{args.path}: no such manifests directory")
-    _stage(args, f"Loading manifests from {args.path}...")
+    facts = Facts(spos_command=_spos_command(), root=str(device.root))
     creating_state = getattr(args, "auto_approve", False)  # apply is about to create the state dir
-    manifests = load(args.path, _policy_dir(args), cache_file(device, create=creating_state))
-    manifests.revision = _git_revision(args.path)
+    memo = PlanMemo(memo_file(device, create=creating_state), _memo_key(args, facts))
+    _stage(args, f"Loading manifests from {args.path}...")
+    digest = fingerprint(args.path, _policy_dir(args), memo)
+    known = memo.desired_for(digest) if digest else None
+    if known is not None:
+        desired, notices, declared = _recalled(args, device, facts, known)
+    else:
+        desired, notices, declared, digest = _rendered(args, device, facts, memo)
     inventory = read_inventory(device)["resources"]
-    declared = sum(1 for m in manifests.manifests if m.kind != "Policy")
     if not declared and inventory and not args.allow_empty:
         raise UsageError(
             f"{args.path} holds no manifests: applying it would delete all {len(inventory)} "
             "resources spos manages here. Pass --allow-empty if that is what you want."
         )
-    desired = render(manifests, Facts(spos_command=_spos_command(), root=str(device.root)))
     _stage(args, "Observing the device...")
-    actual = observe(device, set(desired) | set(inventory))
+    actual = observe(device, set(desired) | set(inventory), memo=memo)
     _stage(args, "Planning...")
     result = plan(
         desired, actual, inventory,
         root=str(device.root),
-        manifests={"path": args.path, "revision": manifests.revision, "digest": manifests.digest},
+        manifests={"path": args.path, "revision": _git_revision(args.path), "digest": digest},
         version=__version__,
     )
-    result.notices = notices(manifests)
+    result.notices = notices
+    memo.save()
     return device, result
+
+
+def _rendered(args, device, facts, memo):
+    """Load, check and render the manifests in full; remember what they render to."""
+    from reconciler.render import notices, render
+    from reconciler.state import cache_file
+    from reconciler.validate import load
+
+    creating_state = getattr(args, "auto_approve", False)
+    manifests = load(args.path, _policy_dir(args), cache_file(device, create=creating_state))
+    desired = render(manifests, facts)
+    said = notices(manifests)
+    declared = sum(1 for m in manifests.manifests if m.kind != "Policy")
+    memo.remember_desired(manifests.digest, desired, said, declared)
+    return desired, said, declared, manifests.digest
+
+
+def _recalled(args, device, facts, known):
+    """The desired state remembered for these exact manifest contents: each resource by its
+    digest, rendered in full (once, for all) only if the plan needs one's attributes."""
+    from reconciler.resource import Resource
+
+    rendered = {}
+
+    def whole(rid):
+        if not rendered:
+            from reconciler.memo import PlanMemo
+
+            rendered.update(_rendered(args, device, facts, PlanMemo(None, ""))[0])
+        return rendered.get(rid)
+
+    desired = {
+        rid: Resource(rid, kind, digest=digest, load=lambda rid=rid: whole(rid))
+        for rid, (kind, digest) in known["resources"].items()
+    }
+    return desired, known["notices"], known["declared"]
+
+
+def _memo_key(args, facts) -> str:
+    """What, besides the manifests' contents, decides the desired state and how it is found."""
+    import hashlib
+    import json
+
+    from reconciler import __version__
+    from reconciler.memo import code_fingerprint
+
+    policies = _policy_dir(args)
+    inputs = [
+        __version__, code_fingerprint(), list(facts.spos_command), facts.root,
+        os.path.realpath(args.path), policies and os.path.realpath(policies),
+        os.path.realpath(os.getcwd()),  # manifest names in the digest are relative to it
+    ]
+    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
 
 
 def _plan(args) -> int:

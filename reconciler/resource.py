@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from typing import Any, Callable
+
+from reconciler.errors import StalePlanError
 
 PLAN_FORMAT = 1
 
@@ -26,16 +27,59 @@ def digest(attrs: Any) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
 class Resource:
-    id: str
-    kind: str
-    attrs: dict
-    source: str = ""
+    """One resource: `id`, `kind`, `attrs` and the `source` manifest it was rendered from.
 
-    @cached_property
+    A resource may be known by its digest alone, with `load` giving the whole resource only if
+    someone asks for `attrs` or `source`: a plan compares digests, and reads attributes only
+    for what changed. With both, `digest` must be the digest of what `load` returns.
+    """
+
+    __slots__ = ("id", "kind", "_attrs", "_source", "_digest", "_load")
+
+    def __init__(self, id: str, kind: str, attrs: dict | None = None, source: str = "", *,
+                 digest: str | None = None, load: Callable[[], "Resource"] | None = None):
+        if attrs is None and (digest is None or load is None):
+            raise ValueError("a resource needs its attrs, or a digest and a way to load them")
+        self.id, self.kind = id, kind
+        self._attrs, self._source, self._digest, self._load = attrs, source, digest, load
+
+    def _loaded(self) -> None:
+        whole = self._load()
+        if whole is None:
+            raise StalePlanError(
+                f"{self.id} changed on the device while spos was planning; plan again"
+            )
+        self._attrs, self._source, self._load = whole.attrs, whole.source, None
+
+    @property
+    def attrs(self) -> dict:
+        if self._attrs is None:
+            self._loaded()
+        return self._attrs
+
+    @property
+    def source(self) -> str:
+        if self._load is not None:
+            self._loaded()
+        return self._source
+
+    @property
     def digest(self) -> str:
-        return digest(self.attrs)
+        if self._digest is None:
+            self._digest = digest(self._attrs)
+        return self._digest
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Resource):
+            return NotImplemented
+        return (self.id, self.kind, self.attrs, self.source) == (
+            other.id, other.kind, other.attrs, other.source)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Resource(id={self.id!r}, kind={self.kind!r}, digest={self.digest!r})"
 
 
 @dataclass(frozen=True)

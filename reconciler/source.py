@@ -10,8 +10,11 @@ mapping keys that are not strings, absurd nesting depth, oversized files, absurd
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -52,6 +55,45 @@ def discover(directory: str | os.PathLike) -> list[Path]:
             if name.endswith(MANIFEST_SUFFIXES) and not name.startswith(".")
         )
     return found
+
+
+def read_bounded(path: str | os.PathLike) -> tuple[bytes, str]:
+    """The bytes of a manifest file, or why they are not read. Only regular files of at most
+    MAX_FILE_BYTES: a symlink to /dev/zero or a FIFO would otherwise never end (or block)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return b"", f"cannot read the file: {exc.strerror}"
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b"", "not a regular file"
+        raw = handle.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        return b"", f"file is larger than {MAX_FILE_BYTES} bytes"
+    return raw, ""
+
+
+def display_name(path: str | os.PathLike, cwd: str, real: str | None = None) -> str:
+    """The path as users see it: relative to the working directory `cwd` (resolved) when below
+    it. Symlinks inside the manifest tree are resolved, so a linked file is reported where it
+    really is (`real`, when the caller knows it already)."""
+    resolved = real or os.path.realpath(path)
+    if resolved.startswith(cwd + os.sep):
+        return resolved[len(cwd) + 1:]
+    return str(path)
+
+
+def schemas_path() -> str:
+    """The JSON Schemas' directory: beside the package in a checkout, inside it once installed."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    checkout = os.path.join(os.path.dirname(here), "schemas")
+    return checkout if os.path.isdir(checkout) else os.path.join(here, "schemas")
+
+
+def content_digest(file_hashes: dict[str, str]) -> str:
+    """The digest of a set of manifest files: their names as shown and their contents."""
+    canonical = json.dumps(sorted(file_hashes.items())).encode()
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 def parse(text: str, file: str) -> tuple[list[Document], list[Diagnostic]]:

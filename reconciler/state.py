@@ -5,6 +5,7 @@
   against. Written once per apply, atomically.
 - `apply.lock`: held (flock) by the one apply that may run at a time; it names its holder.
 - `cache/manifests.json`: parsed, checked manifests by content hash (see validate.py).
+- `cache/plan.json`: what a plan remembers between runs (see memo.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from reconciler.errors import LockHeldError
 INVENTORY = f"/{STATE_DIR}/inventory.json"
 LOCK = f"/{STATE_DIR}/apply.lock"
 MANIFEST_CACHE = f"/{STATE_DIR}/cache/manifests.json"
+PLAN_MEMO = f"/{STATE_DIR}/cache/plan.json"
 INVENTORY_FORMAT = 1
 
 
@@ -53,6 +55,14 @@ def cache_file(device: Device, create: bool = False):
     if not create and not device.is_dir(f"/{STATE_DIR}"):
         return None
     return device.path(MANIFEST_CACHE)
+
+
+def memo_file(device: Device, create: bool = False) -> str | None:
+    """Where plans keep their memo, or None before spos has state on this device (unless
+    `create`)."""
+    if not create and not device.is_dir(f"/{STATE_DIR}"):
+        return None
+    return device.host(PLAN_MEMO)
 
 
 class ApplyLock:

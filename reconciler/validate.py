@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,10 +25,12 @@ from reconciler import __version__, cronexpr
 from reconciler.diagnostics import Diagnostic
 from reconciler.errors import ManifestError
 from reconciler.manifest import API_VERSION, KINDS, Manifest, ManifestSet, dotted_path
-from reconciler.source import MAX_FILE_BYTES, Document, discover, locate, parse
+from reconciler.source import (
+    Document, content_digest, discover, display_name, locate, parse, read_bounded, schemas_path,
+)
 
 SCHEMA_FILES = {kind: f"{kind.lower()}.schema.json" for kind in KINDS}
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 
 
 def load(
@@ -57,9 +58,7 @@ def load(
 
 def schema_dir() -> Path:
     """The JSON Schemas: beside the package in a checkout, inside it once installed."""
-    here = Path(__file__).resolve().parent
-    checkout = here.parent / "schemas"
-    return checkout if checkout.is_dir() else here / "schemas"
+    return Path(schemas_path())
 
 
 class _Run:
@@ -86,9 +85,9 @@ class _Run:
             self.read_file(path, role)
 
     def read_file(self, path: Path, role: str) -> None:
-        display = _display(path, self.cwd)
+        display = display_name(path, self.cwd)
         self.paths[display] = path
-        raw, unreadable = _read_bounded(path)
+        raw, unreadable = read_bounded(path)
         if unreadable:
             self.diagnostics.append(Diagnostic(display, 1, 1, unreadable))
             return
@@ -109,7 +108,7 @@ class _Run:
                     invalid.add(document.index)
                 problems.extend(found)
             if not problems:
-                self.cache.put(display, digest, documents)
+                self.cache.put(digest, documents)
         self.diagnostics.extend(problems)
         for document in documents:
             self.accept(document, role, valid=document.index not in invalid)
@@ -172,27 +171,10 @@ class _Run:
         return self.texts[display]
 
     def digest(self) -> str:
-        canonical = json.dumps(sorted(self.file_hashes.items())).encode()
-        return "sha256:" + hashlib.sha256(canonical).hexdigest()
+        return content_digest(self.file_hashes)
 
     def save_cache(self) -> None:
-        self.cache.save(keep=self.file_hashes)
-
-
-def _read_bounded(path: Path) -> tuple[bytes, str]:
-    """The bytes of a manifest file, or why they are not read. Only regular files of at most
-    MAX_FILE_BYTES: a symlink to /dev/zero or a FIFO would otherwise never end (or block)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        return b"", f"cannot read the file: {exc.strerror}"
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return b"", "not a regular file"
-        raw = handle.read(MAX_FILE_BYTES + 1)
-    if len(raw) > MAX_FILE_BYTES:
-        return b"", f"file is larger than {MAX_FILE_BYTES} bytes"
-    return raw, ""
+        self.cache.save(keep=set(self.file_hashes.values()))
 
 
 def _document_problems(data: Any, schema_checker) -> Iterable[tuple[tuple, str, str]]:
@@ -564,16 +546,6 @@ def _json_type(value: Any) -> str:
     return {dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
 
 
-def _display(path: Path, cwd: str) -> str:
-    """The path as users see it: relative to the working directory `cwd` (resolved) when below
-    it. Symlinks inside the manifest tree are resolved, so a linked file is reported where it
-    really is."""
-    resolved = os.path.realpath(path)
-    if resolved.startswith(cwd + os.sep):
-        return resolved[len(cwd) + 1:]
-    return str(path)
-
-
 class _Schemas:
     """The kind schemas, loaded once, cross-file references resolved by file name."""
 
@@ -599,7 +571,8 @@ class _Schemas:
 
 
 class _Cache:
-    """Documents of files that passed every per-document check, keyed by content hash."""
+    """Documents of files that passed every per-document check, keyed by content hash alone:
+    the same bytes parse the same wherever the file is and whatever the working directory."""
 
     def __init__(self, path):
         self.path = Path(path) if path else None
@@ -616,28 +589,25 @@ class _Cache:
             self.files = stored.get("files", {})
 
     def get(self, display: str, digest: str) -> list[Document] | None:
-        entry = self.files.get(display)
-        if not entry or entry.get("sha256") != digest:
+        documents = self.files.get(digest)
+        if documents is None:
             return None
-        return [Document(display, index, line, data) for index, line, data in entry["documents"]]
+        return [Document(display, index, line, data) for index, line, data in documents]
 
-    def put(self, display: str, digest: str, documents: list[Document]) -> None:
+    def put(self, digest: str, documents: list[Document]) -> None:
         if self.path is None:
             return
-        self.files[display] = {
-            "sha256": digest,
-            "documents": [[d.index, d.line, d.data] for d in documents],
-        }
+        self.files[digest] = [[d.index, d.line, d.data] for d in documents]
         self.dirty = True
 
-    def save(self, keep: dict[str, str]) -> None:
+    def save(self, keep: set[str]) -> None:
         if self.path is None:
             return
-        stale = set(self.files) - set(keep)
+        stale = set(self.files) - keep
         if not self.dirty and not stale:
             return
-        for display in stale:
-            del self.files[display]
+        for digest in stale:
+            del self.files[digest]
         payload = json.dumps({"key": self.key, "files": self.files}, separators=(",", ":"))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,7 @@ def test_apply_rewrites_only_the_changed_resources(spos, manifests, applied):
         "etc/cron.d/spos-backup-001",
         f"{STATE}/agents/monitor-001/agent.json",
         f"{STATE}/cache/manifests.json",
+        f"{STATE}/cache/plan.json",
         INVENTORY,
         LOCK,
     ])

@@ -13,6 +13,7 @@ when they are empty; run history and outputs are kept for the operator.
 from __future__ import annotations
 
 import json
+import stat
 from typing import TYPE_CHECKING, Iterable
 
 from reconciler import AGENT_CONFIG, AGENTS_DIR, units
@@ -22,6 +23,7 @@ from reconciler.resource import Change, Facts, Resource
 
 if TYPE_CHECKING:
     from reconciler.device import Device
+    from reconciler.memo import PlanMemo
 
 CONFIG_FORMAT = 1
 RUN_DIRECTORIES = ("queue", "active", "completed", "failed", "checkpoints", "logs", "tmp", "output")
@@ -151,19 +153,38 @@ class AgentKind:
                 source=agent.where,
             )
 
-    def observe(self, device: "Device", ids: set[str], discover: bool = True) -> dict[str, Resource]:
+    def observe(self, device: "Device", ids: set[str], discover: bool = True,
+                memo: "PlanMemo | None" = None) -> dict[str, Resource]:
         """Every agent with a compiled config on the device. The config is what makes an agent
         exist: without it nothing runs the agent, so leftover run directories alone are absent
-        (a config deleted by hand is planned as a create, not an update from null)."""
+        (a config deleted by hand is planned as a create, not an update from null).
+
+        With a `memo`, an agent whose config file and directory have the stat they had when
+        last read is known by its digest, and read again only if its attributes are needed."""
         names = {rid.split("/", 1)[1] for rid in ids}
         if discover:
             names.update(device.subdirectories(AGENTS_DIR))
         found = {}
         for name in sorted(names):
-            resource = self._read(device, name)
+            resource = self._read(device, name) if memo is None else self._recall(device, name, memo)
             if resource is not None:
                 found[resource.id] = resource
         return found
+
+    def _recall(self, device: "Device", name: str, memo: "PlanMemo") -> Resource | None:
+        # The directory's stat covers which run directories exist: adding, removing or
+        # replacing an entry changes its modification time.
+        stats = (device.stat(config_path(name)), device.stat(f"{AGENTS_DIR}/{name}"))
+        if stats[0] is None:
+            return None
+        known = memo.lookup(f"agent:{name}", stats) if stat.S_ISREG(stats[0].st_mode) else None
+        if known is not None:
+            return Resource(f"agent/{name}", self.name, digest=known,
+                            load=lambda: self._read(device, name))
+        resource = self._read(device, name)
+        if resource is not None:
+            memo.remember(f"agent:{name}", stats, resource.digest)
+        return resource
 
     def _read(self, device: "Device", name: str) -> Resource | None:
         raw = device.read_text(config_path(name))

@@ -26,6 +26,7 @@ from reconciler.resource import Change, Facts, Resource
 
 if TYPE_CHECKING:
     from reconciler.device import Device
+    from reconciler.memo import PlanMemo
 
 CRON_DIR = "/etc/cron.d"
 FILE_PREFIX = "spos-"
@@ -81,25 +82,34 @@ class CronKind:
                 source=schedule.where,
             )
 
-    def observe(self, device: "Device", ids: set[str], discover: bool = True) -> dict[str, Resource]:
+    def observe(self, device: "Device", ids: set[str], discover: bool = True,
+                memo: "PlanMemo | None" = None) -> dict[str, Resource]:
         """Every marked line in spos's cron files (ids not found are absent).
 
         A marker found in more than one file (a file copied by hand) is one resource: the copy
         in its agent's own file, with the other files listed as `duplicates`. The desired form
         has no duplicates, so the plan shows them and apply removes them: a task never fires
-        twice because of a stray copy.
+        twice because of a stray copy. With a `memo`, a file with the stat it had when last
+        read is not read again.
         """
         copies: dict[str, list[tuple[str, str, str]]] = {}
         for name in device.listdir(CRON_DIR):
             if not name.startswith(FILE_PREFIX):
                 continue
             path = f"{CRON_DIR}/{name}"
-            text = device.read_text(path)
             st = device.stat(path)
-            if text is None or st is None:
+            if st is None:
                 continue
+            entries = memo.lookup(f"cron:{name}", (st,)) if memo is not None else None
+            if entries is None:
+                text = device.read_text(path)
+                if text is None:
+                    continue
+                entries = parse_entries(text)
+                if memo is not None:
+                    memo.remember(f"cron:{name}", (st,), entries)
             mode = format(st.st_mode & 0o7777, "04o")
-            for rid, line in parse_entries(text).items():
+            for rid, line in entries.items():
                 copies.setdefault(rid, []).append((path, mode, line))
         found = {}
         for rid, entries in copies.items():

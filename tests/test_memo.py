@@ -1,0 +1,150 @@
+"""What a plan remembers between runs (reconciler/memo.py) makes it faster, never different.
+
+A no-op plan over an unchanged repository and device neither parses manifests nor reads agent
+configs; every change that a full plan would see is still seen: edits that keep a file's size
+and modification time, a lost or damaged memo, a different spos command, drift found while the
+desired state comes from the memo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from reconciler import memo as memo_module
+from reconciler.memo import PlanMemo
+
+STATE = "var/lib/systemprompt-os"
+MEMO = f"{STATE}/cache/plan.json"
+
+
+@pytest.fixture
+def later(monkeypatch):
+    """Plans run a minute from now, so every file written so far has settled (memo.py)."""
+    real = time.time_ns
+    monkeypatch.setattr(memo_module.time, "time_ns", lambda: real() + 60 * 1_000_000_000)
+
+
+@pytest.fixture
+def applied(spos, manifests, device_root, later):
+    """The examples applied, then planned once so the memo knows the device and manifests."""
+    assert spos("apply", manifests, "--root", device_root, "--auto-approve").code == 0
+    assert spos("plan", manifests, "--root", device_root, "--detailed-exitcode").code == 0
+    assert (device_root / MEMO).is_file()
+    time.sleep(0.05)  # later edits get a change time the clock can tell apart
+    return device_root
+
+
+def plan_json(spos, manifests, root) -> dict:
+    result = spos("plan", manifests, "--root", root, "--json")
+    assert result.code == 0, result.err
+    return json.loads(result.out)
+
+
+def rewrite_keeping_stat_times(path: Path, old: str, new: str) -> None:
+    """Edit in place to the same size and put the modification time back, as `cp -p` or
+    `rsync -t` would leave it."""
+    assert len(old) == len(new)
+    before = os.stat(path)
+    text = path.read_text()
+    assert old in text
+    with open(path, "r+") as handle:
+        handle.write(text.replace(old, new, 1))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+def test_a_no_op_plan_from_the_memo_parses_no_manifest(spos, manifests, applied, monkeypatch):
+    import reconciler.validate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a no-op plan over unchanged manifests loaded them")
+
+    monkeypatch.setattr(reconciler.validate, "load", refuse)
+    result = spos("plan", manifests, "--root", applied, "--detailed-exitcode")
+    assert result.code == 0, result.err
+    assert "No changes." in result.out
+
+
+def test_the_memo_gives_the_same_plan_json_as_a_full_plan(spos, manifests, applied):
+    remembered = plan_json(spos, manifests, applied)
+    (applied / MEMO).unlink()
+    assert plan_json(spos, manifests, applied) == remembered
+
+
+def test_a_hand_edit_keeping_size_and_mtime_is_still_drift(spos, manifests, applied):
+    config = applied / STATE / "agents/monitor-001/agent.json"
+    rewrite_keeping_stat_times(config, '"priority": 90', '"priority": 10')
+
+    result = spos("plan", manifests, "--root", applied)
+    assert result.code == 0, result.err
+    assert "agent/monitor-001  (changed on the device (drift))" in result.out
+    assert "config.tasks.health_check.priority: 10 -> 90" in result.out
+    assert "monitor-001.yaml:" in result.out  # the source, from the render done on demand
+
+
+def test_a_manifest_edit_keeping_size_and_mtime_is_seen(spos, manifests, applied):
+    rewrite_keeping_stat_times(manifests / "monitor-001.yaml", "priority: 90", "priority: 10")
+
+    result = spos("plan", manifests, "--root", applied)
+    assert "agent/monitor-001  (manifest changed)" in result.out
+    assert "config.tasks.health_check.priority: 90 -> 10" in result.out
+
+
+def test_a_cron_line_edited_by_hand_is_drift(spos, manifests, applied):
+    cron = applied / "etc/cron.d/spos-backup-001"
+    rewrite_keeping_stat_times(cron, "0 2 * * *", "0 3 * * *")
+
+    result = spos("plan", manifests, "--root", applied, "--detailed-exitcode")
+    assert result.code == 2
+    assert "~   cron/backup-001-nightly  (changed on the device (drift))" in result.out
+
+
+def test_a_damaged_memo_only_costs_time(spos, manifests, applied):
+    expected = plan_json(spos, manifests, applied)
+    for damage in (b"", b"{not json", b'{"format": 1, "key": "x"}', b"[]",
+                   json.dumps({"format": 1, "key": "stale", "values": {}, "desired": None}).encode()):
+        (applied / MEMO).write_bytes(damage)
+        assert plan_json(spos, manifests, applied) == expected
+
+
+def test_another_spos_command_is_another_desired_state(spos, manifests, applied, monkeypatch):
+    monkeypatch.setenv("SPOS_COMMAND", "/opt/spos/bin/spos")
+    result = spos("plan", manifests, "--root", applied, "--detailed-exitcode")
+    assert result.code == 2
+    assert "/opt/spos/bin/spos" in result.out
+
+
+def test_a_deleted_agent_directory_is_seen(spos, manifests, applied):
+    import shutil
+
+    shutil.rmtree(applied / STATE / "agents/backup-001")
+    result = spos("plan", manifests, "--root", applied)
+    assert "+   agent/backup-001  (deleted on the device (drift))" in result.out
+
+
+def _stat(mtime_s: float, ctime_s: float, ino: int = 7, size: int = 10) -> os.stat_result:
+    times = {"st_mtime_ns": int(mtime_s * 1e9), "st_ctime_ns": int(ctime_s * 1e9)}
+    return os.stat_result((0o100644, ino, 0, 1, 0, 0, size, 0, int(mtime_s), int(ctime_s)), times)
+
+
+def test_a_file_changed_within_the_settle_time_is_not_remembered(tmp_path):
+    memo = PlanMemo(str(tmp_path / "plan.json"), "k")
+    now = time.time()
+    fresh, old = _stat(now - 30, now - 0.5), _stat(now - 30, now - 30)
+    memo.remember("fresh", (fresh,), "a")
+    memo.remember("old", (old,), "b")
+    assert memo.lookup("fresh", (fresh,)) is None
+    assert memo.lookup("old", (old,)) == "b"
+    assert memo.lookup("old", (_stat(now - 30, now - 29),)) is None  # ctime moved
+    assert memo.lookup("old", (_stat(now - 30, now - 30, ino=8),)) is None  # replaced
+    memo.save()
+    again = PlanMemo(str(tmp_path / "plan.json"), "k")
+    assert again.lookup("old", (old,)) == "b"
+    assert PlanMemo(str(tmp_path / "plan.json"), "other key").lookup("old", (old,)) is None
