@@ -11,4 +11,3 @@ writes the config, and the executor, which reads it (docs/agent-config.md, docs/
 
 AGENT_CONFIG = "agent.json"
 """The compiled agent config's file name inside the agent's directory."""
-

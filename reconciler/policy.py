@@ -118,7 +118,9 @@ def _network_overlaps(allowed: str, denied: str) -> bool:
 
 def _network_covers(own: str, denied: str) -> bool:
     """Whether a Capability's own `denied` rule refuses every destination of `denied`."""
-    inside = destinations(own)
+    if own == denied:
+        return True
+    inside = destinations(own, names=False)
     return all(
         any(d.version == o.version and d.subnet_of(o) and o_port in (None, d_port) for o, o_port in inside)
         for d, d_port in destinations(denied)
@@ -132,9 +134,39 @@ _NAMED_NETWORKS = {
 }
 
 
-def destinations(rule: str) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]]:
+_SCHEME_PORTS = {"http": 80, "https": 443}
+
+
+def host_rule(rule: str) -> tuple[str, int | None] | None:
+    """(host name, port or None) for a rule naming a host (`arxiv.org`, `arxiv.org:8443`,
+    `https://arxiv.org`, where the scheme gives the port) or any host on a port (`*:22`, host
+    `*`); None for an address rule. Pure: names are resolved only when a run starts."""
+    if rule in _NAMED_NETWORKS:
+        return None
+    scheme, sep, rest = rule.partition("://")
+    if not sep:
+        scheme, rest = "", rule
+    host, _, port_text = rest.rstrip("/").partition(":")
+    if host != "*" and ("." not in host or not any(c.isalpha() for c in host.rsplit(".", 1)[-1])):
+        return None  # an IPv4 address or an IPv6 one (those have no final alphabetic label)
+    if ":" in port_text or "[" in host:
+        return None
+    port = int(port_text) if port_text else _SCHEME_PORTS.get(scheme)
+    return host.lower(), port
+
+
+def destinations(rule: str, *, names: bool = True) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]]:
     """A network rule as (network, port or None) pairs; `none` has none. ValueError when the
-    rule has the schema's shape but is no address (`1:2:3`)."""
+    rule has the schema's shape but is no address (`1:2:3`).
+
+    A host name may resolve to any address, so it stands for every address on its port; with
+    `names=False` it stands for none (what a rule can be relied on to cover). `*:PORT` is every
+    address on that port either way."""
+    named = host_rule(rule)
+    if named is not None:
+        if named[0] != "*" and not names:
+            return []
+        return [(ipaddress.ip_network(n), named[1]) for n in _NAMED_NETWORKS["any"]]
     if rule in _NAMED_NETWORKS:
         return [(ipaddress.ip_network(n), None) for n in _NAMED_NETWORKS[rule]]
     address, port = rule, None

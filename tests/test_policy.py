@@ -213,6 +213,10 @@ def test_deny_network_any_grants_every_denied_destination(project, spos):
     ("10.20.0.5/32:443", "{}", "10.20.0.5/32:443"),
     ("0.0.0.0/0:443", "{network: [169.254.0.0/16]}", "10.20.0.5/32:443"),
     ("[fd12::/16]:22", "{}", "fd00::/8"),
+    # A host name resolves only when a run starts, to any address: it reaches every range.
+    ("metadata.example.net", "{network: [10.20.0.5/32, \"fd00::/8\"]}", "169.254.169.254/32"),
+    ("https://arxiv.org", "{network: [169.254.0.0/16, \"fd00::/8\"]}", "10.20.0.5/32:443"),
+    ("*:443", "{network: [169.254.0.0/16, \"fd00::/8\"]}", "10.20.0.5/32:443"),
 ])
 def test_deny_network_catches_every_rule_that_reaches_a_denied_destination(
         project, spos, allowed, denied, violation):
@@ -232,6 +236,8 @@ def test_deny_network_catches_every_rule_that_reaches_a_denied_destination(
     ("loopback", "{}"),
     ("none", "{}"),
     ("[fe80::/10]:443", "{}"),
+    ("https://arxiv.org", '{network: [169.254.0.0/16, 10.20.0.5/32, "fd00::/8"]}'),
+    ("*:22", '{network: [169.254.0.0/16, "fd00::/8"]}'),
 ])
 def test_deny_network_accepts_rules_that_miss_or_carve_out_the_denied_destinations(
         project, spos, allowed, denied):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from reconciler import STATE_DIR
 from reconciler.device import Device
+from reconciler.executor import network
 from reconciler.executor.config import ConfigError, agent_config, task_config
 from reconciler.executor.enqueue import WAKE_PIPE, enqueue
 from reconciler.executor.owner import alive, identity
@@ -337,6 +338,9 @@ class Executor:
         }
         if any(checkpoint_host.iterdir()):
             env["SPOS_RESUME"] = "1"
+        host_network, egress = network.setup_for(allowed.get("network"), denied.get("network"))
+        for note in egress.notes if egress else ():
+            active.log.write(f"--- spos: {note}\n".encode())
         return SandboxSpec(
             argv=list(step.argv),
             env=env,
@@ -347,7 +351,8 @@ class Executor:
             denied=tuple(sorted({*(denied.get("read") or ()), *(denied.get("write") or ()),
                                  *(denied.get("execute") or ())})),
             devices=tuple(allowed.get("devices") or ()),
-            network=bool(allowed.get("network")) and "none" not in (allowed.get("network") or ()),
+            network=host_network,
+            egress=egress,
             limits=Limits(
                 cpu_percent=quota.get("cpuPercent"),
                 memory_bytes=quota.get("memoryBytes"),

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from reconciler.device import Device
 from reconciler.errors import SposError
-from reconciler.executor import landlock
+from reconciler.executor import landlock, network
+from reconciler.executor.network import Egress
 from reconciler.executor.cgroup import (
     CgroupError, Cgroups, DeviceRule, Limits, RunCgroup, check_name,
 )
@@ -78,6 +79,9 @@ class SandboxSpec:
     denied: tuple[str, ...] = ()     # hidden: empty and inaccessible; denied wins over allowed
     devices: tuple[str, ...] = ()    # device nodes besides /dev/null, zero, full, random, urandom, tty
     network: bool = False            # False: own network namespace with only loopback
+    # With network False: reach the host through a veth pair, filtered by these rules
+    # (network.py). None: loopback only.
+    egress: Egress | None = None
     limits: Limits = field(default_factory=Limits)
     cgroup_name: str = ""            # required, e.g. "spos/research-001/<run-id>"
     user: str = "root"
@@ -149,6 +153,7 @@ class Sandbox:
     def _start(self, spec, plan, ruleset, cgroup, identity, stdio, pass_fds) -> SandboxedRun:
         opened: list[int] = []
         setup_read = -1
+        gate = None
         try:
             stdio_fds = _stdio_fds(stdio, opened)
             join_fds = cgroup.open_join_fds()
@@ -160,18 +165,25 @@ class Sandbox:
             source_fds = plan.open_sources(opened)
             launcher_fd = _args_fd(self._launcher_args(spec, ruleset, identity, setup_write, pass_fds))
             opened.append(launcher_fd)
-            bwrap_fd = _args_fd(self._bwrap_args(spec, plan, identity, hide_fds, source_fds))
+            gate = _NetworkGate() if spec.egress is not None else None
+            bwrap_fd = _args_fd([*self._bwrap_args(spec, plan, identity, hide_fds, source_fds),
+                                 *(gate.bwrap_args() if gate else [])])
             opened.append(bwrap_fd)
             process = _Child.start(
                 [self.bwrap, "--args", str(bwrap_fd), "--", self.python, "-I", "-S", "-c",
                  self._launcher_source, str(launcher_fd)],
                 stdio=stdio_fds,
-                keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, bwrap_fd),
+                keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, bwrap_fd,
+                      *(gate.child_fds() if gate else ())),
                 join_fds=join_fds, nice=spec.limits.nice, error_fd=setup_write,
             )
+            if gate is not None:
+                gate.open_after_linking(process, spec.egress)
         except BaseException as exc:
             if setup_read >= 0:
                 os.close(setup_read)
+            if gate is not None:
+                gate.close()
             cgroup.remove()
             if isinstance(exc, OSError):
                 raise SandboxError(f"cannot start the sandbox: {exc}", retryable=True) from exc
@@ -191,7 +203,7 @@ class Sandbox:
             *([] if spec.network else ["--unshare-net"]),
             "--cap-drop", "ALL",
             *(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if uid != 0 else []),
-            *plan.arguments(hide_fds, source_fds, network=spec.network),
+            *plan.arguments(hide_fds, source_fds, network=spec.network or spec.egress is not None),
             "--chdir", spec.cwd,
         ]
 
@@ -565,6 +577,8 @@ def _check_spec(spec: SandboxSpec) -> None:
     for key, value in spec.env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise SandboxError(f"invalid environment variable {key!r}")
+    if spec.network and spec.egress is not None:
+        raise SandboxError("egress rules apply to a run's own network, not to the host's")
     if not spec.cgroup_name:
         raise SandboxError("a sandboxed run needs its own cgroup_name")
     try:
@@ -592,6 +606,46 @@ def _identity(user: str) -> tuple[int, int, list[int]]:
     if entry.pw_uid == 0:
         return 0, 0, []
     return entry.pw_uid, entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid)
+
+
+class _NetworkGate:
+    """Holds a filtered run before its action starts until its network is linked: bubblewrap
+    reports the namespace's first process on `--info-fd` and waits on `--block-fd`."""
+
+    def __init__(self):
+        self.info_read, self.info_write = os.pipe2(os.O_CLOEXEC)
+        self.block_read, self.block_write = os.pipe2(os.O_CLOEXEC)
+
+    def bwrap_args(self) -> list[str]:
+        return ["--info-fd", str(self.info_write), "--block-fd", str(self.block_read)]
+
+    def child_fds(self) -> tuple[int, int]:
+        return self.info_write, self.block_read
+
+    def open_after_linking(self, process: _Child, egress: Egress) -> None:
+        """Link the namespace and let the run go on; on failure, end it and raise."""
+        # Only bubblewrap may hold the write end: the read below must see it exit early.
+        self._close("info_write", "block_read")
+        try:
+            pid = network.info_pid(self.info_read)
+            network.Link.attach(pid, egress, first_slot=process.pid)
+            os.write(self.block_write, b"1")
+        except (network.NetworkError, OSError) as exc:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            raise SandboxError(f"cannot set up the run's network: {exc}", retryable=True) from exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._close("info_read", "info_write", "block_read", "block_write")
+
+    def _close(self, *names: str) -> None:
+        for name in names:
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
 
 class _Child:
