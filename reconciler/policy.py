@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import posixpath
+from functools import lru_cache
 from typing import Iterable
 
 from reconciler import cronexpr, units
@@ -192,12 +193,18 @@ def _schedule_bounds(policy: Manifest, bounds: dict, manifests: list[Manifest]) 
             ), ""
 
 
+@lru_cache(maxsize=1024)
+def _cron_interval(expression: str) -> float:
+    """Seconds between the closest two firings; many Schedules share few expressions."""
+    return cronexpr.parse(expression).min_interval_minutes() * 60.0
+
+
 def _shortest_interval(spec: dict) -> tuple[float | None, tuple]:
     expression = spec.get("cron")
     if isinstance(expression, str):
         if expression.strip().lower() == cronexpr.REBOOT:
             return None, ()
-        return cronexpr.parse(expression).min_interval_minutes() * 60.0, ("spec", "cron")
+        return _cron_interval(expression), ("spec", "cron")
     timer = spec.get("timer") or {}
     if "onUnitActiveSec" in timer:
         return units.seconds(timer["onUnitActiveSec"]), ("spec", "timer", "onUnitActiveSec")

@@ -46,7 +46,19 @@ def write_inventory(device: Device, resources: dict, revision: str | None, manif
         "appliedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "resources": dict(sorted(resources.items())),
     }
-    device.write_atomic(INVENTORY, (json.dumps(payload, indent=2) + "\n").encode(), mode=0o644)
+    device.write_atomic(INVENTORY, _one_resource_per_line(payload).encode(), mode=0o644)
+
+
+def _one_resource_per_line(payload: dict) -> str:
+    """The inventory as JSON that diffs and greps well, one resource per line. Written line by
+    line with the C encoder: `indent=` would use the pure-Python one, ~10x slower."""
+    head = {key: value for key, value in payload.items() if key != "resources"}
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}," for key, value in head.items()]
+    entries = [f"    {json.dumps(rid)}: {json.dumps(entry, sort_keys=True)}"
+               for rid, entry in payload["resources"].items()]
+    body = ",\n".join(entries)
+    resources = '  "resources": {\n' + body + "\n  }" if entries else '  "resources": {}'
+    return "{\n" + "\n".join(lines) + "\n" + resources + "\n}\n"
 
 
 def cache_file(device: Device, create: bool = False):
