@@ -64,7 +64,7 @@ STATE = "var/lib/systemprompt-os"
 BOOKKEEPING = (
     f"{STATE}/inventory.json",
     f"{STATE}/apply.lock",
-    f"{STATE}/cache/manifests.json",
+    f"{STATE}/cache/manifests.marshal",
     f"{STATE}/cache/plan.json",
 )
 """Files every apply may rewrite besides the changed resources."""
@@ -507,7 +507,7 @@ class SizeBench:
         warm = self.runner.run(self.plan_cmd, self.repo)
         self.no_op(warm)
         setup["cache_filling_plan_s"] = warm["wall"]
-        cache = self.root / STATE / "cache/manifests.json"
+        cache = self.root / STATE / "cache/manifests.marshal"
         setup["cache_bytes"] = cache.stat().st_size if cache.exists() else 0
         match = re.search(r"\((\d+) resources\)", warm["stdout"])
         self.result["resources"] = int(match.group(1)) if match else None

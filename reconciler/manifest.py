@@ -22,13 +22,17 @@ class Manifest:
     file: str
     index: int
     line: int
+    origin: str = field(default="", compare=False)
+    """The document's content identity (file content hash and index): equal origins, equal
+    documents. Empty when unknown."""
 
     @property
     def where(self) -> str:
         return f"{self.file}:{self.line}"
 
     @classmethod
-    def from_document(cls, data: dict[str, Any], file: str, index: int, line: int) -> "Manifest":
+    def from_document(cls, data: dict[str, Any], file: str, index: int, line: int,
+                      origin: str = "") -> "Manifest":
         metadata = data.get("metadata") or {}
         return cls(
             kind=data["kind"],
@@ -38,6 +42,7 @@ class Manifest:
             file=file,
             index=index,
             line=line,
+            origin=origin,
         )
 
 

@@ -15,6 +15,10 @@ Two things are remembered:
   the digest of every manifest and policy file's content. When that digest is the same, the
   manifests need not be parsed, checked or rendered: they would give the same result. Any
   resource that turns out to differ from the device is then rendered in full.
+- **What each resource was rendered from.** With each digest, a key naming the contents of the
+  manifests that resource is rendered from (render.input_keys). When some manifests changed,
+  all are loaded and checked again (from the cache of parsed documents), but only resources
+  whose key changed are rendered: an edit to one agent renders that agent.
 
 Everything is keyed by spos's version, its code and schemas, the facts rendering uses and the
 directories planned, so an upgrade or a different `--root` starts afresh. The memo is only ever
@@ -35,7 +39,7 @@ from reconciler.source import (
 )
 
 SETTLE_SECONDS = 2
-_FORMAT = 1
+_FORMAT = 2
 
 
 def signature(stats: tuple) -> list | None:
@@ -63,9 +67,8 @@ class PlanMemo:
         except (OSError, ValueError):
             return
         if isinstance(stored, dict) and stored.get("format") == _FORMAT and stored.get("key") == key:
-            values, desired = stored.get("values"), stored.get("desired")
-            self.values = values if isinstance(values, dict) else {}
-            self.desired = desired if isinstance(desired, dict) else None
+            self.values = _well_formed_values(stored.get("values"))
+            self.desired = _well_formed_desired(stored.get("desired"))
 
     def lookup(self, name: str, stats: tuple):
         """The value remembered for `name` if the files it came from are unchanged, else None."""
@@ -87,17 +90,22 @@ class PlanMemo:
         self.dirty = True
 
     def desired_for(self, manifest_digest: str) -> dict | None:
-        """{resources: {id: [kind, digest]}, notices, declared} as rendered from manifests with
-        this digest, if that is what was rendered last."""
+        """{resources: {id: [kind, digest, input key]}, notices, declared} as rendered from
+        manifests with this digest, if that is what was rendered last."""
         if self.desired is not None and self.desired.get("manifestDigest") == manifest_digest:
             return self.desired
         return None
 
-    def remember_desired(self, manifest_digest: str, resources: dict, notices: list[str],
-                         declared: int) -> None:
+    def rendered(self) -> dict[str, list]:
+        """{id: [kind, digest, input key]} as last rendered, whatever the manifests were."""
+        resources = (self.desired or {}).get("resources")
+        return resources if isinstance(resources, dict) else {}
+
+    def remember_desired(self, manifest_digest: str, resources: dict, keys: dict[str, str],
+                         notices: list[str], declared: int) -> None:
         self.desired = {
             "manifestDigest": manifest_digest,
-            "resources": {rid: [r.kind, r.digest] for rid, r in resources.items()},
+            "resources": {rid: [r.kind, r.digest, keys.get(rid)] for rid, r in resources.items()},
             "notices": notices,
             "declared": declared,
         }
@@ -123,22 +131,43 @@ class PlanMemo:
                 pass
 
 
-def fingerprint(manifest_dir: str, policy_dir: str | None, memo: PlanMemo) -> str | None:
+def _well_formed_values(values) -> dict[str, list]:
+    if not isinstance(values, dict):
+        return {}
+    return {name: entry for name, entry in values.items()
+            if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)}
+
+
+def _well_formed_desired(desired) -> dict | None:
+    """The remembered desired state, or None when any part of it is not as written."""
+    if not isinstance(desired, dict) or not isinstance(desired.get("resources"), dict):
+        return None
+    if not isinstance(desired.get("notices"), list) or not isinstance(desired.get("declared"), int):
+        return None
+    for entry in desired["resources"].values():
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[1], str) and (entry[2] is None or isinstance(entry[2], str))):
+            return None
+    return desired
+
+
+def fingerprint(manifest_dir: str, policy_dir: str | None,
+                memo: PlanMemo) -> tuple[str | None, dict[str, tuple[str, str]]]:
     """The digest `validate.load` gives these directories, reading only the files whose content
-    hash `memo` does not know. None when a file cannot be read the way `load` reads it: `load`
-    then says why. Files are hashed, never parsed: the digest names their contents."""
+    hash `memo` does not know, and {path: (display name, content hash)} of the files, for
+    `load`. Digest None when a file cannot be read the way `load` reads it: `load` then says
+    why. Files are hashed, never parsed: the digest names their contents."""
     cwd = os.path.realpath(os.getcwd())
-    hashes = {}
+    hashes, known = {}, {}
     for directory in (manifest_dir, policy_dir):
         if directory is None:
             continue
         if not os.path.isdir(directory):
-            return None
+            return None, known
         # os.walk does not enter linked directories, so below the resolved top only a file
         # itself can be a link.
-        top, real_top = os.fspath(directory), os.path.realpath(directory)
+        top, real_top = os.path.normpath(directory), os.path.realpath(directory)
         for path in discover(directory):
-            path = os.fspath(path)
             try:
                 st = os.lstat(path)
                 if stat.S_ISLNK(st.st_mode):
@@ -146,19 +175,21 @@ def fingerprint(manifest_dir: str, policy_dir: str | None, memo: PlanMemo) -> st
                 else:
                     real = real_top + path[len(top):]
             except OSError:
-                return None
+                return None, known
             if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
-                return None
+                return None, known
             name = f"manifest:{real}"
             digest = memo.lookup(name, (st,))
             if digest is None:
                 raw, unreadable = read_bounded(path)
                 if unreadable:
-                    return None
+                    return None, known
                 digest = hashlib.sha256(raw).hexdigest()
                 memo.remember(name, (st,), digest)
-            hashes[display_name(path, cwd, real)] = digest
-    return content_digest(hashes)
+            display = display_name(path, cwd, real)
+            hashes[display] = digest
+            known[path] = (display, digest)
+    return content_digest(hashes), known
 
 
 def code_fingerprint() -> str:

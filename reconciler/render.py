@@ -2,18 +2,54 @@
 
 from __future__ import annotations
 
+import hashlib
+from functools import partial
+
 from reconciler.kinds import ALL
 from reconciler.manifest import ManifestSet
 from reconciler.resource import Facts, Resource
 
 
-def render(manifests: ManifestSet, facts: Facts) -> dict[str, Resource]:
-    """Resource id -> desired resource, for every kind. A pure function of its arguments."""
+def render(manifests: ManifestSet, facts: Facts, reuse: dict[str, str] | None = None) -> dict[str, Resource]:
+    """Resource id -> desired resource, for every kind. A pure function of its arguments.
+
+    `reuse` maps ids to the digest they were rendered to from inputs with the same key
+    (`input_keys`) and the same facts: those are not rendered, only known by that digest, and
+    rendered on their own if their attributes are asked for."""
+    reuse = reuse or {}
     desired: dict[str, Resource] = {}
     for kind in ALL:
-        for resource in kind.render(manifests, facts):
+        for resource in kind.render(manifests, facts, skip=reuse):
             desired[resource.id] = resource
+        whole = _Deferred(kind, manifests, facts)
+        for rid in kind.inputs(manifests).keys() & reuse.keys():
+            desired[rid] = Resource(rid, kind.name, digest=reuse[rid], load=partial(whole.get, rid))
     return desired
+
+
+def input_keys(manifests: ManifestSet) -> dict[str, str]:
+    """Resource id -> a key naming the contents of every manifest it is rendered from; equal
+    keys (with equal facts and code), equal resources. No key when an origin is unknown."""
+    keys = {}
+    for kind in ALL:
+        for rid, inputs in kind.inputs(manifests).items():
+            if all(m.origin for m in inputs):
+                text = "\n".join([kind.name, *(m.origin for m in inputs)])
+                keys[rid] = hashlib.sha256(text.encode()).hexdigest()
+    return keys
+
+
+class _Deferred:
+    """A kind's resources rendered all at once, the first time one of them is asked for."""
+
+    def __init__(self, kind, manifests: ManifestSet, facts: Facts):
+        self.kind, self.manifests, self.facts = kind, manifests, facts
+        self.rendered: dict[str, Resource] | None = None
+
+    def get(self, rid: str) -> Resource | None:
+        if self.rendered is None:
+            self.rendered = {r.id: r for r in self.kind.render(self.manifests, self.facts)}
+        return self.rendered.get(rid)
 
 
 def notices(manifests: ManifestSet) -> list[str]:

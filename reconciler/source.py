@@ -17,7 +17,6 @@ import re
 import stat
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from reconciler.diagnostics import Diagnostic
@@ -44,13 +43,14 @@ class Document:
     data: Any
 
 
-def discover(directory: str | os.PathLike) -> list[Path]:
-    """Every `*.yaml` / `*.yml` file below `directory`, at any depth, hidden entries skipped."""
+def discover(directory: str | os.PathLike) -> list[str]:
+    """Every `*.yaml` / `*.yml` file below `directory`, at any depth, hidden entries skipped,
+    as normalised path strings (a large repository has tens of thousands: no Path objects)."""
     found = []
-    for current, dirs, files in os.walk(directory):
+    for current, dirs, files in os.walk(os.path.normpath(directory)):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(
-            Path(current, name)
+            os.path.join(current, name)
             for name in sorted(files)
             if name.endswith(MANIFEST_SUFFIXES) and not name.startswith(".")
         )

@@ -4,7 +4,7 @@
   time; what decides pruning (stale = inventoried minus desired) and what "drift" is measured
   against. Written once per apply, atomically.
 - `apply.lock`: held (flock) by the one apply that may run at a time; it names its holder.
-- `cache/manifests.json`: parsed, checked manifests by content hash (see validate.py).
+- `cache/manifests.marshal`: parsed, checked manifests by content hash (see validate.py).
 - `cache/plan.json`: what a plan remembers between runs (see memo.py).
 """
 
@@ -22,7 +22,7 @@ from reconciler.errors import LockHeldError
 
 INVENTORY = f"/{STATE_DIR}/inventory.json"
 LOCK = f"/{STATE_DIR}/apply.lock"
-MANIFEST_CACHE = f"/{STATE_DIR}/cache/manifests.json"
+MANIFEST_CACHE = f"/{STATE_DIR}/cache/manifests.marshal"
 PLAN_MEMO = f"/{STATE_DIR}/cache/plan.json"
 INVENTORY_FORMAT = 1
 

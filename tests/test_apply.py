@@ -22,7 +22,7 @@ from reconciler.state import ApplyLock
 
 STATE = "var/lib/systemprompt-os"
 INVENTORY = f"{STATE}/inventory.json"
-MANIFEST_CACHE = f"{STATE}/cache/manifests.json"
+MANIFEST_CACHE = f"{STATE}/cache/manifests.marshal"
 LOCK = f"{STATE}/apply.lock"
 HEADER = ("# spos:file entries for agent {}. Lines below a '# spos:managed' marker belong to spos; "
           "all other lines are left as they are.")
@@ -99,7 +99,7 @@ def test_apply_rewrites_only_the_changed_resources(spos, manifests, applied):
     assert sorted(path for path in before if after[path] != before[path]) == sorted([
         "etc/cron.d/spos-backup-001",
         f"{STATE}/agents/monitor-001/agent.json",
-        f"{STATE}/cache/manifests.json",
+        f"{STATE}/cache/manifests.marshal",
         f"{STATE}/cache/plan.json",
         INVENTORY,
         LOCK,

@@ -108,8 +108,19 @@ def test_a_cron_line_edited_by_hand_is_drift(spos, manifests, applied):
 
 def test_a_damaged_memo_only_costs_time(spos, manifests, applied):
     expected = plan_json(spos, manifests, applied)
-    for damage in (b"", b"{not json", b'{"format": 1, "key": "x"}', b"[]",
-                   json.dumps({"format": 1, "key": "stale", "values": {}, "desired": None}).encode()):
+    good = json.loads((applied / MEMO).read_bytes())
+
+    def altered(**changes) -> bytes:
+        return json.dumps({**good, **changes}).encode()
+
+    first = next(iter(good["desired"]["resources"]))
+    for damage in (
+        b"", b"{not json", b'{"format": 1, "key": "x"}', b"[]",
+        altered(key="stale"), altered(values=[]), altered(values={"agent:x": 3}),
+        altered(desired={**good["desired"], "resources": {first: ["agent", "sha256:x"]}}),
+        altered(desired={**good["desired"], "resources": {first: "agent"}}),
+        altered(desired={**good["desired"], "notices": None}),
+    ):
         (applied / MEMO).write_bytes(damage)
         assert plan_json(spos, manifests, applied) == expected
 
@@ -148,3 +159,38 @@ def test_a_file_changed_within_the_settle_time_is_not_remembered(tmp_path):
     again = PlanMemo(str(tmp_path / "plan.json"), "k")
     assert again.lookup("old", (old,)) == "b"
     assert PlanMemo(str(tmp_path / "plan.json"), "other key").lookup("old", (old,)) is None
+
+
+@pytest.mark.parametrize("file, old, new", [
+    ("monitor-001.yaml", "priority: 90", "priority: 95"),            # one agent's task
+    ("profiles.yaml", "memory: 1G", "memory: 3G"),                   # a Quota several agents use
+    ("profiles.yaml", "      - /opt/agents/research\n", "      - /opt/agents/research\n      - /srv/papers\n"),
+    ("backup-001.yaml", "user: root", "user: nobody"),               # an Agent a cron line reads
+    ("backup-001.yaml", 'cron: "0 2 * * *"', 'cron: "0 3 * * *"'),   # a Schedule
+])
+def test_rendering_only_what_changed_plans_what_a_full_render_plans(
+        spos, manifests, applied, file, old, new):
+    path = manifests / file
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+
+    incremental = plan_json(spos, manifests, applied)
+    assert incremental["changes"], "the edit changes something"
+    (applied / MEMO).unlink()
+    assert plan_json(spos, manifests, applied) == incremental
+
+
+def test_an_edit_to_one_agent_renders_that_agent_alone(spos, manifests, applied, monkeypatch):
+    import reconciler.kinds.agent as agent_kind
+
+    compiled = []
+    real = agent_kind.compile_agent
+    monkeypatch.setattr(agent_kind, "compile_agent",
+                        lambda name, *rest: compiled.append(name) or real(name, *rest))
+    path = manifests / "monitor-001.yaml"
+    path.write_text(path.read_text().replace("priority: 90", "priority: 95"))
+
+    result = spos("plan", manifests, "--root", applied)
+    assert "~   agent/monitor-001  (manifest changed)" in result.out
+    assert compiled == ["monitor-001"]

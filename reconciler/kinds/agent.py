@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import stat
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Collection, Iterable
 
 from reconciler import AGENT_CONFIG, AGENTS_DIR, units
 from reconciler.errors import UnsafePathError
-from reconciler.manifest import ManifestSet
+from reconciler.manifest import Manifest, ManifestSet
 from reconciler.resource import Change, Facts, Resource
 
 if TYPE_CHECKING:
@@ -131,11 +131,24 @@ class AgentKind:
     name = "agent"
     replace_on: tuple[str, ...] = ()
 
-    def render(self, manifests: ManifestSet, facts: Facts) -> Iterable[Resource]:
-        """One resource per Agent. Pure."""
+    def inputs(self, manifests: ManifestSet) -> dict[str, tuple[Manifest, ...]]:
+        """Resource id -> every manifest its rendering reads (render.py relies on this). Pure."""
+        capabilities, quotas = manifests.of_kind("Capability"), manifests.of_kind("Quota")
+        return {
+            f"agent/{agent.name}": tuple(m for m in (
+                agent, capabilities.get(agent.spec.get("capability")),
+                quotas.get(agent.spec.get("quota"))) if m is not None)
+            for agent in manifests.of_kind("Agent").values()
+        }
+
+    def render(self, manifests: ManifestSet, facts: Facts,
+               skip: Collection[str] = ()) -> Iterable[Resource]:
+        """One resource per Agent, but those whose id is in `skip`. Pure."""
         capabilities = {n: compile_capability(n, m.spec) for n, m in manifests.of_kind("Capability").items()}
         quotas = {n: compile_quota(n, m.spec) for n, m in manifests.of_kind("Quota").items()}
         for agent in manifests.of_kind("Agent").values():
+            if f"agent/{agent.name}" in skip:
+                continue
             config = compile_agent(
                 agent.name,
                 agent.spec,

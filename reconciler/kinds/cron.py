@@ -17,11 +17,11 @@ so one in a command is escaped; newlines never reach here (validation refuses th
 from __future__ import annotations
 
 import shlex
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Collection, Iterable
 
 from reconciler import cronexpr
 from reconciler.errors import UnsafePathError
-from reconciler.manifest import ManifestSet
+from reconciler.manifest import Manifest, ManifestSet
 from reconciler.resource import Change, Facts, Resource
 
 if TYPE_CHECKING:
@@ -63,12 +63,21 @@ class CronKind:
     name = "cron"
     replace_on = ("file",)
 
-    def render(self, manifests: ManifestSet, facts: Facts) -> Iterable[Resource]:
-        """One resource per cron Schedule. Pure."""
+    def inputs(self, manifests: ManifestSet) -> dict[str, tuple[Manifest, ...]]:
+        """Resource id -> every manifest its rendering reads (render.py relies on this). Pure."""
+        agents = manifests.of_kind("Agent")
+        return {
+            f"cron/{schedule.name}": (schedule, agents[schedule.spec["agent"]])
+            for schedule in manifests.of_kind("Schedule").values() if "cron" in schedule.spec
+        }
+
+    def render(self, manifests: ManifestSet, facts: Facts,
+               skip: Collection[str] = ()) -> Iterable[Resource]:
+        """One resource per cron Schedule, but those whose id is in `skip`. Pure."""
         agents = manifests.of_kind("Agent")
         for schedule in manifests.of_kind("Schedule").values():
             spec = schedule.spec
-            if "cron" not in spec:
+            if "cron" not in spec or f"cron/{schedule.name}" in skip:
                 continue
             user = agents[spec["agent"]].spec.get("user", "root")
             yield Resource(
