@@ -29,6 +29,7 @@ class Device:
     def __init__(self, root: str | os.PathLike = "/"):
         self._root = os.path.abspath(root).rstrip("/")
         self._real_directories: set[str] = set()
+        self._real_parents: dict[str, str] = {}  # device path of a real directory -> host path
 
     @property
     def root(self) -> "Path":
@@ -53,27 +54,51 @@ class Device:
         this Device, so walking many files of one directory checks it once; the last component
         is checked on every call.
         """
+        return self._resolve(device_path)[0]
+
+    def _resolve(self, device_path: str) -> tuple[str, os.stat_result | None]:
+        """The host path and the lstat of its last component (None: absent)."""
+        parent, _, name = device_path.rpartition("/")
+        known = self._real_parents.get(parent)
+        if known is not None and name not in ("", ".", ".."):
+            current = f"{known}/{name}"
+            try:
+                st = os.lstat(current)
+            except (FileNotFoundError, NotADirectoryError):
+                return current, None
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafePathError(
+                    f"refusing to use {device_path}: {current} is a symlink; spos never "
+                    "reads or writes through links"
+                )
+            return current, st
         parts = [p for p in device_path.split("/") if p not in ("", ".")]
         if ".." in parts:
             raise UnsafePathError(f"refusing path with '..': {device_path}")
         current = self._root
         last = len(parts) - 1
+        st = None
         for index, part in enumerate(parts):
             current = f"{current}/{part}"
-            if current in self._real_directories:
+            if index < last and current in self._real_directories:
                 continue
             try:
-                mode = os.lstat(current).st_mode
+                st = os.lstat(current)
             except (FileNotFoundError, NotADirectoryError):
+                st = None
                 continue
-            if stat.S_ISLNK(mode):
+            if stat.S_ISLNK(st.st_mode):
                 raise UnsafePathError(
                     f"refusing to use {device_path}: {current} is a symlink; spos never "
                     "reads or writes through links"
                 )
-            if index < last and stat.S_ISDIR(mode):
+            if index < last and stat.S_ISDIR(st.st_mode):
                 self._real_directories.add(current)
-        return current or "/"
+        if parts and name and len(parts) > 1:
+            parent_host = current.rpartition("/")[0]
+            if parent_host in self._real_directories:
+                self._real_parents[parent] = parent_host
+        return current or "/", (st if parts else os.lstat(self._root or "/"))
 
     def read_bytes(self, device_path: str) -> bytes | None:
         """The file's content, or None when it does not exist. Refuses anything but a regular
@@ -98,10 +123,8 @@ class Device:
         return None if data is None else data.decode("utf-8", errors="replace")
 
     def stat(self, device_path: str) -> os.stat_result | None:
-        try:
-            return os.lstat(self.host(device_path))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        """lstat of the path (None: absent); refuses `..` and linked directories on the way."""
+        return self._resolve(device_path)[1]
 
     def exists(self, device_path: str) -> bool:
         return self.stat(device_path) is not None
@@ -181,8 +204,10 @@ class Device:
 
     def rmdir_if_empty(self, device_path: str) -> bool:
         """Remove an empty directory; a non-empty or missing one is left alone."""
+        host = self.host(device_path)
+        self._forget(host)
         try:
-            os.rmdir(self.host(device_path))
+            os.rmdir(host)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -190,6 +215,14 @@ class Device:
                 return False
             raise
         return True
+
+    def _forget(self, host: str) -> None:
+        """A directory about to be removed is no longer known to be real (something else may
+        take its name)."""
+        self._real_directories = {d for d in self._real_directories
+                                  if d != host and not d.startswith(host + "/")}
+        self._real_parents = {k: v for k, v in self._real_parents.items()
+                              if v != host and not v.startswith(host + "/")}
 
     @staticmethod
     def _fsync_dir(directory: str) -> None:

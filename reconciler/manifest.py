@@ -55,7 +55,14 @@ class ManifestSet:
     digest: str = ""
 
     def of_kind(self, kind: str) -> dict[str, Manifest]:
-        return {m.name: m for m in self.manifests if m.kind == kind}
+        """Name -> manifest of one kind. Indexed once: render asks for each kind many times."""
+        index = self.__dict__.get("_by_kind")
+        if index is None or index[0] != len(self.manifests):
+            by_kind: dict[str, dict[str, Manifest]] = {}
+            for m in self.manifests:
+                by_kind.setdefault(m.kind, {})[m.name] = m
+            index = self.__dict__["_by_kind"] = (len(self.manifests), by_kind)
+        return dict(index[1].get(kind, {}))
 
     def __len__(self) -> int:
         return len(self.manifests)
