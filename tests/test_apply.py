@@ -355,6 +355,24 @@ def test_lock_timeout_waits_for_the_holder(spos, manifests, device_root):
 
 # Confinement to the root
 
+def test_a_directory_replaced_by_a_link_after_spos_removed_it_is_refused(tmp_path):
+    """Device remembers directories it found real; one it removes is forgotten, so a link
+    planted in its place is refused like any other."""
+    from reconciler.errors import UnsafePathError
+
+    root, outside = tmp_path / "device", tmp_path / "outside"
+    (root / "srv/agent").mkdir(parents=True)
+    outside.mkdir()
+    device = Device(root)
+    assert device.stat("/srv/agent/config") is None  # /srv/agent is now known to be real
+    assert device.rmdir_if_empty("/srv/agent")
+    os.symlink(outside, root / "srv/agent")
+
+    with pytest.raises(UnsafePathError, match="symlink"):
+        device.write_atomic("/srv/agent/config", b"x")
+    assert list(outside.iterdir()) == []
+
+
 @pytest.mark.parametrize("link", [
     "etc/cron.d",
     "etc/cron.d/spos-monitor-001",
