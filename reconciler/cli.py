@@ -110,6 +110,7 @@ def _parser() -> "argparse.ArgumentParser":
         help="exit 0 when there are no changes, 1 on error, 2 when there are changes",
     )
     plan.add_argument("--allow-empty", action="store_true", help="allow an empty manifest set to delete everything")
+    _cgroup_root_arg(plan, device_default=True)
     plan.set_defaults(handler=_plan)
 
     apply = commands.add_parser(
@@ -122,6 +123,7 @@ def _parser() -> "argparse.ArgumentParser":
     apply.add_argument("--lock-timeout", default="0s", metavar="DURATION",
                        help="wait this long for another apply to finish (default: fail at once)")
     apply.add_argument("--json", action="store_true", help="print the applied plan and results as JSON")
+    _cgroup_root_arg(apply, device_default=True)
     apply.set_defaults(handler=_apply)
 
     action = commands.add_parser("action", parents=[common], help="work with actions (runs of tasks)")
@@ -195,9 +197,18 @@ def _parser() -> "argparse.ArgumentParser":
     return parser
 
 
-def _executor_args(parser: "argparse.ArgumentParser") -> None:
+def _cgroup_root_arg(parser: "argparse.ArgumentParser", device_default: bool = False) -> None:
+    if device_default:  # agents' cgroups are part of the device: under --root unless told
+        parser.add_argument("--cgroup-root", metavar="DIR",
+                            help="where the agents' cgroups are managed (default ROOT/sys/fs/cgroup: "
+                                 "/sys/fs/cgroup on a real device)")
+        return
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup", metavar="DIR",
                         help="where cgroups are mounted (default /sys/fs/cgroup)")
+
+
+def _executor_args(parser: "argparse.ArgumentParser") -> None:
+    _cgroup_root_arg(parser)
     parser.add_argument("--grace", default="10s", metavar="DURATION",
                         help="after SIGTERM, wait this long before killing the run's cgroup (default 10s)")
 
@@ -258,10 +269,12 @@ def _make_plan(args):
     from reconciler.resource import Facts
     from reconciler.state import memo_file, read_inventory
 
-    device = Device(args.root)
+    device = Device(args.root, cgroup_root=_device_cgroup_root(args))
     if not os.path.isdir(args.path):
         raise UsageError(f"{args.path}: no such manifests directory")
-    facts = Facts(spos_command=_spos_command(), root=str(device.root))
+    facts = Facts(spos_command=_spos_command(), root=str(device.root),
+                  cgroup_version=device.cgroups.version, cgroup_parent=device.cgroups.parent,
+                  cgroup_weight_file=device.cgroups.weight_file())
     creating_state = getattr(args, "auto_approve", False)  # apply is about to create the state dir
     memo = PlanMemo(memo_file(device, create=creating_state), _memo_key(args, facts))
     _stage(args, f"Loading manifests from {args.path}...")
@@ -286,9 +299,26 @@ def _make_plan(args):
         manifests={"path": args.path, "revision": _git_revision(args.path), "digest": digest},
         version=__version__,
     )
-    result.notices = notices
+    result.notices = notices + _cgroup_notices(device)
     memo.save()
     return device, result
+
+
+def _device_cgroup_root(args) -> str:
+    """--cgroup-root, or where the device's own cgroups are: /sys/fs/cgroup below --root."""
+    if args.cgroup_root:
+        return args.cgroup_root
+    return os.path.join(os.path.abspath(args.root), "sys/fs/cgroup")
+
+
+def _cgroup_notices(device) -> list[str]:
+    tree = device.cgroups
+    if tree.version is None:
+        return [f"No cgroup file system at {tree.root}: agents' cgroups are not managed "
+                "(give --cgroup-root /sys/fs/cgroup to manage real ones under another --root)."]
+    if tree.weight_file() is None:
+        return [f"Quotas' ioWeight is not set: the cgroups at {tree.root} have no I/O weight file."]
+    return []
 
 
 def _rendered(args, device, facts, memo, known=None):
@@ -342,7 +372,7 @@ def _memo_key(args, facts) -> str:
 
     policies = _policy_dir(args)
     inputs = [
-        __version__, code_fingerprint(), list(facts.spos_command), facts.root,
+        __version__, code_fingerprint(), repr(facts),
         os.path.realpath(args.path), policies and os.path.realpath(policies),
         os.path.realpath(os.getcwd()),  # manifest names in the digest are relative to it
     ]
@@ -387,7 +417,7 @@ def _apply(args) -> int:
 
     lock_timeout = _duration("--lock-timeout", args.lock_timeout)
     if os.path.isfile(args.path):
-        device, planned = Device(args.root), _saved_plan(args.path)
+        device, planned = Device(args.root, cgroup_root=_device_cgroup_root(args)), _saved_plan(args.path)
         if planned.root != str(device.root):
             from reconciler.errors import UsageError
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from reconciler.cgroupfs import parent_for
 from reconciler.errors import UnsafePathError
 
 TYPE_CHECKING = False  # typing itself costs cron's every-minute enqueue ~10 ms to import
@@ -26,8 +27,9 @@ if TYPE_CHECKING:
 class Device:
     """The file system of one device, rooted at `root` (a real device uses `/`)."""
 
-    def __init__(self, root: str | os.PathLike = "/"):
+    def __init__(self, root: str | os.PathLike = "/", cgroup_root: str = "/sys/fs/cgroup"):
         self._root = os.path.abspath(root).rstrip("/")
+        self.cgroups = CgroupTree(cgroup_root, parent=parent_for(self._root or "/"))
         self._real_directories: set[str] = set()
         self._real_parents: dict[str, str] = {}  # device path of a real directory -> host path
 
@@ -231,3 +233,155 @@ class Device:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class CgroupTree:
+    """The cgroup file system at `root` (`--cgroup-root`, default `/sys/fs/cgroup`), where
+    spos owns everything below `spos/`: one cgroup per agent, the executor's run cgroups below
+    those. Both layouts: v1 has one hierarchy per controller, v2 one tree.
+
+    Paths given here are relative to the root of each hierarchy (`spos/research-001`) and must
+    be plain names below a `spos` parent (cgroupfs.parent_for); links are never followed below
+    the root."""
+
+    V1_CONTROLLERS = ("memory", "cpu", "pids", "blkio")
+
+    def __init__(self, root: str = "/sys/fs/cgroup", parent: str = "spos"):
+        self.root = os.path.abspath(root)
+        self.parent = parent  # the cgroup this device's spos owns (cgroupfs.parent_for)
+        self._version: int | None | bool = False
+
+    @property
+    def version(self) -> int | None:
+        """2, 1, or None when there is no cgroup file system at the root."""
+        if self._version is False:
+            if os.path.exists(f"{self.root}/cgroup.controllers"):
+                self._version = 2
+            elif any(os.path.exists(f"{self.root}/{c}/cgroup.procs") for c in self.V1_CONTROLLERS):
+                self._version = 1
+            else:
+                self._version = None
+        return self._version
+
+    def weight_file(self) -> str | None:
+        """The file that sets an I/O weight here, or None: v1 has CFQ's `blkio.weight` or BFQ's
+        `blkio.bfq.weight` (only below the root, so BFQ is recognised by its statistics
+        files), v2 `io.weight` when the io controller is available."""
+        if self.version == 2:
+            return "io.weight" if "io" in self._read(f"{self.root}/cgroup.controllers").split() else None
+        if self.version == 1:
+            blkio = f"{self.root}/blkio"
+            if os.path.exists(f"{blkio}/blkio.weight"):
+                return "blkio.weight"
+            try:
+                if any(name.startswith("blkio.bfq.") for name in os.listdir(blkio)):
+                    return "blkio.bfq.weight"
+            except OSError:
+                return None
+        return None
+
+    def hierarchies(self) -> dict[str, str]:
+        """Controller -> host directory of its hierarchy ('' -> the root for v2)."""
+        if self.version == 2:
+            return {"": self.root}
+        return {c: f"{self.root}/{c}" for c in self.V1_CONTROLLERS
+                if os.path.exists(f"{self.root}/{c}/cgroup.procs")}
+
+    def children(self, path: str) -> set[str]:
+        """Names of the cgroups directly below `path`, in any hierarchy."""
+        found: set[str] = set()
+        for base in self.hierarchies().values():
+            try:
+                with os.scandir(self._host(base, path)) as entries:
+                    found.update(e.name for e in entries if e.is_dir(follow_symlinks=False))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return found
+
+    def read(self, path: str, file: str) -> str | None:
+        """`file` of cgroup `path` ("memory/memory.limit_in_bytes" on v1: controller first),
+        stripped; None when missing."""
+        try:
+            return self._read(self._file(path, file))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def write(self, path: str, file: str, value: str) -> None:
+        with open(self._file(path, file), "w") as handle:
+            handle.write(value)
+
+    def create(self, path: str, controllers: set[str]) -> None:
+        """Make cgroup `path` (and its parents) in every hierarchy; on v2, enable `controllers`
+        (cpu, memory, pids, io) on the way down so its limit files exist."""
+        for base in self.hierarchies().values():
+            os.makedirs(self._host(base, path), exist_ok=True)
+        if self.version == 2:
+            available = set(self._read(f"{self.root}/cgroup.controllers").split())
+            level = self.root
+            for part in path.split("/"):
+                for controller in sorted(controllers & available):
+                    with open(f"{level}/cgroup.subtree_control", "w") as handle:
+                        handle.write(f"+{controller}")
+                level = f"{level}/{part}"
+
+    def processes(self, path: str) -> int:
+        """How many processes are in cgroup `path` and below. spos puts every process of a run
+        in all hierarchies, so one is read: memory's on v1 (else the first), the tree on v2."""
+        pids: set[str] = set()
+        hierarchies = self.hierarchies()
+        for base in [hierarchies.get("memory") or next(iter(hierarchies.values()), None)]:
+            if base is None:
+                continue
+            top = self._host(base, path)
+            for directory, _, files in os.walk(top):
+                if "cgroup.procs" in files:
+                    try:
+                        pids.update(self._read(f"{directory}/cgroup.procs").split())
+                    except OSError:
+                        continue
+        return len(pids)
+
+    def remove(self, path: str) -> None:
+        """Remove cgroup `path` and the empty cgroups below it, deepest first, in every
+        hierarchy. A cgroup with processes cannot be removed (EBUSY)."""
+        for base in self.hierarchies().values():
+            top = self._host(base, path)
+            if not os.path.isdir(top):
+                continue
+            for directory, _, _ in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
+                os.rmdir(directory)
+
+    def remove_parent_if_empty(self) -> None:
+        """Remove this device's spos parent cgroup once no agent cgroup is left in it (a demo
+        or test root leaves nothing behind); it is made again when needed."""
+        for base in self.hierarchies().values():
+            try:
+                os.rmdir(self._host(base, self.parent))
+            except OSError:
+                continue
+
+    def _file(self, path: str, file: str) -> str:
+        if self.version == 1:
+            controller, _, name = file.partition("/")
+            return f"{self._host(f'{self.root}/{controller}', path)}/{name}"
+        return f"{self._host(self.root, path)}/{file}"
+
+    @staticmethod
+    def _host(base: str, path: str) -> str:
+        parts = path.split("/")
+        if not parts[0].startswith("spos") or any(p in ("", ".", "..") for p in parts):
+            raise UnsafePathError(f"refusing cgroup path {path!r}: spos owns only spos*/ cgroups")
+        current = base
+        for part in parts:
+            current = f"{current}/{part}"
+            try:
+                if stat.S_ISLNK(os.lstat(current).st_mode):
+                    raise UnsafePathError(f"refusing cgroup {path}: {current} is a symlink")
+            except FileNotFoundError:
+                return f"{base}/{path}"  # nothing below a missing cgroup exists either
+        return current
+
+    @staticmethod
+    def _read(path: str) -> str:
+        with open(path) as handle:
+            return handle.read().strip()

@@ -53,7 +53,10 @@ def _decide(want: Resource | None, have: Resource | None, applied: dict | None) 
         reason = "deleted on the device (drift)" if applied else "new"
         return _change(want, "create", reason, None, want.attrs)
     if want is None and have is not None:
-        return _change(have, "delete", "no longer in the manifests", have.attrs, None)
+        reason = "no longer in the manifests"
+        if have.note:
+            reason += f"; {have.note}: apply keeps it until that ends"
+        return _change(have, "delete", reason, have.attrs, None)
     if want is None or have is None or want.digest == have.digest:
         return None
     if applied is None:

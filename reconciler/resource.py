@@ -30,18 +30,22 @@ def digest(attrs: Any) -> str:
 class Resource:
     """One resource: `id`, `kind`, `attrs` and the `source` manifest it was rendered from.
 
+    `note` is what a reader of the plan should know about the resource as found (a cgroup's
+    live processes); it is not an attribute, so it never makes a change.
+
     A resource may be known by its digest alone, with `load` giving the whole resource only if
     someone asks for `attrs` or `source`: a plan compares digests, and reads attributes only
     for what changed. With both, `digest` must be the digest of what `load` returns.
     """
 
-    __slots__ = ("id", "kind", "_attrs", "_source", "_digest", "_load")
+    __slots__ = ("id", "kind", "note", "_attrs", "_source", "_digest", "_load")
 
     def __init__(self, id: str, kind: str, attrs: dict | None = None, source: str = "", *,
-                 digest: str | None = None, load: Callable[[], "Resource"] | None = None):
+                 digest: str | None = None, load: Callable[[], "Resource"] | None = None,
+                 note: str = ""):
         if attrs is None and (digest is None or load is None):
             raise ValueError("a resource needs its attrs, or a digest and a way to load them")
-        self.id, self.kind = id, kind
+        self.id, self.kind, self.note = id, kind, note
         self._attrs, self._source, self._digest, self._load = attrs, source, digest, load
 
     def _loaded(self) -> None:
@@ -190,8 +194,12 @@ class Facts:
     """What rendering needs to know about the device, gathered by the caller.
 
     `spos_command` is the argv that cron and systemd run to reach spos (cron's PATH is minimal,
-    so it is absolute); `root` is passed on as `--root` when it is not `/`.
+    so it is absolute); `root` is passed on as `--root` when it is not `/`. The cgroup facts
+    say which layout agents' cgroups are rendered for (cgroupfs.py).
     """
 
     spos_command: tuple[str, ...]
     root: str = "/"
+    cgroup_version: int | None = None  # of --cgroup-root: 1, 2, or None (no cgroups managed)
+    cgroup_parent: str = "spos"  # the cgroup spos owns for this device (cgroupfs.parent_for)
+    cgroup_weight_file: str | None = None  # where an I/O weight is set, if anywhere

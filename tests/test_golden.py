@@ -10,6 +10,9 @@ Case fields (all but `description` optional):
 
     description: what the case shows
     root: the root rendered into crontab lines (default "/"); the device itself is a tmp dir
+    cgroups: {version: 1 | 2, io: bool}   a cgroup file system of plain files at the device's
+                                       /sys/fs/cgroup (its cgroup parent is `spos-<hash>`:
+                                       refer to it as {parent} in device paths and attributes)
     applied: manifests rendered and applied first (their inventory is recorded as apply does)
     device: {path: text | null}        files written (null: removed) after `applied`; remove
                                        /var/lib/systemprompt-os/inventory.json to lose the inventory
@@ -18,6 +21,8 @@ Case fields (all but `description` optional):
     changes: [{id, action, reason, fields: [path...], before: {...}, after: {...}}], in plan
              order; before/after are matched as subsets of the change's attributes
     device_after: {path: null | text | {text, json: subset, mode: "0644", dir: bool}}
+    apply_fails: {id: text in its error}   changes apply must report as failed (and the second
+                                       plan must still hold); all others must succeed
     edit: {agent, before: text | null, changes: {id: line | null}, after: text | null}
 """
 
@@ -56,8 +61,12 @@ def _cases(section: str):
 
 @pytest.mark.parametrize("case", list(_cases("manifests")))
 def test_plan_case(case, tmp_path):
-    device = Device(tmp_path / "device")
-    facts = Facts(spos_command=SPOS_COMMAND, root=case.get("root", "/"))
+    device = Device(tmp_path / "device", cgroup_root=str(tmp_path / "device/sys/fs/cgroup"))
+    case = _with_parent(case, device.cgroups.parent)
+    _fake_cgroups(device, case.get("cgroups"))
+    facts = Facts(spos_command=SPOS_COMMAND, root=case.get("root", "/"),
+                  cgroup_version=device.cgroups.version, cgroup_parent=device.cgroups.parent,
+                  cgroup_weight_file=device.cgroups.weight_file())
     if "applied" in case:
         result = apply(device, _plan(device, _load(case["applied"], tmp_path / "applied"), facts))
         assert result.ok, result.failed
@@ -73,11 +82,14 @@ def test_plan_case(case, tmp_path):
         for change, spec in zip(planned.changes, case["changes"]):
             assert _as_expected(change, spec) == spec
     result = apply(device, planned)
-    assert result.ok, result.failed
+    fails = case.get("apply_fails") or {}
+    assert {change.id: error for change, error in result.failed if fails.get(change.id, "\0") not in error} == {}
+    assert sorted(change.id for change, _ in result.failed) == sorted(fails)
     for path, expected in (case.get("device_after") or {}).items():
         _assert_file(device, path, expected)
     replanned = _plan(device, manifests, facts)
-    assert [c.id for c in replanned.changes] == [], "a second plan after apply must be empty"
+    assert sorted(c.id for c in replanned.changes) == sorted(fails), \
+        "a second plan after apply holds only what apply said it could not do"
 
 
 @pytest.mark.parametrize("case", list(_cases("edit")))
@@ -109,6 +121,34 @@ def _plan(device: Device, manifests, facts: Facts) -> Plan:
         desired, actual, inventory,
         root=facts.root, manifests={"path": "case", "revision": None, "digest": manifests.digest},
     )
+
+
+def _with_parent(value, parent: str):
+    """The case with `{parent}` replaced by the device's cgroup parent, in keys and values."""
+    if isinstance(value, dict):
+        return {_with_parent(k, parent): _with_parent(v, parent) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_parent(v, parent) for v in value]
+    return value.replace("{parent}", parent) if isinstance(value, str) else value
+
+
+def _fake_cgroups(device: Device, layout: dict | None) -> None:
+    """A cgroup file system made of plain files: {version: 1 | 2, io: bool}. Limit files exist
+    once written, as apply writes them; `device:` entries add processes (cgroup.procs)."""
+    if not layout:
+        return
+    top = Path(device.cgroups.root)
+    if layout["version"] == 1:
+        for controller in ("memory", "cpu", "pids", "blkio"):
+            (top / controller).mkdir(parents=True)
+            (top / controller / "cgroup.procs").write_text("")
+        if layout.get("io"):
+            (top / "blkio/blkio.weight").write_text("500\n")
+    else:
+        top.mkdir(parents=True)
+        controllers = "cpu memory pids" + (" io" if layout.get("io") else "")
+        (top / "cgroup.controllers").write_text(controllers + "\n")
+        (top / "cgroup.procs").write_text("")
 
 
 def _shape_device(device: Device, files: dict, modes: dict) -> None:

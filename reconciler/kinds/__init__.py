@@ -6,7 +6,7 @@ every kind alike. Order matters: creates and updates run in this order, deletes 
 agent exists before a crontab line that enqueues to it, and outlives it).
 """
 
-from reconciler.kinds import agent, cron
+from reconciler.kinds import agent, cgroup, cron
 
-ALL = (agent.KIND, cron.KIND)
+ALL = (agent.KIND, cgroup.KIND, cron.KIND)
 BY_NAME = {kind.name: kind for kind in ALL}
