@@ -44,6 +44,7 @@ def _change_lines(change: dict) -> list[str]:
     source = f"  [{change['source']}]" if change.get("source") else ""
     lines = [f"{head}  ({change['reason']}){source}"]
     if change["action"] in ("update", "replace"):
+        lines.extend(f"        # {sentence}" for sentence in in_words(change))
         for field in change["fields"]:
             lines.append(f"        {field['path']}: {_short(field['before'])} -> {_short(field['after'])}")
     elif change["action"] == "create":
@@ -52,6 +53,101 @@ def _change_lines(change: dict) -> list[str]:
                 continue
             lines.append(f"        {path}: {_short(value)}")
     return lines
+
+
+_ACCESS = {
+    "read": "read access to", "write": "write access to", "execute": "the right to run",
+    "devices": "access to the device", "network": "network access to",
+}
+_QUOTA = (("memoryBytes", "memory", "size"), ("cpuPercent", "CPU", "percent"),
+          ("tasksMax", "tasks", "plain"), ("ioWeight", "I/O weight", "plain"),
+          ("nice", "nice level", "plain"))
+
+
+def in_words(change: dict) -> list[str]:
+    """What an update to an agent's capability or limits means, as an operator reviews it:
+    "research-001 gains write access to /data/out", "research-001: memory 2G -> 4G". Pure."""
+    before, after = change.get("before") or {}, change.get("after") or {}
+    name = change["id"].split("/", 1)[-1]
+    if change["kind"] == "agent":
+        old, new = before.get("config") or {}, after.get("config") or {}
+        return _capability_words(name, old.get("capability") or {}, new.get("capability") or {}) \
+            + _quota_words(name, old.get("quota") or {}, new.get("quota") or {})
+    if change["kind"] == "cgroup":
+        said = []
+        for key, label, show in (("memory", "memory limit", _kernel_size), ("cpu", "CPU limit", _kernel_cpu),
+                                 ("tasks", "tasks limit", str), ("ioWeight", "I/O weight", str)):
+            if before.get(key) != after.get(key):
+                said.append(f"{name}: {label} {show(before.get(key))} -> {show(after.get(key))}")
+        return said
+    return []
+
+
+def _capability_words(agent: str, old: dict, new: dict) -> list[str]:
+    said = []
+    if old.get("name") != new.get("name"):
+        said.append(f"{agent} now uses capability {new.get('name') or 'none'} "
+                    f"(was {old.get('name') or 'none'})")
+    for side in ("allowed", "denied"):
+        for access, what in _ACCESS.items():
+            was = set((old.get(side) or {}).get(access) or [])
+            now = set((new.get(side) or {}).get(access) or [])
+            for item in sorted(now - was):
+                said.append(f"{agent} gains {what} {item}" if side == "allowed"
+                            else f"{agent} is now denied {what} {item}")
+            for item in sorted(was - now):
+                said.append(f"{agent} loses {what} {item}" if side == "allowed"
+                            else f"{agent} is no longer denied {what} {item}")
+    return said
+
+
+def _quota_words(agent: str, old: dict, new: dict) -> list[str]:
+    said = []
+    if old.get("name") != new.get("name"):
+        said.append(f"{agent} now uses quota {new.get('name') or 'none'} (was {old.get('name') or 'none'})")
+    for key, label, kind in _QUOTA:
+        if old.get(key) != new.get(key):
+            said.append(f"{agent}: {label} {_quantity(old.get(key), kind)} -> {_quantity(new.get(key), kind)}")
+    for group, label, kind in (("storageBytes", "storage", "size"), ("retentionSeconds", "retention", "time")):
+        was, now = old.get(group) or {}, new.get(group) or {}
+        for key in sorted(was.keys() | now.keys()):
+            if was.get(key) != now.get(key):
+                said.append(f"{agent}: {label} {key} {_quantity(was.get(key), kind)} -> "
+                            f"{_quantity(now.get(key), kind)}")
+    return said
+
+
+def _quantity(value, kind: str) -> str:
+    if value is None:
+        return "unlimited" if kind in ("size", "percent", "plain") else "none"
+    if kind == "size":
+        return _size(value)
+    if kind == "percent":
+        return f"{value:g}%"
+    if kind == "time":
+        for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+            if value >= seconds and value % seconds == 0:
+                return f"{value // seconds}{unit}"
+        return f"{value}s"
+    return str(value)
+
+
+def _size(value: int) -> str:
+    for unit, factor in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if value >= factor:
+            return f"{value / factor:.1f}".removesuffix(".0") + unit
+    return f"{value}B"
+
+
+def _kernel_size(value: str | None) -> str:
+    return _size(int(value)) if value and value.isdigit() else str(value)
+
+
+def _kernel_cpu(value: str | None) -> str:
+    quota, _, period = (value or "").partition(" ")
+    if quota.isdigit() and period.isdigit():
+        return f"{int(quota) * 100 / int(period):g}%"
+    return str(value)
 
 
 def _leaves(value: Any, prefix: str = "") -> list[tuple[str, Any]]:

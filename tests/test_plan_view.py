@@ -165,3 +165,38 @@ def test_a_change_at_the_end_of_a_long_crontab_line_is_visible(project, device_r
 
     assert "--deadline 30m --cron '0 9 * * *' --cron-tz Europe/Berlin\" -> " in text
     assert "--deadline 45m --cron '0 9 * * *' --cron-tz Europe/Berlin\"\n" in text
+
+
+def test_capability_and_quota_changes_are_said_in_words(spos, manifests, device_root):
+    assert spos("apply", manifests, "--root", device_root, "--auto-approve").code == 0
+    profiles = manifests / "profiles.yaml"
+    text = profiles.read_text()
+    output = "      - /var/lib/systemprompt-os/agents/research-001/output\n"
+    assert text.count(output) == 1 and text.count("memory: 1G") == 1
+    profiles.write_text(text.replace(output, output + "      - /data/research/output\n")
+                        .replace("memory: 1G", "memory: 2G")
+                        .replace("      - 169.254.169.254/32\n", ""))
+
+    said = [line.strip() for line in spos("plan", manifests, "--root", device_root).out.splitlines()
+            if line.strip().startswith("#")]
+    assert "# research-001 gains write access to /data/research/output" in said
+    assert "# research-001 is no longer denied network access to 169.254.169.254/32" in said
+    assert "# research-001: memory 1G -> 2G" in said
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"id": "cgroup/a", "kind": "cgroup", "before": {"memory": "255999999", "cpu": "50000 100000"},
+      "after": {"memory": "3999997952", "cpu": "max"}},
+     ["a: memory limit 256M -> 4G", "a: CPU limit 50% -> max"]),
+    ({"id": "agent/a", "kind": "agent",
+      "before": {"config": {"capability": {"name": "x", "allowed": {"execute": ["/bin/sh"]}},
+                            "quota": {"retentionSeconds": {"completed": 604800}}}},
+      "after": {"config": {"capability": {"name": "y", "allowed": {"devices": ["/dev/ttyUSB0"]}},
+                           "quota": {"retentionSeconds": {"completed": 1209600}}}}},
+     ["a now uses capability y (was x)", "a loses the right to run /bin/sh",
+      "a gains access to the device /dev/ttyUSB0", "a: retention completed 7d -> 14d"]),
+])
+def test_words_for_one_change(change, words):
+    from reconciler.views import in_words
+
+    assert in_words(change) == words
