@@ -121,7 +121,7 @@ def _quantity(value, kind: str) -> str:
     if value is None:
         return "unlimited" if kind in ("size", "percent", "plain") else "none"
     if kind == "size":
-        return _size(value)
+        return human_size(value)
     if kind == "percent":
         return f"{value:g}%"
     if kind == "time":
@@ -132,7 +132,8 @@ def _quantity(value, kind: str) -> str:
     return str(value)
 
 
-def _size(value: int) -> str:
+def human_size(value: int) -> str:
+    """Bytes in the units manifests use (decimal): 256000000 -> 256M, 3999997952 -> 4G."""
     for unit, factor in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3)):
         if value >= factor:
             return f"{value / factor:.1f}".removesuffix(".0") + unit
@@ -140,7 +141,7 @@ def _size(value: int) -> str:
 
 
 def _kernel_size(value: str | None) -> str:
-    return _size(int(value)) if value and value.isdigit() else str(value)
+    return human_size(int(value)) if value and value.isdigit() else str(value)
 
 
 def _kernel_cpu(value: str | None) -> str:
