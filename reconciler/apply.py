@@ -4,10 +4,11 @@ A saved plan is applied under the lock after re-observing every resource it look
 of them, or the inventory, changed since it was made, it is refused ("stale plan"). `spos apply
 DIR` takes the lock before planning instead, so nothing can change between its plan and its
 apply and there is nothing to re-check (`apply_locked`). It then applies changes kind by kind (creates and updates in kind
-order, deletes in reverse), each kind changing only what its changes name. A failure on one
-resource does not stop the others. Whatever happened, the inventory is written once at the end
-(in `finally`) so that it stays true: what was applied is recorded, a failed delete stays
-inventoried for the next run, a failed create is not recorded.
+order, deletes in reverse), each kind changing only what its changes name; then a kind with a
+`finish` step acts once on all of its changes that were applied (one systemd daemon-reload,
+then activation). A failure on one resource does not stop the others. Whatever happened, the
+inventory is written once at the end (in `finally`) so that it stays true: what was applied is
+recorded, a failed delete stays inventoried for the next run, a failed create is not recorded.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def apply_locked(
                     result.applied.append(change)
                 else:
                     result.failed.append((change, error))
+        _finish(device, result, progress)
     finally:
         _record(resources, plan, result)
         write_inventory(
@@ -86,6 +88,21 @@ def _refuse_if_stale(device: Device, plan: Plan, inventory: dict) -> None:
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise StalePlanError(f"stale plan: {shown}. Run plan again.")
+
+
+def _finish(device: Device, result: ApplyResult,
+            progress: Callable[[Change, str | None], None]) -> None:
+    """Let each kind act once on everything of its kind that was applied (systemd reloads once
+    per apply, then activates). A change whose finishing fails counts as failed."""
+    for kind in ALL:
+        finish = getattr(kind, "finish", None)
+        applied = [change for change in result.applied if change.kind == kind.name]
+        if finish is None or not applied:
+            continue
+        for change, error in finish(device, applied):
+            progress(change, error)
+            result.applied.remove(change)
+            result.failed.append((change, error))
 
 
 def _in_order(changes: list[Change]):

@@ -235,8 +235,11 @@ def _validate(args) -> int:
 
     manifests = load(args.path, _policy_dir(args))
     if args.json:
-        print(json.dumps({"valid": True, "manifests": len(manifests), "diagnostics": []}, indent=2))
+        print(json.dumps({"valid": True, "manifests": len(manifests), "diagnostics": [],
+                          "notes": manifests.notes}, indent=2))
     else:
+        for note in manifests.notes:  # what could not be checked here
+            print(f"Note: {note}", file=sys.stderr)
         print(f"{args.path}: {len(manifests)} manifests valid.")
     return EXIT_OK
 
@@ -268,13 +271,15 @@ def _make_plan(args):
     from reconciler.plan import plan
     from reconciler.resource import Facts
     from reconciler.state import memo_file, read_inventory
+    from reconciler.systemctl import detect
 
-    device = Device(args.root, cgroup_root=_device_cgroup_root(args))
+    device = Device(args.root, cgroup_root=_device_cgroup_root(args), systemd=detect(args.root))
     if not os.path.isdir(args.path):
         raise UsageError(f"{args.path}: no such manifests directory")
     facts = Facts(spos_command=_spos_command(), root=str(device.root),
                   cgroup_version=device.cgroups.version, cgroup_parent=device.cgroups.parent,
-                  cgroup_weight_file=device.cgroups.weight_file())
+                  cgroup_weight_file=device.cgroups.weight_file(),
+                  activate_units=device.systemd is not None)
     creating_state = getattr(args, "auto_approve", False)  # apply is about to create the state dir
     memo = PlanMemo(memo_file(device, create=creating_state), _memo_key(args, facts))
     _stage(args, f"Loading manifests from {args.path}...")
@@ -335,7 +340,7 @@ def _rendered(args, device, facts, memo, known=None):
     before = memo.rendered()
     reuse = {rid: before[rid][1] for rid, key in keys.items() if rid in before and before[rid][2] == key}
     desired = render(manifests, facts, reuse)
-    said = notices(manifests)
+    said = notices(manifests, facts)
     declared = sum(1 for m in manifests.manifests if m.kind != "Policy")
     memo.remember_desired(manifests.digest, desired, keys, said, declared)
     return desired, said, declared, manifests.digest
@@ -367,12 +372,15 @@ def _memo_key(args, facts) -> str:
     import hashlib
     import json
 
+    import shutil
+
     from reconciler import __version__
     from reconciler.memo import code_fingerprint
 
     policies = _policy_dir(args)
     inputs = [
         __version__, code_fingerprint(), repr(facts),
+        shutil.which("systemd-analyze") is not None,  # whether calendar events were checked
         os.path.realpath(args.path), policies and os.path.realpath(policies),
         os.path.realpath(os.getcwd()),  # manifest names in the digest are relative to it
     ]
@@ -417,11 +425,17 @@ def _apply(args) -> int:
 
     lock_timeout = _duration("--lock-timeout", args.lock_timeout)
     if os.path.isfile(args.path):
-        device, planned = Device(args.root, cgroup_root=_device_cgroup_root(args)), _saved_plan(args.path)
+        from reconciler.systemctl import detect
+
+        device = Device(args.root, cgroup_root=_device_cgroup_root(args), systemd=detect(args.root))
+        planned = _saved_plan(args.path)
         if planned.root != str(device.root):
             from reconciler.errors import UsageError
 
             raise UsageError(f"{args.path} was planned for root {planned.root}, not {device.root}")
+        if not args.json:
+            for notice in planned.notices:  # as its plan said: e.g. units written, not activated
+                print(f"Note: {notice}")
         _stage(args, "Applying...")
         result = apply(device, planned, lock_timeout=lock_timeout, progress=_progress(args))
         return _report_apply(args, planned, result)

@@ -23,13 +23,20 @@ TYPE_CHECKING = False  # typing itself costs cron's every-minute enqueue ~10 ms 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from reconciler.systemctl import Systemctl
+
 
 class Device:
-    """The file system of one device, rooted at `root` (a real device uses `/`)."""
+    """The file system of one device, rooted at `root` (a real device uses `/`).
 
-    def __init__(self, root: str | os.PathLike = "/", cgroup_root: str = "/sys/fs/cgroup"):
+    `systemd` is the device's systemd when spos activates the units it writes
+    (systemctl.detect); None: unit files are written and nothing is activated."""
+
+    def __init__(self, root: str | os.PathLike = "/", cgroup_root: str = "/sys/fs/cgroup",
+                 systemd: "Systemctl | None" = None):
         self._root = os.path.abspath(root).rstrip("/")
         self.cgroups = CgroupTree(cgroup_root, parent=parent_for(self._root or "/"))
+        self.systemd = systemd
         self._real_directories: set[str] = set()
         self._real_parents: dict[str, str] = {}  # device path of a real directory -> host path
 

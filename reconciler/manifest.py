@@ -53,6 +53,8 @@ class ManifestSet:
     manifests: list[Manifest] = field(default_factory=list)
     revision: str | None = None
     digest: str = ""
+    notes: list[str] = field(default_factory=list)
+    """What validation could not check here (said, not an error)."""
 
     def of_kind(self, kind: str) -> dict[str, Manifest]:
         """Name -> manifest of one kind. Indexed once: render asks for each kind many times."""

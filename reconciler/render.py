@@ -52,16 +52,18 @@ class _Deferred:
         return self.rendered.get(rid)
 
 
-def notices(manifests: ManifestSet) -> list[str]:
-    """What the manifests declare that this version of spos validates but does not put on the
-    device, said plainly so that a plan never implies more than apply will do. Pure."""
+def notices(manifests: ManifestSet, facts: Facts) -> list[str]:
+    """What the manifests declare that spos validates but does not (fully) put on this device,
+    and what validation could not check, said plainly so that a plan never implies more than
+    apply will do. Pure."""
     timers = sorted(n for n, m in manifests.of_kind("Schedule").items() if "timer" in m.spec)
     triggers = sorted(manifests.of_kind("Trigger"))
-    said = []
-    if timers:
+    said = list(manifests.notes)
+    if timers and not facts.activate_units:
         said.append(
-            f"{len(timers)} timer Schedule(s) ({', '.join(timers)}) are validated but not "
-            "rendered: systemd timers are not managed by this version of spos."
+            f"{len(timers)} timer Schedule(s) ({', '.join(timers)}) are written as systemd units "
+            "but not activated: spos activates units only with --root / on a device whose init "
+            "system is systemd (/run/systemd/system exists). Elsewhere nothing starts them."
         )
     if triggers:
         said.append(

@@ -195,7 +195,9 @@ class Facts:
 
     `spos_command` is the argv that cron and systemd run to reach spos (cron's PATH is minimal,
     so it is absolute); `root` is passed on as `--root` when it is not `/`. The cgroup facts
-    say which layout agents' cgroups are rendered for (cgroupfs.py).
+    say which layout agents' cgroups are rendered for (cgroupfs.py). `activate_units` says
+    whether apply activates the systemd units it writes (systemd is the init system and the
+    root is `/`: reconciler/systemctl.py), so whether timers are planned as enabled.
     """
 
     spos_command: tuple[str, ...]
@@ -203,3 +205,4 @@ class Facts:
     cgroup_version: int | None = None  # of --cgroup-root: 1, 2, or None (no cgroups managed)
     cgroup_parent: str = "spos"  # the cgroup spos owns for this device (cgroupfs.parent_for)
     cgroup_weight_file: str | None = None  # where an I/O weight is set, if anywhere
+    activate_units: bool = False

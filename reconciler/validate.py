@@ -6,8 +6,11 @@ touches the device.
 
 Per-document checks (YAML, schema, cron syntax, control characters) depend only on a file's
 bytes, so their result is cached by content hash: a no-op plan over a large repository parses
-and schema-checks nothing. Checks across documents (duplicates, references, policies) are cheap
-and always run.
+and schema-checks nothing. Timers' calendar events are checked by systemd itself: the events of
+every file not in the cache go to one `systemd-analyze calendar` run (reconciler/systemctl.py).
+Where it is not installed they are not checked, the loaded set says so in `notes`, and those
+files are not cached, so a later run with systemd checks them. Checks across documents
+(duplicates, references, policies) are cheap and always run.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
-from reconciler import __version__, cronexpr
+from reconciler import __version__, cronexpr, units
 from reconciler.diagnostics import Diagnostic
 from reconciler.errors import ManifestError
 from reconciler.manifest import API_VERSION, KINDS, Manifest, ManifestSet, dotted_path
@@ -32,7 +35,7 @@ from reconciler.source import (
 )
 
 SCHEMA_FILES = {kind: f"{kind.lower()}.schema.json" for kind in KINDS}
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4  # 4: calendar events, timer spans and zero limits are checked
 
 
 def load(
@@ -52,11 +55,12 @@ def load(
     run.read_directory(Path(manifest_dir), role="manifests")
     if policy_dir is not None:  # named but missing is a problem: no guardrails would apply
         run.read_directory(Path(policy_dir), role="policies")
+    run.check_calendars()
     run.check_across_documents()
     run.save_cache()
     if run.diagnostics:
         raise ManifestError(run.diagnostics)
-    manifest_set = ManifestSet(run.manifests)
+    manifest_set = ManifestSet(run.manifests, notes=run.notes)
     manifest_set.digest = run.digest()
     return manifest_set
 
@@ -79,6 +83,8 @@ class _Run:
         self.paths: dict[str, str] = {}
         self.schemas: _Schemas | None = None
         self.cache = _Cache(cache_file)
+        self.calendars: list[_Calendars] = []
+        self.notes: list[str] = []
         self.cwd = os.path.realpath(os.getcwd())
 
     def read_directory(self, directory: Path, role: str) -> None:
@@ -118,7 +124,12 @@ class _Run:
                 if found:
                     invalid.add(document.index)
                 problems.extend(found)
-            if not problems:
+            events = [(document, path, event) for document in documents
+                      if document.index not in invalid and _kind_of(document.data) == "Schedule"
+                      for path, event in _calendar_events(document.data["spec"])]
+            if events:  # checked, and the file cached, once every file has been read
+                self.calendars.append(_Calendars(display, digest, documents, events, not problems))
+            elif not problems:
                 self.cache.put(digest, documents)
         self.diagnostics.extend(problems)
         for document in documents:
@@ -146,6 +157,34 @@ class _Run:
             line, col = locate(text, document.index, path)
             problems.append(Diagnostic(document.file, line, col, summary, dotted_path(path), hint))
         return problems
+
+    def check_calendars(self) -> None:
+        """Every calendar event of the files just read, in one `systemd-analyze calendar` run."""
+        if not self.calendars:
+            return
+        from reconciler.systemctl import CalendarsUnchecked, check_calendars
+
+        try:
+            refused = check_calendars([event for c in self.calendars for _, _, event in c.events])
+        except CalendarsUnchecked as exc:
+            self.notes.append(
+                f"timers' onCalendar values were not checked ({exc}): systemd checks them when it "
+                "loads the units. Validate where systemd is installed to check them now.")
+            return
+        for calendars in self.calendars:
+            bad = [(document, path, event) for document, path, event in calendars.events
+                   if event in refused]
+            for document, path, event in bad:
+                line, col = locate(self.text_of(calendars.display), document.index, path)
+                self.diagnostics.append(Diagnostic(
+                    calendars.display, line, col,
+                    f"{event!r} is not a calendar event systemd can use: {refused[event]}",
+                    dotted_path(path),
+                    "write a systemd.time(7) event such as 'Mon..Fri *-*-* 08:00:00', "
+                    "'*-*-* 04:00 Europe/Berlin' or 'daily'; `systemd-analyze calendar EVENT` "
+                    "shows how systemd reads it"))
+            if not bad and calendars.clean:
+                self.cache.put(calendars.digest, calendars.documents)
 
     def schema_checker(self, kind: str):
         if self.schemas is None:
@@ -190,6 +229,33 @@ class _Run:
         self.cache.save(keep=set(self.file_hashes.values()))
 
 
+class _Calendars(NamedTuple):
+    """The calendar events of one file read (not cached) in this run, waiting to be checked."""
+
+    display: str
+    digest: str
+    documents: list[Document]
+    events: list[tuple[Document, tuple, str]]  # (document, field path, event)
+    clean: bool  # no other problem: cache the file once its events pass
+
+
+def _calendar_events(spec: Any) -> list[tuple[tuple, str]]:
+    """(field path, event) for each onCalendar event of a Schedule's spec."""
+    timer = spec.get("timer") if isinstance(spec, dict) else None
+    calendar = timer.get("onCalendar") if isinstance(timer, dict) else None
+    path = ("spec", "timer", "onCalendar")
+    if isinstance(calendar, str):
+        return [(path, calendar.strip())]
+    if isinstance(calendar, list):
+        return [((*path, index), event.strip()) for index, event in enumerate(calendar)
+                if isinstance(event, str)]
+    return []
+
+
+def _kind_of(data: Any) -> Any:
+    return data.get("kind") if isinstance(data, dict) else None
+
+
 def _document_problems(data: Any, schema_checker) -> Iterable[tuple[tuple, str, str]]:
     """(field path, summary, hint) for every problem a single document has on its own."""
     if not isinstance(data, dict):
@@ -210,6 +276,9 @@ def _document_problems(data: Any, schema_checker) -> Iterable[tuple[tuple, str, 
         yield from _hook_problems(spec)
     if kind == "Schedule" and isinstance(spec, dict):
         yield from _schedule_problems(spec)
+        yield from _timer_problems(spec)
+    if kind == "Quota" and isinstance(spec, dict):
+        yield from _quota_problems(spec)
     if kind in ("Capability", "Policy") and isinstance(spec, dict):
         yield from _network_rule_problems(spec)
 
@@ -276,6 +345,51 @@ def _schedule_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
             yield ("spec", "timeZone"), f"unknown time zone {zone!r}", "use an IANA name such as Europe/Berlin or UTC"
         elif expression and expression.strip().lower() == cronexpr.REBOOT:
             yield ("spec", "timeZone"), "timeZone has no meaning for @reboot", ""
+
+
+_TIMER_SPANS = ("onBootSec", "onUnitActiveSec", "randomizedDelaySec", "accuracy")
+_LONGEST_SPAN_SECONDS = (2**63 - 1) / 1_000_000
+"""systemd counts time spans in microseconds; past 2**63 it overflows (about 292,000 years)."""
+
+
+def _timer_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
+    """What the schema lets through but systemd cannot take in a timer unit (calendar events
+    themselves are checked by systemd, see `_Run.check_calendars`)."""
+    timer = spec.get("timer")
+    if not isinstance(timer, dict):
+        return
+    for path, event in _calendar_events(spec):
+        if "\\" in event:
+            yield path, f"{event!r} contains a backslash", (
+                "calendar events never need one, and at the end of a unit file line it would "
+                "join the next line to this one")
+    for field in _TIMER_SPANS:
+        value = timer.get(field)
+        try:
+            seconds = units.seconds(value) if isinstance(value, str) else None
+        except ValueError:
+            continue  # the schema says what is wrong with it
+        if seconds is not None and seconds > _LONGEST_SPAN_SECONDS:
+            yield ("spec", "timer", field), f"{value!r} is longer than a systemd timer can count", (
+                "systemd time spans end at 106751991d")
+        elif field == "onUnitActiveSec" and seconds == 0:
+            yield ("spec", "timer", field), (
+                "an interval of 0 would start the task again as soon as it starts"), (
+                "give an interval longer than 0, e.g. 15m")
+
+
+def _quota_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
+    """Limits of zero let nothing run, and systemd cannot set them."""
+    cpu, memory = spec.get("cpu"), spec.get("memory")
+    try:
+        if isinstance(cpu, str) and round(units.percent(cpu), 2) == 0:
+            yield ("spec", "cpu"), f"{cpu!r} is below the smallest CPU limit, 0.01%", (
+                "a CPU limit of 0 lets nothing run; leave cpu out for no limit")
+        if isinstance(memory, str) and units.size_bytes(memory) == 0:
+            yield ("spec", "memory"), "a memory limit of 0 lets nothing run", (
+                "leave memory out for no limit")
+    except ValueError:
+        return  # the schema says what is wrong with it
 
 
 _TIME_ZONE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$")

@@ -1,7 +1,9 @@
-"""Shared fixtures: a fresh device root per test, the example manifests, and `spos` run in-process."""
+"""Shared fixtures: a fresh device root per test, the example manifests, `spos` run in-process,
+and a stand-in for systemctl."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli import main
+from reconciler.systemctl import SystemctlError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "agents.d"
@@ -57,3 +60,35 @@ def spos(capsys):
         return Result(code, captured.out, captured.err)
 
     return run
+
+
+class RecordingSystemctl:
+    """Stands in for systemctl on a device root: records each command; `enable --now` and
+    `disable --now` link and unlink the timer in timers.target.wants as systemctl does. A
+    command naming a unit whose file is gone fails, as systemctl would: spos must stop a timer
+    before it deletes the file."""
+
+    def __init__(self, root: Path):
+        self.root, self.calls = root, []
+
+    def run(self, *arguments: str) -> None:
+        self.calls.append(list(arguments))
+        if arguments[0] == "daemon-reload":
+            return
+        unit = arguments[-1]
+        units = self.root / "etc/systemd/system"
+        if not (units / unit).is_file():
+            raise SystemctlError(f"systemctl {' '.join(arguments)}: Unit file {unit} does not exist.")
+        link = units / "timers.target.wants" / unit
+        if arguments[0] == "enable" and not os.path.lexists(link):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(f"../{unit}")  # systemctl links by absolute path; this root is not /
+        elif arguments[0] == "disable" and os.path.lexists(link):
+            link.unlink()
+
+
+@pytest.fixture
+def recording_systemctl():
+    """`recording_systemctl(root)`: a RecordingSystemctl for the device at `root`, to hand to a
+    Device as its systemd."""
+    return RecordingSystemctl

@@ -23,6 +23,10 @@ Case fields (all but `description` optional):
     device_after: {path: null | text | {text, json: subset, mode: "0644", dir: bool}}
     apply_fails: {id: text in its error}   changes apply must report as failed (and the second
                                        plan must still hold); all others must succeed
+    systemd: true                      systemd is the device's init system: apply activates the
+                                       units it writes, through a stand-in for systemctl that
+                                       records each command (conftest.RecordingSystemctl)
+    systemctl: [[word, ...], ...]      the commands the apply of `manifests` ran, in order
     edit: {agent, before: text | null, changes: {id: line | null}, after: text | null}
 """
 
@@ -60,13 +64,16 @@ def _cases(section: str):
 
 
 @pytest.mark.parametrize("case", list(_cases("manifests")))
-def test_plan_case(case, tmp_path):
-    device = Device(tmp_path / "device", cgroup_root=str(tmp_path / "device/sys/fs/cgroup"))
+def test_plan_case(case, tmp_path, recording_systemctl):
+    systemctl = recording_systemctl(tmp_path / "device") if case.get("systemd") else None
+    device = Device(tmp_path / "device", cgroup_root=str(tmp_path / "device/sys/fs/cgroup"),
+                    systemd=systemctl)
     case = _with_parent(case, device.cgroups.parent)
     _fake_cgroups(device, case.get("cgroups"))
     facts = Facts(spos_command=SPOS_COMMAND, root=case.get("root", "/"),
                   cgroup_version=device.cgroups.version, cgroup_parent=device.cgroups.parent,
-                  cgroup_weight_file=device.cgroups.weight_file())
+                  cgroup_weight_file=device.cgroups.weight_file(),
+                  activate_units=systemctl is not None)
     if "applied" in case:
         result = apply(device, _plan(device, _load(case["applied"], tmp_path / "applied"), facts))
         assert result.ok, result.failed
@@ -81,7 +88,11 @@ def test_plan_case(case, tmp_path):
         ]
         for change, spec in zip(planned.changes, case["changes"]):
             assert _as_expected(change, spec) == spec
+    if systemctl is not None:
+        systemctl.calls.clear()
     result = apply(device, planned)
+    if "systemctl" in case:
+        assert systemctl.calls == case["systemctl"]
     fails = case.get("apply_fails") or {}
     assert {change.id: error for change, error in result.failed if fails.get(change.id, "\0") not in error} == {}
     assert sorted(change.id for change, _ in result.failed) == sorted(fails)

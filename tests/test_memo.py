@@ -106,6 +106,27 @@ def test_a_cron_line_edited_by_hand_is_drift(spos, manifests, applied):
     assert "~   cron/backup-001-nightly  (changed on the device (drift))" in result.out
 
 
+def test_a_unit_file_edited_by_hand_is_drift(spos, manifests, applied):
+    unit = applied / "etc/systemd/system/spos-schedule-monitor-001-boot.timer"
+    rewrite_keeping_stat_times(unit, "OnBootSec=2m", "OnBootSec=9m")
+
+    result = spos("plan", manifests, "--root", applied, "--detailed-exitcode")
+    assert result.code == 2
+    assert "~   timer/monitor-001-boot  (changed on the device (drift))" in result.out
+    assert 'timer.sections.Timer.OnBootSec: "9m" -> "2m"' in result.out
+
+
+def test_a_device_where_spos_activates_units_is_another_desired_state(
+        spos, manifests, applied, monkeypatch, recording_systemctl):
+    from reconciler import systemctl
+
+    monkeypatch.setattr(systemctl, "detect", lambda root: recording_systemctl(applied))
+    changes = plan_json(spos, manifests, applied)["changes"]
+    assert [(c["id"], [f["path"] for f in c["fields"]]) for c in changes] == [
+        (f"timer/{name}", ["enabled"])
+        for name in ("iot-sensor-001-upload", "maintenance-001-logrotate", "monitor-001-boot")]
+
+
 def test_a_damaged_memo_only_costs_time(spos, manifests, applied):
     expected = plan_json(spos, manifests, applied)
     good = json.loads((applied / MEMO).read_bytes())

@@ -38,7 +38,8 @@ def project(manifests, monkeypatch):
 def make_plan(device: Device):
     """`spos plan agents.d` for a device whose root is `/`, from the pure functions."""
     manifest_set = load("agents.d", "policies")
-    desired = render(manifest_set, Facts(spos_command=SPOS_COMMAND, root="/"))
+    facts = Facts(spos_command=SPOS_COMMAND, root="/")
+    desired = render(manifest_set, facts)
     inventory = read_inventory(device)["resources"]
     actual = observe(device, set(desired) | set(inventory))
     planned = plan(
@@ -47,7 +48,7 @@ def make_plan(device: Device):
         manifests={"path": "agents.d", "revision": None, "digest": manifest_set.digest},
         version=__version__,
     )
-    planned.notices = notices(manifest_set)
+    planned.notices = notices(manifest_set, facts)
     return planned
 
 

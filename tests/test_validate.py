@@ -79,7 +79,7 @@ def test_the_examples_validate(examples, spos):
 def test_the_examples_validate_as_json(examples, spos):
     result = spos("validate", "agents.d", "--json")
     assert result.code == 0
-    assert json.loads(result.out) == {"valid": True, "manifests": 35, "diagnostics": []}
+    assert json.loads(result.out) == {"valid": True, "manifests": 35, "diagnostics": [], "notes": []}
 
 
 def test_empty_files_comment_only_files_and_bare_separators_are_fine(project, spos):

@@ -3,10 +3,12 @@ making the smallest change from one to the other.
 
 Adding a kind means adding its module here and to `ALL`: plan, apply, views and the CLI treat
 every kind alike. Order matters: creates and updates run in this order, deletes in reverse (an
-agent exists before a crontab line that enqueues to it, and outlives it).
+agent, and its cgroup, exist before a timer or crontab line that runs it, and outlive them).
+A kind may also have `finish(device, applied)`, run once after every kind applied (systemd
+reloads once per apply).
 """
 
-from reconciler.kinds import agent, cgroup, cron
+from reconciler.kinds import agent, cgroup, cron, systemd
 
-ALL = (agent.KIND, cgroup.KIND, cron.KIND)
+ALL = (agent.KIND, cgroup.KIND, systemd.KIND, cron.KIND)
 BY_NAME = {kind.name: kind for kind in ALL}
