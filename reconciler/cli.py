@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import argparse
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130  # `action run --wait` gave up / was interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +142,12 @@ def _parser() -> "argparse.ArgumentParser":
     run.add_argument("--cron-tz", metavar="ZONE", help="the time zone EXPR is written in")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="print nothing on success (cron mails whatever a job prints)")
+    run.add_argument("--wait", action="store_true",
+                     help="then wait until the run has ended, retries included, and exit with its "
+                          "exit code (as action execute does)")
+    run.add_argument("--wait-timeout", metavar="DURATION",
+                     help=f"with --wait: stop waiting after this long (exit {EXIT_WAIT_TIMEOUT}); "
+                          "the run goes on")
     run.set_defaults(handler=_action_run)
 
     execute = action_commands.add_parser(
@@ -181,6 +188,16 @@ def _parser() -> "argparse.ArgumentParser":
     cancel.add_argument("run_id", metavar="RUN_ID")
     cancel.set_defaults(handler=_action_cancel)
 
+    cleanup = action_commands.add_parser(
+        "cleanup", parents=[common], help="remove finished runs past their Quota's retention",
+        description="Remove the records, logs, checkpoints and temporary directories of finished "
+                    "runs older than their agent's retention (the executor does this hourly).",
+    )
+    cleanup.add_argument("--agent", help="only this agent's runs")
+    cleanup.add_argument("--dry-run", action="store_true", help="show what would be removed; remove nothing")
+    cleanup.add_argument("--json", action="store_true", help="print the report as JSON")
+    cleanup.set_defaults(handler=_action_cleanup)
+
     executor = commands.add_parser(
         "executor", parents=[common], help="the daemon that runs queued actions",
         description="Run queued actions in their sandboxes until stopped. SIGTERM drains: no new "
@@ -192,6 +209,9 @@ def _parser() -> "argparse.ArgumentParser":
                           help="runs of one agent at once (default 2)")
     executor.add_argument("--rescan", default="30s", metavar="DURATION",
                           help="look at the queue this often even without a wake-up (default 30s)")
+    executor.add_argument("--cleanup-interval", default="1h", metavar="DURATION",
+                          help="remove finished runs past their retention at start and this often "
+                               "(default 1h; 0s: never)")
     _executor_args(executor)
     executor.set_defaults(handler=_executor)
     return parser
@@ -505,28 +525,179 @@ def _action_run(args) -> int:
     return run_action(
         args.root, args.agent, args.task, priority=args.priority, schedule=args.schedule,
         deadline=args.deadline, cron=args.cron, cron_tz=args.cron_tz, quiet=args.quiet,
+        wait=args.wait, wait_timeout=args.wait_timeout,
     )
 
 
 def run_action(root: str, agent: str, task: str, *, priority: int | None = None,
                schedule: str | None = None, deadline: str | None = None, cron: str | None = None,
-               cron_tz: str | None = None, quiet: bool = False) -> int:
+               cron_tz: str | None = None, quiet: bool = False, wait: bool = False,
+               wait_timeout: str | None = None) -> int:
     """`spos action run`: enqueue one run and print its id. Shared by the full command line and
-    the lean entry point crontab lines use (reconciler/_cron.py)."""
+    the lean entry point crontab lines use (reconciler/_cron.py), which hands `--wait` to the
+    full command line."""
     from reconciler.device import Device
     from reconciler.errors import UsageError
     from reconciler.executor.enqueue import enqueue
 
     if (cron is None) != (cron_tz is None):
         raise UsageError("--cron and --cron-tz go together")
+    if wait_timeout is not None and not wait:
+        raise UsageError("--wait-timeout goes with --wait")
     if cron is not None and not _cron_matches_now(cron, cron_tz):
         return EXIT_OK
     seconds = _duration("--deadline", deadline) if deadline else None
+    patience = _duration("--wait-timeout", wait_timeout) if wait_timeout else None
     source = {"kind": "schedule", "name": schedule} if schedule else {"kind": "manual"}
-    record = enqueue(Device(root), agent, task, priority=priority, source=source, deadline_seconds=seconds)
+    device = Device(root)
+    record = enqueue(device, agent, task, priority=priority, source=source, deadline_seconds=seconds)
     if not quiet:
-        print(record["id"])
-    return EXIT_OK
+        print(record["id"], flush=True)
+    if not wait:
+        return EXIT_OK
+    return _wait_for_end(device, agent, record["id"], patience)
+
+
+def _wait_for_end(device, agent: str, run_id: str, patience: float | None) -> int:
+    """`action run --wait`: until the run is in completed/ or failed/, where only its final
+    state takes it (a run waiting to be retried sits in the queue), then exit as `action
+    execute` does. Woken by inotify when a record lands in those directories, with a look every
+    few seconds besides; Ctrl-C stops the waiting, not the run."""
+    try:
+        run = _wait_until_final(device, agent, run_id, patience)
+    except KeyboardInterrupt:
+        print(f"spos: stopped waiting; run {run_id} was not cancelled and goes on "
+              f"(spos action cancel {run_id} stops it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if run.bucket not in ("completed", "failed"):
+        print(f"spos: gave up waiting after {patience:g}s; run {run_id} is {run.state} and goes on",
+              file=sys.stderr)
+        return EXIT_WAIT_TIMEOUT
+    record = {**run.record, "state": run.state}
+    if run.state != "completed":
+        print(f"spos: run {run_id} {run.state}: {record.get('reason')}", file=sys.stderr)
+    return _exit_code(record)
+
+
+def _wait_until_final(device, agent: str, run_id: str, patience: float | None):
+    """The run once it is final, or as it is when `patience` seconds have passed."""
+    import time
+
+    from reconciler import AGENTS_DIR
+    from reconciler.errors import SposError
+    from reconciler.executor.runs import RunStore
+
+    store = RunStore(device)
+    if not _executor_listening(device):
+        print(f"spos: no executor is running here; run {run_id} waits in the queue until one starts",
+              file=sys.stderr)
+    give_up = None if patience is None else time.monotonic() + patience
+
+    def look():  # a finished run's record reaches its final bucket before it leaves active/
+        return store.find(run_id, agent, ("completed", "failed")) or store.find(run_id, agent)
+
+    # Watch first, then look: a run that ends in between is still seen.
+    with _DirectoryWatch([device.host(f"{AGENTS_DIR}/{agent}/{bucket}")
+                          for bucket in ("completed", "failed")]) as watch:
+        run = look()
+        while run is None or run.bucket not in ("completed", "failed"):
+            if run is None:
+                raise SposError(f"run {run_id} is gone: it was removed while spos waited for it")
+            left = None if give_up is None else give_up - time.monotonic()
+            if left is not None and left <= 0:
+                return run
+            names = watch.wait(left)
+            if names is None or any(name == "" or name.endswith(f"-{run_id}.json") for name in names):
+                run = look()
+    return run
+
+
+def _exit_code(record: dict) -> int:
+    """The exit code of `action execute` and `action run --wait` for a run that ended: the
+    action's own; 128+N when signal N ended it (a timeout or a cancel: 143 for SIGTERM, 137 for
+    SIGKILL); 1 when it has none (skipped, expired, could not start). Never 0 unless the run
+    completed."""
+    code = record.get("exitCode")
+    result = (128 - code if code < 0 else code) if isinstance(code, int) else EXIT_ERROR
+    if record.get("state") != "completed" and result == EXIT_OK:
+        return EXIT_ERROR
+    return result
+
+
+def _executor_listening(device) -> bool:
+    """Whether some executor holds the wake pipe open for reading: opening a FIFO for writing
+    without blocking fails (ENXIO) when nobody reads it."""
+    import stat
+
+    from reconciler.executor.enqueue import WAKE_PIPE
+
+    try:
+        host = device.host(WAKE_PIPE)
+        if not stat.S_ISFIFO(os.lstat(host).st_mode):
+            return False
+        os.close(os.open(host, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+class _DirectoryWatch:
+    """inotify, through ctypes, on a few directories: `wait` returns the names of files
+    created in or renamed into them. Without inotify (or a directory to watch), `wait` sleeps
+    a little longer each time, up to a second, and returns None: look again."""
+
+    EVENTS = 0x100 | 0x80            # IN_CREATE | IN_MOVED_TO
+    FLAGS = 0x01000000 | 0x02000000  # IN_ONLYDIR | IN_DONTFOLLOW
+    LOOK_ANYWAY = 5.0                # seconds: a lost event costs at most this
+
+    def __init__(self, directories: list[str]):
+        self.fd = -1
+        self.pause = 0.05
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        except (OSError, AttributeError):
+            return
+        if fd < 0:
+            return
+        for directory in directories:
+            if libc.inotify_add_watch(fd, os.fsencode(directory), self.EVENTS | self.FLAGS) < 0:
+                os.close(fd)
+                return
+        self.fd = fd
+
+    def wait(self, timeout: float | None) -> list[str] | None:
+        import select
+        import struct
+        import time
+
+        if self.fd < 0:
+            time.sleep(self.pause if timeout is None else max(0.0, min(self.pause, timeout)))
+            self.pause = min(self.pause * 2, 1.0)
+            return None
+        limit = self.LOOK_ANYWAY if timeout is None else min(timeout, self.LOOK_ANYWAY)
+        if not select.select([self.fd], [], [], max(0.0, limit))[0]:
+            return None  # nothing for a while (or the caller's time is up): look again
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        names, offset = [], 0
+        while offset + 16 <= len(data):  # struct inotify_event: wd, mask, cookie, len, name
+            length = struct.unpack_from("iIII", data, offset)[3]
+            names.append(data[offset + 16:offset + 16 + length].rstrip(b"\0").decode(errors="replace"))
+            offset += 16 + length
+        return names
+
+    def __enter__(self) -> "_DirectoryWatch":
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _cron_matches_now(expression: str, zone: str) -> bool:
@@ -607,6 +778,7 @@ def _executor(args) -> int:
         max_parallel=args.max_parallel,
         max_per_agent=args.max_per_agent,
         rescan=_duration("--rescan", args.rescan),
+        cleanup_interval=_duration("--cleanup-interval", args.cleanup_interval),
     )
     print(f"spos executor: serving {executor.device.root} (pid {os.getpid()})", file=sys.stderr)
     executor.serve(once=args.once)
@@ -621,13 +793,13 @@ def _action_execute(args) -> int:
     record = enqueue(executor.device, args.agent, args.task, source={"kind": "execute"}, claim=True)
     print(f"run {record['id']}", file=sys.stderr)
     final = executor.execute(record["id"], args.agent, timeout=timeout)
-    code = final.get("exitCode")
     state = final.get("state")
     if state != "completed":
         print(f"spos: run {record['id']} {state}: {final.get('reason')}", file=sys.stderr)
-    if isinstance(code, int) and code >= 0:
-        return code
-    return 128 - code if isinstance(code, int) else EXIT_ERROR
+    if executor.unrecorded:
+        print(f"spos: warning: the state file system refused to record the end of run {record['id']}; "
+              "it stays active until an executor starts and runs it again", file=sys.stderr)
+    return _exit_code(final)
 
 
 def _store(args):
@@ -729,6 +901,22 @@ def _rotated(path, handle) -> bool:
         return os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino
     except FileNotFoundError:
         return False
+
+
+def _action_cleanup(args) -> int:
+    import json
+
+    from reconciler.device import Device
+    from reconciler.executor import retention
+
+    report = retention.clean(Device(args.root), agent=args.agent, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        sys.stdout.write(retention.text(report))
+        for error in report.errors:
+            print(f"spos: cleanup: {error}", file=sys.stderr)
+    return EXIT_ERROR if report.errors else EXIT_OK
 
 
 def _action_cancel(args) -> int:

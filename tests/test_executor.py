@@ -740,6 +740,72 @@ def test_concurrency_replace_cancels_the_active_run(device):
     assert daemon.stop() == 0
 
 
+# The first run of `t` ignores SIGTERM, so it only ends when its whole cgroup is killed after
+# the grace period; the runs after it end at once.
+REPLACED_FIRST = sh("echo $SPOS_RUN_ID >> $SPOS_OUTPUT_DIR/started; "
+                    "if [ $(wc -l < $SPOS_OUTPUT_DIR/started) = 1 ]; then trap '' TERM; sleep 86408; fi")
+
+
+def test_concurrency_replace_cancels_a_run_of_action_execute_before_starting(device):
+    other = device.other()
+    device.apply({"t": {"command": REPLACED_FIRST, "concurrency": "Replace", "timeout": "30s"}},
+                 others={other: {"quick": {"command": sh("true")}}})
+    foreground = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "action", "execute", "--root", str(device.root),
+         "--agent", device.agent, "--task", "t", "--grace", "1s"],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        executed = wait_for(lambda: device.lines("started"), "`action execute` to start its run")[0]
+        pids = wait_for(lambda: cgroup_pids(device.agent, executed), "its processes")
+        daemon = device.daemon("--rescan", "60s")
+        second = device.enqueue("t")
+        meanwhile = device.enqueue("quick", agent=other)
+        record = device.wait_state(second, "completed", "failed", "cancelled")
+        foreground.communicate(timeout=10)
+    finally:
+        if foreground.poll() is None:
+            foreground.kill()
+    assert record["state"] == "completed", record
+    replaced = device.record(executed)
+    assert replaced["state"] == "cancelled", replaced
+    assert f"replaced by run {second}" in replaced["reason"]
+    assert foreground.returncode != 0
+    # the new run started only once the old one had ended, its cgroup killed ...
+    assert device.lines("started") == [executed, second]
+    assert when(record["startedAt"]) >= when(replaced["endedAt"])
+    assert not survivors(pids, "86408")
+    # ... and the wait held up nothing else
+    assert when(device.record(meanwhile)["endedAt"]) < when(record["startedAt"])
+    assert not list((device.agent_dir() / "active").iterdir())  # no request or reserve is left
+    assert daemon.stop() == 0
+
+
+def test_concurrency_replace_cancels_a_run_of_another_executor(device):
+    device.apply({"t": {"command": REPLACED_FIRST, "concurrency": "Replace", "timeout": "30s"}})
+    first = device.enqueue("t")
+    holder = device.daemon("--rescan", "60s", "--max-parallel", "1")  # claims nothing more
+    wait_for(lambda: device.lines("started") == [first], "the first run to start")
+    pids = wait_for(lambda: cgroup_pids(device.agent, first), "its processes")
+    # Both executors read the one wake pipe and only one gets the byte: a short rescan lets the
+    # replacer find the new run even when the holder, which has no room for it, took the wake-up.
+    replacer = device.daemon("--rescan", "200ms")
+    device.wait_ready(replacer)
+    second = device.enqueue("t")
+
+    record = device.wait_state(second, "completed", "failed", "cancelled")
+    assert record["state"] == "completed", record
+    replaced = device.record(first)
+    assert replaced["state"] == "cancelled" and replaced["executor"]["pid"] == holder.pid, replaced
+    assert f"replaced by run {second}" in replaced["reason"]
+    assert device.lines("started") == [first, second]
+    assert when(record["startedAt"]) >= when(replaced["endedAt"])
+    assert not survivors(pids, "86408")
+    assert "SIGTERM" in device.log(first)
+    for daemon in (holder, replacer):
+        assert daemon.stop() == 0, daemon.stderr()
+
+
 def test_concurrency_allow_runs_side_by_side(device):
     device.apply({"t": {"command": sh("sleep 1"), "concurrency": "Allow"}})
     run_ids = [device.enqueue("t"), device.enqueue("t")]
@@ -800,6 +866,67 @@ def test_cancel_a_running_run_terms_then_kills_its_cgroup(device):
 def test_cancel_of_an_unknown_run_fails(device):
     result = device.spos("action", "cancel", "no-such-run", "--root", device.root)
     assert result.code == 1 and "no run 'no-such-run'" in result.err
+
+
+def test_a_cancel_request_outliving_its_executor_is_honoured_at_recovery(device):
+    device.apply({"t": {"command": sh("echo $SPOS_ATTEMPT >> $SPOS_OUTPUT_DIR/attempts; "
+                                      "trap '' TERM; sleep 86409"), "timeout": "30s"}})
+    run_id = device.enqueue("t")
+    daemon = device.daemon("--rescan", "60s")
+    wait_for(lambda: device.lines("attempts") == ["1"], "the run to start")
+    pids = wait_for(lambda: cgroup_pids(device.agent, run_id), "its processes")
+    daemon.process.kill()
+    daemon.process.wait(5)
+
+    result = device.spos("action", "cancel", run_id, "--root", device.root)
+    assert result.code == 0 and "executor is gone" in result.out, result.out
+    active = device.agent_dir() / "active"
+    assert [p.name for p in active.glob("*.cancel")]
+
+    device.once()
+
+    record = device.record(run_id)
+    assert record["state"] == "cancelled", record  # what was asked for, not a rerun
+    assert "cancelled by request" in record["reason"] and "died" in record["reason"]
+    assert [a["state"] for a in record["attempts"]] == ["cancelled"]
+    assert device.lines("attempts") == ["1"]
+    assert not survivors(pids, "86409")
+    assert not list(active.iterdir())  # the request went with the run
+    assert "run cancelled" in device.log(run_id)
+
+
+def test_stale_cancel_requests_are_removed_and_stop_no_later_run(device):
+    device.apply({
+        "t": {"command": sh("true"), "concurrency": "Allow"},
+        "flaky": {"command": sh('echo $SPOS_ATTEMPT >> $SPOS_OUTPUT_DIR/attempts; '
+                                '[ "$SPOS_ATTEMPT" != 1 ] || exit 1; sleep 2'),
+                  "retries": {"limit": 1, "backoff": {"initial": "1s"}}, "timeout": "30s"},
+    })
+    ended = device.enqueue("t")
+    device.once()
+    assert device.record(ended)["state"] == "completed"
+    # a request (and a reserve) left behind for a run that already ended, as when the process
+    # writing it died half-way: the next executor removes them, and a later run is not touched
+    active = device.agent_dir() / "active"
+    name = next((device.agent_dir() / "completed").glob(f"*-{ended}.json")).name
+    stray_request = active / f"{name}.cancel"
+    stray_request.write_text(json.dumps({"runId": ended, "attempt": 1, "reason": "too late"}))
+    (active / f"{name}.reserve").write_bytes(b"\0" * 4096)
+    later = device.enqueue("t")
+    flaky = device.enqueue("flaky")
+    daemon = device.daemon("--rescan", "60s")
+    assert device.wait_state(later, "completed", "failed", "cancelled")["state"] == "completed"
+    assert not stray_request.exists() and not (active / f"{name}.reserve").exists()
+
+    # a request made for attempt 1 that lingered does not cancel attempt 2
+    wait_for(lambda: device.lines("attempts") == ["1", "2"], "the retry to start")
+    flaky_name = next(active.glob(f"*-{flaky}.json")).name
+    lingering = active / f"{flaky_name}.cancel"
+    lingering.write_text(json.dumps({"runId": flaky, "attempt": 1, "reason": "for attempt 1"}))
+    record = device.wait_state(flaky, "completed", "failed", "cancelled")
+    assert record["state"] == "completed" and record["attempt"] == 2, record
+    assert not lingering.exists()  # removed when the run's end was recorded
+    assert daemon.stop() == 0
 
 
 # -- heartbeats and progress ----------------------------------------------------------------------
@@ -893,10 +1020,34 @@ def test_a_run_whose_sandbox_cannot_start_fails_and_others_go_on(device):
     assert device.record(fine)["state"] == "completed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 3: a full disk must give a clear error in the run's record and the executor must keep "
-    "serving other agents; today a log write failing with ENOSPC ends the executor (exit 1) and "
-    "leaves the run in active/, to be rerun by the next executor"))
+def test_a_queue_file_of_the_wrong_shape_is_set_aside_with_its_reason(device):
+    device.apply({"t": {"command": sh("true")}})
+    queue, failed = device.agent_dir() / "queue", device.agent_dir() / "failed"
+    wrong = {  # file name -> (content, the field its reason names)
+        "000-00000000000000000001-20260101T000000-0000000a.json":
+            ({"id": "20260101T000000-0000000a", "task": "t", "notBefore": "soon"}, "notBefore"),
+        "000-00000000000000000002-20260101T000000-0000000b.json":
+            ({"id": "20260101T000000-0000000b", "task": ["t"]}, "task"),
+        "000-00000000000000000003-20260101T000000-0000000c.json":
+            ({"id": "20260101T000000-0000000c", "task": "t", "attempt": "one"}, "attempt"),
+        "000-00000000000000000004-20260101T000000-0000000d.json":
+            ({"id": "../../../../../../tmp/escape", "task": "t"}, "id"),
+    }
+    for name, (content, _) in wrong.items():
+        (queue / name).write_text(json.dumps(content))
+    fine = device.enqueue("t")
+
+    device.once()
+
+    for name, (_, field) in wrong.items():
+        assert (failed / f"{name}.corrupt").exists(), name
+        assert f"`{field}`" in (failed / f"{name}.corrupt.reason").read_text(), name
+        run_id = name[25:-5]
+        assert "set aside" in device.log(run_id) and f"`{field}`" in device.log(run_id)
+    assert not list(queue.iterdir())
+    assert device.record(fine)["state"] == "completed"
+
+
 def test_a_full_disk_fails_the_run_and_other_work_goes_on(device):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "spos-test-full", str(device.root)], check=True)
     try:
@@ -905,12 +1056,57 @@ def test_a_full_disk_fails_the_run_and_other_work_goes_on(device):
                      others={other: {"t": {"command": sh("echo fine")}}})
         flood = device.enqueue("flood", "--priority", "90")
         fine = device.enqueue("t", "--priority", "10", agent=other)
-        device.once()
+        device.once()  # exits 0: the executor went on
         record = device.record(flood)
-        assert record["state"] == "failed" and "space" in record["reason"], record
+        assert record["state"] == "failed", record
+        assert record["reason"] == "its log could not be written: No space left on device", record
         assert device.record(fine)["state"] == "completed"
+        assert "fine" in device.log(fine, other)
+        assert not run_cgroup_dirs(device.agent, flood)  # its processes were stopped
+        assert not list((device.agent_dir() / "active").iterdir())  # its reserve was given back
+
+        # with room to enqueue but not to set aside what recording a run's end needs, a run
+        # waits in the queue; it starts once the operator made room
+        filler = device.root / "filler"
+        space = os.statvfs(device.root)
+        filler.write_bytes(b"\0" * max(0, space.f_bavail * space.f_frsize - 16 * 1024))
+        waiting = device.enqueue("t", agent=other)
+        daemon = device.daemon("--rescan", "60s")
+        time.sleep(1)
+        assert device.record(waiting)["state"] == "queued"
+        filler.unlink()
+        (device.agent_dir() / "logs" / f"{flood}.log").unlink()
+        assert device.wait_state(waiting, "completed", "failed", timeout=8)["state"] == "completed"
+        assert daemon.stop() == 0
     finally:
         subprocess.run(["umount", "-l", str(device.root)], check=False)
+
+
+def test_an_end_the_file_system_refuses_is_written_once_it_can_be(device):
+    other = device.other()
+    device.apply({"t": {"command": sh("echo up > $SPOS_OUTPUT_DIR/up; sleep 2; exit 3")}},
+                 others={other: {"t": {"command": sh("echo fine")}}})
+    run_id = device.enqueue("t")
+    daemon = device.daemon("--rescan", "60s")
+    wait_for(lambda: device.output("up").exists(), "the run to start")
+    failed = device.agent_dir() / "failed"
+    failed.mkdir(mode=0o750, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "spos-test-ro", str(failed)], check=True)
+    try:
+        # the end cannot be written to failed/: the run stays in active/, its processes stopped
+        wait_for(lambda: "run failed: step main exited with 3" in device.log(run_id), "the run to end")
+        assert device.record(run_id)["state"] == "active"
+        assert not run_cgroup_dirs(device.agent, run_id)
+        # and the executor goes on with other work
+        fine = device.enqueue("t", agent=other)
+        assert device.wait_state(fine, "completed", "failed")["state"] == "completed"
+        assert device.record(run_id)["state"] == "active"
+    finally:
+        subprocess.run(["umount", "-l", str(failed)], check=False)
+    record = device.wait_state(run_id, "failed", timeout=8)
+    assert record["exitCode"] == 3 and record["reason"] == "step main exited with 3", record
+    assert not list((device.agent_dir() / "active").iterdir())
+    assert daemon.stop() == 0
 
 
 def test_enqueueing_an_unknown_agent_or_task_is_refused(device, spos):

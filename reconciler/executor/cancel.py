@@ -1,33 +1,99 @@
-"""Cancelling a run from outside the executor.
+"""Cancelling a run from outside the process that runs it.
 
-A queued run is moved straight to failed/ as cancelled (a rename: if an executor claims it at
-the same instant, the rename fails and the run is treated as running). A running run gets a
-cancel request next to its record; the executor sees it on its next wake-up, sends SIGTERM,
-waits its grace period, then kills every process in the run's cgroup.
+A queued run is moved straight to failed/ as cancelled. A running run gets a cancel request
+next to its record, `active/<run file>.cancel`, naming the attempt it was made against:
+
+    {"runId": "...", "attempt": 2, "reason": "cancelled by request", "requestedAt": "..."}
+
+The run's owner (an executor, or `spos action execute`) sees the request at once when woken,
+and within a second anyway: SIGTERM, its grace period, then every process in the run's cgroup is
+killed, and the run ends as cancelled with the request's reason. An attempt that ended on its
+own before the request was seen keeps its state, but is not retried. The request is removed
+once the run's end is recorded; when the owner died, the next executor's recovery honours it
+(the run ends as cancelled instead of running again). A request for another attempt than the
+one running is stale and ignored, so it cannot stop a later attempt; one whose run left
+active/ is a stray and removed (RunStore.remove_strays).
+
+Writing a request happens under the claim lock, and so does the recording of a run's end: a
+request is either seen by the owner or finds the run already ended.
 """
 
 from __future__ import annotations
 
+import json
+
 from reconciler.errors import UsageError
 from reconciler.executor.enqueue import wake
-from reconciler.executor.runs import RunStore
+from reconciler.executor.owner import alive
+from reconciler.executor.runs import CorruptRecord, Run, RunStore, storage_failure
 from reconciler.executor.supervise import now_iso
+
+BY_REQUEST = "cancelled by request"
 
 
 def cancel(store: RunStore, run_id: str) -> str:
     """Cancel `run_id`; returns what happened, in a sentence."""
-    run = store.find(run_id)
-    if run is None:
+    if store.find(run_id) is None:
         raise UsageError(f"no run {run_id!r} on this device")
-    if run.bucket == "queue" and store.move(run, "failed"):
-        run.record.update(state="cancelled", reason="cancelled by request before it started",
-                          endedAt=now_iso())
-        store.save(run)
-        return f"run {run_id} cancelled before it started"
-    run = store.find(run_id)
-    if run is not None and run.bucket == "active":
-        store.device.write_atomic(run.path + ".cancel", b"cancel\n", mode=0o644)
-        wake(store.device)
-        return f"run {run_id} is running: asked the executor to stop it (SIGTERM, then the whole cgroup)"
+    with store.locked():
+        run = store.find(run_id)
+        if run is not None and run.bucket == "queue" and store.move(run, "failed"):
+            run.record.update(state="cancelled", reason="cancelled by request before it started",
+                              endedAt=now_iso())
+            store.save(run)
+            return f"run {run_id} cancelled before it started"
+        run = store.find(run_id)
+        if run is not None and run.bucket == "active" and ask(store, run, BY_REQUEST):
+            if not alive(run.record.get("executor") or {}):
+                return (f"run {run_id} is active but its executor is gone: the next executor to "
+                        "start stops what is left of it and records it as cancelled")
+            return f"run {run_id} is running: asked the executor to stop it (SIGTERM, then the whole cgroup)"
     state = run.state if run else "gone"
     return f"run {run_id} already ended ({state}); nothing to cancel"
+
+
+def ask(store: RunStore, run: Run, reason: str) -> bool:
+    """Ask the owner of an active run to cancel the attempt it is in, and wake the executors.
+    Call under `store.locked()`. False when the run is no longer active. A request already
+    made for this attempt is kept as it is."""
+    try:
+        current = store.load(run.agent, "active", run.name)
+    except (FileNotFoundError, CorruptRecord):
+        return False
+    if requested(store, current) is None:
+        request = {"runId": current.id, "attempt": current.record.get("attempt", 1),
+                   "reason": reason, "requestedAt": now_iso()}
+        store.device.write_atomic(store.sidecar(current, "cancel"),
+                                  (json.dumps(request) + "\n").encode(), mode=0o644)
+        wake(store.device)
+    return True
+
+
+def requested(store: RunStore, run: Run) -> str | None:
+    """The reason of a cancel request for the attempt `run` is in, or None. A request for
+    another run or attempt is stale and counts as none (it is removed under the lock, when the
+    run ends or as a stray). A request file without those details, written by hand, counts."""
+    raw = store.device.read_text(store.sidecar(run, "cancel"))
+    if raw is None:
+        return None
+    try:
+        request = json.loads(raw)
+    except ValueError:
+        return BY_REQUEST
+    if not isinstance(request, dict):
+        return BY_REQUEST
+    attempt = run.record.get("attempt", 1)
+    if request.get("runId", run.id) != run.id or request.get("attempt", attempt) != attempt:
+        return None
+    reason = request.get("reason")
+    return reason if isinstance(reason, str) and reason else BY_REQUEST
+
+
+def withdraw(store: RunStore, run: Run) -> None:
+    """Remove the run's cancel request (its end is recorded). Call under `store.locked()`. A
+    file system that refuses leaves it to the stray collection."""
+    try:
+        store.device.remove(store.sidecar(run, "cancel"))
+    except OSError as exc:
+        if not storage_failure(exc):
+            raise

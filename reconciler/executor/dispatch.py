@@ -8,6 +8,12 @@ deleted wake pipe or an executor that was down only delays work. Idle, it uses n
 
 Delivery is at-least-once: a run found in `active/` whose executor is gone is run again, with
 the attempt counted and its checkpoint handed over.
+
+A state file system that refuses a write (full, over quota, failing, read-only) fails the run
+whose log or record it was, never the executor. A run is claimed only with room set aside for
+recording its end (RunStore.reserve); an end that still cannot be written leaves the run in
+`active/`, its processes stopped, and is written again every STORAGE_RETRY seconds, or by the
+next executor's recovery if this one stops first.
 """
 
 from __future__ import annotations
@@ -23,16 +29,25 @@ from dataclasses import dataclass
 
 from reconciler import STATE_DIR
 from reconciler.device import Device
-from reconciler.executor import network
+from reconciler.executor import cancel, network
 from reconciler.executor.config import ConfigError, agent_config, task_config
 from reconciler.executor.enqueue import WAKE_PIPE, enqueue
 from reconciler.executor.owner import alive, identity
-from reconciler.executor.runs import CorruptRecord, Run, RunStore
+from reconciler.executor.retention import PeriodicCleanup
+from reconciler.executor.runs import RUN_FILE, CorruptRecord, Run, RunStore, storage_failure
 from reconciler.executor.supervise import (
     DEFAULT_LOG_BYTES, DEFAULT_PATH, ActiveRun, LogWriter, now_iso, run_dirs, steps_of,
 )
 
 DEFAULT_RETRY_CAP = 300.0
+STORAGE_RETRY = 2.0
+"""Seconds between tries of a write the state file system refused: a claim, the end of a run."""
+CANCEL_CHECK = 1.0
+"""With runs active, cancel requests are looked for at least this often, so that one reaches
+its run when no wake-up did (`spos action execute` reads no wake pipe)."""
+REPLACE_RECHECK = 0.25
+"""How often a queued run of a Replace task looks again whether the runs it replaces in other
+processes have ended."""
 
 
 @dataclass
@@ -42,6 +57,7 @@ class Settings:
     grace: float = 10.0
     rescan: float = 30.0
     save_interval: float = 1.0
+    cleanup_interval: float = 3600.0  # retention passes (retention.py); 0: none
 
 
 class Executor:
@@ -59,6 +75,8 @@ class Executor:
         self.signal_pipe: tuple[int, int] | None = None
         self.next_rescan = 0.0
         self.retry_due: float | None = None
+        self.unrecorded: dict[str, tuple[Run, str]] = {}  # ended runs whose end is still to be written
+        self.storage_retry_at: float | None = None
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -68,15 +86,17 @@ class Executor:
         self._install_signal_handlers()
         self._open_wake_pipe()
         self.recover()
+        cleanup = PeriodicCleanup(self.device, self.settings.cleanup_interval)
         try:
             while True:
                 if not self.stopping:
                     started_any = self.dispatch()
+                    cleanup.run_if_due()
                 else:
                     started_any = False
-                if self.stopping and not self.active:
-                    return
-                if once and not self.active and not started_any and not self._queued_anything():
+                if (self.stopping and not self.active) or (
+                        once and not self.active and not started_any and not self._queued_anything()):
+                    self._record_pending()  # a last try; what is left, the next executor recovers
                     return
                 self._wait(self._timeout(once))
                 self._enforce_deadlines()
@@ -97,13 +117,14 @@ class Executor:
                 task = task_config(config, run.record.get("task"))
                 if timeout is not None:
                     task = {**task, "timeoutSeconds": timeout}
+                _refused(self.store.reserve, run)  # `enqueue(claim=True)` set none aside
                 self._start(run, config, task)
                 while run_id in self.active:
                     if self.stopping:
                         for active in list(self.active.values()):
                             self._cancel(active, "interrupted")
-                    self._wait(max(0.0, min(a.next_deadline(self.settings.grace)
-                                            for a in self.active.values()) - time.monotonic()))
+                    deadline = min(a.next_deadline(self.settings.grace) for a in self.active.values())
+                    self._wait(max(0.0, min(CANCEL_CHECK, deadline - time.monotonic())))
                     self._enforce_deadlines()
                 if run.bucket != "queue":
                     return run.record
@@ -118,6 +139,7 @@ class Executor:
                 if not self._claim(run):
                     return run.record
         finally:
+            self._record_pending()
             self._close_signal_pipe()
 
     def _timeout(self, once: bool) -> float:
@@ -126,6 +148,10 @@ class Executor:
         deadlines += [a.next_deadline(self.settings.grace) for a in self.active.values()]
         if self.retry_due is not None:
             deadlines.append(self.retry_due)
+        if self.storage_retry_at is not None:
+            deadlines.append(self.storage_retry_at)
+        if self.active:
+            deadlines.append(now + CANCEL_CHECK)
         timeout = max(0.0, min(deadlines) - now)
         return min(timeout, 0.5) if once else timeout
 
@@ -157,6 +183,10 @@ class Executor:
             self.next_rescan = now_mono + self.settings.rescan
             self._check_wake_pipe()
             self._collect_cancel_requests()
+            self._collect_strays()
+        if self.storage_retry_at is not None and now_mono >= self.storage_retry_at:
+            self.storage_retry_at = None
+            self._record_pending()
         self.retry_due = None
         started = False
         for run in self._queued():
@@ -176,7 +206,7 @@ class Executor:
                 except FileNotFoundError:
                     continue
                 except CorruptRecord as exc:
-                    self.store.set_aside(agent, "queue", name, str(exc))
+                    self._set_aside(agent, "queue", name, str(exc))
         return sorted(queued, key=lambda run: run.name)
 
     def _queued_anything(self) -> bool:
@@ -206,10 +236,11 @@ class Executor:
         if running and policy == "Forbid":
             return self._end_unstarted(
                 run, "skipped", f"concurrency Forbid: run {running[0].id} of this task is active")
-        if running and policy == "Replace":
-            for other in running:
-                self._cancel(other, f"replaced by run {run.id} (concurrency Replace)")
-            return False
+        if policy == "Replace":
+            elsewhere = self._active_elsewhere(run.agent, record.get("task"))
+            if running or elsewhere:
+                self._replace(run, running, elsewhere)
+                return False
         if not self._claim(run):
             return False
         self._start(run, config, task)
@@ -220,30 +251,71 @@ class Executor:
         `spos action execute`."""
         return [other for other in self.store.runs(agent, buckets=("active",))
                 if other.record.get("task") == task and other.id not in self.active
-                and alive(other.record.get("executor") or {})]
+                and other.id not in self.unrecorded and alive(other.record.get("executor") or {})]
+
+    def _replace(self, run: Run, here: list[ActiveRun], elsewhere: list[Run]) -> None:
+        """Concurrency Replace: stop every active run of the task, here at once, in other
+        processes through a cancel request. `run` stays queued until they all ended (their
+        records left active/), so two runs of the task never overlap; as no wake-up comes when
+        a run elsewhere ends, it looks again every REPLACE_RECHECK seconds."""
+        reason = f"replaced by run {run.id} (concurrency Replace)"
+        for active in here:
+            self._cancel(active, reason)
+        if elsewhere:
+            with self.store.locked():
+                for other in elsewhere:
+                    cancel.ask(self.store, other, reason)
+            due = time.monotonic() + REPLACE_RECHECK
+            self.retry_due = due if self.retry_due is None else min(self.retry_due, due)
 
     def _claim(self, run: Run) -> bool:
-        """Claim a queued run and record this executor as its owner, under the claim lock
-        that `recover` takes too. False when another executor was faster."""
+        """Claim a queued run, set room aside for recording its end, and record this executor
+        as its owner, under the claim lock that `recover` takes too. False when another
+        executor was faster, or when the state file system has no room (the run stays queued
+        and is tried again)."""
+        before = dict(run.record)
         with self.store.locked():
-            if not self.store.claim(run):
+            try:
+                if not self.store.claim(run):
+                    return False
+                run.record.update(state="active", executor=self.identity)
+                self.store.reserve(run)
+                self.store.save(run)
+            except OSError as exc:
+                if not storage_failure(exc):
+                    raise
+                run.record.clear()
+                run.record.update(before)
+                if run.bucket == "active":  # its file still holds the queued record: move it back
+                    self.store.release(run)
+                    if _refused(self.store.move, run, "queue"):
+                        self.unrecorded[run.id] = (run, "queued")
+                self._retry_storage_later()
                 return False
-            run.record.update(state="active", executor=self.identity)
-            self.store.save(run)
         return True
 
     def _end_unstarted(self, run: Run, state: str, reason: str) -> bool:
         if not self._claim(run):
             return False
         run.record.update(reason=reason, endedAt=now_iso())
-        self._note(run, f"run {state}: {reason}")
-        self.store.finish(run, state)
+        self._note(run.agent, run.id, f"run {state}: {reason}")
+        with self.store.locked():
+            self._record(run, state)
         return False
 
-    def _note(self, run: Run, text: str) -> None:
+    def _set_aside(self, agent: str, bucket: str, name: str, reason: str) -> None:
+        """Move an unreadable run file out of the way (failed/<name>.corrupt, with its reason
+        next to it), and say so in the log of the run its name gives."""
+        if _refused(self.store.set_aside, agent, bucket, name, reason):
+            return  # left where it is; found again on the next look
+        named = RUN_FILE.fullmatch(name)
+        if named:
+            self._note(agent, named["id"], f"{reason}; set aside as failed/{name}.corrupt")
+
+    def _note(self, agent: str, run_id: str, text: str) -> None:
         """A `--- spos` line in the log of a run that is not running here. Best effort: the
         record says the same whatever happens to the log."""
-        log_path = run_dirs(run.agent, run.id)["log"]
+        log_path = run_dirs(agent, run_id)["log"]
         try:
             self.device.makedirs(log_path.rsplit("/", 1)[0], mode=0o750)
             log = LogWriter(self.device, log_path, DEFAULT_LOG_BYTES)
@@ -258,28 +330,38 @@ class Executor:
     def _start(self, run: Run, config: dict, task: dict) -> None:
         record = run.record
         attempt = record.get("attempt", 1)
-        dirs = run_dirs(run.agent, run.id)
-        for key in ("checkpoint", "tmp", "output"):
-            self.device.makedirs(dirs[key], mode=0o750)
-        self.device.makedirs(dirs["log"].rsplit("/", 1)[0], mode=0o750)
         quota = config.get("quota") or {}
-        log = LogWriter(self.device, dirs["log"],
+        log = LogWriter(self.device, run_dirs(run.agent, run.id)["log"],
                         (quota.get("storageBytes") or {}).get("log") or DEFAULT_LOG_BYTES)
-        log.open()
-        if task.get("checkpoint") is None:  # checkpoints off: every attempt starts afresh
-            record["stepsDone"] = []
-            _remove_tree(self.device, dirs["checkpoint"])
-            self.device.makedirs(dirs["checkpoint"], mode=0o750)
-        record.update(state="active", startedAt=now_iso(), executor=self.identity, reason="")
-        record.setdefault("attempts", [])
-        self.store.save(run)
         active = ActiveRun(
             run=run, task=task, config=config, log=log, steps=steps_of(task),
             deadline=time.monotonic() + float(task.get("timeoutSeconds") or 3600),
         )
         self.active[run.id] = active
+        record.update(state="active", startedAt=now_iso(), executor=self.identity, reason="")
+        record.setdefault("attempts", [])
+        failure = _refused(self._prepare, active)
+        problem = active.storage_problem() or (failure and failure.strerror)
+        if problem:
+            active.ending, active.reason = "failed", f"could not start: {problem}"
+            self._end(active, None)
+            return
         log.note(f"attempt {attempt} of run {run.id} ({run.agent}/{record.get('task')}) started")
         self._next_step(active)
+
+    def _prepare(self, active: ActiveRun) -> None:
+        """The run's directories, its log, and its record saying it started."""
+        run = active.run
+        dirs = run_dirs(run.agent, run.id)
+        for key in ("checkpoint", "tmp", "output"):
+            self.device.makedirs(dirs[key], mode=0o750)
+        self.device.makedirs(dirs["log"].rsplit("/", 1)[0], mode=0o750)
+        active.log.open()
+        if active.task.get("checkpoint") is None:  # checkpoints off: every attempt starts afresh
+            run.record["stepsDone"] = []
+            _remove_tree(self.device, dirs["checkpoint"])
+            self.device.makedirs(dirs["checkpoint"], mode=0o750)
+        self._save(active)
 
     def _next_step(self, active: ActiveRun) -> None:
         remaining = active.remaining_steps()
@@ -380,7 +462,7 @@ class Executor:
                 now = time.monotonic()
                 if now - active.last_saved >= self.settings.save_interval:
                     active.last_saved = now
-                    self.store.save(active.run)
+                    self._save(active)
         elif data == b"":
             self._unregister(active.progress_fd)
             os.close(active.progress_fd)
@@ -408,11 +490,15 @@ class Executor:
         process.cleanup()
         step = active.step
         active.log.note(f"step {step.name} exited with {code}" + (" (out of memory)" if oom else ""))
+        if not active.ending and (code == 0 or step.continue_on_error):
+            active.run.record.setdefault("stepsDone", []).append(step.name)
+            self._save(active)
+        problem = None if active.ending else active.storage_problem()
+        if problem:
+            active.ending, active.reason = "failed", problem
         if active.ending:
             self._end(active, code)
         elif code == 0 or step.continue_on_error:
-            active.run.record.setdefault("stepsDone", []).append(step.name)
-            self.store.save(active.run)
             self._next_step(active)
         else:
             if setup_error:
@@ -433,6 +519,10 @@ class Executor:
             if active.terminated_at is not None:
                 if now >= active.terminated_at + self.settings.grace:
                     active.process.kill_all()
+                continue
+            problem = active.storage_problem()
+            if problem:
+                self._terminate(active, "failed", problem)
                 continue
             reason = active.expired(now)
             if reason:
@@ -488,20 +578,69 @@ class Executor:
         if final:
             active.reason += " (not retried: the task marks this exit code as non-retryable)"
             record["reason"] = active.reason
-        if state in ("failed", "timeout") and not final and attempt <= int(retries.get("limit", 0)):
-            delay = _backoff(retries.get("backoff") or {}, attempt)
-            record.update(attempt=attempt + 1, notBefore=_iso(time.time() + delay))
-            active.log.note(f"attempt {attempt} {state}: {active.reason}; retry in {delay:.1f}s")
+        with self.store.locked():  # a cancel request is seen here, or finds the run ended
+            request = cancel.requested(self.store, run)
+            if request and state in ("failed", "timeout") and not final:
+                final = True
+                active.reason += f" (not retried: {request})"
+                record["reason"] = active.reason
+            if state in ("failed", "timeout") and not final and attempt <= int(retries.get("limit", 0)):
+                delay = _backoff(retries.get("backoff") or {}, attempt)
+                record.update(attempt=attempt + 1, notBefore=_iso(time.time() + delay))
+                active.log.note(f"attempt {attempt} {state}: {active.reason}; retry in {delay:.1f}s")
+                active.log.close()
+                self._record(run, "queued")
+                return
+            active.log.note(f"run {state}" + (f": {active.reason}" if active.reason else ""))
             active.log.close()
-            self.store.requeue(run)
-            return
-        active.log.note(f"run {state}" + (f": {active.reason}" if active.reason else ""))
-        active.log.close()
+            _refused(self._remove_run_trees, run, state)  # what is left, retention removes
+            self._follow_up(run, active.task, state)
+            if self._record(run, state):
+                cancel.withdraw(self.store, run)
+
+    def _remove_run_trees(self, run: Run, state: str) -> None:
+        """The run's temporary directory, and its checkpoint once it completed."""
         if state == "completed":
             _remove_tree(self.device, run_dirs(run.agent, run.id)["checkpoint"])
         _remove_tree(self.device, run_dirs(run.agent, run.id)["tmp"])
-        self._follow_up(run, active.task, state)
-        self.store.finish(run, state)
+
+    def _save(self, active: ActiveRun) -> bool:
+        """Rewrite a running run's record. When the state file system refuses, the run's
+        reserve is given up for one more try; failing again, the run fails for it (see
+        ActiveRun.storage_problem)."""
+        failure = _refused(self.store.save, active.run)
+        if failure and self.store.release(active.run):
+            failure = _refused(self.store.save, active.run)
+        if failure:
+            active.record_failure = active.record_failure or failure
+        return failure is None
+
+    def _record(self, run: Run, state: str) -> bool:
+        """Write the end of an attempt: the run back in the queue for its retry (`state`
+        "queued") or in its final bucket. Call under the claim lock. When the state file system
+        refuses, the run stays in active/ (its processes are stopped) and the write is tried
+        again every STORAGE_RETRY seconds; False then."""
+        if state == "queued":
+            failure = _refused(self.store.requeue, run)
+        else:
+            failure = _refused(self.store.finish, run, state)
+        if failure is None:
+            self.unrecorded.pop(run.id, None)
+            return True
+        self.unrecorded[run.id] = (run, state)
+        self._retry_storage_later()
+        return False
+
+    def _record_pending(self) -> None:
+        """Try again to write the ends the state file system refused."""
+        for run, state in list(self.unrecorded.values()):
+            with self.store.locked():
+                if self._record(run, state) and state != "queued":
+                    cancel.withdraw(self.store, run)
+
+    def _retry_storage_later(self) -> None:
+        if self.storage_retry_at is None:
+            self.storage_retry_at = time.monotonic() + STORAGE_RETRY
 
     def _follow_up(self, run: Run, task: dict, state: str) -> None:
         """Enqueue the task's onSuccess / onFailure tasks (cancelled and skipped runs have none)."""
@@ -512,16 +651,24 @@ class Executor:
                         source={"kind": "hook", "run": run.id, "on": hook})
             except ConfigError as exc:
                 run.record.setdefault("followUpErrors", []).append(str(exc))
+            except OSError as exc:
+                if not storage_failure(exc):
+                    raise
+                run.record.setdefault("followUpErrors", []).append(
+                    f"could not enqueue {name}: {exc.strerror}")
 
     # -- recovery and cancellation ------------------------------------------------------------
 
     def recover(self) -> None:
         """Runs left in active/ by an executor that is gone are queued again (attempt counted,
-        checkpoint kept). A run whose record also reached a final bucket keeps that one."""
+        checkpoint kept), or end as cancelled when a cancel request for them was waiting. A run
+        whose record also reached a final bucket keeps that one. Stray requests and reserves
+        are removed."""
         for agent in self.store.agents():
-            if self.store.names(agent, "active"):
+            if self.store.names(agent, "active") or self.store.strays(agent):
                 with self.store.locked():
                     self._recover_agent(agent)
+                    self.store.remove_strays(agent)
 
     def _recover_agent(self, agent: str) -> None:
         finished = set(self.store.names(agent, "completed")) | set(self.store.names(agent, "failed"))
@@ -531,7 +678,7 @@ class Executor:
             except FileNotFoundError:
                 continue
             except CorruptRecord as exc:
-                self.store.set_aside(agent, "active", name, str(exc))
+                self._set_aside(agent, "active", name, str(exc))
                 continue
             if name in finished:
                 self.device.remove(run.path)
@@ -541,6 +688,10 @@ class Executor:
                 continue
             self.sandbox.reap(f"spos/{agent}/{run.id}")
             attempt = run.record.get("attempt", 1)
+            request = cancel.requested(self.store, run)
+            if request:
+                self._recover_cancelled(run, request)
+                continue
             run.record.setdefault("attempts", []).append({
                 "attempt": attempt, "startedAt": run.record.get("startedAt"), "endedAt": now_iso(),
                 "state": "interrupted", "exitCode": None,
@@ -548,15 +699,38 @@ class Executor:
             })
             run.record.update(attempt=attempt + 1, notBefore=None,
                               reason="rerun: the executor stopped or died during the previous attempt")
-            self._note(run, f"attempt {attempt} interrupted: the executor stopped or died; queued again")
-            self.store.requeue(run)
+            self._note(agent, run.id,
+                       f"attempt {attempt} interrupted: the executor stopped or died; queued again")
+            self._record(run, "queued")
+
+    def _recover_cancelled(self, run: Run, request: str) -> None:
+        """A run whose owner died with a cancel request waiting ends as cancelled: what was
+        asked for, rather than a rerun."""
+        reason = f"{request}; its executor had stopped or died, the rest of its cgroup was killed"
+        run.record.setdefault("attempts", []).append({
+            "attempt": run.record.get("attempt", 1), "startedAt": run.record.get("startedAt"),
+            "endedAt": now_iso(), "state": "cancelled", "exitCode": None, "reason": reason,
+        })
+        run.record.update(reason=reason, endedAt=now_iso())
+        self._note(run.agent, run.id, f"run cancelled: {reason}")
+        if self._record(run, "cancelled"):
+            cancel.withdraw(self.store, run)
 
     def _collect_cancel_requests(self) -> None:
+        """Act on cancel requests for runs active here. A request stays until the run's end
+        is recorded, so that recovery still honours it if this executor dies meanwhile."""
         for active in list(self.active.values()):
-            request = active.run.path + ".cancel"
-            if self.device.exists(request):
-                self.device.remove(request)
-                self._cancel(active, "cancelled by request")
+            if active.ending is None:
+                request = cancel.requested(self.store, active.run)
+                if request:
+                    self._cancel(active, request)
+
+    def _collect_strays(self) -> None:
+        """Remove cancel requests and reserves whose run left active/ (found on the rescan)."""
+        for agent in self.store.agents():
+            if self.store.strays(agent):
+                with self.store.locked():
+                    self.store.remove_strays(agent)
 
     # -- the wake pipe ----------------------------------------------------------------------
 
@@ -632,6 +806,18 @@ class Executor:
 
         signal.signal(signal.SIGTERM, drain)
         signal.signal(signal.SIGINT, drain)
+
+
+def _refused(write, *args) -> OSError | None:
+    """Call `write(*args)`; the storage failure it raised (the state file system is full,
+    failing or read-only: `storage_failure`), or None. Anything else propagates."""
+    try:
+        write(*args)
+    except OSError as exc:
+        if not storage_failure(exc):
+            raise
+        return exc
+    return None
 
 
 def _backoff(backoff: dict, attempt: int) -> float:

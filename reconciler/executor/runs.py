@@ -13,15 +13,23 @@ queue sorts by priority, then age. Every move is a rename within one file system
 in exactly one bucket at any instant; claiming is `rename(queue/x, active/x)`, which succeeds
 for exactly one of several executors. A record is rewritten with the device layer's atomic
 write, so readers never see a torn file.
+
+Next to an active record live files named after it: `<name>.cancel` (a cancel request, see
+cancel.py) and `<name>.reserve`, room set aside on the state file system when the run is
+claimed and given back just before its end is written, so that a full disk still lets the end
+be recorded. Either one whose record left active/ is a stray, removed under the claim lock.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Iterator
 
 from reconciler import AGENTS_DIR
@@ -37,6 +45,21 @@ TERMINAL_BUCKET = {
     "expired": "failed",
 }
 STATES = ("queued", "active", *TERMINAL_BUCKET)
+RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
+RUN_FILE = re.compile(r"\d{3}-\d{20}-(?P<id>[0-9A-Za-z_-]+)\.json")
+SIDECARS = ("cancel", "reserve")
+RESERVE_BYTES = 64 * 1024
+"""Room set aside per active run for writing its end: a record and its temporary copy, with
+plenty to spare for a directory that has to grow."""
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+def storage_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the state file system refusing a write: full (ENOSPC), over quota
+    (EDQUOT), failing (EIO) or read-only (EROFS). Such a failure fails the run being written,
+    never the executor."""
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
 
 
 @dataclass
@@ -88,8 +111,9 @@ class RunStore:
             record = json.loads(raw)
         except ValueError as exc:
             raise CorruptRecord(f"{name}: not valid JSON ({exc})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-            raise CorruptRecord(f"{name}: not a run record")
+        problem = _shape_problem(record)
+        if problem:
+            raise CorruptRecord(f"{name}: not a run record: {problem}")
         return Run(agent, bucket, name, record)
 
     def runs(self, agent: str | None = None, buckets=BUCKETS) -> Iterator[Run]:
@@ -102,17 +126,18 @@ class RunStore:
                     except (FileNotFoundError, CorruptRecord):
                         continue
 
-    def find(self, run_id: str) -> Run | None:
+    def find(self, run_id: str, agent: str | None = None, buckets=BUCKETS) -> Run | None:
+        """The run wherever it is, or only among `agent`'s runs in `buckets`."""
         suffix = f"-{run_id}.json"
         # A run that moves while we look (claimed, finished, or queued again for a retry,
         # which is a move back to an earlier bucket) is looked for again.
         for _ in range(3):
-            for agent in self.agents():
-                for bucket in BUCKETS:
-                    for name in self.names(agent, bucket):
+            for name_of_agent in [agent] if agent else self.agents():
+                for bucket in buckets:
+                    for name in self.names(name_of_agent, bucket):
                         if name.endswith(suffix):
                             try:
-                                return self.load(agent, bucket, name)
+                                return self.load(name_of_agent, bucket, name)
                             except FileNotFoundError:
                                 continue
                             except CorruptRecord:
@@ -133,9 +158,15 @@ class RunStore:
     def locked(self):
         """The claim lock (flock on `agents/.claims.lock`). A claim and the recording of its
         owner happen under it, and so does recovery: a run claimed a moment ago is never
-        mistaken for one whose executor died."""
-        fd = os.open(self.device.path(f"{AGENTS_DIR}/.claims.lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        mistaken for one whose executor died. So do a cancel request and the recording of a
+        run's end: a request is either seen by the run's owner or finds the run ended."""
+        path = self.device.path(f"{AGENTS_DIR}/.claims.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # a read-only file system still locks
+            if exc.errno != errno.EROFS:
+                raise
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -143,8 +174,10 @@ class RunStore:
             os.close(fd)
 
     def finish(self, run: Run, state: str) -> None:
-        """Record the final state and move the run to its terminal bucket."""
+        """Record the final state and move the run to its terminal bucket (its reserve is
+        given back first, to make room for exactly this write)."""
         run.record["state"] = state
+        self.release(run)
         self._relocate(run, TERMINAL_BUCKET[state])
 
     def requeue(self, run: Run) -> None:
@@ -152,8 +185,66 @@ class RunStore:
         record is rewritten in active/, then renamed, so no executor can claim a queued copy
         while the active one still exists."""
         run.record["state"] = "queued"
+        self.release(run)
         self.save(run)
         self.move(run, "queue")
+
+    def reserve(self, run: Run) -> None:
+        """Set RESERVE_BYTES aside for the run's end, in a file next to its active record.
+        Raises a storage failure when there is no room; a file system that cannot preallocate
+        leaves the run without a reserve."""
+        host = self.device.host(self.sidecar(run, "reserve"))
+        fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(host)
+            if storage_failure(exc):
+                raise
+            return
+        os.close(fd)
+
+    def release(self, run: Run) -> bool:
+        """Give the run's reserve back; False when it had none (or it cannot be removed now)."""
+        try:
+            os.unlink(self.device.host(self.sidecar(run, "reserve")))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if storage_failure(exc):
+                return False
+            raise
+        return True
+
+    def sidecar(self, run: Run, kind: str) -> str:
+        """The device path of a file kept next to the run's active record (SIDECARS)."""
+        return f"{AGENTS_DIR}/{run.agent}/active/{run.name}.{kind}"
+
+    def strays(self, agent: str) -> list[str]:
+        """Names of the agent's sidecar files whose record is no longer in active/: the run
+        ended or went back to the queue while a request was being written, or its process died
+        between two writes."""
+        names = self.device.listdir(f"{AGENTS_DIR}/{agent}/active")
+        records = {name for name in names if name.endswith(".json")}
+        strays = []
+        for name in names:
+            record, _, kind = name.rpartition(".")
+            if kind in SIDECARS and not name.startswith(".") and record not in records:
+                strays.append(name)
+        return strays
+
+    def remove_strays(self, agent: str) -> None:
+        """Remove the agent's stray sidecar files. Call it under `locked()`, which claims,
+        cancel requests and the recording of a run's end hold too."""
+        for name in self.strays(agent):
+            try:
+                os.unlink(self.device.host(f"{AGENTS_DIR}/{agent}/active/{name}"))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if not storage_failure(exc):
+                    raise
 
     def set_aside(self, agent: str, bucket: str, name: str, reason: str) -> None:
         """Move an unreadable file out of the way, into failed/, renamed so it is never retried."""
@@ -164,7 +255,11 @@ class RunStore:
         except FileNotFoundError:
             return
         note = self.device.path(f"{AGENTS_DIR}/{agent}/failed/{name}.corrupt.reason")
-        note.write_text(reason + "\n")
+        try:
+            note.write_text(reason + "\n")
+        except OSError as exc:  # the file is out of the way; its reason is also in the log
+            if not storage_failure(exc):
+                raise
 
     def _relocate(self, run: Run, bucket: str) -> None:
         """Write the updated record into `bucket`, then drop the old copy. A crash in between
@@ -187,3 +282,31 @@ class RunStore:
             return False
         run.bucket = bucket
         return True
+
+
+def _shape_problem(record) -> str | None:
+    """What keeps a parsed run file from being used as a run record (docs/queue.md), or None.
+    Only what the executor relies on is checked: fields that name paths or times, or that it
+    counts with."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not isinstance(record.get("id"), str) or not RUN_ID.fullmatch(record["id"]):
+        return "`id` must be a run id (letters, digits, `_` and `-`)"
+    if not isinstance(record.get("task"), str):
+        return "`task` must be a task name"
+    attempt = record.get("attempt", 1)
+    if type(attempt) is not int or attempt < 1:
+        return "`attempt` must be a whole number from 1"
+    for key in ("notBefore", "notAfter"):
+        value = record.get(key)
+        if value is None:
+            continue
+        try:
+            datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            return f"`{key}` must be an ISO 8601 time or null"
+    for key, kind, what in (("attempts", list, "a list"), ("stepsDone", list, "a list"),
+                            ("executor", dict, "an object")):
+        if record.get(key) is not None and not isinstance(record[key], kind):
+            return f"`{key}` must be {what}"
+    return None

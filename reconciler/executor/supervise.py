@@ -5,6 +5,8 @@ sandboxed process; the run's record says which steps finished, so a retried or r
 starts at the first unfinished one. Output (stdout and stderr together) is copied to the run's
 log as it arrives, within the quota's log size (the log is rotated once to `.1`). Progress
 lines arrive on the fd named by `SPOS_PROGRESS_FD` (see docs/executor.md); every line is a heartbeat.
+A log or record the state file system refuses to write (full, failing, read-only) fails the run,
+never the executor: see `ActiveRun.storage_problem`.
 
 Durations use the monotonic clock; wall-clock times are only recorded for people.
 """
@@ -18,7 +20,7 @@ from datetime import datetime, timezone
 
 from reconciler import AGENTS_DIR
 from reconciler.device import Device
-from reconciler.executor.runs import Run
+from reconciler.executor.runs import Run, storage_failure
 
 DEFAULT_LOG_BYTES = 10 * 1024 * 1024
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -41,13 +43,17 @@ def run_dirs(agent: str, run_id: str) -> dict[str, str]:
 
 @dataclass
 class LogWriter:
-    """Appends to a run's log, rotating once to `.1` when it would pass `limit` bytes."""
+    """Appends to a run's log, rotating once to `.1` when it would pass `limit` bytes.
+
+    A write the file system refuses (`storage_failure`) does not raise: it is kept in
+    `failure`, the run's further output is dropped, and the executor fails the run."""
 
     device: Device
     path: str
     limit: int
     fd: int = -1
     size: int = 0
+    failure: OSError | None = None
 
     def open(self) -> None:
         host = self.device.path(self.path)
@@ -55,17 +61,31 @@ class LogWriter:
         self.size = os.fstat(self.fd).st_size
 
     def write(self, data: bytes) -> None:
-        while data:
-            room = self.limit - self.size
-            if room <= 0 or (self.size and len(data) > room):
-                self._rotate()
-                room = self.limit
-            piece, data = data[:room], data[room:]  # a chunk bigger than the limit is split
-            os.write(self.fd, piece)
-            self.size += len(piece)
+        """Append the run's output; dropped once a write failed."""
+        if self.failure is None:
+            self._append(data)
 
     def note(self, text: str) -> None:
-        self.write(f"--- spos {now_iso()} {text}\n".encode())
+        """Append a `--- spos` line. Tried even after a failed write: when room came back, the
+        end of the run is in its log."""
+        self._append(f"--- spos {now_iso()} {text}\n".encode())
+
+    def _append(self, data: bytes) -> None:
+        try:
+            while data and self.fd >= 0:
+                room = self.limit - self.size
+                if room <= 0 or (self.size and len(data) > room):
+                    self._rotate()
+                    room = self.limit
+                piece, data = data[:room], data[room:]  # a chunk bigger than the limit is split
+                while piece:
+                    written = os.write(self.fd, piece)
+                    self.size += written
+                    piece = piece[written:]
+        except OSError as exc:
+            if not storage_failure(exc):
+                raise
+            self.failure = self.failure or exc
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -75,6 +95,7 @@ class LogWriter:
     def _rotate(self) -> None:
         host = self.device.path(self.path)
         os.close(self.fd)
+        self.fd = -1
         os.replace(host, f"{host}.1")
         self.open()
 
@@ -113,8 +134,9 @@ class ActiveRun:
     progress_fd: int = -1
     step_deadline: float | None = None
     terminated_at: float | None = None
-    ending: str | None = None       # "timeout" or "cancelled" once the executor decided so
+    ending: str | None = None       # "timeout", "cancelled" or "failed" once the executor decided so
     reason: str = ""
+    record_failure: OSError | None = None  # the record could not be written (see storage_problem)
     started: float = field(default_factory=time.monotonic)
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_saved: float = 0.0
@@ -132,6 +154,8 @@ class ActiveRun:
     def next_deadline(self, grace: float) -> float:
         if self.terminated_at is not None:
             return self.terminated_at + grace
+        if self.storage_problem():
+            return 0.0  # to be stopped at once
         return min(d for d in (self.deadline, self.step_deadline, self.heartbeat_deadline()) if d is not None)
 
     def heartbeat_deadline(self) -> float | None:
@@ -147,6 +171,14 @@ class ActiveRun:
         heartbeat = self.heartbeat_deadline()
         if heartbeat is not None and now >= heartbeat:
             return f"hung: no heartbeat for {self.task['heartbeatTimeoutSeconds']:g}s"
+        return None
+
+    def storage_problem(self) -> str | None:
+        """Why the run must fail because the state file system refused its record or its log
+        (full, over quota, failing or read-only), or None."""
+        for what, failure in (("record", self.record_failure), ("log", self.log.failure)):
+            if failure is not None:
+                return f"its {what} could not be written: {failure.strerror}"
         return None
 
     def handle_progress(self, data: bytes) -> bool:
