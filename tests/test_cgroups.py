@@ -206,3 +206,49 @@ def test_nothing_outside_spos_parent_is_touched(spos, manifests, device, tmp_pat
         assert not cgroup(device, "memory").exists(), "the root's own parent goes with its last agent"
     finally:
         foreign.rmdir()
+
+
+def test_the_executor_runs_an_agents_actions_inside_its_cgroup(spos, tmp_path, device):
+    manifests = tmp_path / "sleepy.d"
+    manifests.mkdir()
+    (manifests / "a.yaml").write_text(dedent("""\
+        apiVersion: spos/v1
+        kind: Quota
+        metadata: {name: small}
+        spec: {memory: 96M}
+        ---
+        apiVersion: spos/v1
+        kind: Capability
+        metadata: {name: sleeper}
+        spec:
+          allowed:
+            execute: [/bin/sleep]
+        ---
+        apiVersion: spos/v1
+        kind: Agent
+        metadata: {name: alpha}
+        spec:
+          quota: small
+          capability: sleeper
+          tasks:
+            nap:
+              command: ["/bin/sleep", "3"]
+    """))
+    assert spos_apply(spos, manifests, device).code == 0
+    agent = cgroup(device, "memory", "alpha")
+    execute = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "action", "execute", "--root", str(device),
+         "--agent", "alpha", "--task", "nap"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        runs: list[Path] = []
+        while time.monotonic() < deadline and not runs:
+            runs = [d for d in agent.iterdir() if d.is_dir() and (d / "cgroup.procs").read_text().split()]
+            time.sleep(0.05)
+        assert runs, "the run's processes were never seen below the agent's cgroup"
+        assert (agent / "memory.limit_in_bytes").read_text().strip() == "95997952"  # 96M in pages
+    finally:
+        execute.wait(WAIT_SECONDS)
+    assert execute.returncode == 0, execute.stderr.decode()
+    assert not [d for d in agent.iterdir() if d.is_dir()], "the run's cgroup is removed at its end"

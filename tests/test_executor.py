@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from reconciler.cgroupfs import parent_for
 from reconciler.executor.sandbox import Sandbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -95,8 +96,8 @@ def is_fifo(path: Path) -> bool:
 
 def run_cgroup_dirs(agent: str, run_id: str | None = None) -> list[Path]:
     """The run's cgroup directories in every hierarchy (v1) or the unified tree (v2)."""
-    tail = f"spos/{agent}" + (f"/{run_id}" if run_id else "")
-    return [p for p in [CGROUP_ROOT / tail, *CGROUP_ROOT.glob(f"*/{tail}")] if p.is_dir()]
+    tail = f"spos*/{agent}" + (f"/{run_id}" if run_id else "")  # spos-<hash> for a test root
+    return [p for p in [*CGROUP_ROOT.glob(tail), *CGROUP_ROOT.glob(f"*/{tail}")] if p.is_dir()]
 
 
 def cgroup_pids(agent: str, run_id: str) -> dict[int, float]:
@@ -292,6 +293,12 @@ class Device:
                     directory.rmdir()
                 except OSError:
                     pass
+        parent = parent_for(str(self.root))
+        for directory in [CGROUP_ROOT / parent, *CGROUP_ROOT.glob(f"*/{parent}")]:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
         return [] if killed else leftovers
 
 

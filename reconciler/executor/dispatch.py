@@ -442,9 +442,14 @@ class Executor:
                 io_weight=quota.get("ioWeight"),
                 nice=quota.get("nice"),
             ),
-            cgroup_name=f"spos/{run.agent}/{run.id}",
+            cgroup_name=self._cgroup_of(run.agent, run.id),
             user=config.get("user", "root"),
         )
+
+    def _cgroup_of(self, agent: str, run_id: str) -> str:
+        """A run's cgroup: below its agent's, which apply made with the agent's Quota
+        (docs/cgroups.md), so all of an agent's runs together stay within it."""
+        return f"{self.device.cgroups.parent}/{agent}/{run_id}"
 
     def _read_output(self, active: ActiveRun) -> None:
         data = _read_available(active.output_fd)
@@ -686,7 +691,7 @@ class Executor:
             owner = run.record.get("executor") or {}
             if owner != self.identity and alive(owner):
                 continue
-            self.sandbox.reap(f"spos/{agent}/{run.id}")
+            self.sandbox.reap(self._cgroup_of(agent, run.id))
             attempt = run.record.get("attempt", 1)
             request = cancel.requested(self.store, run)
             if request:
