@@ -1251,3 +1251,33 @@ def test_the_log_is_rotated_at_the_quota_log_size_and_followed_across(device):
     numbered = [line.split()[1] for line in followed.splitlines() if line.startswith("line ")]
     assert numbered == [str(i) for i in range(96)]
     assert "last-line" in followed and "run completed" in followed
+
+
+# Storage quotas
+
+def test_a_run_writing_past_the_output_quota_is_stopped_and_fails(device):
+    device.apply({"fill": {"command": ["/bin/sh", "-c",
+                                       'while true; do head -c 200000 /dev/zero >> "$SPOS_OUTPUT_DIR/fill"; '
+                                       "sleep 0.2; done"],
+                           "timeout": "60s"}},
+                 quota={"storage": {"output": "1M"}})
+    run_id = device.enqueue("fill")
+    started = time.monotonic()
+    device.once(timeout=40)
+    record = device.wait_state(run_id, "failed")
+    assert record["reason"].startswith("output storage quota exceeded: output/ uses ")
+    assert record["reason"].endswith("of 1M")
+    assert time.monotonic() - started < 30  # stopped on a measure, not by its timeout
+    assert not run_cgroup_dirs(device.agent, run_id)
+
+
+def test_an_agent_over_its_output_quota_gets_no_new_run(device):
+    device.apply({"ok": {"command": ["/bin/true"]}}, quota={"storage": {"output": "100K"}})
+    output = device.agent_dir() / "output"
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "left-over").write_bytes(os.urandom(300_000))
+    run_id = device.enqueue("ok")
+    device.once()
+    record = device.wait_state(run_id, "failed")
+    assert record["reason"].startswith("could not start: output storage quota exceeded")
+    assert "could not start: output storage quota exceeded" in device.log(run_id)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from reconciler import STATE_DIR
 from reconciler.device import Device
-from reconciler.executor import cancel, network
+from reconciler.executor import cancel, network, storage
 from reconciler.executor.config import ConfigError, agent_config, task_config
 from reconciler.executor.enqueue import WAKE_PIPE, enqueue
 from reconciler.executor.owner import alive, identity
@@ -58,6 +58,7 @@ class Settings:
     rescan: float = 30.0
     save_interval: float = 1.0
     cleanup_interval: float = 3600.0  # retention passes (retention.py); 0: none
+    storage_interval: float = 5.0  # how often an agent's storage is measured while it runs
 
 
 class Executor:
@@ -68,6 +69,7 @@ class Executor:
         self.settings = settings or Settings()
         self.selector = selectors.DefaultSelector()
         self.active: dict[str, ActiveRun] = {}
+        self.storage_measured: dict[str, float] = {}  # agent -> when, monotonic
         self.stopping = False
         self.identity = identity()
         self.wake_fd = -1
@@ -341,7 +343,8 @@ class Executor:
         record.update(state="active", startedAt=now_iso(), executor=self.identity, reason="")
         record.setdefault("attempts", [])
         failure = _refused(self._prepare, active)
-        problem = active.storage_problem() or (failure and failure.strerror)
+        problem = active.storage_problem() or (failure and failure.strerror) \
+            or self._over_storage_quota(run.agent, quota)
         if problem:
             active.ending, active.reason = "failed", f"could not start: {problem}"
             self._end(active, None)
@@ -525,7 +528,8 @@ class Executor:
                 if now >= active.terminated_at + self.settings.grace:
                     active.process.kill_all()
                 continue
-            problem = active.storage_problem()
+            problem = active.storage_problem() or self._over_storage_quota(
+                active.run.agent, active.config.get("quota") or {}, every=self.settings.storage_interval)
             if problem:
                 self._terminate(active, "failed", problem)
                 continue
@@ -533,6 +537,18 @@ class Executor:
             if reason:
                 self._terminate(active, "timeout", reason)
         self._collect_cancel_requests()
+
+    def _over_storage_quota(self, agent: str, quota: dict, every: float = 0.0) -> str | None:
+        """Why `agent` is over its temp or output storage quota, measured at most once per
+        `every` seconds; None when within them or not measured now. (The log quota is kept by
+        rotating each run's log instead: LogWriter.)"""
+        limits = {k: v for k, v in (quota.get("storageBytes") or {}).items()
+                  if v is not None and k in ("temp", "output")}
+        now = time.monotonic()
+        if not limits or now < self.storage_measured.get(agent, -every) + every:
+            return None
+        self.storage_measured[agent] = now
+        return storage.over_quota(self.device, agent, limits)
 
     def _terminate(self, active: ActiveRun, ending: str, reason: str) -> None:
         active.ending, active.reason = ending, reason
