@@ -190,26 +190,36 @@ class Executor:
             self.storage_retry_at = None
             self._record_pending()
         self.retry_due = None
+        if len(self.active) >= self.settings.max_parallel:
+            return False  # the end of a run wakes the loop, and the queue is looked at again
         started = False
-        for run in self._queued():
+        for agent, name in self._queued():
             if len(self.active) >= self.settings.max_parallel:
                 break
-            if self._agent_running(run.agent) >= self.settings.max_per_agent:
+            if self._agent_running(agent) >= self.settings.max_per_agent:
                 continue
-            started |= self._consider(run)
+            run = self._load_queued(agent, name)
+            if run is not None:
+                started |= self._consider(run)
         return started
 
-    def _queued(self) -> list[Run]:
-        queued = []
-        for agent in self.store.agents():
-            for name in self.store.names(agent, "queue"):
-                try:
-                    queued.append(self.store.load(agent, "queue", name))
-                except FileNotFoundError:
-                    continue
-                except CorruptRecord as exc:
-                    self._set_aside(agent, "queue", name, str(exc))
-        return sorted(queued, key=lambda run: run.name)
+    def _queued(self) -> list[tuple[str, str]]:
+        """(agent, file name) of every queued run, in queue order (names sort by priority,
+        then time). Records are read only when a run is considered: the loop wakes on every
+        chunk of output and every exit, and reading a long queue each time made draining it
+        quadratic."""
+        queued = [(name, agent) for agent in self.store.agents()
+                  for name in self.store.names(agent, "queue")]
+        return [(agent, name) for name, agent in sorted(queued)]
+
+    def _load_queued(self, agent: str, name: str) -> Run | None:
+        try:
+            return self.store.load(agent, "queue", name)
+        except FileNotFoundError:
+            return None  # claimed or cancelled meanwhile
+        except CorruptRecord as exc:
+            self._set_aside(agent, "queue", name, str(exc))
+            return None
 
     def _queued_anything(self) -> bool:
         return any(self.store.names(agent, "queue") for agent in self.store.agents())
