@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import waiting
 
 import reconciler
 from reconciler.cli import EXIT_WAIT_TIMEOUT, _exit_code
@@ -48,14 +49,7 @@ def sh(script: str) -> list[str]:
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    return waiting.wait_for(predicate, what, timeout)
 
 
 class Device:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import waiting
 
 from reconciler.cgroupfs import parent_for
 from reconciler.executor.sandbox import Sandbox
@@ -77,14 +78,7 @@ def when(text: str) -> float:
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    return waiting.wait_for(predicate, what, timeout)
 
 
 def is_fifo(path: Path) -> bool:
