@@ -95,6 +95,10 @@ def _shortest_day_gap(rule: tuple) -> int:
     every_day = (all_days or all_weekdays) if either else (all_days and all_weekdays)
     if len(months) == 12 and every_day:
         return 1
+    if len(months) == 12 and all_days and not either and weekdays:
+        # weekdays only (`* * 1-5`): the closest two of them around the week
+        chosen = sorted(weekdays)
+        return min((b - a) % 7 or 7 for a, b in zip(chosen, chosen[1:] + chosen[:1]))
     firing = [n for n, day in enumerate(_calendar_cycle()) if _fires_on(rule, *day)]
     return min((later - earlier for earlier, later in zip(firing, firing[1:])), default=_CYCLE_DAYS)
 

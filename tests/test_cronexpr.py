@@ -249,3 +249,14 @@ def test_matches_agrees_with_croniter_day_by_day(text):
                     ours.add(moment)
         day += timedelta(days=1)
     assert ours == fire_times(text, datetime(2024, 1, 1), end)
+
+
+@pytest.mark.parametrize("weekdays", ["1-5", "1", "0,6", "2,4,6", "0-6", "5,1", "3"])
+def test_weekday_rules_give_the_gap_a_walk_over_the_calendar_gives(weekdays):
+    from reconciler.cronexpr import _CYCLE_DAYS, _calendar_cycle, _fires_on
+
+    expr = cronexpr.parse(f"0 9 * * {weekdays}")
+    rule = (expr.months, expr.days, expr.weekdays, expr.days_restricted and expr.weekdays_restricted)
+    firing = [n for n, day in enumerate(_calendar_cycle()) if _fires_on(rule, *day)]
+    walked = min((b - a for a, b in zip(firing, firing[1:])), default=_CYCLE_DAYS)
+    assert expr.min_interval_minutes() == walked * 1440
