@@ -14,8 +14,6 @@ writes and what observe reads compare equal:
 
 from __future__ import annotations
 
-import hashlib
-
 CPU_PERIOD_US = 100_000
 PAGE_SIZE = 4096
 UNLIMITED = "max"
@@ -32,6 +30,8 @@ def parent_for(root: str) -> str:
     file system never prune or limit each other's agents."""
     if root.rstrip("/") == "":
         return "spos"
+    import hashlib  # not at import: the device layer, which cron's every-minute enqueue loads, imports this
+
     return f"spos-{hashlib.sha256(root.rstrip('/').encode()).hexdigest()[:12]}"
 
 

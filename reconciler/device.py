@@ -35,10 +35,18 @@ class Device:
     def __init__(self, root: str | os.PathLike = "/", cgroup_root: str = "/sys/fs/cgroup",
                  systemd: "Systemctl | None" = None):
         self._root = os.path.abspath(root).rstrip("/")
-        self.cgroups = CgroupTree(cgroup_root, parent=parent_for(self._root or "/"))
+        self._cgroup_root = cgroup_root
+        self._cgroups: CgroupTree | None = None
         self.systemd = systemd
         self._real_directories: set[str] = set()
         self._real_parents: dict[str, str] = {}  # device path of a real directory -> host path
+
+    @property
+    def cgroups(self) -> "CgroupTree":
+        """The cgroup file system this device's spos owns a parent in (made when first used)."""
+        if self._cgroups is None:
+            self._cgroups = CgroupTree(self._cgroup_root, parent=parent_for(self._root or "/"))
+        return self._cgroups
 
     @property
     def root(self) -> "Path":
