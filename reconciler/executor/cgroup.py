@@ -201,6 +201,16 @@ class RunCgroup:
             survivors = sorted(self.pids())
             raise CgroupError(f"processes of cgroup {self.name} survived SIGKILL: {survivors}")
 
+    def empties_within(self, seconds: float) -> bool:
+        """Whether the cgroup is (or becomes, within `seconds`) empty by itself: after a normal
+        exit, bubblewrap's pid-namespace init may still be on its way out."""
+        deadline = time.monotonic() + seconds
+        while self.pids():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
     def signal_all(self, signum: int, *, spare: set[int] = frozenset()) -> None:
         """Send `signum` to every process in the cgroup except `spare`."""
         _kill(self.pids() - set(spare), signum)

@@ -55,6 +55,7 @@ PRIVATE_TMPFS = ("/tmp", "/run")
 _SIGNAL_EXIT_BASE = 128  # bubblewrap reports a death by signal N as exit 128+N, like a shell
 _MAX_SIGNAL = 64
 _MAX_FD = 1 << 20
+_SETTLE_SECONDS = 0.02  # after a normal exit, how long the cgroup may take to empty by itself
 _LAUNCHER = Path(__file__).with_name("_launch.py")
 
 
@@ -323,7 +324,7 @@ class SandboxedRun:
         """Kill anything left, reap, remove the run's cgroup, close the fds. Idempotent."""
         if self._cleaned:
             return
-        if self._process.poll() is None or self._cgroup.pids():
+        if self._process.poll() is None or not self._cgroup.empties_within(_SETTLE_SECONDS):
             self.kill_all()
         self._process.wait()
         self.setup_error()
