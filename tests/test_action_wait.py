@@ -263,7 +263,8 @@ def test_ctrl_c_stops_the_waiting_but_not_the_run(device):
     waiting.send_signal(signal.SIGINT)
     code, _, err = device.finish(waiting, timeout=5)
 
-    assert code == 130
+    # (on a failure, say how the run went: a run that ended at once would end the waiting too)
+    assert code == 130, f"exit {code}; stderr: {err!r}; run: {json.dumps(device.record(run_id))}"
     assert f"spos: stopped waiting; run {run_id} was not cancelled and goes on" in err
     assert "Traceback" not in err
     assert device.wait_state(run_id, "completed", "failed", "cancelled")["state"] == "completed"
