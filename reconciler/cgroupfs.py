@@ -94,6 +94,15 @@ def v2_files(values: dict[str, str | None]) -> dict[str, str]:
     return files
 
 
+def limit_files(version: int, weight_file: str | None) -> list[str]:
+    """The files that hold the limits on this layout (what `v1_files`/`v2_files` write)."""
+    files = (["memory/memory.limit_in_bytes", "cpu/cpu.cfs_period_us", "cpu/cpu.cfs_quota_us",
+              "pids/pids.max"] if version == 1 else ["memory.max", "cpu.max", "pids.max"])
+    if weight_file:
+        files.append(f"blkio/{weight_file}" if version == 1 else weight_file)
+    return files
+
+
 def read_back(version: int, files: dict[str, str | None]) -> dict[str, str | None]:
     """The version-neutral limits from what the files hold (None: file missing)."""
     if version == 1:

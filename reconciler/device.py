@@ -265,6 +265,7 @@ class CgroupTree:
         self.root = os.path.abspath(root)
         self.parent = parent  # the cgroup this device's spos owns (cgroupfs.parent_for)
         self._version: int | None | bool = False
+        self._weight_file: str | None | bool = False
 
     @property
     def version(self) -> int | None:
@@ -281,7 +282,12 @@ class CgroupTree:
     def weight_file(self) -> str | None:
         """The file that sets an I/O weight here, or None: v1 has CFQ's `blkio.weight` or BFQ's
         `blkio.bfq.weight` (only below the root, so BFQ is recognised by its statistics
-        files), v2 `io.weight` when the io controller is available."""
+        files), v2 `io.weight` when the io controller is available. Looked up once."""
+        if self._weight_file is False:
+            self._weight_file = self._find_weight_file()
+        return self._weight_file
+
+    def _find_weight_file(self) -> str | None:
         if self.version == 2:
             return "io.weight" if "io" in self._read(f"{self.root}/cgroup.controllers").split() else None
         if self.version == 1:

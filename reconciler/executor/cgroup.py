@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.cgroupfs import CPU_PERIOD_US, cpu_quota_us, io_weight
 from reconciler.errors import SposError
 
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio", "freezer", "devices")
 V2_CONTROLLERS = ("cpu", "memory", "pids", "io")
-CPU_PERIOD_US = 100_000
 # Device nodes every run may use (bubblewrap's /dev holds exactly these): null, zero, full,
 # random, urandom, tty, ptmx and the private pty slaves behind it.
 STANDARD_DEVICES = (
@@ -272,7 +272,7 @@ def _limit_v1(hierarchies: dict[str, Path], run: RunCgroup, limits: Limits,
     if limits.cpu_percent is not None:
         cpu = _required(run, "cpu", "CPU limit")
         _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-        _write(cpu / "cpu.cfs_quota_us", str(_cpu_quota_us(limits.cpu_percent)))
+        _write(cpu / "cpu.cfs_quota_us", str(cpu_quota_us(limits.cpu_percent)))
     if limits.tasks_max is not None:
         _write(_required(run, "pids", "tasks limit") / "pids.max", str(limits.tasks_max))
     if limits.io_weight is not None:
@@ -305,13 +305,13 @@ def _limit_v2(root: Path, name: str, limits: Limits) -> tuple[str, ...]:
             _write(leaf / "memory.swap.max", "0")
     if limits.cpu_percent is not None:
         _need(enabled, "cpu", "CPU limit", root)
-        _write(leaf / "cpu.max", f"{_cpu_quota_us(limits.cpu_percent)} {CPU_PERIOD_US}")
+        _write(leaf / "cpu.max", f"{cpu_quota_us(limits.cpu_percent)} {CPU_PERIOD_US}")
     if limits.tasks_max is not None:
         _need(enabled, "pids", "tasks limit", root)
         _write(leaf / "pids.max", str(limits.tasks_max))
     if limits.io_weight is not None:
         if "io" in enabled and (leaf / "io.weight").exists():
-            _write(leaf / "io.weight", f"default {max(1, min(10000, limits.io_weight))}")
+            _write(leaf / "io.weight", io_weight(limits.io_weight, "io.weight"))
             if not _bfq_in_use() and "enable=1" not in _read_or_empty(root / "io.cost.qos"):
                 unenforced.append(_WEIGHT_IDLE)
         else:
@@ -346,19 +346,14 @@ def _need(enabled: set[str], controller: str, what: str, root: Path) -> None:
                           f"available under {root}")
 
 
-def _cpu_quota_us(percent: float) -> int:
-    return max(1000, round(percent * CPU_PERIOD_US / 100))
-
-
-def _io_weight_v1(blkio: Path | None, io_weight: int) -> list[str]:
-    """Write the weight where v1 has one: CFQ's blkio.weight (10-1000, default 500: scaled the
-    way systemd converts IOWeight to BlockIOWeight) or BFQ's blkio.bfq.weight (1-1000, default
-    100). Returns what is not enforced."""
+def _io_weight_v1(blkio: Path | None, weight: int) -> list[str]:
+    """Write the weight where v1 has one: CFQ's blkio.weight or BFQ's blkio.bfq.weight (scaled
+    as cgroupfs.io_weight says). Returns what is not enforced."""
     if blkio is not None and (blkio / "blkio.weight").exists():
-        _write(blkio / "blkio.weight", str(max(10, min(1000, io_weight * 5))))
+        _write(blkio / "blkio.weight", io_weight(weight, "blkio.weight"))
         return []
     if blkio is not None and (blkio / "blkio.bfq.weight").exists():
-        _write(blkio / "blkio.bfq.weight", str(max(1, min(1000, io_weight))))
+        _write(blkio / "blkio.bfq.weight", io_weight(weight, "blkio.bfq.weight"))
         return [] if _bfq_in_use() else [_WEIGHT_IDLE]
     return ["io weight (no blkio weight file)"]
 

@@ -74,11 +74,11 @@ class CgroupKind:
         names = {rid.split("/", 1)[1] for rid in ids}
         if discover:
             names.update(tree.children(parent))
+        files = cgroupfs.limit_files(tree.version, tree.weight_file())
         found = {}
         for name in sorted(names):
             path = f"{parent}/{name}"
-            files = self._files(tree.version, tree.weight_file(), device, path)
-            values = {file: device.cgroups.read(path, file) for file in files}
+            values = {file: tree.read(path, file) for file in files}
             if all(value is None for value in values.values()):
                 continue
             limits = cgroupfs.read_back(tree.version, values)
@@ -102,13 +102,6 @@ class CgroupKind:
                 yield change, self._why(change, exc)
             else:
                 yield change, None
-
-    @staticmethod
-    def _files(version: int, weight_file: str | None, device, path: str) -> list[str]:
-        sample = {"memory": "0", "cpu": "0 0", "tasks": "0", "ioWeight": "0" if weight_file else None}
-        if version == 1:
-            return list(cgroupfs.v1_files(sample, weight_file))
-        return list(cgroupfs.v2_files(sample))
 
     @staticmethod
     def _write(tree, attrs: dict) -> None:
