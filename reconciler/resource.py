@@ -205,4 +205,9 @@ class Facts:
     cgroup_version: int | None = None  # of --cgroup-root: 1, 2, or None (no cgroups managed)
     cgroup_parent: str = "spos"  # the cgroup spos owns for this device (cgroupfs.parent_for)
     cgroup_weight_file: str | None = None  # where an I/O weight is set, if anywhere
+
+    def spos_argv(self, *words: str) -> list[str]:
+        """The command line that runs `spos WORDS...` on this device, `--root` included."""
+        root = ["--root", self.root] if self.root != "/" else []
+        return [*self.spos_command, *root, *words]
     activate_units: bool = False

@@ -43,11 +43,8 @@ def file_for(agent: str) -> str:
 def render_line(schedule: str, spec: dict, user: str, facts: Facts) -> str:
     """The crontab line for one Schedule. Pure."""
     expression = spec["cron"].strip()
-    argv = list(facts.spos_command)
-    if facts.root != "/":
-        argv += ["--root", facts.root]
-    argv += ["action", "run", "--quiet", "--agent", spec["agent"], "--task", spec["task"],
-             "--schedule", schedule]
+    argv = facts.spos_argv("action", "run", "--quiet", "--agent", spec["agent"],
+                           "--task", spec["task"], "--schedule", schedule)
     if spec.get("startingDeadline"):
         argv += ["--deadline", spec["startingDeadline"]]
     zone = spec.get("timeZone")

@@ -117,10 +117,7 @@ def _timer_settings(timer: dict) -> dict:
 
 
 def _command(agent: str, task: str, facts: Facts) -> list[str]:
-    argv = list(facts.spos_command)
-    if facts.root != "/":
-        argv += ["--root", facts.root]
-    return argv + ["action", "execute", "--agent", agent, "--task", task]
+    return facts.spos_argv("action", "execute", "--agent", agent, "--task", task)
 
 
 _RESOURCE_CONTROL = (("cpuPercent", "CPUQuota"), ("memoryBytes", "MemoryMax"),
