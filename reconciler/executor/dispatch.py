@@ -69,7 +69,7 @@ class Executor:
         self.settings = settings or Settings()
         self.selector = selectors.DefaultSelector()
         self.active: dict[str, ActiveRun] = {}
-        self.storage_measured: dict[str, float] = {}  # agent -> when, monotonic
+        self.storage_measured: dict[str, tuple[float, str | None]] = {}  # agent -> (when, why over)
         self.stopping = False
         self.identity = identity()
         self.wake_fd = -1
@@ -539,7 +539,7 @@ class Executor:
                     active.process.kill_all()
                 continue
             problem = active.storage_problem() or self._over_storage_quota(
-                active.run.agent, active.config.get("quota") or {}, every=self.settings.storage_interval)
+                active.run.agent, active.config.get("quota") or {})
             if problem:
                 self._terminate(active, "failed", problem)
                 continue
@@ -548,17 +548,21 @@ class Executor:
                 self._terminate(active, "timeout", reason)
         self._collect_cancel_requests()
 
-    def _over_storage_quota(self, agent: str, quota: dict, every: float = 0.0) -> str | None:
-        """Why `agent` is over its temp or output storage quota, measured at most once per
-        `every` seconds; None when within them or not measured now. (The log quota is kept by
-        rotating each run's log instead: LogWriter.)"""
+    def _over_storage_quota(self, agent: str, quota: dict) -> str | None:
+        """Why `agent` is over its temp or output storage quota, or None. Measured at most once
+        per `storage_interval` (a walk of its directories: not for every run's start); in
+        between, the last measure answers. (The log quota is kept by rotating each run's log
+        instead: LogWriter.)"""
         limits = {k: v for k, v in (quota.get("storageBytes") or {}).items()
                   if v is not None and k in ("temp", "output")}
-        now = time.monotonic()
-        if not limits or now < self.storage_measured.get(agent, -every) + every:
+        if not limits:
             return None
-        self.storage_measured[agent] = now
-        return storage.over_quota(self.device, agent, limits)
+        now = time.monotonic()
+        when, why = self.storage_measured.get(agent, (None, None))
+        if when is None or now >= when + self.settings.storage_interval:
+            why = storage.over_quota(self.device, agent, limits)
+            self.storage_measured[agent] = (now, why)
+        return why
 
     def _terminate(self, active: ActiveRun, ending: str, reason: str) -> None:
         active.ending, active.reason = ending, reason
