@@ -209,7 +209,8 @@ def text(report: CleanupReport) -> str:
                      "for the operator")
     runs, tmp = report.count("run"), report.count("tmp")
     if not runs and not tmp:
-        lines.append("Nothing to clean up.")
+        if not report.errors:  # an error says what went wrong; "nothing to do" would contradict it
+            lines.append("Nothing to clean up.")
     else:
         total = (f"{runs} finished run{'s' if runs != 1 else ''} and {tmp} leftover temporary "
                  f"director{'ies' if tmp != 1 else 'y'}")
@@ -217,7 +218,7 @@ def text(report: CleanupReport) -> str:
                      else f"Removed {total}.")
     if not report.complete:
         lines.append("More is due than one pass removes; run it again.")
-    return "\n".join(lines) + "\n"
+    return "".join(f"{line}\n" for line in lines)
 
 
 # -- one agent --------------------------------------------------------------------------------
