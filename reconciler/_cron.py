@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from reconciler import cli  # noqa: E402  (the path above makes the package importable)
 
-_VALUED = {"--root", "--agent", "--task", "--schedule", "--deadline", "--cron", "--cron-tz", "--priority"}
+_VALUED = {"--root", "--agent", "--task", "--schedule", "--deadline", "--cron", "--cron-tz", "--priority",
+           "--concurrency"}
 
 
 def _parse(argv: list[str]) -> dict | None:

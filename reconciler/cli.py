@@ -136,6 +136,8 @@ def _parser() -> "argparse.ArgumentParser":
     run.add_argument("--agent", required=True)
     run.add_argument("--task", required=True)
     run.add_argument("--priority", type=int, help="0-100; default: the task's priority")
+    run.add_argument("--concurrency", choices=("Allow", "Forbid", "Replace", "Queue"),
+                     help="for this run, instead of the task's concurrency")
     run.add_argument("--schedule", metavar="NAME", help="the Schedule that fired (recorded as the source)")
     run.add_argument("--deadline", metavar="DURATION", help="drop the run if it cannot start within this")
     run.add_argument("--cron", metavar="EXPR", help="enqueue only if EXPR matches now in --cron-tz")
@@ -525,14 +527,14 @@ def _action_run(args) -> int:
     return run_action(
         args.root, args.agent, args.task, priority=args.priority, schedule=args.schedule,
         deadline=args.deadline, cron=args.cron, cron_tz=args.cron_tz, quiet=args.quiet,
-        wait=args.wait, wait_timeout=args.wait_timeout,
+        wait=args.wait, wait_timeout=args.wait_timeout, concurrency=args.concurrency,
     )
 
 
 def run_action(root: str, agent: str, task: str, *, priority: int | None = None,
                schedule: str | None = None, deadline: str | None = None, cron: str | None = None,
                cron_tz: str | None = None, quiet: bool = False, wait: bool = False,
-               wait_timeout: str | None = None) -> int:
+               wait_timeout: str | None = None, concurrency: str | None = None) -> int:
     """`spos action run`: enqueue one run and print its id. Shared by the full command line and
     the lean entry point crontab lines use (reconciler/_cron.py), which hands `--wait` to the
     full command line."""
@@ -550,7 +552,8 @@ def run_action(root: str, agent: str, task: str, *, priority: int | None = None,
     patience = _duration("--wait-timeout", wait_timeout) if wait_timeout else None
     source = {"kind": "schedule", "name": schedule} if schedule else {"kind": "manual"}
     device = Device(root)
-    record = enqueue(device, agent, task, priority=priority, source=source, deadline_seconds=seconds)
+    record = enqueue(device, agent, task, priority=priority, source=source, deadline_seconds=seconds,
+                     concurrency=concurrency)
     if not quiet:
         print(record["id"], flush=True)
     if not wait:

@@ -1275,3 +1275,25 @@ def test_an_agent_over_its_output_quota_gets_no_new_run(device):
     record = device.wait_state(run_id, "failed")
     assert record["reason"].startswith("could not start: output storage quota exceeded")
     assert "could not start: output storage quota exceeded" in device.log(run_id)
+
+
+def test_concurrency_queue_runs_one_after_the_other(device):
+    device.apply({"t": {"command": sh("echo $SPOS_RUN_ID >> $SPOS_OUTPUT_DIR/started; sleep 1"),
+                        "concurrency": "Queue"}})
+    first, second = device.enqueue("t"), device.enqueue("t")
+    device.once()
+    (first_start, first_end), (second_start, _) = _intervals(device, [first, second])
+    assert second_start >= first_end
+    assert device.lines("started") == [first, second]
+
+
+def test_a_run_can_carry_its_own_concurrency(device):
+    # The task allows overlap; runs queued with --concurrency Queue (a trigger's or a
+    # schedule's choice) wait for each other all the same.
+    device.apply({"t": {"command": sh("sleep 1"), "concurrency": "Allow"}})
+    first = device.enqueue("t", "--concurrency", "Queue")
+    second = device.enqueue("t", "--concurrency", "Queue")
+    assert device.record(second)["concurrency"] == "Queue"
+    device.once()
+    (_, first_end), (second_start, _) = _intervals(device, [first, second])
+    assert second_start >= first_end

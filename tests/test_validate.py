@@ -299,10 +299,10 @@ def test_bad_enum_values_suggest_the_right_spelling(project, spos):
               concurrency: sometimes
     """)
     assert problems(spos("validate", "agents.d")) == [
-        "agents.d/bad.yaml:9:7: error: 'forbid' is not one of Allow, Forbid, Replace "
+        "agents.d/bad.yaml:9:7: error: 'forbid' is not one of Allow, Forbid, Replace, Queue "
         "(at spec.tasks.tick.concurrency)\n"
         "    hint: did you mean 'Forbid'?",
-        "agents.d/bad.yaml:12:7: error: 'sometimes' is not one of Allow, Forbid, Replace "
+        "agents.d/bad.yaml:12:7: error: 'sometimes' is not one of Allow, Forbid, Replace, Queue "
         "(at spec.tasks.tock.concurrency)",
     ]
 
@@ -990,7 +990,7 @@ def test_every_problem_of_every_file_is_reported_at_once_sorted_by_file_and_line
     assert problems(spos("validate", "agents.d")) == [
         "agents.d/a-agent.yaml:11:7: error: unknown field 'timout' (at spec.tasks.tick.timout)\n"
         "    hint: did you mean 'timeout'?",
-        "agents.d/a-agent.yaml:12:7: error: 'forbid' is not one of Allow, Forbid, Replace "
+        "agents.d/a-agent.yaml:12:7: error: 'forbid' is not one of Allow, Forbid, Replace, Queue "
         "(at spec.tasks.tick.concurrency)\n"
         "    hint: did you mean 'Forbid'?",
         "agents.d/a-agent.yaml:22:3: error: Quota 'tiny' does not exist (at spec.quota)\n"
@@ -1034,7 +1034,7 @@ def test_json_output_of_problems(project, spos):
                 "line": 9,
                 "col": 7,
                 "field": "spec.tasks.tick.concurrency",
-                "summary": "'forbid' is not one of Allow, Forbid, Replace",
+                "summary": "'forbid' is not one of Allow, Forbid, Replace, Queue",
                 "hint": "did you mean 'Forbid'?",
             }
         ],

@@ -31,7 +31,7 @@ from reconciler import STATE_DIR
 from reconciler.device import Device
 from reconciler.executor import cancel, network, storage
 from reconciler.executor.config import ConfigError, agent_config, task_config
-from reconciler.executor.enqueue import WAKE_PIPE, enqueue
+from reconciler.executor.enqueue import WAKE_PIPE, enqueue, trigger_env
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.retention import PeriodicCleanup
 from reconciler.executor.runs import RUN_FILE, CorruptRecord, Run, RunStore, storage_failure
@@ -46,8 +46,8 @@ CANCEL_CHECK = 1.0
 """With runs active, cancel requests are looked for at least this often, so that one reaches
 its run when no wake-up did (`spos action execute` reads no wake pipe)."""
 REPLACE_RECHECK = 0.25
-"""How often a queued run of a Replace task looks again whether the runs it replaces in other
-processes have ended."""
+"""How often a queued run of a Replace (or Queue) task looks again whether the runs it replaces
+(or waits for) in other processes have ended."""
 
 
 @dataclass
@@ -242,12 +242,17 @@ class Executor:
             return self._end_unstarted(run, "failed", str(exc))
         running = [a for a in self.active.values()
                    if a.run.agent == run.agent and a.run.record.get("task") == record.get("task")]
-        policy = task.get("concurrency", "Forbid")
-        if policy == "Forbid" and not running:
+        policy = record.get("concurrency") or task.get("concurrency", "Forbid")
+        if policy in ("Forbid", "Queue") and not running:
             running = self._active_elsewhere(run.agent, record.get("task"))
         if running and policy == "Forbid":
             return self._end_unstarted(
                 run, "skipped", f"concurrency Forbid: run {running[0].id} of this task is active")
+        if running and policy == "Queue":
+            # The end of a run here wakes the loop; one elsewhere sends no wake-up.
+            due = time.monotonic() + REPLACE_RECHECK
+            self.retry_due = due if self.retry_due is None else min(self.retry_due, due)
+            return False
         if policy == "Replace":
             elsewhere = self._active_elsewhere(run.agent, record.get("task"))
             if running or elsewhere:
@@ -433,6 +438,8 @@ class Executor:
         }
         if any(checkpoint_host.iterdir()):
             env["SPOS_RESUME"] = "1"
+        env.update(trigger_env(run.record.get("source") or {}, dirs["tmp"],
+                               self.device.path(dirs["tmp"])))
         host_network, egress = network.setup_for(allowed.get("network"), denied.get("network"))
         for note in egress.notes if egress else ():
             active.log.write(f"--- spos: {note}\n".encode())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 from datetime import datetime, timedelta, timezone
@@ -21,6 +22,9 @@ from reconciler.executor.config import ConfigError, agent_config, task_config
 
 QUEUE_FORMAT = 1
 WAKE_PIPE = f"/{STATE_DIR}/executor.wake"
+CONCURRENCY = ("Allow", "Forbid", "Replace", "Queue")
+ATTACHMENTS_DIR = "spos-trigger"
+"""Inside a run's tmp directory: the files a trigger hands the run (docs/triggers.md)."""
 
 
 def enqueue(
@@ -33,11 +37,16 @@ def enqueue(
     deadline_seconds: float | None = None,
     now: float | None = None,
     claim: bool = False,
+    concurrency: str | None = None,
+    attachments: dict[str, bytes] | None = None,
 ) -> dict:
     """Queue one run of `agent`/`task` and return the queued record (its `id` names the run).
 
     With `claim`, the record goes straight to `active/`, owned by the caller, who runs it now
-    (`spos action execute`); no executor sees it in the queue."""
+    (`spos action execute`); no executor sees it in the queue. `concurrency` overrides the
+    task's for this run. `attachments` (file name -> content) are written into the run's tmp
+    directory, under `spos-trigger/`, before the record: an executor never sees the run
+    without them."""
     if "/" in agent or agent in ("", ".", ".."):
         raise ConfigError(f"{agent!r} is not an agent name")
     task_spec = task_config(agent_config(device, agent), task)
@@ -45,6 +54,8 @@ def enqueue(
         priority = int(task_spec.get("priority", 50))
     if not 0 <= priority <= 100:
         raise ConfigError(f"priority must be 0-100, got {priority}")
+    if concurrency is not None and concurrency not in CONCURRENCY:
+        raise ConfigError(f"concurrency must be one of {', '.join(CONCURRENCY)}, got {concurrency!r}")
     now = time.time() if now is None else now
     enqueued = datetime.fromtimestamp(now, timezone.utc)
     run_id = f"{enqueued:%Y%m%dT%H%M%S}-{os.urandom(4).hex()}"
@@ -62,6 +73,10 @@ def enqueue(
         "source": source or {"kind": "manual"},
         "attempt": 1,
     }
+    if concurrency is not None:
+        record["concurrency"] = concurrency
+    if attachments:
+        _attach(device, agent, run_id, attachments)
     if claim:
         from reconciler.executor.owner import identity
 
@@ -96,3 +111,33 @@ def wake(device: Device) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _attach(device: Device, agent: str, run_id: str, attachments: dict[str, bytes]) -> None:
+    directory = f"{AGENTS_DIR}/{agent}/tmp/{run_id}/{ATTACHMENTS_DIR}"
+    device.makedirs(directory, mode=0o750)
+    for name, content in attachments.items():
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"{name!r} is not an attachment name")
+        device.write_atomic(f"{directory}/{name}", content, mode=0o640)
+
+
+def trigger_env(source: dict, tmp: str, tmp_host) -> dict[str, str]:
+    """The environment that tells a run what triggered it (docs/triggers.md): SPOS_TRIGGER,
+    SPOS_TRIGGER_TYPE, SPOS_EVENT_COUNT, one SPOS_EVENT_<KEY> per entry of the last event's
+    data, and SPOS_EVENTS_FILE / SPOS_PAYLOAD naming the attachments the run has. `tmp` is the
+    run's tmp directory as the run sees it, `tmp_host` the same directory on this machine."""
+    if source.get("kind") != "trigger":
+        return {}
+    env = {
+        "SPOS_TRIGGER": str(source.get("trigger", "")),
+        "SPOS_TRIGGER_TYPE": str(source.get("type", "")),
+        "SPOS_EVENT_COUNT": str(source.get("events", 1)),
+    }
+    for key, value in (source.get("event") or {}).items():
+        name = re.sub(r"[^A-Za-z0-9]", "_", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(key))).upper()
+        env[f"SPOS_EVENT_{name}"] = str(value).replace("\0", "")
+    for variable, file in (("SPOS_EVENTS_FILE", "events.json"), ("SPOS_PAYLOAD", "payload")):
+        if os.path.isfile(os.path.join(tmp_host, ATTACHMENTS_DIR, file)):
+            env[variable] = f"{tmp}/{ATTACHMENTS_DIR}/{file}"
+    return env
