@@ -9,5 +9,9 @@ AGENTS_DIR = f"/{STATE_DIR}/agents"
 """One directory per agent: its compiled config and its runs. Shared by the reconciler, which
 writes the config, and the executor, which reads it (docs/agent-config.md, docs/queue.md)."""
 
+TRIGGERS_DIR = f"/{STATE_DIR}/triggers"
+"""One registration file per Trigger, written by the reconciler and read by the trigger daemon
+(docs/triggers.md)."""
+
 AGENT_CONFIG = "agent.json"
 """The compiled agent config's file name inside the agent's directory."""

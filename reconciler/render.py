@@ -57,17 +57,11 @@ def notices(manifests: ManifestSet, facts: Facts) -> list[str]:
     and what validation could not check, said plainly so that a plan never implies more than
     apply will do. Pure."""
     timers = sorted(n for n, m in manifests.of_kind("Schedule").items() if "timer" in m.spec)
-    triggers = sorted(manifests.of_kind("Trigger"))
     said = list(manifests.notes)
     if timers and not facts.activate_units:
         said.append(
             f"{len(timers)} timer Schedule(s) ({', '.join(timers)}) are written as systemd units "
             "but not activated: spos activates units only with --root / on a device whose init "
             "system is systemd (/run/systemd/system exists). Elsewhere nothing starts them."
-        )
-    if triggers:
-        said.append(
-            f"{len(triggers)} Trigger(s) ({', '.join(triggers)}) are validated but not "
-            "registered: the trigger daemon is not part of this version of spos."
         )
     return said

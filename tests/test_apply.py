@@ -76,7 +76,7 @@ def test_a_second_apply_changes_nothing_and_rewrites_no_file(spos, manifests, de
     plan = spos("plan", manifests, "--root", device_root, "--detailed-exitcode")
 
     assert second.code == 0
-    assert "No changes. The device matches the manifests (17 resources)." in second.out
+    assert "No changes. The device matches the manifests (23 resources)." in second.out
     assert plan.code == 0
     assert "No changes." in plan.out
     # The apply lock records its holder on every apply; it is spos's bookkeeping, not a resource.
@@ -125,6 +125,9 @@ def test_apply_writes_the_planned_files(applied):
                                  "research-001-daily", "research-001-hourly")]
         + [f"timer/{s}" for s in ("iot-sensor-001-upload", "maintenance-001-logrotate",
                                   "monitor-001-boot")]
+        + [f"trigger/{t}" for t in ("disk_space_low", "file-drop-001-incoming", "high_cpu_temp",
+                                    "iot-sensor-001-serial", "network_available",
+                                    "webhook-001-github")]
     )
 
 
@@ -176,7 +179,7 @@ def test_hand_edited_cron_line_is_drift_and_apply_repairs_it(spos, manifests, ap
 
     assert plan.code == 2
     assert "  ~   cron/monitor-001-health  (changed on the device (drift))" in plan.out
-    assert "Plan: 0 to create, 1 to update, 0 to replace, 0 to delete, 16 unchanged." in plan.out
+    assert "Plan: 0 to create, 1 to update, 0 to replace, 0 to delete, 22 unchanged." in plan.out
     assert spos("apply", manifests, "--root", applied, "--auto-approve").code == 0
     assert crontab.read_text() == original
 
@@ -251,7 +254,7 @@ def test_empty_manifests_are_refused_unless_allow_empty(
 
     assert refused.code == 1
     assert "holds no manifests" in refused.err
-    assert "would delete all 17 resources" in refused.err
+    assert "would delete all 23 resources" in refused.err
     assert "--allow-empty" in refused.err
     cache = "var/lib/systemprompt-os/cache"  # spos's own parse cache, not the device's state
     assert without(files_under(applied), cache, LOCK) == without(before, cache, LOCK)
@@ -259,7 +262,7 @@ def test_empty_manifests_are_refused_unless_allow_empty(
     allowed = spos("apply", manifests, "--root", applied, "--auto-approve", "--allow-empty")
 
     assert allowed.code == 0, allowed.err
-    assert "17 to delete" in allowed.out
+    assert "23 to delete" in allowed.out
     assert os.listdir(applied / "etc/cron.d") == []
     assert inventory(applied)["resources"] == {}
 
@@ -277,7 +280,7 @@ def test_saved_plan_applies_exactly_what_it_shows(spos, manifests, device_root, 
     result = spos("apply", saved, "--root", device_root)
 
     assert result.code == 0, result.err
-    assert "Apply complete: 17 changed, 0 failed." in result.out
+    assert "Apply complete: 23 changed, 0 failed." in result.out
     assert "*/5 * * * * root" in (device_root / "etc/cron.d/spos-monitor-001").read_text()
     after = spos("plan", manifests, "--root", device_root, "--json")
     assert [(c["id"], c["action"]) for c in json.loads(after.out)["changes"]] == [
@@ -417,16 +420,16 @@ def test_one_failed_resource_leaves_the_others_applied_and_a_rerun_converges(
     assert result.code == 1
     assert "  +   agent/backup-001: FAILED:" in result.out
     assert "  +   agent/research-001: done" in result.out
-    assert "Apply complete: 16 changed, 1 failed." in result.out
+    assert "Apply complete: 22 changed, 1 failed." in result.out
     resources = inventory(device_root)["resources"]
     assert "agent/backup-001" not in resources
-    assert len(resources) == 16
+    assert len(resources) == 22
 
     blocker.unlink()
     rerun = spos("apply", manifests, "--root", device_root, "--auto-approve")
 
     assert rerun.code == 0, rerun.out + rerun.err
-    assert "Plan: 1 to create, 0 to update, 0 to replace, 0 to delete, 16 unchanged." in rerun.out
+    assert "Plan: 1 to create, 0 to update, 0 to replace, 0 to delete, 22 unchanged." in rerun.out
     assert spos("plan", manifests, "--root", device_root, "--detailed-exitcode").code == 0
 
 
@@ -439,10 +442,10 @@ def test_an_unwritable_cron_dir_fails_only_the_cron_entries(spos, manifests, dev
     assert result.code == 1
     assert ("  +   cron/monitor-001-health: FAILED: /etc/cron.d/spos-monitor-001: "
             "/etc/cron.d exists and is not a directory") in result.out
-    assert "Apply complete: 11 changed, 6 failed." in result.out
+    assert "Apply complete: 17 changed, 6 failed." in result.out
     resources = inventory(device_root)["resources"]
-    assert len(resources) == 11
-    assert all(rid.startswith(("agent/", "timer/")) for rid in resources)
+    assert len(resources) == 17
+    assert all(rid.startswith(("agent/", "timer/", "trigger/")) for rid in resources)
     (device_root / "etc/cron.d").unlink()
     assert spos("apply", manifests, "--root", device_root, "--auto-approve").code == 0
     assert spos("plan", manifests, "--root", device_root, "--detailed-exitcode").code == 0
@@ -524,7 +527,7 @@ def test_json_plan_has_the_documented_fields(spos, manifests, applied):
     assert plan["formatVersion"] == 1
     assert plan["root"] == str(applied)
     assert set(plan["summary"]) == {*ACTIONS, "unchanged"}
-    assert plan["summary"] == {"create": 0, "update": 1, "replace": 0, "delete": 2, "unchanged": 14}
+    assert plan["summary"] == {"create": 0, "update": 1, "replace": 0, "delete": 2, "unchanged": 20}
     for change in plan["changes"]:
         assert list(change) == list(documented["changes"][0])
         assert change["symbol"] == SYMBOLS[change["action"]]
