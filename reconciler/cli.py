@@ -160,6 +160,8 @@ def _parser() -> "argparse.ArgumentParser":
     execute.add_argument("--agent", required=True)
     execute.add_argument("--task", required=True)
     execute.add_argument("--timeout", metavar="DURATION", help="override the task's timeout")
+    execute.add_argument("--concurrency", choices=("Allow", "Forbid", "Replace", "Queue"),
+                         help="for this run, instead of the task's concurrency")
     _executor_args(execute)
     execute.set_defaults(handler=_action_execute)
 
@@ -793,7 +795,8 @@ def _action_execute(args) -> int:
 
     timeout = _duration("--timeout", args.timeout) if args.timeout else None
     executor = _make_executor(args)
-    record = enqueue(executor.device, args.agent, args.task, source={"kind": "execute"}, claim=True)
+    record = enqueue(executor.device, args.agent, args.task, source={"kind": "execute"}, claim=True,
+                     concurrency=args.concurrency)
     print(f"run {record['id']}", file=sys.stderr)
     final = executor.execute(record["id"], args.agent, timeout=timeout)
     state = final.get("state")

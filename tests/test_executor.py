@@ -1297,3 +1297,43 @@ def test_a_run_can_carry_its_own_concurrency(device):
     device.once()
     (_, first_end), (second_start, _) = _intervals(device, [first, second])
     assert second_start >= first_end
+
+
+def _execute(device, task: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "action", "execute", "--root", str(device.root),
+         "--agent", device.agent, "--task", task, "--grace", "1s"],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.parametrize("policy", ["Forbid", "Queue", "Replace"])
+def test_action_execute_honours_concurrency(device, policy):
+    # What a systemd service runs meets a run of the executor as the task's concurrency says.
+    script = "trap 'exit 143' TERM; echo $SPOS_RUN_ID >> $SPOS_OUTPUT_DIR/started; sleep 1.5 & wait"
+    device.apply({"t": {"command": sh(script), "concurrency": policy, "timeout": "30s"}})
+    first = device.enqueue("t")
+    daemon = device.daemon("--rescan", "60s")
+    wait_for(lambda: device.lines("started") == [first], "the executor's run to start")
+    foreground = _execute(device, "t")
+    try:
+        _, err = foreground.communicate(timeout=WAIT)
+    finally:
+        if foreground.poll() is None:
+            foreground.kill()
+    executed = err.split()[1]
+    ours, theirs = device.record(executed), device.wait_state(first, "completed", "failed", "cancelled")
+    if policy == "Forbid":
+        assert foreground.returncode == 1 and ours["state"] == "skipped", ours
+        assert first in ours["reason"] and device.lines("started") == [first]
+        assert theirs["state"] == "completed"
+    elif policy == "Queue":
+        assert foreground.returncode == 0 and ours["state"] == "completed", ours
+        assert theirs["state"] == "completed"
+        assert when(ours["startedAt"]) >= when(theirs["endedAt"])
+    else:
+        assert foreground.returncode == 0 and ours["state"] == "completed", ours
+        assert theirs["state"] == "cancelled" and f"replaced by run {executed}" in theirs["reason"]
+        assert when(ours["startedAt"]) >= when(theirs["endedAt"])
+    assert device.lines("started") == ([first] if policy == "Forbid" else [first, executed])
+    assert daemon.stop() == 0

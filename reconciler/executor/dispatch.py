@@ -119,6 +119,8 @@ class Executor:
                 task = task_config(config, run.record.get("task"))
                 if timeout is not None:
                     task = {**task, "timeoutSeconds": timeout}
+                if run.record.get("attempt", 1) == 1 and not self._take_turn(run, task):
+                    return run.record
                 _refused(self.store.reserve, run)  # `enqueue(claim=True)` set none aside
                 self._start(run, config, task)
                 while run_id in self.active:
@@ -143,6 +145,39 @@ class Executor:
         finally:
             self._record_pending()
             self._close_signal_pipe()
+
+    def _take_turn(self, run: Run, task: dict) -> bool:
+        """`action execute`, which owns its run from the start, honours concurrency too:
+        Forbid ends it as skipped while another run of the task is active in a live process,
+        Replace asks those runs to stop and waits until they ended, Queue waits for them. False
+        when the run ended without starting (skipped, or interrupted while waiting)."""
+        policy = run.record.get("concurrency") or task.get("concurrency", "Forbid")
+        asked: set[str] = set()
+        while policy != "Allow":
+            others = [o for o in self._active_elsewhere(run.agent, run.record.get("task"))
+                      if o.id != run.id]
+            if not others:
+                break
+            if policy == "Forbid":
+                return self._end_owned(run, "skipped",
+                                       f"concurrency Forbid: run {others[0].id} of this task is active")
+            if policy == "Replace":
+                with self.store.locked():
+                    for other in others:
+                        if other.id not in asked:
+                            cancel.ask(self.store, other, f"replaced by run {run.id} (concurrency Replace)")
+                            asked.add(other.id)
+            if self.stopping:
+                return self._end_owned(run, "cancelled", f"interrupted while waiting for run {others[0].id} to end")
+            self._wait(REPLACE_RECHECK)
+        return True
+
+    def _end_owned(self, run: Run, state: str, reason: str) -> bool:
+        run.record.update(reason=reason, endedAt=now_iso())
+        self._note(run.agent, run.id, f"run {state}: {reason}")
+        with self.store.locked():
+            self._record(run, state)
+        return False
 
     def _timeout(self, once: bool) -> float:
         now = time.monotonic()

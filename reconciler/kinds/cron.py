@@ -47,6 +47,8 @@ def render_line(schedule: str, spec: dict, user: str, facts: Facts) -> str:
                            "--task", spec["task"], "--schedule", schedule)
     if spec.get("startingDeadline"):
         argv += ["--deadline", spec["startingDeadline"]]
+    if spec.get("concurrency"):
+        argv += ["--concurrency", spec["concurrency"]]
     zone = spec.get("timeZone")
     if zone and expression.lower() != cronexpr.REBOOT:
         argv += ["--cron", expression, "--cron-tz", zone]

@@ -87,6 +87,8 @@ def render_units(schedule: Manifest, capability: dict | None, quota: dict | None
     if not spec.get("suspend"):
         timer_sections["Install"] = {"WantedBy": "timers.target"}
     command = _command(spec["agent"], spec["task"], facts)
+    if spec.get("concurrency"):
+        command += ["--concurrency", spec["concurrency"]]
     service = {"Type": "oneshot", "ExecStart": " ".join(_exec_word(word) for word in command)}
     service.update(resource_control(quota))
     service.update(sandboxing(capability, facts, command))
