@@ -1,0 +1,756 @@
+"""The filesystem source: a Trigger fires when files under a device path are created, written,
+deleted or moved.
+
+One thread reads one inotify instance and hands each event that counts to `emit` as soon as it
+is read (with `settleSeconds` 0 no timer or polling tick sits in between), as
+`{"path": device path, "event": kind, "name": path relative to the watched path}`; a move adds
+`"from"` (where the file came from, when that was under the watched path) or, for a file moved
+out of what counts, `"to"` (where it went, when known). Only files have events; with
+`recursive`, a directory that appears is watched at once and the files already in it are
+reported as created (or moved in), so `mkdir -p a/b && touch a/b/f` does not lose `f`.
+
+The source keeps a snapshot of the files that count (relative name -> inode, size, mtime). It
+is how nothing is missed when inotify cannot say what happened: after a queue overflow, or when
+the watched directory is deleted, replaced or moved away, the source drops its inotify instance,
+watches the path afresh and reports create, modify and delete for what differs from the
+snapshot. A path that does not exist is looked for every `WAITING_POLL_SECONDS`, with status
+"waiting"; files found when it appears are reported as created. Files already there when the
+source starts are not reported. A path that is a file is watched through its directory, and only
+that file counts.
+
+Why inotify is driven directly (ctypes, one poll loop) rather than through watchdog 6: watchdog
+gives close_write, paired moves and watches on new subdirectories, but its inotify emitter
+(observers/inotify_c.py, inotify_buffer.py) skips IN_Q_OVERFLOW (events with wd -1 are
+dropped), so lost events would go unnoticed; it stops for good when the watched directory is
+deleted and ignores IN_MOVE_SELF; it cannot start on a path that does not exist; and it holds
+each unpaired IN_MOVED_FROM for 0.5 s at the head of a delay queue, which holds back every event
+behind it, before two more threads and queues reach a handler. Rescanning, re-arming and
+latency are what this source promises, so it reads inotify itself. A MOVED_FROM is paired with
+its MOVED_TO by cookie within what one read returns; only when a read ends with a MOVED_FROM does
+the source wait (at most `MOVE_PAIRING_SECONDS`) for the MOVED_TO that the kernel queues right
+after it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fnmatch
+import logging
+import math
+import os
+import posixpath
+import select
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+from reconciler.triggers.base import Context, Emit, Event, Registration, Stoppable
+
+log = logging.getLogger(__name__)
+
+EVENT_KINDS = ("create", "modify", "delete", "move", "close_write")
+DEFAULT_EVENTS = ("create", "close_write")
+
+WAITING_POLL_SECONDS = 0.5
+"""How often a path that does not exist is looked for."""
+ERROR_RETRY_SECONDS = 5.0
+"""How soon watching is tried again after it failed (a watch limit, a permission)."""
+MOVE_PAIRING_SECONDS = 0.05
+"""How long a read that ends with IN_MOVED_FROM waits for its IN_MOVED_TO."""
+STOP_SECONDS = 1.0
+
+IN_MODIFY = 0x2
+IN_CLOSE_WRITE = 0x8
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_UNMOUNT = 0x2000
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+IN_DONT_FOLLOW = 0x02000000
+IN_EXCL_UNLINK = 0x04000000
+IN_ISDIR = 0x40000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+WATCH_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT
+"""A watched directory itself was deleted, moved or unmounted, or its watch was removed."""
+
+_EVENT_HEADER = struct.Struct("iIII")
+_READ_BYTES = 65536
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+
+FileKey = tuple[int, int, int]
+"""What identifies a file's content cheaply: inode, size, mtime in nanoseconds."""
+Snapshot = dict[str, FileKey]
+"""The files that count, by path relative to the watched path."""
+
+
+class WatchFailed(Exception):
+    """Watching is impossible for now; the message says why in words, and what helps."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The `filesystem` section of a registration, with its defaults applied."""
+
+    path: str
+    events: frozenset[str]
+    recursive: bool
+    patterns: tuple[str, ...]
+    ignore: tuple[str, ...]
+    settle_seconds: float
+
+    @classmethod
+    def parse(cls, raw: dict) -> "Config":
+        """Raises ValueError naming what is wrong."""
+        path = raw.get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"path {path!r} is not an absolute path")
+        events = frozenset(raw.get("events") or DEFAULT_EVENTS)
+        unknown = sorted(events - set(EVENT_KINDS))
+        if unknown:
+            raise ValueError(f"events {', '.join(unknown)} are not among {', '.join(EVENT_KINDS)}")
+        settle = float(raw.get("settleSeconds") or 0)
+        if settle < 0:
+            raise ValueError(f"settleSeconds {settle} is negative")
+        return cls(
+            path=posixpath.normpath(path), events=events, recursive=bool(raw.get("recursive", False)),
+            patterns=tuple(raw.get("patterns") or ()), ignore=tuple(raw.get("ignore") or ()),
+            settle_seconds=settle,
+        )
+
+    def selects(self, name: str) -> bool:
+        """Whether the file at relative path `name` counts: it matches one of `patterns` (any
+        file does when there are none) and none of `ignore`. A pattern without a `/` also
+        matches the file's name alone, so `.*` ignores `sub/.x.swp` too."""
+        if any(_matches(name, pattern) for pattern in self.ignore):
+            return False
+        return not self.patterns or any(_matches(name, pattern) for pattern in self.patterns)
+
+    def inotify_mask(self) -> int:
+        """The inotify events to ask for. Creations, deletions and moves are always needed (for
+        the snapshot and new directories); writes only when they count or settling needs them."""
+        mask = (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF
+                | IN_ONLYDIR | IN_EXCL_UNLINK)
+        if "modify" in self.events or self.settle_seconds:
+            mask |= IN_MODIFY
+        if "close_write" in self.events or self.settle_seconds:
+            mask |= IN_CLOSE_WRITE
+        return mask
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or (
+        "/" not in pattern and fnmatch.fnmatchcase(posixpath.basename(name), pattern))
+
+
+CAUGHT_UP_AS = {
+    "create": ("create", "close_write", "move"),
+    "modify": ("modify", "close_write"),
+    "delete": ("delete",),
+}
+"""A change found by a rescan is reported as the first of these kinds the trigger counts: a
+file that appeared while events were lost was created and written, and perhaps moved in, so a
+trigger that counts only close_write or move still hears of it."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the path was found when the source armed: the directory whose events are read (on
+    this machine, and as a device path), and `only`, the one file that counts when the
+    configured path is a file."""
+
+    directory: str
+    device_directory: str
+    recursive: bool
+    only: str | None = None
+
+    def device_path(self, name: str) -> str:
+        return posixpath.join(self.device_directory, name)
+
+
+def changes(before: Snapshot, after: Snapshot) -> list[tuple[str, str]]:
+    """The (name, kind) events that turn `before` into `after`: first delete for each name
+    that is gone, then create for a new name or one whose inode changed (the file was
+    replaced) and modify for a changed size or mtime, each by name. Pure."""
+    deleted = [(name, "delete") for name in sorted(before.keys() - after.keys())]
+    found = []
+    for name in sorted(after):
+        old, new = before.get(name), after[name]
+        if old is None or new[0] != old[0]:
+            found.append((name, "create"))
+        elif new != old:
+            found.append((name, "modify"))
+    return deleted + found
+
+
+def is_below(name: str, directory: str) -> bool:
+    """Whether relative path `name` is inside relative directory `directory`."""
+    return name.startswith(directory + "/")
+
+
+class Settling:
+    """Events held until their file has had no further event for `seconds`: at most one per
+    file, the latest that counts, with its data. Pure: the caller passes the time."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._held: dict[str, tuple[float, dict]] = {}
+
+    def hold(self, name: str, data: dict, now: float) -> None:
+        """`data` replaces what is held for `name`, and its quiet time starts again."""
+        self._held[name] = (now + self.seconds, data)
+
+    def extend(self, name: str, now: float) -> None:
+        """An event that does not count itself still restarts the quiet time of a held one."""
+        if name in self._held:
+            self._held[name] = (now + self.seconds, self._held[name][1])
+
+    def drop(self, name: str) -> None:
+        self._held.pop(name, None)
+
+    def due(self, now: float) -> list[dict]:
+        """Removes and returns the data of every event whose quiet time has passed, oldest first."""
+        ready = sorted((deadline, name) for name, (deadline, _) in self._held.items() if deadline <= now)
+        return [self._held.pop(name)[1] for _, name in ready]
+
+    def next_deadline(self) -> float | None:
+        return min((deadline for deadline, _ in self._held.values()), default=None)
+
+
+class RawEvent(NamedTuple):
+    wd: int
+    mask: int
+    cookie: int
+    name: str
+
+
+class Inotify:
+    """One inotify instance (non-blocking, close-on-exec). Closing it removes every watch."""
+
+    def __init__(self):
+        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            raise watch_failure(ctypes.get_errno(), "inotify")
+        self.fd = fd
+
+    def add_watch(self, path: str, mask: int) -> int | None:
+        """The watch descriptor of `path`, or None when it no longer exists or is no directory."""
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+        if wd >= 0:
+            return wd
+        err = ctypes.get_errno()
+        if err in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise watch_failure(err, path)
+
+    def remove_watch(self, wd: int) -> None:
+        _libc.inotify_rm_watch(self.fd, wd)
+
+    def read(self) -> list[RawEvent]:
+        """Every event queued now (none when nothing is)."""
+        events: list[RawEvent] = []
+        while True:
+            try:
+                chunk = os.read(self.fd, _READ_BYTES)
+            except BlockingIOError:
+                return events
+            events.extend(parse_events(chunk))
+
+    def readable(self, seconds: float) -> bool:
+        """Whether an event is queued, waiting for one at most `seconds`."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(math.ceil(seconds * 1000)))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def parse_events(chunk: bytes) -> list[RawEvent]:
+    """The `struct inotify_event`s in what one read returned."""
+    events, offset = [], 0
+    while offset + _EVENT_HEADER.size <= len(chunk):
+        wd, mask, cookie, length = _EVENT_HEADER.unpack_from(chunk, offset)
+        offset += _EVENT_HEADER.size
+        name = os.fsdecode(chunk[offset:offset + length].rstrip(b"\0"))
+        offset += length
+        events.append(RawEvent(wd, mask, cookie, name))
+    return events
+
+
+def watch_failure(err: int, what: str) -> WatchFailed:
+    """Why watching `what` failed with `err`, in words, with the sysctl that raises a limit."""
+    if err == errno.ENOSPC:
+        return WatchFailed("inotify watch limit reached (sysctl fs.inotify.max_user_watches is "
+                           f"{_sysctl('max_user_watches')}); raise fs.inotify.max_user_watches")
+    if err == errno.EMFILE:
+        return WatchFailed("inotify instance limit reached (sysctl fs.inotify.max_user_instances is "
+                           f"{_sysctl('max_user_instances')}); raise fs.inotify.max_user_instances "
+                           "or the open file limit")
+    return WatchFailed(f"cannot watch {what}: {os.strerror(err)}")
+
+
+def _sysctl(name: str) -> str:
+    try:
+        with open(f"/proc/sys/fs/inotify/{name}") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def file_key(st: os.stat_result) -> FileKey:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def scan(top: str, start: str, recursive: bool, enter: Callable[[str], bool]) -> Snapshot:
+    """Every file (anything but a directory) in directory `start` (relative to `top`, "" for
+    `top` itself) and, with `recursive`, in every directory below it, by relative path.
+    `enter(directory)` is called for each directory before it is listed; one it refuses, or
+    that vanished meanwhile, is skipped. Symbolic links are not followed below `top`."""
+    files: Snapshot = {}
+    directories = [start]
+    while directories:
+        directory = directories.pop()
+        if not enter(directory):
+            continue
+        try:
+            entries = list(os.scandir(os.path.join(top, directory) if directory else top))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            name = posixpath.join(directory, entry.name) if directory else entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        directories.append(name)
+                else:
+                    files[name] = file_key(entry.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+    return files
+
+
+class Watches:
+    """The inotify watches of one armed period, one per directory, by relative path ("" is the
+    watched directory itself). `close()` releases the inotify fd and with it every watch."""
+
+    def __init__(self, layout: Layout, mask: int):
+        self.layout = layout
+        self.mask = mask
+        self.inotify = Inotify()
+        self.directories: dict[int, str] = {}
+
+    @property
+    def fd(self) -> int:
+        return self.inotify.fd
+
+    def watch_tree(self, start: str) -> Snapshot:
+        """Watches directory `start` and, when recursive, every directory below it, each before
+        it is listed, and returns the files found: a file created meanwhile is listed, or
+        reported by inotify, or both. Empty when `start` is gone."""
+        return scan(self.layout.directory, start, self.layout.recursive, self._watch)
+
+    def _watch(self, directory: str) -> bool:
+        path = os.path.join(self.layout.directory, directory) if directory else self.layout.directory
+        wd = self.inotify.add_watch(path, self.mask | (IN_DONT_FOLLOW if directory else 0))
+        if wd is None:
+            return False
+        self.directories[wd] = directory
+        return True
+
+    def directory(self, wd: int) -> str | None:
+        return self.directories.get(wd)
+
+    def forget(self, wd: int) -> None:
+        self.directories.pop(wd, None)
+
+    def rename_tree(self, old: str, new: str) -> None:
+        """A watched directory moved within the tree: its watches (and those below) stay, under
+        new names."""
+        for wd, directory in list(self.directories.items()):
+            if directory == old or is_below(directory, old):
+                self.directories[wd] = new + directory[len(old):]
+
+    def drop_tree(self, start: str) -> None:
+        """Removes the watches of `start` and below (a directory that left the tree)."""
+        for wd, directory in list(self.directories.items()):
+            if directory == start or is_below(directory, start):
+                self.inotify.remove_watch(wd)
+                del self.directories[wd]
+
+    def close(self) -> None:
+        self.inotify.close()
+
+
+class FilesystemSource(Stoppable):
+    """Watches one path; see the module docstring for what it reports. The first arming happens
+    in `start()`, so files created after `start()` returns are reported; everything after runs
+    on the source's own thread, which is the only one to call `emit`."""
+
+    def __init__(self, registration: Registration, emit: Emit, context: Context):
+        super().__init__()
+        self.registration = registration
+        self.config = Config.parse(registration.config)
+        self._emit = emit
+        self._host = context.host
+        self._snapshot: Snapshot = {}
+        self._settling = Settling(self.config.settle_seconds)
+        self._watches: Watches | None = None
+        self._layout: Layout | None = None
+        self._first_arming = True
+        self._rearm_at: float | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_read = self._wake_write = -1
+        self._pipe_lock = threading.Lock()
+
+    # Lifecycle
+
+    def start(self) -> None:
+        """Arms the watches and starts the thread; only the first call does anything."""
+        if self._thread is not None:
+            return
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._guarded(self._arm)
+        self._thread = threading.Thread(target=self._run, name=f"trigger-filesystem-{self.registration.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the thread, which closes the inotify fd (every watch with it); idempotent."""
+        self.stopping.set()
+        with self._pipe_lock:
+            if self._wake_write >= 0:
+                try:
+                    os.write(self._wake_write, b"x")
+                except BlockingIOError:
+                    pass
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(STOP_SECONDS)
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self._guarded(self._step)
+        finally:
+            self._disarm()
+            with self._pipe_lock:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                self._wake_read = self._wake_write = -1
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        """Runs `work`; a failure becomes status "error" and a retry, never an exception out of
+        the source."""
+        try:
+            work()
+        except WatchFailed as failure:
+            self._fail(str(failure))
+        except Exception as failure:  # noqa: BLE001 - a source's thread must survive its bugs
+            log.exception("filesystem trigger %s failed", self.registration.name)
+            self._fail(f"{type(failure).__name__}: {failure}")
+
+    def _fail(self, detail: str) -> None:
+        self._disarm()
+        self.set_status("error", f"{detail}; retrying every {ERROR_RETRY_SECONDS:g}s")
+        self._rearm_at = time.monotonic() + ERROR_RETRY_SECONDS
+
+    def _step(self) -> None:
+        """One turn of the loop: re-arm when due, hand over settled events, wait for the next
+        inotify event (or deadline, or stop) and handle what was read."""
+        if self._rearm_at is not None and self._rearm_at <= time.monotonic():
+            self._arm()
+        for data in self._settling.due(time.monotonic()):
+            self._hand_over(data)
+        if self._wait_for_events() and not self.stopping.is_set():
+            self._handle(self._read_batch())
+            self._show_armed()
+
+    def _wait_for_events(self) -> bool:
+        """Sleeps until an inotify event is queued (True), the next deadline passes or stop()
+        is called."""
+        deadlines = [d for d in (self._rearm_at, self._settling.next_deadline()) if d is not None]
+        timeout = -1 if not deadlines else max(0, math.ceil((min(deadlines) - time.monotonic()) * 1000))
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        if self._watches is not None:
+            poller.register(self._watches.fd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(timeout)}
+        return self._watches is not None and self._watches.fd in ready
+
+    # Arming
+
+    def _arm(self) -> None:
+        """Watches the path afresh and reports what differs from the snapshot; when the path
+        does not exist, reports what was there as deleted and looks again later."""
+        self._disarm()
+        self._rearm_at = None
+        layout = self._find_layout()
+        if layout is None:
+            self._compare({})
+            self.set_status("waiting", f"{self.config.path} does not exist")
+            self._rearm_at = time.monotonic() + WAITING_POLL_SECONDS
+            return
+        watches = Watches(layout, self.config.inotify_mask())
+        try:
+            found = watches.watch_tree("")
+        except BaseException:
+            watches.close()
+            raise
+        if not watches.directories:
+            watches.close()
+            self._rearm_at = time.monotonic() + WAITING_POLL_SECONDS
+            return
+        self._watches, self._layout = watches, layout
+        self._compare({name: key for name, key in found.items() if self._selects(name)})
+        self._show_armed()
+
+    def _find_layout(self) -> Layout | None:
+        """Where to watch: the path itself when it is a directory, its directory when it is a
+        file; None when it does not exist."""
+        host = self._host(self.config.path)
+        try:
+            is_directory = stat.S_ISDIR(os.stat(host).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if is_directory:
+            return Layout(host, self.config.path, self.config.recursive)
+        return Layout(os.path.dirname(host), posixpath.dirname(self.config.path), False,
+                      only=os.path.basename(host))
+
+    def _compare(self, current: Snapshot) -> None:
+        """Reports the differences between the snapshot and `current`, which becomes the
+        snapshot. The first arming only takes the snapshot: files already there when the source
+        starts are not events."""
+        if self._first_arming:
+            self._first_arming = False
+        else:
+            for name, kind in changes(self._snapshot, current):
+                if kind == "delete":
+                    self._settling.drop(name)
+                self._report(name, self._caught_up(kind))
+        self._snapshot = current
+
+    def _disarm(self) -> None:
+        if self._watches is not None:
+            self._watches.close()
+            self._watches = None
+
+    def _show_armed(self) -> None:
+        if self._watches is None:
+            return
+        if self._layout.only is not None:
+            self.set_status("armed", f"watching {self.config.path}")
+            return
+        count = len(self._watches.directories)
+        self.set_status("armed", f"watching {count} director{'y' if count == 1 else 'ies'}")
+
+    # Events
+
+    def _read_batch(self) -> list[RawEvent]:
+        """What inotify has queued. A batch that ends with IN_MOVED_FROM waits briefly for
+        more, so that the move's IN_MOVED_TO lands in the same batch."""
+        inotify = self._watches.inotify
+        events = inotify.read()
+        while events and events[-1].mask & IN_MOVED_FROM and inotify.readable(MOVE_PAIRING_SECONDS):
+            events.extend(inotify.read())
+        return events
+
+    def _handle(self, events: list[RawEvent]) -> None:
+        """Turns one batch of inotify events into reports, pairing moves by cookie; an overflow
+        or the watched directory going away re-arms (after the rest of the batch)."""
+        cookies_moved_to = {event.cookie for event in events if event.mask & IN_MOVED_TO}
+        moved_from: dict[int, tuple[int, str]] = {}
+        for event in events:
+            if event.mask & IN_Q_OVERFLOW:
+                self._rearm_now()
+                continue
+            directory = self._watches.directory(event.wd) if self._watches else None
+            if directory is None:
+                continue
+            if event.mask & WATCH_GONE:
+                self._watch_gone(event, directory)
+                continue
+            name = posixpath.join(directory, event.name) if directory else event.name
+            if event.mask & IN_MOVED_FROM and event.cookie in cookies_moved_to:
+                moved_from[event.cookie] = (event.mask, name)
+                continue
+            source = moved_from.pop(event.cookie, (0, None))[1] if event.mask & IN_MOVED_TO else None
+            self._dispatch(event.mask, name, source)
+        for mask, name in moved_from.values():
+            self._dispatch(mask, name, None)
+
+    def _dispatch(self, mask: int, name: str, source: str | None) -> None:
+        if mask & IN_ISDIR:
+            self._directory_event(mask, name, source)
+        else:
+            self._file_event(mask, name, source)
+
+    def _rearm_now(self) -> None:
+        self._rearm_at = time.monotonic()
+
+    def _watch_gone(self, event: RawEvent, directory: str) -> None:
+        if directory == "":
+            self._rearm_now()
+        elif event.mask & IN_IGNORED:
+            self._watches.forget(event.wd)
+
+    def _file_event(self, mask: int, name: str, source: str | None) -> None:
+        if mask & IN_CREATE:
+            self._appeared(name, "create")
+        elif mask & IN_MOVED_TO:
+            if source is None:
+                self._appeared(name, "move")
+            else:
+                self._moved(source, name)
+        elif mask & IN_MOVED_FROM:
+            self._moved_out(name)
+        elif mask & IN_DELETE:
+            self._deleted(name)
+        elif mask & IN_MODIFY:
+            self._changed(name, "modify")
+        elif mask & IN_CLOSE_WRITE:
+            self._changed(name, "close_write")
+
+    def _directory_event(self, mask: int, name: str, source: str | None) -> None:
+        """Directories have no events of their own; with recursive, their files do."""
+        if not self._watches.layout.recursive:
+            return
+        if mask & IN_CREATE:
+            # Files listed in a new directory may have been written before its watch existed.
+            self._appeared_all(self._watches.watch_tree(name), self._caught_up("create"))
+        elif mask & IN_MOVED_TO and source is not None:
+            self._directory_moved(source, name)
+        elif mask & IN_MOVED_TO:
+            self._appeared_all(self._watches.watch_tree(name), "move")
+        elif mask & IN_MOVED_FROM:
+            self._watches.drop_tree(name)
+            for gone in self._names_below(name):
+                self._moved_out(gone)
+        elif mask & IN_DELETE:
+            self._watches.drop_tree(name)
+            for gone in self._names_below(name):
+                self._deleted(gone)
+
+    def _directory_moved(self, old: str, new: str) -> None:
+        """A directory moved within the tree: each file known in it moved (files that arrived
+        in it since have events of their own)."""
+        self._watches.rename_tree(old, new)
+        for name in self._names_below(old):
+            self._moved(name, new + name[len(old):])
+
+    def _names_below(self, directory: str) -> list[str]:
+        return sorted(name for name in self._snapshot if is_below(name, directory))
+
+    def _caught_up(self, kind: str) -> str:
+        return next((k for k in CAUGHT_UP_AS[kind] if k in self.config.events), kind)
+
+    def _appeared_all(self, found: Snapshot, kind: str) -> None:
+        for name in sorted(found):
+            self._appeared(name, kind, found[name])
+
+    def _appeared(self, name: str, kind: str, key: FileKey | None = None) -> None:
+        """A file was created or moved in. One already in the snapshot with the same inode was
+        reported when its directory was listed (inotify then reported it too): not again."""
+        if not self._selects(name):
+            return
+        key = key or self._stat(name)
+        known = self._snapshot.get(name)
+        if key is not None:
+            self._snapshot[name] = key
+        if known is not None and key is not None and known[0] == key[0]:
+            return
+        self._report(name, kind)
+
+    def _changed(self, name: str, kind: str) -> None:
+        if not self._selects(name):
+            return
+        key = self._stat(name)
+        if key is not None:
+            self._snapshot[name] = key
+        self._report(name, kind)
+
+    def _deleted(self, name: str) -> None:
+        if not self._selects(name):
+            return
+        self._forget(name)
+        self._report(name, "delete")
+
+    def _moved(self, source: str, name: str) -> None:
+        """A file renamed within the tree: reported at its new path with "from", or, when only
+        its old path counts, at the old path with "to"."""
+        source_counts = self._selects(source)
+        self._forget(source)
+        if self._selects(name):
+            key = self._stat(name)
+            if key is not None:
+                self._snapshot[name] = key
+            self._report(name, "move", {"from": self._layout.device_path(source)})
+        elif source_counts:
+            self._report(source, "move", {"to": self._layout.device_path(name)})
+
+    def _moved_out(self, name: str) -> None:
+        if not self._selects(name):
+            return
+        self._forget(name)
+        self._report(name, "move")
+
+    def _forget(self, name: str) -> None:
+        """The file is gone from `name`: out of the snapshot, and an event held for it is
+        dropped (unless what follows counts itself and takes its place)."""
+        self._snapshot.pop(name, None)
+        self._settling.drop(name)
+
+    def _selects(self, name: str) -> bool:
+        only = self._layout.only if self._layout else None
+        if only is not None and name != only:
+            return False
+        return self.config.selects(name)
+
+    def _stat(self, name: str) -> FileKey | None:
+        try:
+            return file_key(os.lstat(os.path.join(self._layout.directory, name)))
+        except OSError:
+            return None
+
+    def _report(self, name: str, kind: str, extra: dict | None = None) -> None:
+        """An event for the file `name`: emitted now, or held until the file settles; one that
+        does not count only restarts the settling of one held for the same file."""
+        now = time.monotonic()
+        if kind not in self.config.events:
+            self._settling.extend(name, now)
+            return
+        data = {"path": self._layout.device_path(name), "event": kind, "name": name, **(extra or {})}
+        if self.config.settle_seconds > 0:
+            self._settling.hold(name, data, now)
+        else:
+            self._hand_over(data)
+
+    def _hand_over(self, data: dict) -> None:
+        """Emits one event; a failing emit is logged and costs only that event."""
+        try:
+            self._emit(Event(data=data))
+        except Exception:  # noqa: BLE001 - the other files' events must still go out
+            log.exception("filesystem trigger %s could not emit %s", self.registration.name, data)
+
+
+def open_source(registration: Registration, emit: Emit, context: Context) -> FilesystemSource:
+    """The source of a `filesystem` Trigger, not yet started. Raises ValueError for a
+    registration whose `filesystem` section is unusable."""
+    return FilesystemSource(registration, emit, context)
