@@ -218,6 +218,36 @@ def _parser() -> "argparse.ArgumentParser":
                                "(default 1h; 0s: never)")
     _executor_args(executor)
     executor.set_defaults(handler=_executor)
+
+    triggers = commands.add_parser(
+        "triggers", parents=[common], help="the daemon that turns events into queued actions",
+        description="Watch for every registered trigger's events (files, webhooks, serial "
+                    "devices, conditions, MQTT, intervals) and queue their actions. Registrations "
+                    "changed by apply are reloaded without a restart. SIGTERM stops it; an open "
+                    "debounce window is queued first.",
+    )
+    triggers.add_argument("--listen", default="127.0.0.1:9180", metavar="ADDRESS:PORT",
+                          help="where webhook triggers are served (default 127.0.0.1:9180)")
+    triggers.add_argument("--reload-interval", default="500ms", metavar="DURATION",
+                          help="look for changed registrations this often (default 500ms)")
+    triggers.set_defaults(handler=_triggers)
+
+    trigger = commands.add_parser("trigger", parents=[common], help="inspect and test triggers")
+    trigger_commands = trigger.add_subparsers(title="trigger commands", metavar="COMMAND")
+    trigger_list = trigger_commands.add_parser(
+        "list", parents=[common], help="registrations, their state, last fired, counts")
+    trigger_list.add_argument("--json", action="store_true")
+    trigger_list.set_defaults(handler=_trigger_list)
+    trigger_test = trigger_commands.add_parser(
+        "test", parents=[common], help="fire one trigger by hand and show what was queued",
+        description="Fire trigger NAME with one test event, as its source would, and show the "
+                    "run queued. Debounce and rate limit are bypassed; concurrency Forbid applies.",
+    )
+    trigger_test.add_argument("name", metavar="NAME")
+    trigger_test.add_argument("--payload", metavar="FILE", help="hand the run this file's content as its payload")
+    trigger_test.add_argument("--dry-run", action="store_true", help="show what would be queued; queue nothing")
+    trigger_test.add_argument("--json", action="store_true")
+    trigger_test.set_defaults(handler=_trigger_test)
     return parser
 
 
@@ -923,6 +953,57 @@ def _action_cleanup(args) -> int:
         for error in report.errors:
             print(f"spos: cleanup: {error}", file=sys.stderr)
     return EXIT_ERROR if report.errors else EXIT_OK
+
+
+def _triggers(args) -> int:
+    from reconciler.device import Device
+    from reconciler.errors import UsageError
+    from reconciler.triggers.daemon import TriggerDaemon
+
+    address, _, port = args.listen.rpartition(":")
+    if not address or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen: expected ADDRESS:PORT such as 127.0.0.1:9180, got {args.listen!r}")
+    daemon = TriggerDaemon(Device(args.root), listen=(address.strip("[]"), int(port)),
+                           reload_interval=_duration("--reload-interval", args.reload_interval))
+    print(f"spos triggers: serving {daemon.device.root} (pid {os.getpid()})", file=sys.stderr)
+    daemon.run()
+    return EXIT_OK
+
+
+def _trigger_list(args) -> int:
+    import json
+
+    from reconciler.device import Device
+    from reconciler.triggers import report
+
+    listing = report.listing(Device(args.root))
+    if args.json:
+        print(json.dumps(listing, indent=2))
+    else:
+        sys.stdout.write(report.text(listing))
+    return EXIT_OK
+
+
+def _trigger_test(args) -> int:
+    import json
+
+    from reconciler.device import Device
+    from reconciler.errors import UsageError
+    from reconciler.triggers import report
+
+    payload = None
+    if args.payload:
+        try:
+            with open(args.payload, "rb") as file:
+                payload = file.read()
+        except OSError as exc:
+            raise UsageError(f"--payload: cannot read {args.payload}: {exc.strerror}") from None
+    result = report.fire(Device(args.root), args.name, payload, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        sys.stdout.write(report.fire_text(result))
+    return EXIT_OK if result["status"] in ("queued", "would queue") else EXIT_ERROR
 
 
 def _action_cancel(args) -> int:

@@ -1,0 +1,208 @@
+"""`spos trigger list` and `spos trigger test`: what the registrations and the daemon say.
+
+Both read the registrations (the reconciler's) and the daemon's status file; neither needs a
+daemon to run. `test` queues through the same gate and attachments as a real event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from datetime import datetime
+
+from reconciler import AGENTS_DIR, TRIGGERS_DIR
+from reconciler.device import Device
+from reconciler.errors import SposError
+from reconciler.executor.enqueue import ATTACHMENTS_DIR
+from reconciler.triggers.base import Event, Registration
+from reconciler.triggers.daemon import STATUS_HEARTBEAT, read_status
+from reconciler.triggers.gate import Gate
+
+STALE_AFTER = 3 * STATUS_HEARTBEAT
+"""A status file older than this, from a daemon that is still alive, is shown as stale."""
+
+
+class TriggerError(SposError):
+    """A trigger named on the command line cannot be used; the message says why."""
+
+
+def listing(device: Device) -> dict:
+    """Every registration with the daemon's view of it (docs/triggers.md: `trigger list --json`)."""
+    status = read_status(device)
+    daemon = _daemon(status)
+    seen = (status or {}).get("triggers") or {} if daemon["running"] else {}
+    triggers = []
+    for entry in device.listdir(TRIGGERS_DIR):
+        if not entry.endswith(".json") or entry.startswith("."):
+            continue
+        name = entry[:-5]
+        raw = device.read_bytes(f"{TRIGGERS_DIR}/{entry}") or b""
+        triggers.append(_entry(name, raw, seen.get(name), daemon))
+    return {"daemon": daemon, "triggers": triggers}
+
+
+def _daemon(status: dict | None) -> dict:
+    if status is None:
+        return {"running": False, "pid": None, "detail": "no trigger daemon has run on this device"}
+    pid = status.get("pid")
+    if status.get("stoppedAt"):
+        return {"running": False, "pid": pid, "detail": f"the trigger daemon stopped at {status['stoppedAt']}"}
+    if not _alive(pid):
+        return {"running": False, "pid": pid,
+                "detail": f"the trigger daemon (pid {pid}) died; its last status is from {status.get('updatedAt')}"}
+    detail = f"pid {pid}, since {status.get('startedAt')}"
+    if status.get("listen"):
+        detail += f", webhooks on {status['listen']}"
+    if status.get("listenError"):
+        detail += f", webhooks not served: {status['listenError']}"
+    updated = _epoch(status.get("updatedAt"))
+    if updated is not None and time.time() - updated > STALE_AFTER:
+        detail += f" (status not updated since {status.get('updatedAt')})"
+    return {"running": True, "pid": pid, "detail": detail, "listen": status.get("listen")}
+
+
+def _entry(name: str, raw: bytes, seen: dict | None, daemon: dict) -> dict:
+    try:
+        registration = json.loads(raw)
+        assert isinstance(registration, dict)
+    except (ValueError, AssertionError):
+        registration = {}
+    entry = {
+        "name": name,
+        "type": registration.get("type"),
+        "agent": registration.get("agent"),
+        "task": registration.get("task"),
+        "enabled": registration.get("enabled", True),
+    }
+    if not daemon["running"]:
+        return {**entry, "state": "not running", "detail": "start it with: spos triggers"}
+    if seen is None or seen.get("digest") != hashlib.sha256(raw).hexdigest():
+        return {**entry, "state": "loading", "detail": "the daemon loads it within a second"}
+    counts = {key: seen.get(key) for key in (
+        "events", "queued", "debounced", "duplicate", "limited", "skipped", "disabled", "error",
+        "lastEvent", "lastFired", "lastRun", "lastError")}
+    return {**entry, "state": seen.get("state"), "detail": seen.get("detail", ""), **counts}
+
+
+def text(report: dict) -> str:
+    daemon = report["daemon"]
+    lines = [f"Trigger daemon: {'running' if daemon['running'] else 'not running'} ({daemon['detail']})"]
+    if not report["triggers"]:
+        return "\n".join(lines + ["No triggers are registered (apply Trigger manifests first)."]) + "\n"
+    rows = [("NAME", "TYPE", "AGENT/TASK", "STATE", "LAST FIRED", "EVENTS", "QUEUED", "DETAIL")]
+    for t in report["triggers"]:
+        rows.append((
+            t["name"], t["type"] or "?", f"{t['agent']}/{t['task']}", t["state"] or "?",
+            _short_time(t.get("lastFired")), _number(t.get("events")), _number(t.get("queued")),
+            _detail(t),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines.append("")
+    for row in rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _detail(entry: dict) -> str:
+    parts = [entry.get("detail") or ""]
+    dropped = [f"{entry[key]} {key}" for key in ("duplicate", "limited", "skipped", "error")
+               if entry.get(key)]
+    if dropped:
+        parts.append("not queued: " + ", ".join(dropped))
+    if entry.get("lastError"):
+        parts.append(f"last error: {entry['lastError']}")
+    return "; ".join(p for p in parts if p)
+
+
+def fire(device: Device, name: str, payload: bytes | None = None, dry_run: bool = False) -> dict:
+    """Fire trigger `name` by hand with one test event, as its source would, and say what was
+    (with `dry_run`: would be) queued. Debounce and rate limit are bypassed, so the run is
+    queued at once; a disabled trigger fires all the same; concurrency Forbid still applies."""
+    registration = _registration(device, name)
+    manual = dataclasses.replace(registration, enabled=True, debounce_seconds=0.0, rate_limit=None)
+    gate = Gate(device, manual)
+    event = Event(data={"test": "1"}, payload=payload)
+    source, attachments = gate.compose([event], 1)
+    tmp = f"{AGENTS_DIR}/{registration.agent}/tmp/<run id>/{ATTACHMENTS_DIR}"
+    result = {
+        "trigger": name,
+        "agent": registration.agent,
+        "task": registration.task,
+        "concurrency": registration.concurrency,
+        "source": source,
+        "attachments": {file: len(content) for file, content in sorted(attachments.items())},
+        "dryRun": dry_run,
+    }
+    if dry_run:
+        result["status"] = "would queue"
+        result["attachmentsDir"] = tmp
+        return result
+    try:
+        outcome = gate(event)
+    finally:
+        gate.close(flush=False)
+    result["status"], result["run"], result["detail"] = outcome.status, outcome.run, outcome.detail
+    if outcome.run:
+        result["attachmentsDir"] = tmp.replace("<run id>", outcome.run)
+    return result
+
+
+def _registration(device: Device, name: str) -> Registration:
+    path = f"{TRIGGERS_DIR}/{name}.json"
+    raw = device.read_bytes(path) if "/" not in name and name not in ("", ".", "..") else None
+    if raw is None:
+        known = sorted(e[:-5] for e in device.listdir(TRIGGERS_DIR)
+                       if e.endswith(".json") and not e.startswith("."))
+        raise TriggerError(f"no trigger {name!r} is registered on this device "
+                           f"(registered: {', '.join(known) or 'none'})")
+    try:
+        return Registration.from_json(json.loads(raw), hashlib.sha256(raw).hexdigest())
+    except (ValueError, TypeError, KeyError) as exc:
+        raise TriggerError(f"{path}: {exc}; run spos apply to repair it") from None
+
+
+def fire_text(result: dict) -> str:
+    verb = {"queued": "Queued", "would queue": "Would queue"}.get(result["status"])
+    what = f"{result['agent']}/{result['task']}"
+    if verb is None:
+        lines = [f"Not queued ({result['status']}): {result.get('detail') or 'see spos trigger list'}"]
+    elif result.get("run"):
+        lines = [f"{verb} run {result['run']} of {what} from trigger {result['trigger']}."]
+    else:
+        lines = [f"{verb} a run of {what} from trigger {result['trigger']}."]
+    lines.append(f"  source: {json.dumps(result['source'], sort_keys=True)}")
+    if result.get("concurrency"):
+        lines.append(f"  concurrency: {result['concurrency']} (the trigger's)")
+    for file, size in result["attachments"].items():
+        lines.append(f"  attachment: {result.get('attachmentsDir', '')}/{file} ({size} bytes)")
+    return "\n".join(lines) + "\n"
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _epoch(text: str | None) -> float | None:
+    try:
+        return datetime.fromisoformat(text).timestamp() if text else None
+    except ValueError:
+        return None
+
+
+def _short_time(text: str | None) -> str:
+    return text[:19].replace("T", " ") if text else "-"
+
+
+def _number(value) -> str:
+    return "-" if value is None else str(value)
