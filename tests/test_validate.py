@@ -185,11 +185,11 @@ def test_an_agent_field_written_in_a_schedule_lists_what_is_allowed(examples, sp
           agent: monitor-001
           task: health_check
           cron: "*/5 * * * *"
-          concurrency: Forbid
+          priority: 90
     """)
     assert problems(spos("validate", "agents.d")) == [
-        "agents.d/bad.yaml:9:3: error: unknown field 'concurrency' (at spec.concurrency)\n"
-        "    hint: allowed here: agent, task, cron, timeZone, timer, suspend, startingDeadline",
+        "agents.d/bad.yaml:9:3: error: unknown field 'priority' (at spec.priority)\n"
+        "    hint: allowed here: agent, task, cron, timeZone, timer, concurrency, suspend, startingDeadline",
     ]
 
 
