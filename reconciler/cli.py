@@ -1003,7 +1003,7 @@ def _trigger_test(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         sys.stdout.write(report.fire_text(result))
-    return EXIT_OK if result["status"] in ("queued", "would queue") else EXIT_ERROR
+    return EXIT_OK if result["status"] in ("queued", "would queue", "would skip") else EXIT_ERROR
 
 
 def _action_cancel(args) -> int:

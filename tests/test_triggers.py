@@ -483,3 +483,55 @@ def test_the_action_reads_its_trigger_event_and_payload(site, spos, tmp_path):
     assert (output / "env").read_text() == "hook webhook 1 1\n"
     assert (output / "payload").read_bytes() == b"line one\nline two\n"
     assert json.loads((output / "events").read_text())["events"] == [{"test": "1"}]
+
+
+def test_a_delivery_that_could_not_be_queued_is_queued_when_the_sender_retries(site):
+    gate = _gate(site)
+    config = site.path(f"/{STATE}/agents/{AGENT}/agent.json")
+    saved = config.read_bytes()
+    config.unlink()  # queueing fails: the agent is not applied at the moment
+    assert gate(Event({}, delivery="retry-me")).status == "error"
+    config.write_bytes(saved)
+    assert gate(Event({}, delivery="retry-me")).status == "queued"
+    assert gate(Event({}, delivery="retry-me")).status == "duplicate"
+    gate.close()
+    assert Gate(Device(site.root), gate.registration)(Event({}, delivery="retry-me")).status == "duplicate"
+
+
+def test_the_webhook_listener_is_retried_when_its_address_was_taken(site, monkeypatch):
+    import socket
+
+    from reconciler.triggers import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "SOURCE_RETRY", 0.2)
+    site.path("/etc").mkdir()
+    site.path("/etc/secret").write_bytes(b"x")
+    site.apply({"hook": {"webhook": {"path": "/h", "secretFile": "/etc/secret"}}})
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    daemon = TriggerDaemon(Device(site.root), listen=("127.0.0.1", port))
+    try:
+        daemon.step()
+        status = daemon.status()
+        assert status["listenError"] and "cannot listen on" in status["listenError"]
+        assert status["triggers"]["hook"]["state"] == "error"
+        taken.close()
+        wait_for(lambda: daemon.step() or daemon.status()["triggers"]["hook"]["state"] == "armed",
+                 "the listener and the webhook trigger to be started again", WAIT)
+        assert daemon.status()["listen"] == f"127.0.0.1:{port}"
+    finally:
+        taken.close()
+        daemon.shutdown()
+
+
+def test_trigger_test_dry_run_says_when_forbid_would_queue_nothing(site, spos):
+    site.apply({"once": {"continuous": {"interval": "1h"}, "concurrency": "Forbid"}})
+    assert spos("trigger", "test", "once", "--root", site.root).code == 0
+    dry = spos("trigger", "test", "once", "--root", site.root, "--dry-run")
+    assert dry.code == 0
+    assert dry.out.startswith("Would queue nothing (concurrency Forbid): run ")
+    assert len(site.queued()) == 1
+    again = spos("trigger", "test", "once", "--root", site.root)
+    assert again.code == 1 and again.out.startswith("Not queued (skipped)")

@@ -71,6 +71,7 @@ class TriggerDaemon:
         self.started_at = time.time()
         self._seen_files: dict[str, tuple] | None = None
         self._last_status: str | None = None
+        self._listener_tried = 0.0
         self._status_written = 0.0
         self._context = Context(host=_below(str(device.root)), metrics=metrics, pending=self._pending)
 
@@ -176,6 +177,8 @@ class TriggerDaemon:
 
     def _retry_failed(self) -> None:
         now = time.monotonic()
+        if self.listener is None and now - self._listener_tried >= SOURCE_RETRY:
+            self._ensure_listener(r.registration for r in self.running.values())
         for running in self.running.values():
             if running.source is None and now - running.failed_at >= SOURCE_RETRY:
                 self._open(running)
@@ -193,6 +196,7 @@ class TriggerDaemon:
         """The shared HTTP listener runs while at least one webhook trigger is registered."""
         wanted = any(r.type == "webhook" for r in registrations)
         if wanted and self.listener is None:
+            self._listener_tried = time.monotonic()
             from reconciler.triggers.webhook import Listener
 
             listener = Listener(*self.listen)

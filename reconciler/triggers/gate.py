@@ -98,7 +98,10 @@ class Gate:
                 self._timer.daemon = True
                 self._timer.start()
             return Outcome("debounced")
-        return self._fire([event], 1)
+        outcome = self._fire([event], 1)
+        if outcome.status == "error" and event.delivery:
+            self._seen.forget(event.delivery)  # the sender retries it; that is not a duplicate
+        return outcome
 
     def _close_window(self) -> None:
         with self._lock:
@@ -221,9 +224,9 @@ class Gate:
 
 class _DeliveryLog:
     """The delivery ids a trigger has seen, most recent last, kept in memory and appended to
-    `triggerd/deliveries/<name>` in the state directory, so that a restarted daemon still knows
-    them. The file is rewritten with the last SEEN_DELIVERIES ids when it loads and whenever
-    it has grown to twice that."""
+    `triggerd/deliveries/<name>` in the state directory (`+id` seen, `-id` forgotten again),
+    so that a restarted daemon still knows them. The file is rewritten with the last
+    SEEN_DELIVERIES ids when it loads and whenever it has grown to twice that."""
 
     def __init__(self, device: Device, name: str):
         self.device = device
@@ -236,38 +239,54 @@ class _DeliveryLog:
     def add(self, delivery: str) -> bool:
         """False when `delivery` was seen before; otherwise remembers it."""
         self._load()
+        delivery = _one_line(delivery)
         if delivery in self.ids:
             self.ids.move_to_end(delivery)
             return False
         self.ids[delivery] = None
         while len(self.ids) > SEEN_DELIVERIES:
             self.ids.popitem(last=False)
+        self._append("+", delivery)
+        return True
+
+    def forget(self, delivery: str) -> None:
+        """`delivery` was not queued after all: a retry of it is not a duplicate."""
+        self._load()
+        delivery = _one_line(delivery)
+        if self.ids.pop(delivery, False) is None:
+            self._append("-", delivery)
+
+    def _append(self, sign: str, delivery: str) -> None:
         if self._lines >= 2 * SEEN_DELIVERIES:
             self._rewrite()
         elif self._file is not None:
             try:
-                self._file.write(delivery.replace("\n", " ") + "\n")
+                self._file.write(sign + delivery + "\n")
                 self._file.flush()
                 self._lines += 1
             except OSError:
                 pass  # remembered in memory still; only a restart would forget it
-        return True
 
     def _load(self) -> None:
         if self._loaded:
             return
         self._loaded = True
         text = self.device.read_text(self.path) or ""
-        for line in text.splitlines()[-SEEN_DELIVERIES:]:
-            if line:
-                self.ids[line] = None
+        for line in text.splitlines():
+            if line.startswith("+"):
+                self.ids[line[1:]] = None
+                self.ids.move_to_end(line[1:])
+            elif line.startswith("-"):
+                self.ids.pop(line[1:], None)
+        while len(self.ids) > SEEN_DELIVERIES:
+            self.ids.popitem(last=False)
         self._rewrite()
 
     def _rewrite(self) -> None:
         self.close()
         try:
             self.device.makedirs(self.path.rsplit("/", 1)[0], mode=0o700)
-            self.device.write_atomic(self.path, "".join(f"{i}\n" for i in self.ids).encode(), mode=0o600)
+            self.device.write_atomic(self.path, "".join(f"+{i}\n" for i in self.ids).encode(), mode=0o600)
             self._file = open(self.device.host(self.path), "a", encoding="utf-8")
             self._lines = len(self.ids)
         except OSError:
@@ -277,6 +296,10 @@ class _DeliveryLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _one_line(delivery: str) -> str:
+    return delivery.replace("\n", " ").replace("\r", " ")
 
 
 def _iso(epoch: float | None) -> str | None:

@@ -46,12 +46,14 @@ def listing(device: Device) -> dict:
 
 def _daemon(status: dict | None) -> dict:
     if status is None:
-        return {"running": False, "pid": None, "detail": "no trigger daemon has run on this device"}
+        return {"running": False, "pid": None, "detail": "no trigger daemon has run on this device",
+                "listen": None}
     pid = status.get("pid")
     if status.get("stoppedAt"):
-        return {"running": False, "pid": pid, "detail": f"the trigger daemon stopped at {status['stoppedAt']}"}
+        return {"running": False, "pid": pid, "listen": None,
+                "detail": f"the trigger daemon stopped at {status['stoppedAt']}"}
     if not _alive(pid):
-        return {"running": False, "pid": pid,
+        return {"running": False, "pid": pid, "listen": None,
                 "detail": f"the trigger daemon (pid {pid}) died; its last status is from {status.get('updatedAt')}"}
     detail = f"pid {pid}, since {status.get('startedAt')}"
     if status.get("listen"):
@@ -78,13 +80,17 @@ def _entry(name: str, raw: bytes, seen: dict | None, daemon: dict) -> dict:
         "enabled": registration.get("enabled", True),
     }
     if not daemon["running"]:
-        return {**entry, "state": "not running", "detail": "start it with: spos triggers"}
-    if seen is None or seen.get("digest") != hashlib.sha256(raw).hexdigest():
-        return {**entry, "state": "loading", "detail": "the daemon loads it within a second"}
-    counts = {key: seen.get(key) for key in (
-        "events", "queued", "debounced", "duplicate", "limited", "skipped", "disabled", "error",
-        "lastEvent", "lastFired", "lastRun", "lastError")}
-    return {**entry, "state": seen.get("state"), "detail": seen.get("detail", ""), **counts}
+        state, detail, seen = "not running", "start it with: spos triggers", {}
+    elif seen is None or seen.get("digest") != hashlib.sha256(raw).hexdigest():
+        state, detail, seen = "loading", "changed; the daemon loads it at its next look", {}
+    else:
+        state, detail = seen.get("state"), seen.get("detail", "")
+    return {**entry, "state": state, "detail": detail, **{key: seen.get(key) for key in COUNTS}}
+
+
+COUNTS = ("events", "queued", "debounced", "duplicate", "limited", "skipped", "disabled", "error",
+          "lastEvent", "lastFired", "lastRun", "lastError")
+"""What `trigger list --json` gives of each trigger's history (null without a running daemon)."""
 
 
 def text(report: dict) -> str:
@@ -137,7 +143,9 @@ def fire(device: Device, name: str, payload: bytes | None = None, dry_run: bool 
         "dryRun": dry_run,
     }
     if dry_run:
-        result["status"] = "would queue"
+        busy = gate.pending() if registration.concurrency == "Forbid" or registration.type == "continuous" else None
+        result["status"] = "would skip" if busy else "would queue"
+        result["detail"] = f"run {busy} it queued has not ended" if busy else ""
         result["attachmentsDir"] = tmp
         return result
     try:
@@ -166,6 +174,8 @@ def _registration(device: Device, name: str) -> Registration:
 
 def fire_text(result: dict) -> str:
     verb = {"queued": "Queued", "would queue": "Would queue"}.get(result["status"])
+    if result["status"] == "would skip":
+        return f"Would queue nothing (concurrency Forbid): {result['detail']}\n"
     what = f"{result['agent']}/{result['task']}"
     if verb is None:
         lines = [f"Not queued ({result['status']}): {result.get('detail') or 'see spos trigger list'}"]
