@@ -48,6 +48,8 @@ class Registration:
     @classmethod
     def from_json(cls, raw: dict, digest: str = "") -> "Registration":
         """Raises ValueError naming what is wrong with a registration file."""
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
         if raw.get("format") != REGISTRATION_FORMAT:
             raise ValueError(f"format {raw.get('format')!r}; this daemon reads format {REGISTRATION_FORMAT}")
         kind = raw.get("type")
@@ -59,7 +61,11 @@ class Registration:
             if not isinstance(raw.get(key), str) or not raw[key]:
                 raise ValueError(f"{key!r} is missing")
         policy = raw.get("policy") or {}
+        if not isinstance(policy, dict):
+            raise ValueError("'policy' is not an object")
         limit = policy.get("rateLimit")
+        if limit is not None and not isinstance(limit, dict):
+            raise ValueError("'policy.rateLimit' is not an object")
         return cls(
             name=raw["name"], agent=raw["agent"], task=raw["task"], type=kind, config=raw[kind],
             enabled=bool(raw.get("enabled", True)),

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 
 from reconciler import STATE_DIR, TRIGGERS_DIR
 from reconciler.device import Device
+from reconciler.errors import SposError
 from reconciler.triggers.base import Context, Registration, Source, Status
 from reconciler.triggers.gate import Gate
 
@@ -36,6 +37,9 @@ STATUS_HEARTBEAT = 10.0
 """Seconds between status writes when nothing changed."""
 SOURCE_RETRY = 30.0
 """Seconds before a source that failed to start is started again."""
+START_WAIT = 1.0
+"""How long the loop waits for one source to start before it goes on without it. A source's
+start may block (a large tree to scan, a hung mount): it finishes on its own thread."""
 DEFAULT_LISTEN = ("127.0.0.1", 9180)
 
 
@@ -46,6 +50,8 @@ class Running:
     source: Source | None
     failed: str = ""
     failed_at: float = 0.0
+    starting: bool = False
+    stopped: bool = False
 
 
 @dataclass
@@ -72,6 +78,7 @@ class TriggerDaemon:
         self._seen_files: dict[str, tuple] | None = None
         self._last_status: str | None = None
         self._listener_tried = 0.0
+        self._lock = threading.Lock()
         self._status_written = 0.0
         self._context = Context(host=_below(str(device.root)), metrics=metrics, pending=self._pending)
 
@@ -116,12 +123,21 @@ class TriggerDaemon:
     # -- registrations ----------------------------------------------------------------------
 
     def _registration_files(self) -> dict[str, tuple]:
-        """name -> (mtime_ns, size, inode) of every registration file."""
-        found = {}
-        for entry in self.device.listdir(TRIGGERS_DIR):
+        """name -> (mtime_ns, size, inode) of every registration file; an entry that is not a
+        regular file (a link, a directory) is listed by its problem, and shown as broken."""
+        found: dict[str, tuple] = {}
+        try:
+            entries = self.device.listdir(TRIGGERS_DIR)
+        except (OSError, SposError) as exc:
+            return {"": ("unreadable", str(exc))}
+        for entry in entries:
             if not entry.endswith(".json") or entry.startswith("."):
                 continue
-            st = self.device.stat(f"{TRIGGERS_DIR}/{entry}")
+            try:
+                st = self.device.stat(f"{TRIGGERS_DIR}/{entry}")
+            except (OSError, SposError) as exc:
+                found[entry[:-5]] = ("unreadable", str(exc))
+                continue
             if st is not None:
                 found[entry[:-5]] = (st.st_mtime_ns, st.st_size, st.st_ino)
         return found
@@ -131,8 +147,15 @@ class TriggerDaemon:
         files = self._registration_files() if files is None else files
         wanted: dict[str, Registration] = {}
         self.broken = {}
-        for name in files:
-            raw = self.device.read_bytes(f"{TRIGGERS_DIR}/{name}.json")
+        for name, seen in files.items():
+            if seen[0] == "unreadable":
+                self.broken[name or "(registrations)"] = Broken("", seen[1])
+                continue
+            try:
+                raw = self.device.read_bytes(f"{TRIGGERS_DIR}/{name}.json")
+            except (OSError, SposError) as exc:
+                self.broken[name] = Broken("", str(exc))
+                continue
             if raw is None:
                 continue
             digest = hashlib.sha256(raw).hexdigest()
@@ -163,28 +186,52 @@ class TriggerDaemon:
         self._open(running)
 
     def _open(self, running: Running) -> None:
+        """Start the trigger's source on a thread of its own, and wait for it START_WAIT at
+        most: a source that takes longer is `starting` meanwhile, and never holds up the
+        loop (reloads, status, SIGTERM)."""
+        if running.registration.type == "webhook" and self.listener is None:
+            self._failed(running, self.listener_problem or "the webhook listener is not running")
+            return
+        running.starting = True
+        thread = threading.Thread(target=self._start_source, args=(running,), daemon=True,
+                                  name=f"start {running.registration.name}")
+        thread.start()
+        thread.join(START_WAIT)
+
+    def _start_source(self, running: Running) -> None:
         registration = running.registration
         try:
-            if registration.type == "webhook" and self.listener is None:
-                raise RuntimeError(self.listener_problem or "the webhook listener is not running")
             module = importlib.import_module(f"reconciler.triggers.{registration.type}")
             source = module.open_source(registration, running.gate, self._context)
             source.start()
         except Exception as exc:  # one trigger that cannot start never stops the others
-            running.source, running.failed, running.failed_at = None, str(exc) or repr(exc), time.monotonic()
+            self._failed(running, str(exc) or repr(exc))
             return
-        running.source, running.failed = source, ""
+        with self._lock:
+            running.starting = False
+            if not running.stopped:
+                running.source, running.failed = source, ""
+                return
+        source.stop()  # it was stopped (a reload, SIGTERM) while it was starting
+
+    def _failed(self, running: Running, why: str) -> None:
+        with self._lock:
+            running.source, running.failed, running.failed_at = None, why, time.monotonic()
+            running.starting = False
 
     def _retry_failed(self) -> None:
         now = time.monotonic()
         if self.listener is None and now - self._listener_tried >= SOURCE_RETRY:
             self._ensure_listener(r.registration for r in self.running.values())
         for running in self.running.values():
-            if running.source is None and now - running.failed_at >= SOURCE_RETRY:
+            if (running.source is None and not running.starting
+                    and now - running.failed_at >= SOURCE_RETRY):
                 self._open(running)
 
     def _stop(self, name: str) -> None:
         running = self.running.pop(name)
+        with self._lock:
+            running.stopped = True
         if running.source is not None:
             try:
                 running.source.stop()
@@ -242,6 +289,8 @@ class TriggerDaemon:
         registration = running.registration
         if not registration.enabled:
             state = Status("disabled", "enabled: false in its manifest")
+        elif running.starting:
+            state = Status("starting", "its source is still starting")
         elif running.source is None:
             state = Status("error", f"could not start: {running.failed}; retried every {SOURCE_RETRY:g}s")
         else:
@@ -265,7 +314,7 @@ class TriggerDaemon:
         try:
             self.device.makedirs(STATUS_FILE.rsplit("/", 1)[0], mode=0o755)
             self.device.write_atomic(STATUS_FILE, (json.dumps(status, indent=2, sort_keys=True) + "\n").encode())
-        except OSError:
+        except (OSError, SposError):
             return  # shown as a stale status; the triggers themselves go on
         self._last_status, self._status_written = text, now
 
@@ -281,11 +330,12 @@ def _below(root: str):
 
 def read_status(device: Device) -> dict | None:
     """The status a daemon last wrote, or None when none did (or it is unreadable)."""
-    raw = device.read_text(STATUS_FILE)
     try:
-        return json.loads(raw) if raw else None
-    except ValueError:
+        raw = device.read_text(STATUS_FILE)
+        status = json.loads(raw) if raw else None
+    except (ValueError, OSError, SposError):
         return None
+    return status if isinstance(status, dict) else None
 
 
 def _iso(epoch: float) -> str:

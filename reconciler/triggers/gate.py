@@ -18,6 +18,7 @@ the trigger's choice. Counts of each outcome, and when the trigger last fired, a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -72,11 +73,13 @@ class Gate:
         self._timer: threading.Timer | None = None
         self._fired: deque[float] = deque()
         self._seen = _DeliveryLog(device, registration.name)
-        self._runs: list[str] | None = None  # ids of runs queued by this trigger, newest last
+        self._mine: dict[str, str | None] = {}  # queue file name -> run id when this trigger's
         self._closed = False
 
     def __call__(self, event: Event) -> Outcome:
         with self._lock:
+            if self._closed:  # a reload or shutdown closed it; the sender should try again
+                return self._count(Outcome("error", detail="the trigger is being restarted"))
             self.counts.events += 1
             self.counts.last_event = time.time()
             return self._count(self._admit(event))
@@ -89,6 +92,9 @@ class Gate:
             return Outcome("duplicate", detail=f"delivery {event.delivery} was seen before")
         if registration.debounce_seconds > 0:
             self._window_count += 1
+            if self._window and self._window[-1].payload is not None:
+                # only the last event's payload is handed on: hold no other
+                self._window[-1] = Event(self._window[-1].data, None, self._window[-1].delivery)
             if len(self._window) < MAX_COALESCED:
                 self._window.append(event)
             else:
@@ -129,7 +135,6 @@ class Gate:
             return Outcome("error", detail=self.counts.last_error)
         self._fired.append(now)
         self.counts.last_fired, self.counts.last_run = time.time(), record["id"]
-        self._remember_run(record["id"])
         return Outcome("queued", run=record["id"])
 
     def _enqueue(self, events: list[Event], count: int) -> dict:
@@ -167,38 +172,37 @@ class Gate:
     # -- runs this trigger queued -----------------------------------------------------------
 
     def pending(self) -> str | None:
-        """The id of a run this trigger queued that is still queued or running, if any."""
+        """The id of a run this trigger queued that is still queued or running, if any: one
+        queued by this gate, or found in queue/ or active/ with this trigger as its source
+        (queued before a restart, or by `spos trigger test`)."""
         with self._lock:
-            if self._runs is None:
-                self._runs = self._find_own_runs()
-            if not self._runs:
-                return None
-            agent = self.registration.agent
-            names = [*self.device.listdir(f"{AGENTS_DIR}/{agent}/queue"),
-                     *self.device.listdir(f"{AGENTS_DIR}/{agent}/active")]
-            live = [run for run in self._runs if any(n.endswith(f"-{run}.json") for n in names)]
-            self._runs = live
+            agent, live, listed = self.registration.agent, [], set()
+            for bucket in ("queue", "active"):
+                directory = f"{AGENTS_DIR}/{agent}/{bucket}"
+                for name in self.device.listdir(directory):
+                    listed.add(name)
+                    run = self._owner(directory, name)
+                    if run is not None:
+                        live.append(run)
+            self._mine = {name: run for name, run in self._mine.items() if name in listed}
             return live[-1] if live else None
 
-    def _remember_run(self, run_id: str) -> None:
-        if self._runs is None:
-            self._runs = self._find_own_runs()
-        self._runs.append(run_id)
-
-    def _find_own_runs(self) -> list[str]:
-        """Runs queued by this trigger before the daemon (re)started, from their records."""
-        agent, found = self.registration.agent, []
-        for bucket in ("queue", "active"):
-            directory = f"{AGENTS_DIR}/{agent}/{bucket}"
-            for name in self.device.listdir(directory):
+    def _owner(self, directory: str, name: str) -> str | None:
+        """The run id in file `name` when this trigger queued it. Each file is read once: a
+        run's file keeps its name from queue/ to active/."""
+        if name not in self._mine:
+            run = None
+            if name.endswith(".json"):
                 try:
                     record = json.loads(self.device.read_text(f"{directory}/{name}") or "{}")
-                except ValueError:
-                    continue
-                source = record.get("source") or {}
-                if source.get("kind") == "trigger" and source.get("trigger") == self.registration.name:
-                    found.append(record.get("id"))
-        return found
+                except (ValueError, SposError, OSError):
+                    record = {}
+                source = record.get("source") if isinstance(record, dict) else None
+                if isinstance(source, dict) and source.get("kind") == "trigger" \
+                        and source.get("trigger") == self.registration.name:
+                    run = record.get("id")
+            self._mine[name] = run
+        return self._mine[name]
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -272,7 +276,7 @@ class _DeliveryLog:
             return
         self._loaded = True
         text = self.device.read_text(self.path) or ""
-        for line in text.splitlines():
+        for line in text.split("\n"):
             if line.startswith("+"):
                 self.ids[line[1:]] = None
                 self.ids.move_to_end(line[1:])
@@ -298,7 +302,15 @@ class _DeliveryLog:
             self._file = None
 
 
+MAX_DELIVERY_ID = 200
+"""Longer delivery ids are kept as their SHA-256, so the log stays small whatever is sent."""
+
+
 def _one_line(delivery: str) -> str:
+    """The id as the log keeps it: on one line (the log is split at newlines only), and
+    short."""
+    if len(delivery) > MAX_DELIVERY_ID:
+        return "sha256:" + hashlib.sha256(delivery.encode("utf-8", "surrogateescape")).hexdigest()
     return delivery.replace("\n", " ").replace("\r", " ")
 
 

@@ -174,8 +174,17 @@ class MqttSource(Stoppable):
             self.set_status("armed", f"subscribed to {self.topic} at {self.broker}")
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
-        data = {"topic": message.topic, "qos": str(message.qos), "retained": "1" if message.retain else "0"}
+        data = {"topic": _topic(message), "qos": str(message.qos), "retained": "1" if message.retain else "0"}
         self.emit(Event(data=data, payload=bytes(message.payload)))
+
+
+def _topic(message: "paho.MQTTMessage") -> str:
+    """The message's topic; one that is not UTF-8 (a lenient broker may pass it on) has its
+    bad bytes replaced rather than ending the session, as paho's own decoding would."""
+    try:
+        return message.topic
+    except UnicodeDecodeError:
+        return bytes(message._topic).decode("utf-8", errors="replace")
 
 
 def _whole_seconds(seconds: float | None, default: int) -> int:

@@ -39,7 +39,11 @@ def listing(device: Device) -> dict:
         if not entry.endswith(".json") or entry.startswith("."):
             continue
         name = entry[:-5]
-        raw = device.read_bytes(f"{TRIGGERS_DIR}/{entry}") or b""
+        try:
+            raw = device.read_bytes(f"{TRIGGERS_DIR}/{entry}") or b""
+        except (OSError, SposError) as exc:
+            triggers.append({**_entry(name, b"", None, daemon), "state": "error", "detail": str(exc)})
+            continue
         triggers.append(_entry(name, raw, seen.get(name), daemon))
     return {"daemon": daemon, "triggers": triggers}
 
@@ -69,8 +73,9 @@ def _daemon(status: dict | None) -> dict:
 def _entry(name: str, raw: bytes, seen: dict | None, daemon: dict) -> dict:
     try:
         registration = json.loads(raw)
-        assert isinstance(registration, dict)
-    except (ValueError, AssertionError):
+    except ValueError:
+        registration = {}
+    if not isinstance(registration, dict):
         registration = {}
     entry = {
         "name": name,
@@ -100,11 +105,11 @@ def text(report: dict) -> str:
         return "\n".join(lines + ["No triggers are registered (apply Trigger manifests first)."]) + "\n"
     rows = [("NAME", "TYPE", "AGENT/TASK", "STATE", "LAST FIRED", "EVENTS", "QUEUED", "DETAIL")]
     for t in report["triggers"]:
-        rows.append((
+        rows.append(tuple(str(cell) for cell in (
             t["name"], t["type"] or "?", f"{t['agent']}/{t['task']}", t["state"] or "?",
             _short_time(t.get("lastFired")), _number(t.get("events")), _number(t.get("queued")),
             _detail(t),
-        ))
+        )))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines.append("")
     for row in rows:
@@ -160,7 +165,10 @@ def fire(device: Device, name: str, payload: bytes | None = None, dry_run: bool 
 
 def _registration(device: Device, name: str) -> Registration:
     path = f"{TRIGGERS_DIR}/{name}.json"
-    raw = device.read_bytes(path) if "/" not in name and name not in ("", ".", "..") else None
+    try:
+        raw = device.read_bytes(path) if "/" not in name and name not in ("", ".", "..") else None
+    except (OSError, SposError) as exc:
+        raise TriggerError(f"{path}: {exc}") from None
     if raw is None:
         known = sorted(e[:-5] for e in device.listdir(TRIGGERS_DIR)
                        if e.endswith(".json") and not e.startswith("."))
@@ -168,7 +176,7 @@ def _registration(device: Device, name: str) -> Registration:
                            f"(registered: {', '.join(known) or 'none'})")
     try:
         return Registration.from_json(json.loads(raw), hashlib.sha256(raw).hexdigest())
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise TriggerError(f"{path}: {exc}; run spos apply to repair it") from None
 
 
@@ -210,8 +218,8 @@ def _epoch(text: str | None) -> float | None:
         return None
 
 
-def _short_time(text: str | None) -> str:
-    return text[:19].replace("T", " ") if text else "-"
+def _short_time(text) -> str:
+    return str(text)[:19].replace("T", " ") if text else "-"
 
 
 def _number(value) -> str:

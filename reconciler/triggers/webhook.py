@@ -21,6 +21,7 @@ Standard library only: http.server parses the request line and headers.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import http.server
@@ -29,8 +30,10 @@ import json
 import logging
 import os
 import re
+import selectors
 import socket
 import socketserver
+import stat as stat_module
 import threading
 import time
 from dataclasses import dataclass
@@ -56,8 +59,6 @@ LINGER_SECONDS = 1.0
 discarded before closing, so that closing does not reset the connection before the client has
 read the answer."""
 
-SERVE_POLL_SECONDS = 0.1
-"""How often the accept loop checks whether it was asked to stop."""
 
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
@@ -158,7 +159,7 @@ class Listener:
                 return
             server = _Server((self.address, self._requested_port), self)
             thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL_SECONDS},
+                target=server.serve_until_woken,
                 name=f"webhook-listener-{server.server_address[1]}", daemon=True)
             thread.start()
             self._server, self._thread = server, thread
@@ -171,10 +172,10 @@ class Listener:
             self._server = self._thread = None
         if server is None:
             return
-        server.shutdown()
+        server.wake()
+        thread.join(timeout=1.0)
         server.server_close()
         server.close_connections()
-        thread.join(timeout=1.0)
 
     def route(self, path: str, endpoint: Endpoint) -> None:
         """Serves `path` with `endpoint` from the next request on, replacing what served it."""
@@ -208,7 +209,34 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._slots = threading.BoundedSemaphore(listener.max_connections)
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        super().__init__(address, _Handler)  # closes the pipe too when it cannot bind
+
+    def serve_until_woken(self) -> None:
+        """Accept connections until `wake()`: the loop sleeps until a client connects or it is
+        woken, so an idle listener costs no CPU (socketserver's own loop polls)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while True:
+                ready = selector.select()
+                if any(key.fd == self._wake_read for key, _ in ready):
+                    return
+                self._handle_request_noblock()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"!")
+        except OSError:
+            pass
+
+    def server_close(self) -> None:
+        super().server_close()
+        for fd in (self._wake_read, self._wake_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def process_request(self, request, client_address):
         """Serves the connection on its own thread, or answers 503 at once when all slots are
@@ -459,8 +487,7 @@ class SecretFile:
 
     def _load(self) -> None:
         try:
-            with open(self._host_path, "rb") as file:
-                secret = file.read().rstrip(b"\r\n")
+            secret = _read_regular(self._host_path).rstrip(b"\r\n")
         except OSError as error:
             self._fail(f"cannot read secret file {self._device_path}: {error.strerror}")
         if not secret:
@@ -618,6 +645,22 @@ def _config_tolerance(config: dict) -> float | None:
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
         raise ValueError(f"webhook timestampToleranceSeconds must be a non-negative number, got {tolerance!r}")
     return float(tolerance)
+
+
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def _read_regular(path: str) -> bytes:
+    """The content of a regular file. Opened without blocking, so that a FIFO or a device
+    named as the secret file cannot hang the daemon; anything but a regular file is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read(MAX_SECRET_BYTES + 1)[:MAX_SECRET_BYTES]
+    finally:
+        os.close(fd)
 
 
 def open_source(registration: Registration, emit: Emit, context: Context) -> WebhookSource:
