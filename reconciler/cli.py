@@ -112,6 +112,7 @@ def _parser() -> "argparse.ArgumentParser":
     )
     plan.add_argument("--allow-empty", action="store_true", help="allow an empty manifest set to delete everything")
     _cgroup_root_arg(plan, device_default=True)
+    _device_labels_arg(plan)
     plan.set_defaults(handler=_plan)
 
     apply = commands.add_parser(
@@ -125,6 +126,7 @@ def _parser() -> "argparse.ArgumentParser":
                        help="wait this long for another apply to finish (default: fail at once)")
     apply.add_argument("--json", action="store_true", help="print the applied plan and results as JSON")
     _cgroup_root_arg(apply, device_default=True)
+    _device_labels_arg(apply)
     apply.set_defaults(handler=_apply)
 
     action = commands.add_parser("action", parents=[common], help="work with actions (runs of tasks)")
@@ -261,6 +263,12 @@ def _cgroup_root_arg(parser: "argparse.ArgumentParser", device_default: bool = F
                         help="where cgroups are mounted (default /sys/fs/cgroup)")
 
 
+def _device_labels_arg(parser: "argparse.ArgumentParser") -> None:
+    parser.add_argument("--device-labels", metavar="KEY=VALUE,...",
+                        help="plan for a device with exactly these labels (spos.dev/ ones "
+                             "included) instead of this device's labels file and facts")
+
+
 def _executor_args(parser: "argparse.ArgumentParser") -> None:
     _cgroup_root_arg(parser)
     parser.add_argument("--grace", default="10s", metavar="DURATION",
@@ -320,6 +328,7 @@ def _make_plan(args):
     from reconciler import __version__
     from reconciler.device import Device
     from reconciler.errors import UsageError
+    from reconciler.labels import device_labels
     from reconciler.memo import PlanMemo, fingerprint
     from reconciler.observe import observe
     from reconciler.plan import plan
@@ -333,7 +342,8 @@ def _make_plan(args):
     facts = Facts(spos_command=_spos_command(), root=str(device.root),
                   cgroup_version=device.cgroups.version, cgroup_parent=device.cgroups.parent,
                   cgroup_weight_file=device.cgroups.weight_file(),
-                  activate_units=device.systemd is not None)
+                  activate_units=device.systemd is not None,
+                  labels=device_labels(device, getattr(args, "device_labels", None)))
     creating_state = getattr(args, "auto_approve", False)  # apply is about to create the state dir
     memo = PlanMemo(memo_file(device, create=creating_state), _memo_key(args, facts))
     _stage(args, f"Loading manifests from {args.path}...")

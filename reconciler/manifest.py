@@ -7,9 +7,11 @@ checks, plan views) can point back at the source.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 KINDS = ("Agent", "Schedule", "Trigger", "Quota", "Capability", "Policy")
+RUN_BY_AGENT = ("Schedule", "Trigger")
+"""The kinds that start an Agent's task, naming it as `spec.agent`: they go where it goes."""
 API_VERSION = "spos/v1"
 
 
@@ -65,6 +67,17 @@ class ManifestSet:
                 by_kind.setdefault(m.kind, {})[m.name] = m
             index = self.__dict__["_by_kind"] = (len(self.manifests), by_kind)
         return dict(index[1].get(kind, {}))
+
+    def without_agents(self, names: Collection[str]) -> "ManifestSet":
+        """The same revision without the Agents named or the Schedules and Triggers that start
+        their tasks: what a device that does not run those agents renders."""
+        if not names:
+            return self
+        names = set(names)
+        kept = [m for m in self.manifests
+                if not (m.kind == "Agent" and m.name in names
+                        or m.kind in RUN_BY_AGENT and m.spec.get("agent") in names)]
+        return ManifestSet(kept, revision=self.revision, digest=self.digest, notes=self.notes)
 
     def __len__(self) -> int:
         return len(self.manifests)

@@ -20,8 +20,9 @@ Two things are remembered:
   all are loaded and checked again (from the cache of parsed documents), but only resources
   whose key changed are rendered: an edit to one agent renders that agent.
 
-Everything is keyed by spos's version, its code and schemas, the facts rendering uses and the
-directories planned, so an upgrade or a different `--root` starts afresh. The memo is only ever
+Everything is keyed by spos's version, its code and schemas, the facts rendering uses (the
+device's labels among them) and the directories planned, so an upgrade, a different `--root`
+or a change of labels starts afresh. The memo is only ever
 a shortcut: deleting it, or any damage to it, makes the next plan slower and never different.
 It sits beside the inventory and is trusted as much: both are spos's own, root-owned state.
 """

@@ -1,22 +1,34 @@
-"""Desired state: every resource the manifests call for on this device. Pure: no I/O."""
+"""Desired state: every resource the manifests call for on this device. Pure: no I/O.
+
+Fleet targeting happens here, once, before any kind renders: an Agent whose selector does not
+match the device's labels (Facts.labels) is left out of the manifests the kinds see, with the
+Schedules and Triggers that start its tasks. What was applied for it before is then no longer
+desired, and the plan prunes it like a deleted agent.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from functools import partial
 
+from reconciler import selector
 from reconciler.kinds import ALL
 from reconciler.manifest import ManifestSet
 from reconciler.resource import Facts, Resource
 
+SHOWN_NAMES = 10
+"""How many untargeted Agents a notice names before it only counts the rest."""
+
 
 def render(manifests: ManifestSet, facts: Facts, reuse: dict[str, str] | None = None) -> dict[str, Resource]:
-    """Resource id -> desired resource, for every kind. A pure function of its arguments.
+    """Resource id -> desired resource, for every kind, from the manifests that target this
+    device (`for_device`). A pure function of its arguments.
 
     `reuse` maps ids to the digest they were rendered to from inputs with the same key
     (`input_keys`) and the same facts: those are not rendered, only known by that digest, and
     rendered on their own if their attributes are asked for."""
     reuse = reuse or {}
+    manifests = for_device(manifests, facts)
     desired: dict[str, Resource] = {}
     for kind in ALL:
         for resource in kind.render(manifests, facts, skip=reuse):
@@ -29,7 +41,10 @@ def render(manifests: ManifestSet, facts: Facts, reuse: dict[str, str] | None = 
 
 def input_keys(manifests: ManifestSet) -> dict[str, str]:
     """Resource id -> a key naming the contents of every manifest it is rendered from; equal
-    keys (with equal facts and code), equal resources. No key when an origin is unknown."""
+    keys (with equal facts and code), equal resources. No key when an origin is unknown.
+
+    Every resource the manifests declare has a key, whether it targets this device or not:
+    `render` decides that from the facts, and leaves out what does not, reused or not."""
     keys = {}
     for kind in ALL:
         for rid, inputs in kind.inputs(manifests).items():
@@ -37,6 +52,19 @@ def input_keys(manifests: ManifestSet) -> dict[str, str]:
                 text = "\n".join([kind.name, *(m.origin for m in inputs)])
                 keys[rid] = hashlib.sha256(text.encode()).hexdigest()
     return keys
+
+
+def for_device(manifests: ManifestSet, facts: Facts) -> ManifestSet:
+    """The manifests this device renders: all but the Agents whose selector does not match its
+    labels, and those Agents' Schedules and Triggers. Pure."""
+    return manifests.without_agents(untargeted(manifests, facts))
+
+
+def untargeted(manifests: ManifestSet, facts: Facts) -> list[str]:
+    """The names of the Agents whose selector does not match this device's labels, sorted."""
+    labels = facts.label_map
+    return sorted(name for name, agent in manifests.of_kind("Agent").items()
+                  if not selector.matches(agent.spec.get("selector"), labels))
 
 
 class _Deferred:
@@ -56,8 +84,19 @@ def notices(manifests: ManifestSet, facts: Facts) -> list[str]:
     """What the manifests declare that spos validates but does not (fully) put on this device,
     and what validation could not check, said plainly so that a plan never implies more than
     apply will do. Pure."""
-    timers = sorted(n for n, m in manifests.of_kind("Schedule").items() if "timer" in m.spec)
     said = list(manifests.notes)
+    skipped = untargeted(manifests, facts)
+    if skipped:
+        named = ", ".join(skipped[:SHOWN_NAMES])
+        if len(skipped) > SHOWN_NAMES:
+            named += f" and {len(skipped) - SHOWN_NAMES} more"
+        said.append(
+            f"{len(skipped)} Agent(s) do not target this device (labels: "
+            f"{selector.describe(facts.label_map)}): {named}. Their selectors do not match, so "
+            "neither they nor their Schedules and Triggers are rendered here."
+        )
+    manifests = manifests.without_agents(skipped)
+    timers = sorted(n for n, m in manifests.of_kind("Schedule").items() if "timer" in m.spec)
     if timers and not facts.activate_units:
         said.append(
             f"{len(timers)} timer Schedule(s) ({', '.join(timers)}) are written as systemd units "

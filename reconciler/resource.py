@@ -198,6 +198,9 @@ class Facts:
     say which layout agents' cgroups are rendered for (cgroupfs.py). `activate_units` says
     whether apply activates the systemd units it writes (systemd is the init system and the
     root is `/`: reconciler/systemctl.py), so whether timers are planned as enabled.
+    `labels` are the device's labels (reconciler/labels.py), which Agents' selectors match:
+    given as a mapping or pairs, kept as sorted pairs so that equal labels give equal facts
+    (and the same `repr`, which keys the plan memo).
     """
 
     spos_command: tuple[str, ...]
@@ -205,9 +208,18 @@ class Facts:
     cgroup_version: int | None = None  # of --cgroup-root: 1, 2, or None (no cgroups managed)
     cgroup_parent: str = "spos"  # the cgroup spos owns for this device (cgroupfs.parent_for)
     cgroup_weight_file: str | None = None  # where an I/O weight is set, if anywhere
+    activate_units: bool = False
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(sorted(dict(self.labels).items())))
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        """The device's labels, label key -> value."""
+        return dict(self.labels)
 
     def spos_argv(self, *words: str) -> list[str]:
         """The command line that runs `spos WORDS...` on this device, `--root` included."""
         root = ["--root", self.root] if self.root != "/" else []
         return [*self.spos_command, *root, *words]
-    activate_units: bool = False

@@ -13,7 +13,11 @@ Case fields (all but `description` optional):
     cgroups: {version: 1 | 2, io: bool}   a cgroup file system of plain files at the device's
                                        /sys/fs/cgroup (its cgroup parent is `spos-<hash>`:
                                        refer to it as {parent} in device paths and attributes)
+    labels: {key: value}               the device's labels when `manifests` are planned (default
+                                       none), which Agents' selectors match
     applied: manifests rendered and applied first (their inventory is recorded as apply does)
+    applied_labels: {key: value}       the device's labels when `applied` was applied (default
+                                       `labels`): a change of labels between the two
     device: {path: text | null}        files written (null: removed) after `applied`; remove
                                        /var/lib/systemprompt-os/inventory.json to lose the inventory
     modes: {path: "0664"}              modes set after `device`
@@ -32,6 +36,7 @@ Case fields (all but `description` optional):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -73,9 +78,10 @@ def test_plan_case(case, tmp_path, recording_systemctl):
     facts = Facts(spos_command=SPOS_COMMAND, root=case.get("root", "/"),
                   cgroup_version=device.cgroups.version, cgroup_parent=device.cgroups.parent,
                   cgroup_weight_file=device.cgroups.weight_file(),
-                  activate_units=systemctl is not None)
+                  activate_units=systemctl is not None, labels=case.get("labels") or {})
     if "applied" in case:
-        result = apply(device, _plan(device, _load(case["applied"], tmp_path / "applied"), facts))
+        applied_facts = dataclasses.replace(facts, labels=case.get("applied_labels", facts.labels))
+        result = apply(device, _plan(device, _load(case["applied"], tmp_path / "applied"), applied_facts))
         assert result.ok, result.failed
     _shape_device(device, case.get("device") or {}, case.get("modes") or {})
 
