@@ -284,10 +284,9 @@ def _manifest_args(parser: "argparse.ArgumentParser", what: str = "manifests dir
 
 
 def _policy_dir(args) -> str | None:
-    if args.policies:
-        return args.policies
-    beside = os.path.join(os.path.dirname(os.path.abspath(args.path)), "policies")
-    return beside if os.path.isdir(beside) else None
+    from reconciler.pipeline import PlanRequest
+
+    return PlanRequest(path=args.path, policies=args.policies).policy_dir
 
 
 def _validate(args) -> int:
@@ -325,130 +324,20 @@ def _stage(args, text: str) -> None:
 
 
 def _make_plan(args):
-    from reconciler import __version__
-    from reconciler.device import Device
-    from reconciler.errors import UsageError
-    from reconciler.labels import device_labels
-    from reconciler.memo import PlanMemo, fingerprint
-    from reconciler.observe import observe
-    from reconciler.plan import plan
-    from reconciler.resource import Facts
-    from reconciler.state import memo_file, read_inventory
-    from reconciler.systemctl import detect
+    from reconciler.pipeline import make_plan
 
-    device = Device(args.root, cgroup_root=_device_cgroup_root(args), systemd=detect(args.root))
-    if not os.path.isdir(args.path):
-        raise UsageError(f"{args.path}: no such manifests directory")
-    facts = Facts(spos_command=_spos_command(), root=str(device.root),
-                  cgroup_version=device.cgroups.version, cgroup_parent=device.cgroups.parent,
-                  cgroup_weight_file=device.cgroups.weight_file(),
-                  activate_units=device.systemd is not None,
-                  labels=device_labels(device, getattr(args, "device_labels", None)))
-    creating_state = getattr(args, "auto_approve", False)  # apply is about to create the state dir
-    memo = PlanMemo(memo_file(device, create=creating_state), _memo_key(args, facts))
-    _stage(args, f"Loading manifests from {args.path}...")
-    digest, files = fingerprint(args.path, _policy_dir(args), memo)
-    remembered = memo.desired_for(digest) if digest else None
-    if remembered is not None:
-        desired, notices, declared = _recalled(args, device, facts, remembered)
-    else:
-        desired, notices, declared, digest = _rendered(args, device, facts, memo, files)
-    inventory = read_inventory(device)["resources"]
-    if not declared and inventory and not args.allow_empty:
-        raise UsageError(
-            f"{args.path} holds no manifests: applying it would delete all {len(inventory)} "
-            "resources spos manages here. Pass --allow-empty if that is what you want."
-        )
-    _stage(args, "Observing the device...")
-    actual = observe(device, set(desired) | set(inventory), memo=memo)
-    _stage(args, "Planning...")
-    result = plan(
-        desired, actual, inventory,
-        root=str(device.root),
-        manifests={"path": args.path, "revision": _git_revision(args.path), "digest": digest},
-        version=__version__,
+    return make_plan(_plan_request(args))
+
+
+def _plan_request(args):
+    from reconciler.pipeline import PlanRequest
+
+    return PlanRequest(
+        path=args.path, root=args.root, policies=args.policies, cgroup_root=args.cgroup_root,
+        device_labels=getattr(args, "device_labels", None), allow_empty=args.allow_empty,
+        creating_state=getattr(args, "auto_approve", False),  # apply is about to create the state dir
+        stage=lambda text: _stage(args, text),
     )
-    result.notices = notices + _cgroup_notices(device)
-    memo.save()
-    return device, result
-
-
-def _device_cgroup_root(args) -> str:
-    """--cgroup-root, or where the device's own cgroups are: /sys/fs/cgroup below --root."""
-    if args.cgroup_root:
-        return args.cgroup_root
-    return os.path.join(os.path.abspath(args.root), "sys/fs/cgroup")
-
-
-def _cgroup_notices(device) -> list[str]:
-    tree = device.cgroups
-    if tree.version is None:
-        return [f"No cgroup file system at {tree.root}: agents' cgroups are not managed "
-                "(give --cgroup-root /sys/fs/cgroup to manage real ones under another --root)."]
-    if tree.weight_file() is None:
-        return [f"Quotas' ioWeight is not set: the cgroups at {tree.root} have no I/O weight file."]
-    return []
-
-
-def _rendered(args, device, facts, memo, known=None):
-    """Load and check the manifests in full; render what their contents did not render to
-    before (by input_keys); remember the result."""
-    from reconciler.render import input_keys, notices, render
-    from reconciler.state import cache_file
-    from reconciler.validate import load
-
-    creating_state = getattr(args, "auto_approve", False)
-    manifests = load(args.path, _policy_dir(args), cache_file(device, create=creating_state),
-                     known=known)
-    keys = input_keys(manifests)
-    before = memo.rendered()
-    reuse = {rid: before[rid][1] for rid, key in keys.items() if rid in before and before[rid][2] == key}
-    desired = render(manifests, facts, reuse)
-    said = notices(manifests, facts)
-    declared = sum(1 for m in manifests.manifests if m.kind != "Policy")
-    memo.remember_desired(manifests.digest, desired, keys, said, declared)
-    return desired, said, declared, manifests.digest
-
-
-def _recalled(args, device, facts, known):
-    """The desired state remembered for these exact manifest contents: each resource by its
-    digest, rendered in full (once, for all) only if the plan needs one's attributes."""
-    from reconciler.resource import Resource
-
-    rendered = {}
-
-    def whole(rid):
-        if not rendered:
-            from reconciler.memo import PlanMemo
-
-            rendered.update(_rendered(args, device, facts, PlanMemo(None, ""))[0])
-        return rendered.get(rid)
-
-    desired = {
-        rid: Resource(rid, kind, digest=digest, load=lambda rid=rid: whole(rid))
-        for rid, (kind, digest, _) in known["resources"].items()
-    }
-    return desired, known["notices"], known["declared"]
-
-
-def _memo_key(args, facts) -> str:
-    """What, besides the manifests' contents, decides the desired state and how it is found."""
-    import hashlib
-    import json
-
-    import shutil
-
-    from reconciler import __version__
-    from reconciler.memo import code_fingerprint
-
-    policies = _policy_dir(args)
-    inputs = [
-        __version__, code_fingerprint(), repr(facts),
-        shutil.which("systemd-analyze") is not None,  # whether calendar events were checked
-        os.path.realpath(args.path), policies and os.path.realpath(policies),
-        os.path.realpath(os.getcwd()),  # manifest names in the digest are relative to it
-    ]
-    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
 
 
 def _plan(args) -> int:
@@ -491,7 +380,8 @@ def _apply(args) -> int:
     if os.path.isfile(args.path):
         from reconciler.systemctl import detect
 
-        device = Device(args.root, cgroup_root=_device_cgroup_root(args), systemd=detect(args.root))
+        device = Device(args.root, cgroup_root=_plan_request(args).device_cgroup_root,
+                        systemd=detect(args.root))
         planned = _saved_plan(args.path)
         if planned.root != str(device.root):
             from reconciler.errors import UsageError
@@ -758,39 +648,6 @@ def _cron_matches_now(expression: str, zone: str) -> bool:
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
         raise UsageError(f"--cron/--cron-tz: {exc}") from None
     return parsed.matches(datetime.now(tz))
-
-
-def _spos_command() -> tuple[str, ...]:
-    """How crontab lines reach spos: $SPOS_COMMAND, else this interpreter running the lean entry
-    point with -I -S (reconciler/_cron.py): cron starts it every minute, and skipping
-    site-packages processing halves its start-up."""
-    override = os.environ.get("SPOS_COMMAND")
-    if override:
-        import shlex
-
-        return tuple(shlex.split(override))
-    entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cron.py")
-    return (sys.executable, "-I", "-S", entry)
-
-
-def _git_revision(path: str) -> str | None:
-    """The commit the manifests come from, with `-dirty` when they differ from it."""
-    import subprocess
-
-    def git(*words):
-        return subprocess.run(
-            ["git", "-C", path, *words], capture_output=True, text=True, timeout=30,
-            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
-        )
-
-    try:
-        head = git("rev-parse", "--verify", "-q", "HEAD")
-        if head.returncode != 0:
-            return None
-        dirty = git("status", "--porcelain", "--untracked-files=normal", "--", ".").stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def _duration(option: str, text: str) -> float:

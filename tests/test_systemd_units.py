@@ -23,7 +23,7 @@ import pytest
 
 from reconciler import systemctl as systemctl_module
 from reconciler.apply import apply
-from reconciler.cli import _spos_command
+from reconciler.pipeline import spos_command
 from reconciler.device import Device
 from reconciler.errors import ManifestError
 from reconciler.kinds import systemd
@@ -66,7 +66,7 @@ def real_facts(monkeypatch, root: str = "/") -> Facts:
     """Facts with the spos command a device gets (this interpreter and the lean entry point):
     verify checks that ExecStart's program exists."""
     monkeypatch.delenv("SPOS_COMMAND", raising=False)
-    return Facts(spos_command=_spos_command(), root=root)
+    return Facts(spos_command=spos_command(), root=root)
 
 
 # ---------------------------------------------------------------- systemd accepts every unit

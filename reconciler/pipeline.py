@@ -1,0 +1,198 @@
+"""From a manifests directory to a Plan for one device: load, render, observe, diff.
+
+What `spos plan` and `spos apply DIR` do before they print or apply, and what `spos sync` does
+with a revision it fetched: one request in, the device and its Plan out. The plan memo (memo.py)
+makes a plan of unchanged manifests on an unchanged device cheap; everything else is the pure
+core (render, plan) and the kinds' observe().
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from reconciler.device import Device
+from reconciler.errors import UsageError
+from reconciler.resource import Facts, Plan
+
+
+@dataclass
+class PlanRequest:
+    """What to plan, for which device.
+
+    `policies` is the policy directory, or None for `policies/` beside `path` when it exists.
+    `cgroup_root` defaults to ROOT/sys/fs/cgroup. `device_labels` is the `--device-labels` text
+    (a complete label set) or None for the device's own labels. `creating_state` says the state
+    directory may be created (apply is about to write). `revision` names the commit the
+    manifests come from when the caller knows it (sync); otherwise git is asked. `stage` is
+    told each step as it starts (the CLI prints them)."""
+
+    path: str
+    root: str = "/"
+    policies: str | None = None
+    cgroup_root: str | None = None
+    device_labels: str | None = None
+    allow_empty: bool = False
+    creating_state: bool = False
+    revision: str | None = None
+    stage: Callable[[str], None] = field(default=lambda text: None, repr=False)
+
+    @property
+    def policy_dir(self) -> str | None:
+        if self.policies:
+            return self.policies
+        beside = os.path.join(os.path.dirname(os.path.abspath(self.path)), "policies")
+        return beside if os.path.isdir(beside) else None
+
+    @property
+    def device_cgroup_root(self) -> str:
+        """--cgroup-root, or where the device's own cgroups are: /sys/fs/cgroup below the root."""
+        return self.cgroup_root or os.path.join(os.path.abspath(self.root), "sys/fs/cgroup")
+
+
+def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
+    from reconciler import __version__
+    from reconciler.labels import device_labels
+    from reconciler.memo import PlanMemo, fingerprint
+    from reconciler.observe import observe
+    from reconciler.plan import plan
+    from reconciler.state import memo_file, read_inventory
+    from reconciler.systemctl import detect
+
+    device = Device(request.root, cgroup_root=request.device_cgroup_root, systemd=detect(request.root))
+    if not os.path.isdir(request.path):
+        raise UsageError(f"{request.path}: no such manifests directory")
+    facts = Facts(spos_command=spos_command(), root=str(device.root),
+                  cgroup_version=device.cgroups.version, cgroup_parent=device.cgroups.parent,
+                  cgroup_weight_file=device.cgroups.weight_file(),
+                  activate_units=device.systemd is not None,
+                  labels=device_labels(device, request.device_labels))
+    memo = PlanMemo(memo_file(device, create=request.creating_state), _memo_key(request, facts))
+    request.stage(f"Loading manifests from {request.path}...")
+    digest, files = fingerprint(request.path, request.policy_dir, memo)
+    remembered = memo.desired_for(digest) if digest else None
+    if remembered is not None:
+        desired, notices, declared = _recalled(request, device, facts, remembered)
+    else:
+        desired, notices, declared, digest = _rendered(request, device, facts, memo, files)
+    inventory = read_inventory(device)["resources"]
+    if not declared and inventory and not request.allow_empty:
+        raise UsageError(
+            f"{request.path} holds no manifests: applying it would delete all {len(inventory)} "
+            "resources spos manages here. Pass --allow-empty if that is what you want."
+        )
+    request.stage("Observing the device...")
+    actual = observe(device, set(desired) | set(inventory), memo=memo)
+    request.stage("Planning...")
+    revision = request.revision if request.revision is not None else git_revision(request.path)
+    result = plan(
+        desired, actual, inventory,
+        root=str(device.root),
+        manifests={"path": request.path, "revision": revision, "digest": digest},
+        version=__version__,
+    )
+    result.notices = notices + _cgroup_notices(device)
+    memo.save()
+    return device, result
+
+
+def _cgroup_notices(device: Device) -> list[str]:
+    tree = device.cgroups
+    if tree.version is None:
+        return [f"No cgroup file system at {tree.root}: agents' cgroups are not managed "
+                "(give --cgroup-root /sys/fs/cgroup to manage real ones under another --root)."]
+    return []
+
+
+def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=None):
+    """Load and check the manifests in full; render what their contents did not render to
+    before (by input_keys); remember the result."""
+    from reconciler.render import input_keys, notices, render
+    from reconciler.state import cache_file
+    from reconciler.validate import load
+
+    manifests = load(request.path, request.policy_dir,
+                     cache_file(device, create=request.creating_state), known=known)
+    keys = input_keys(manifests)
+    before = memo.rendered()
+    reuse = {rid: before[rid][1] for rid, key in keys.items() if rid in before and before[rid][2] == key}
+    desired = render(manifests, facts, reuse)
+    said = notices(manifests, facts)
+    declared = sum(1 for m in manifests.manifests if m.kind != "Policy")
+    memo.remember_desired(manifests.digest, desired, keys, said, declared)
+    return desired, said, declared, manifests.digest
+
+
+def _recalled(request: PlanRequest, device: Device, facts: Facts, known):
+    """The desired state remembered for these exact manifest contents: each resource by its
+    digest, rendered in full (once, for all) only if the plan needs one's attributes."""
+    from reconciler.resource import Resource
+
+    rendered = {}
+
+    def whole(rid):
+        if not rendered:
+            from reconciler.memo import PlanMemo
+
+            rendered.update(_rendered(request, device, facts, PlanMemo(None, ""))[0])
+        return rendered.get(rid)
+
+    desired = {
+        rid: Resource(rid, kind, digest=digest, load=lambda rid=rid: whole(rid))
+        for rid, (kind, digest, _) in known["resources"].items()
+    }
+    return desired, known["notices"], known["declared"]
+
+
+def _memo_key(request: PlanRequest, facts: Facts) -> str:
+    """What, besides the manifests' contents, decides the desired state and how it is found."""
+    import hashlib
+    import json
+    import shutil
+
+    from reconciler import __version__
+    from reconciler.memo import code_fingerprint
+
+    policies = request.policy_dir
+    inputs = [
+        __version__, code_fingerprint(), repr(facts),
+        shutil.which("systemd-analyze") is not None,  # whether calendar events were checked
+        os.path.realpath(request.path), policies and os.path.realpath(policies),
+        os.path.realpath(os.getcwd()),  # manifest names in the digest are relative to it
+    ]
+    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
+
+
+def spos_command() -> tuple[str, ...]:
+    """How crontab lines reach spos: $SPOS_COMMAND, else this interpreter running the lean entry
+    point with -I -S (reconciler/_cron.py): cron starts it every minute, and skipping
+    site-packages processing halves its start-up."""
+    override = os.environ.get("SPOS_COMMAND")
+    if override:
+        import shlex
+
+        return tuple(shlex.split(override))
+    entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cron.py")
+    return (sys.executable, "-I", "-S", entry)
+
+
+def git_revision(path: str) -> str | None:
+    """The commit the manifests come from, with `-dirty` when they differ from it."""
+    import subprocess
+
+    def git(*words):
+        return subprocess.run(
+            ["git", "-C", path, *words], capture_output=True, text=True, timeout=30,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+        )
+
+    try:
+        head = git("rev-parse", "--verify", "-q", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=normal", "--", ".").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
