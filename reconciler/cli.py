@@ -234,6 +234,43 @@ def _parser() -> "argparse.ArgumentParser":
                           help="look for changed registrations this often (default 500ms)")
     triggers.set_defaults(handler=_triggers)
 
+    sync = commands.add_parser(
+        "sync", parents=[common], help="pull the manifests repository and converge to it, once",
+        description="Fetch BRANCH of the repository, verify it, validate, plan and apply it. A "
+                    "revision refused at any step is quarantined: the last applied revision stays "
+                    "in force, and the refused one is not tried again until a new commit.",
+    )
+    _sync_args(sync)
+    sync.add_argument("--json", action="store_true", help="print the result as JSON")
+    sync.set_defaults(handler=_sync)
+
+    daemon = commands.add_parser(
+        "daemon", parents=[common], help="sync on an interval, repair drift, run the executor and triggers",
+        description="The device's always-on agent: sync every INTERVAL (plus up to JITTER), put "
+                    "back managed files changed by hand between syncs, and run spos executor and "
+                    "spos triggers as supervised children. SIGTERM stops it cleanly.",
+    )
+    _sync_args(daemon)
+    daemon.add_argument("--interval", default="60s", metavar="DURATION", help="between syncs (default 60s)")
+    daemon.add_argument("--jitter", default="10s", metavar="DURATION",
+                        help="up to this much more, chosen at random each time (default 10s)")
+    daemon.add_argument("--drift-interval", default="60s", metavar="DURATION",
+                        help="look for drift this often between syncs (default 60s)")
+    daemon.add_argument("--no-executor", action="store_true", help="do not run spos executor")
+    daemon.add_argument("--no-triggers", action="store_true", help="do not run spos triggers")
+    daemon.add_argument("--stop-timeout", default="30s", metavar="DURATION",
+                        help="after SIGTERM, wait this long for the children to stop (default 30s)")
+    daemon.set_defaults(handler=_daemon)
+
+    status = commands.add_parser(
+        "status", parents=[common], help="the applied revision, the last sync, drift, daemons",
+        description="What the device runs and how its loops are doing: the applied revision and "
+                    "when, the last sync and why it failed, quarantined revisions, drift repairs, "
+                    "and whether the daemon, executor and trigger daemon run.",
+    )
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_status)
+
     trigger = commands.add_parser("trigger", parents=[common], help="inspect and test triggers")
     trigger_commands = trigger.add_subparsers(title="trigger commands", metavar="COMMAND")
     trigger_list = trigger_commands.add_parser(
@@ -267,6 +304,80 @@ def _device_labels_arg(parser: "argparse.ArgumentParser") -> None:
     parser.add_argument("--device-labels", metavar="KEY=VALUE,...",
                         help="plan for a device with exactly these labels (spos.dev/ ones "
                              "included) instead of this device's labels file and facts")
+
+
+def _sync_args(parser: "argparse.ArgumentParser") -> None:
+    parser.add_argument("--repo", required=True, metavar="URL",
+                        help="the manifests repository: https://, ssh://, git@host:path, file:// or a path")
+    parser.add_argument("--branch", default="main", help="the branch to follow (default main)")
+    parser.add_argument("--path", default="agents.d", metavar="DIR",
+                        help="the manifests directory in the repository (default agents.d)")
+    parser.add_argument("--policies", default="policies", metavar="DIR",
+                        help="the policy directory in the repository (default policies)")
+    parser.add_argument("--verify-signatures", metavar="KEYRING",
+                        help="take only commits signed by a key in this file of public keys")
+    parser.add_argument("--allow-force-push", action="store_true",
+                        help="take a commit that does not descend from the applied one")
+    _device_labels_arg(parser)
+    _cgroup_root_arg(parser, device_default=True)
+
+
+def _sync_options(args):
+    from reconciler.sync import SyncOptions
+
+    return SyncOptions(
+        repo=args.repo, branch=args.branch, path=args.path, policies=args.policies,
+        keyring=args.verify_signatures, allow_force=args.allow_force_push,
+        device_labels=args.device_labels, cgroup_root=args.cgroup_root,
+    )
+
+
+def _sync(args) -> int:
+    import json
+
+    from reconciler.sync import sync
+
+    result = sync(args.root, _sync_options(args),
+                  progress=lambda text: _stage(args, text), report=_progress(args))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(f"{result.outcome}: {result.message}")
+        for reason in result.reasons:
+            print(f"  {reason}")
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def _daemon(args) -> int:
+    from reconciler.agentd import Daemon, DaemonSettings
+
+    children = tuple(name for name, off in (("executor", args.no_executor),
+                                            ("triggers", args.no_triggers)) if not off)
+    child_args = {"executor": ["--cgroup-root", args.cgroup_root]} if args.cgroup_root else {}
+    settings = DaemonSettings(
+        interval=_duration("--interval", args.interval), jitter=_duration("--jitter", args.jitter),
+        drift_interval=_duration("--drift-interval", args.drift_interval),
+        stop_timeout=_duration("--stop-timeout", args.stop_timeout),
+        children=children, child_args=child_args,
+    )
+    daemon = Daemon(args.root, _sync_options(args), settings)
+    print(f"spos daemon: serving {daemon.root} (pid {os.getpid()})", file=sys.stderr)
+    daemon.run()
+    return EXIT_OK
+
+
+def _status(args) -> int:
+    import json
+
+    from reconciler import status
+    from reconciler.device import Device
+
+    report = status.collect(Device(args.root))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        sys.stdout.write(status.text(report))
+    return EXIT_OK
 
 
 def _executor_args(parser: "argparse.ArgumentParser") -> None:

@@ -21,6 +21,19 @@ def alive(owner: dict) -> bool:
     return isinstance(pid, int) and ticks is not None and _start_ticks(pid) == ticks
 
 
+def process_alive(pid) -> bool:
+    """Whether a process with this pid exists (one that is not ours to signal counts)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as handle:

@@ -17,6 +17,7 @@ from reconciler import AGENTS_DIR, TRIGGERS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
 from reconciler.executor.enqueue import ATTACHMENTS_DIR
+from reconciler.executor.owner import process_alive
 from reconciler.triggers.base import Event, Registration
 from reconciler.triggers.daemon import STATUS_HEARTBEAT, read_status
 from reconciler.triggers.gate import Gate
@@ -56,7 +57,7 @@ def _daemon(status: dict | None) -> dict:
     if status.get("stoppedAt"):
         return {"running": False, "pid": pid, "listen": None,
                 "detail": f"the trigger daemon stopped at {status['stoppedAt']}"}
-    if not _alive(pid):
+    if not process_alive(pid):
         return {"running": False, "pid": pid, "listen": None,
                 "detail": f"the trigger daemon (pid {pid}) died; its last status is from {status.get('updatedAt')}"}
     detail = f"pid {pid}, since {status.get('startedAt')}"
@@ -199,16 +200,6 @@ def fire_text(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _epoch(text: str | None) -> float | None:

@@ -1,0 +1,390 @@
+"""`spos sync`: pull the manifests repository, verify it, and converge the device to it.
+
+One sync, in order, holding the apply lock throughout:
+
+1. fetch the branch into the local mirror (gitsync.Mirror); only a fast-forward of the applied
+   revision is taken unless force-pushes are allowed;
+2. a revision quarantined before is not tried again (a new commit lifts the quarantine);
+3. with a keyring, the commit must carry a good signature by one of its keys;
+4. export the revision's files into `sync/incoming` and swap it in as `sync/checkout`, keeping
+   the applied one as `sync/previous`;
+5. validate (schemas, cross-references, the repository's own policies), plan and apply, as
+   `spos apply` does.
+
+A revision refused at any step (force-push, signature, validation, policy, apply) is
+quarantined: recorded with the reasons in `sync/state.json` so it is not retried in a loop, and
+the last applied revision stays in force. When apply fails part-way, the previous revision is
+applied again, so the device is back where it was. A failure that says nothing about the
+revision (the remote unreachable, the disk full) is reported and tried again at the next sync.
+
+The state directory keeps `mirror.git` (a cache), `checkout` (the applied revision's files, at
+a stable path so the plan memo and the manifest cache carry over from one revision to the next),
+`previous`, and `state.json`, written atomically after every sync (docs/sync.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from reconciler import STATE_DIR
+from reconciler.device import Device
+from reconciler.errors import ManifestError, SposError, UsageError
+
+SYNC_DIR = f"/{STATE_DIR}/sync"
+STATE_FILE = f"{SYNC_DIR}/state.json"
+STATE_FORMAT = 1
+MAX_REASONS = 20
+"""Reasons kept per quarantined revision (the first ones; the count says how many there were)."""
+MAX_QUARANTINED = 50
+"""Quarantined revisions remembered, newest kept."""
+
+
+@dataclass
+class SyncOptions:
+    """What to sync from. `path` and `policies` are directories inside the repository;
+    `keyring` a file of trusted public keys (None: signatures are not checked)."""
+
+    repo: str
+    branch: str = "main"
+    path: str = "agents.d"
+    policies: str = "policies"
+    keyring: str | None = None
+    allow_force: bool = False
+    device_labels: str | None = None
+    cgroup_root: str | None = None
+    lock_timeout: float = 60.0
+
+
+@dataclass
+class SyncResult:
+    """What one sync did. `outcome` is one of: applied (changes made), unchanged (the device
+    already matched), quarantined (the revision was refused now), skipped (it was refused
+    before), failed (something other than the revision failed; tried again next time)."""
+
+    outcome: str
+    revision: str | None = None
+    message: str = ""
+    reasons: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("applied", "unchanged")
+
+    def to_json(self) -> dict:
+        return {"outcome": self.outcome, "revision": self.revision, "message": self.message,
+                "reasons": self.reasons, "changed": self.changed, "failed": self.failed}
+
+
+class SyncState:
+    """`sync/state.json`: the applied revision, the quarantined ones, the last sync's result,
+    and the last drift check (docs/sync.md)."""
+
+    def __init__(self, device: Device, data: dict | None = None):
+        self.device = device
+        data = data or {}
+        self.applied: dict | None = data.get("applied")
+        self.quarantined: dict[str, dict] = dict(data.get("quarantined") or {})
+        self.last: dict | None = data.get("last")
+        self.last_failure: dict | None = data.get("lastFailure")
+        self.drift: dict | None = data.get("drift")
+        self.repo: dict | None = data.get("repo")
+
+    @classmethod
+    def load(cls, device: Device) -> "SyncState":
+        try:
+            raw = device.read_text(STATE_FILE)
+            data = json.loads(raw) if raw else None
+        except (ValueError, OSError, SposError):
+            data = None  # unreadable: start afresh; the mirror and the checkout are still there
+        return cls(device, data if isinstance(data, dict) else None)
+
+    @property
+    def applied_revision(self) -> str | None:
+        return (self.applied or {}).get("revision")
+
+    def to_json(self) -> dict:
+        return {"format": STATE_FORMAT, "repo": self.repo, "applied": self.applied,
+                "quarantined": self.quarantined, "last": self.last,
+                "lastFailure": self.last_failure, "drift": self.drift}
+
+    def save(self) -> None:
+        self.device.makedirs(SYNC_DIR, mode=0o755)
+        payload = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+        self.device.write_atomic(STATE_FILE, payload.encode(), mode=0o644)
+
+    def quarantine(self, revision: str, stage: str, reasons: list[str]) -> None:
+        self.quarantined[revision] = {
+            "stage": stage, "at": now_iso(), "reasons": reasons[:MAX_REASONS], "count": len(reasons),
+        }
+        while len(self.quarantined) > MAX_QUARANTINED:
+            oldest = min(self.quarantined, key=lambda sha: self.quarantined[sha]["at"])
+            del self.quarantined[oldest]
+
+    def record(self, result: SyncResult) -> None:
+        self.last = {"at": now_iso(), **result.to_json()}
+        if not result.ok:
+            self.last_failure = self.last
+
+
+def sync(root: str, options: SyncOptions, *, progress: Callable[[str], None] = lambda text: None,
+         report: Callable = lambda change, error: None) -> SyncResult:
+    """One sync of the device at `root` (see the module docstring). Never raises for what a
+    revision contains; raises SposError only for what stops any sync (the lock held too long,
+    the state directory unwritable)."""
+    from reconciler.gitsync import Mirror
+    from reconciler.state import ApplyLock
+
+    device = Device(root)
+    device.ensure_root()
+    with ApplyLock(device, timeout=options.lock_timeout):
+        state = SyncState.load(device)
+        state.repo = {"url": _redacted(options.repo), "branch": options.branch, "path": options.path}
+        try:
+            mirror = Mirror(device.host(SYNC_DIR), options.repo)
+            result = _sync(device, state, mirror, options, progress, report)
+        except SposError as exc:
+            result = SyncResult("failed", message=str(exc))
+        state.record(result)
+        state.save()
+    return result
+
+
+def _sync(device, state, mirror, options, progress, report) -> SyncResult:
+    from reconciler.gitsync import (
+        FetchError, ForcePushError, GitError, SignatureError, UnsafeTreeError,
+    )
+
+    progress(f"Fetching {options.branch} from {_redacted(options.repo)}...")
+    try:
+        fetched = mirror.fetch(options.branch, applied=state.applied_revision,
+                               allow_force=options.allow_force)
+    except ForcePushError as exc:
+        state.quarantine(exc.sha, "fetch", [str(exc)])
+        return SyncResult("quarantined", exc.sha, "refused: the branch was force-pushed", [str(exc)])
+    except (FetchError, GitError) as exc:
+        return SyncResult("failed", message=f"could not fetch: {exc}")
+    sha = fetched.sha
+    if sha in state.quarantined:
+        held = state.quarantined[sha]
+        return SyncResult("skipped", sha, f"revision {sha[:12]} was quarantined at {held['at']} "
+                          f"({held['stage']}); waiting for a new commit", list(held["reasons"]))
+    if options.keyring:
+        progress(f"Verifying the signature of {sha[:12]}...")
+        try:
+            mirror.verify(sha, options.keyring)
+        except SignatureError as exc:
+            return _refuse(state, sha, "verify", [str(exc)])
+    try:
+        checkout = _checkout(device, mirror, sha, progress)
+    except UnsafeTreeError as exc:  # the revision itself: names or sizes no export may write
+        return _refuse(state, sha, "export", [str(exc)])
+    return _converge(device, state, sha, checkout, options, progress, report)
+
+
+def _checkout(device: Device, mirror, sha: str, progress) -> str:
+    """The revision's files at `sync/checkout` (host path), the applied ones kept as
+    `sync/previous`. Already there when it is the revision checked out last."""
+    base = device.host(SYNC_DIR)
+    checkout, marker = os.path.join(base, "checkout"), os.path.join(base, "checkout.revision")
+    if _read(marker) == sha and os.path.isdir(checkout):
+        return checkout
+    progress(f"Exporting {sha[:12]}...")
+    incoming = os.path.join(base, "incoming")
+    shutil.rmtree(incoming, ignore_errors=True)
+    mirror.export(sha, incoming)
+    previous = os.path.join(base, "previous")
+    if os.path.isdir(checkout) and _read(marker) is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(checkout, previous)
+        os.replace(marker, os.path.join(base, "previous.revision"))
+    else:
+        shutil.rmtree(checkout, ignore_errors=True)
+    os.rename(incoming, checkout)
+    _write(marker, sha)
+    return checkout
+
+
+def _converge(device, state, sha, checkout, options, progress, report) -> SyncResult:
+    """Validate, plan and apply the checked-out revision; quarantine it when it is refused."""
+    from reconciler.apply import apply_locked
+    from reconciler.pipeline import PlanRequest, make_plan
+
+    request = _request(device, checkout, sha, options, progress)
+    try:
+        _, planned = make_plan(request)
+    except ManifestError as exc:
+        reasons = [_diagnostic(d, checkout) for d in exc.diagnostics]
+        if not all(_in_revision(d, checkout) for d in exc.diagnostics):
+            # the device's own files (its labels) are wrong, not the revision
+            return SyncResult("failed", sha, "the device's configuration is invalid", reasons)
+        return _refuse(state, sha, "validate", reasons, device, options)
+    except UsageError as exc:
+        return _refuse(state, sha, "validate", [str(exc).replace(checkout + "/", "")], device, options)
+    if not planned.has_changes:
+        state.applied = _applied(sha, state, 0)
+        return SyncResult("unchanged", sha, f"the device matches revision {sha[:12]}")
+    progress(f"Applying {sha[:12]}...")
+    result = apply_locked(device, planned, progress=report)
+    changed = [change.id for change in result.applied]
+    if result.failed:
+        failed = [{"id": change.id, "error": error} for change, error in result.failed]
+        refused = _refuse(state, sha, "apply", [f"{f['id']}: {f['error']}" for f in failed],
+                          device, options)
+        refused.changed, refused.failed = changed, failed
+        return refused
+    state.applied = _applied(sha, state, len(changed))
+    return SyncResult("applied", sha, f"applied revision {sha[:12]}: {len(changed)} changed",
+                      changed=changed)
+
+
+def _refuse(state, sha, stage, reasons, device=None, options=None) -> SyncResult:
+    """Quarantine `sha`; put the last applied revision back in force when the refused one was
+    already checked out."""
+    state.quarantine(sha, stage, reasons)
+    message = f"revision {sha[:12]} quarantined ({stage}); revision " \
+              f"{(state.applied_revision or 'none')[:12]} stays in force"
+    if device is not None:
+        restored = _restore(device, state, options)
+        if restored:
+            message += f"; {restored}"
+    return SyncResult("quarantined", sha, message, reasons)
+
+
+def _restore(device: Device, state: SyncState, options: SyncOptions) -> str:
+    """Swap the applied revision's files back in as the checkout, and re-apply them when the
+    refused revision changed anything. Returns what was done, in words."""
+    from reconciler.apply import apply_locked
+    from reconciler.pipeline import PlanRequest, make_plan
+
+    base = device.host(SYNC_DIR)
+    checkout, previous = os.path.join(base, "checkout"), os.path.join(base, "previous")
+    applied = state.applied_revision
+    if applied is None or _read(os.path.join(base, "previous.revision")) != applied:
+        return ""
+    shutil.rmtree(checkout, ignore_errors=True)
+    os.rename(previous, checkout)
+    os.replace(os.path.join(base, "previous.revision"), os.path.join(base, "checkout.revision"))
+    try:
+        _, planned = make_plan(_request(device, checkout, applied, options, lambda text: None))
+        if not planned.has_changes:
+            return ""
+        result = apply_locked(device, planned)
+    except SposError as exc:
+        return f"re-applying {applied[:12]} failed: {exc}"
+    if result.failed:
+        return f"re-applying {applied[:12]} left {len(result.failed)} change(s) failed"
+    return f"re-applied {applied[:12]} ({len(result.applied)} change(s) undone)"
+
+
+def _request(device, checkout, sha, options, progress):
+    from reconciler.pipeline import PlanRequest
+
+    policies = os.path.join(checkout, options.policies)
+    return PlanRequest(
+        path=os.path.join(checkout, options.path), root=str(device.root),
+        policies=policies if os.path.isdir(policies) else None,
+        cgroup_root=options.cgroup_root, device_labels=options.device_labels,
+        creating_state=True, revision=sha, stage=progress,
+    )
+
+
+def _applied(sha: str, state: SyncState, changed: int) -> dict:
+    if state.applied_revision == sha and state.applied:
+        return {**state.applied, "checkedAt": now_iso()}
+    return {"revision": sha, "at": now_iso(), "changed": changed, "checkedAt": now_iso()}
+
+
+def _in_revision(diagnostic, checkout: str) -> bool:
+    path = os.path.abspath(str(diagnostic.file))
+    return path == checkout or path.startswith(checkout + os.sep)
+
+
+def _diagnostic(diagnostic, checkout: str) -> str:
+    """FILE:LINE:COL: message, FILE relative to the repository for the revision's files."""
+    where = str(diagnostic.file)
+    if _in_revision(diagnostic, checkout):
+        where = os.path.relpath(os.path.abspath(where), checkout)
+    position = f"{where}:{diagnostic.line}:{diagnostic.col}" if diagnostic.line else where
+    field_path = f" (at {diagnostic.field_path})" if diagnostic.field_path else ""
+    return f"{position}: {diagnostic.summary}{field_path}"
+
+
+def _redacted(url: str) -> str:
+    from reconciler.gitsync import redacted
+
+    return redacted(url)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _write(path: str, text: str) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        handle.write(text + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def elapsed_since(iso: str | None) -> float | None:
+    try:
+        return time.time() - datetime.fromisoformat(iso).timestamp() if iso else None
+    except ValueError:
+        return None
+
+
+def repair_drift(root: str, options: SyncOptions, *,
+                 report: Callable = lambda change, error: None) -> dict | None:
+    """Between syncs: plan the applied revision's files (no fetch) and apply what differs, so
+    a managed file changed by hand is put back. Records the check in `state.json` (`drift`:
+    when it was checked, how many repairs so far, the last repair) and returns this check:
+    {"at", "revision", "repaired": [ids], "failed": [{id, error}]}. None when
+    nothing is applied yet, or when another apply holds the lock (tried again next time)."""
+    from reconciler.apply import apply_locked
+    from reconciler.pipeline import make_plan
+    from reconciler.errors import LockHeldError
+    from reconciler.state import ApplyLock
+
+    device = Device(root)
+    try:
+        with ApplyLock(device, timeout=0):
+            state = SyncState.load(device)
+            sha = state.applied_revision
+            checkout = device.host(f"{SYNC_DIR}/checkout")
+            if sha is None or _read(f"{checkout}.revision") != sha:
+                return None
+            _, planned = make_plan(_request(device, checkout, sha, options, lambda text: None))
+            repaired, failed = [], []
+            if planned.has_changes:
+                result = apply_locked(device, planned, progress=report)
+                repaired = [change.id for change in result.applied]
+                failed = [{"id": change.id, "error": error} for change, error in result.failed]
+            before = state.drift or {}
+            check = {"at": now_iso(), "revision": sha, "repaired": repaired, "failed": failed}
+            state.drift = {
+                "checkedAt": check["at"], "revision": sha,
+                "repairs": before.get("repairs", 0) + len(repaired),
+                "lastRepair": check if repaired or failed else before.get("lastRepair"),
+            }
+            state.save()
+            return check
+    except LockHeldError:
+        return None
