@@ -262,6 +262,22 @@ def _parser() -> "argparse.ArgumentParser":
                         help="after SIGTERM, wait this long for the children to stop (default 30s)")
     daemon.set_defaults(handler=_daemon)
 
+    install = commands.add_parser(
+        "install", parents=[common], help="run spos daemon at boot (systemd unit or cron fallback)",
+        description="Write /etc/systemd/system/spos.service (where systemd is the init system) "
+                    "or, with --cron, /etc/cron.d/spos, which start spos daemon for REPO; where "
+                    "systemd runs and the root is /, enable and start the service.",
+    )
+    _sync_args(install)
+    install.add_argument("--interval", default="60s", metavar="DURATION", help="between syncs (default 60s)")
+    install.add_argument("--jitter", default="10s", metavar="DURATION", help="random extra wait (default 10s)")
+    way = install.add_mutually_exclusive_group()
+    way.add_argument("--systemd", action="store_true", help="a systemd service (default where systemd runs)")
+    way.add_argument("--cron", action="store_true", help="the cron fallback: the daemon at boot, a sync every 15 minutes")
+    install.add_argument("--remove", action="store_true", help="remove what install wrote (and stop the service)")
+    install.add_argument("--dry-run", action="store_true", help="show the files; change nothing")
+    install.set_defaults(handler=_install)
+
     status = commands.add_parser(
         "status", parents=[common], help="the applied revision, the last sync, drift, daemons",
         description="What the device runs and how its loops are doing: the applied revision and "
@@ -364,6 +380,66 @@ def _daemon(args) -> int:
     print(f"spos daemon: serving {daemon.root} (pid {os.getpid()})", file=sys.stderr)
     daemon.run()
     return EXIT_OK
+
+
+def _install(args) -> int:
+    from reconciler import install
+    from reconciler.device import Device
+    from reconciler.pipeline import spos_command
+    from reconciler.systemctl import detect
+
+    from reconciler.gitsync import check_branch, check_url
+
+    for option in ("--interval", "--jitter"):
+        _duration(option, getattr(args, option[2:]))
+    check_url(args.repo)
+    check_branch(args.branch)
+    device = Device(args.root)
+    systemctl = detect(args.root)
+    use_cron = args.cron or (not args.systemd and systemctl is None)
+    command = (os.environ.get("SPOS_COMMAND") and spos_command()) or _installed_spos()
+    argv = install.daemon_argv(command, str(device.root) if args.root != "/" else "/",
+                               _sync_options(args), args.interval, args.jitter)
+    root = str(device.root) if args.root != "/" else "/"
+    planned = install.plan_install(
+        device, argv,
+        cron_text=install.crontab(argv, command, root, _sync_options(args)) if use_cron else None,
+        unit_text=None if use_cron else install.unit(argv),
+        remove=args.remove,
+    )
+    for path, text in planned.write.items():
+        print(f"{'Would write' if args.dry_run else 'Writing'} {path}:")
+        sys.stdout.write("".join(f"    {line}\n" for line in text.splitlines()))
+    for path in planned.delete:
+        print(f"{'Would remove' if args.dry_run else 'Removing'} {path}")
+    if not planned.write and not planned.delete:
+        print("Nothing to do: installed as asked.")
+    if args.dry_run:
+        return EXIT_OK
+    active = systemctl if args.root in ("/", "") else None
+    if active is not None and install.UNIT_PATH in planned.delete:
+        active.run("disable", "--now", "spos.service")
+    install.carry_out(device, planned)
+    if active is not None and (planned.write or planned.delete):
+        active.run("daemon-reload")
+        if install.UNIT_PATH in planned.write:
+            active.run("enable", "spos.service")
+            active.run("restart", "spos.service")
+            print("Enabled and (re)started spos.service.")
+    elif planned.write and not use_cron:
+        print("Not activated: systemd is not running this root; it starts the service at boot.")
+    return EXIT_OK
+
+
+def _installed_spos() -> tuple[str, ...]:
+    """The `spos` console script beside this interpreter, else this interpreter running spos."""
+    import shutil
+
+    beside = os.path.join(os.path.dirname(sys.executable), "spos")
+    if os.access(beside, os.X_OK):
+        return (beside,)
+    found = shutil.which("spos")
+    return (found,) if found else (sys.executable, "-m", "reconciler")
 
 
 def _status(args) -> int:

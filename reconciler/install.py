@@ -1,0 +1,133 @@
+"""`spos install`: run `spos daemon` at boot, as a systemd service or from cron.
+
+- systemd (the default where systemd is the init system): `/etc/systemd/system/spos.service`
+  runs `spos daemon` with the given repository and intervals, restarts it when it fails, and
+  stops it with SIGTERM first (the daemon stops its executor, which drains its runs).
+- cron (`--cron`, for devices without systemd): `/etc/cron.d/spos` starts the daemon at boot
+  (`@reboot`) and runs `spos sync` every 15 minutes, so a device whose daemon died still
+  converges; the apply lock keeps the two from applying at once.
+
+Both files carry spos's marker and are spos's own: install rewrites them, `--remove` deletes
+them, and neither touches a file without the marker. Where systemd runs and the root is `/`,
+the service is enabled and started (or restarted) after a daemon-reload.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from reconciler.device import Device
+from reconciler.errors import SposError
+from reconciler.sync import SyncOptions
+
+UNIT_PATH = "/etc/systemd/system/spos.service"
+CRON_PATH = "/etc/cron.d/spos"
+MARKER = "# spos:file install"
+
+
+class InstallError(SposError):
+    """The files cannot be installed as asked; nothing was changed."""
+
+
+@dataclass
+class Installation:
+    """What `install` would write (path -> content) and delete."""
+
+    write: dict[str, str]
+    delete: list[str]
+
+
+def daemon_argv(command: tuple[str, ...], root: str, options: SyncOptions, interval: str,
+                jitter: str) -> list[str]:
+    argv = [*command, "daemon", "--repo", options.repo, "--branch", options.branch,
+            "--path", options.path, "--policies", options.policies,
+            "--interval", interval, "--jitter", jitter]
+    if root not in ("", "/"):
+        argv[len(command):len(command)] = ["--root", root]
+    if options.keyring:
+        argv += ["--verify-signatures", options.keyring]
+    if options.allow_force:
+        argv.append("--allow-force-push")
+    return argv
+
+
+def unit(argv: list[str]) -> str:
+    """The service unit. ExecStart is quoted per systemd.syntax(7); `%` and `$` are escaped."""
+    command = " ".join(_unit_word(word) for word in argv)
+    return "\n".join([
+        MARKER,
+        "[Unit]",
+        "Description=spos: keep this device converged to its manifests repository",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"ExecStart={command}",
+        "Restart=on-failure",
+        "RestartSec=10s",
+        "KillMode=mixed",
+        "TimeoutStopSec=90s",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ])
+
+
+def crontab(argv: list[str], command: tuple[str, ...], root: str, options: SyncOptions) -> str:
+    """The cron fallback: the daemon at boot, and a sync every 15 minutes in case it died."""
+    sync = [*command, "sync", "--repo", options.repo, "--branch", options.branch,
+            "--path", options.path, "--policies", options.policies]
+    if root not in ("", "/"):
+        sync[len(command):len(command)] = ["--root", root]
+    if options.keyring:
+        sync += ["--verify-signatures", options.keyring]
+    if options.allow_force:
+        sync.append("--allow-force-push")
+    log = "/var/log/spos-daemon.log"
+    return "\n".join([
+        MARKER,
+        "# spos daemon at boot; a sync every 15 minutes in case the daemon is not running.",
+        "SHELL=/bin/sh",
+        f"@reboot root {_cron_words(argv)} >>{log} 2>&1",
+        f"*/15 * * * * root {_cron_words(sync)} >/dev/null 2>&1",
+        "",
+    ])
+
+
+def plan_install(device: Device, argv: list[str], cron_text: str | None, unit_text: str | None,
+                 remove: bool) -> Installation:
+    """What to write and delete; refuses to touch a file without the marker."""
+    wanted = {} if remove else {path: text for path, text in
+                                ((UNIT_PATH, unit_text), (CRON_PATH, cron_text)) if text}
+    for path in (UNIT_PATH, CRON_PATH):
+        current = device.read_text(path)
+        if current is not None and not current.startswith(MARKER):
+            if path in wanted or remove:
+                raise InstallError(f"{path} exists and is not spos's (no '{MARKER}' first line): "
+                                   "move it away first")
+    delete = [path for path in (UNIT_PATH, CRON_PATH)
+              if path not in wanted and (device.read_text(path) or "").startswith(MARKER)]
+    write = {path: text for path, text in wanted.items() if device.read_text(path) != text}
+    return Installation(write, delete)
+
+
+def carry_out(device: Device, installation: Installation) -> None:
+    for path, text in installation.write.items():
+        device.makedirs(path.rsplit("/", 1)[0], mode=0o755)
+        device.write_atomic(path, text.encode(), mode=0o644)
+    for path in installation.delete:
+        device.remove(path)
+
+
+def _unit_word(word: str) -> str:
+    escaped = word.replace("%", "%%").replace("$", "$$")
+    if escaped and all(c.isalnum() or c in "/._-:=,+@" for c in escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _cron_words(argv: list[str]) -> str:
+    return shlex.join(argv).replace("%", "\\%")

@@ -1,0 +1,88 @@
+"""`spos install` writes a unit or a cron fallback that starts `spos daemon`, and nothing else.
+
+The unit is checked with `systemd-analyze verify` (any warning fails); the cron file with the
+same parser spos uses for its own crontab lines. Activation (systemctl) only happens with
+--root /, which these tests never use.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from reconciler.cronexpr import parse
+
+REPO = "https://git.example.net/fleet/manifests.git"
+
+
+@pytest.fixture
+def root(tmp_path):
+    root = tmp_path / "device"
+    root.mkdir()
+    return root
+
+
+def test_the_unit_runs_the_daemon_and_passes_systemd_analyze_verify(spos, root, monkeypatch):
+    monkeypatch.setenv("SPOS_COMMAND", f"{sys.executable} -m reconciler")  # verify wants it to exist
+    result = spos("install", "--root", root, "--repo", REPO, "--systemd", "--interval", "5m",
+                  "--verify-signatures", "/etc/spos/trusted.gpg")
+    assert result.code == 0, result.err
+    unit = root / "etc/systemd/system/spos.service"
+    text = unit.read_text()
+    assert text.startswith("# spos:file install\n")
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.endswith(f"{sys.executable} -m reconciler --root {root} daemon --repo {REPO} --branch main "
+                               "--path agents.d --policies policies --interval 5m --jitter 10s "
+                               "--verify-signatures /etc/spos/trusted.gpg")
+    assert "KillMode=mixed" in text and "Restart=on-failure" in text
+    assert "Not activated" in result.out
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+
+
+def test_the_cron_fallback_starts_the_daemon_at_boot_and_syncs_every_15_minutes(spos, root):
+    assert spos("install", "--root", root, "--repo", REPO, "--cron").code == 0
+    lines = [line for line in (root / "etc/cron.d/spos").read_text().splitlines()
+             if line and not line.startswith("#") and "=" not in line.split()[0]]
+    reboot, sync = lines
+    assert reboot.startswith(f"@reboot root /usr/local/bin/spos --root {root} daemon --repo {REPO}")
+    assert sync.startswith(f"*/15 * * * * root /usr/local/bin/spos --root {root} sync --repo {REPO}")
+    parse(" ".join(sync.split()[:5]))  # a schedule cron reads
+    assert not (root / "etc/systemd/system/spos.service").exists()
+
+
+def test_install_is_idempotent_and_remove_takes_back_only_its_own_files(spos, root):
+    assert spos("install", "--root", root, "--repo", REPO, "--cron").code == 0
+    again = spos("install", "--root", root, "--repo", REPO, "--cron")
+    assert again.code == 0 and "Nothing to do" in again.out
+    operator = root / "etc/cron.d/backup"
+    operator.write_text("0 3 * * * root /usr/local/bin/backup\n")
+    removed = spos("install", "--root", root, "--repo", REPO, "--cron", "--remove")
+    assert removed.code == 0 and "Removing /etc/cron.d/spos" in removed.out
+    assert not (root / "etc/cron.d/spos").exists() and operator.exists()
+
+
+def test_a_file_spos_did_not_write_is_never_overwritten(spos, root):
+    unit = root / "etc/systemd/system/spos.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Service]\nExecStart=/opt/own/spos-wrapper\n")
+    result = spos("install", "--root", root, "--repo", REPO, "--systemd")
+    assert result.code == 1 and "is not spos's" in result.err
+    assert unit.read_text() == "[Service]\nExecStart=/opt/own/spos-wrapper\n"
+
+
+def test_dry_run_shows_the_files_and_writes_nothing(spos, root):
+    result = spos("install", "--root", root, "--repo", REPO, "--systemd", "--dry-run")
+    assert result.code == 0 and "Would write /etc/systemd/system/spos.service:" in result.out
+    assert not (root / "etc").exists()
+
+
+def test_a_bad_repository_url_is_refused_before_anything_is_written(spos, root):
+    result = spos("install", "--root", root, "--repo", "ext::sh -c touch% /tmp/x", "--cron")
+    assert result.code == 1 and not (root / "etc").exists()
