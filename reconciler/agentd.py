@@ -79,8 +79,10 @@ class Child:
         self.last_exit = {"at": now_iso(), "code": code, "ranSeconds": round(ran, 1)}
         self.process = None
         self.restarts += 1
-        self.backoff = BACKOFF_FIRST if ran >= HEALTHY_AFTER else min(self.backoff * 2, BACKOFF_MAX)
+        if ran >= HEALTHY_AFTER:
+            self.backoff = BACKOFF_FIRST
         self.due = now + self.backoff
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
     def stop(self, timeout: float) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -361,6 +361,8 @@ def _sync(args) -> int:
         print(f"{result.outcome}: {result.message}")
         for reason in result.reasons:
             print(f"  {reason}")
+        for note in result.notes:
+            print(f"  note: {note}")
     return EXIT_OK if result.ok else EXIT_ERROR
 
 

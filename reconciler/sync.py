@@ -65,7 +65,10 @@ class SyncOptions:
 class SyncResult:
     """What one sync did. `outcome` is one of: applied (changes made), unchanged (the device
     already matched), quarantined (the revision was refused now), skipped (it was refused
-    before), failed (something other than the revision failed; tried again next time)."""
+    before), refused (the branch was force-pushed; not quarantined, so --allow-force-push
+    takes it), failed (something other than the revision failed; tried again next time).
+    `notes` are what the sync left out of the revision without refusing it (links,
+    submodules)."""
 
     outcome: str
     revision: str | None = None
@@ -73,6 +76,7 @@ class SyncResult:
     reasons: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -80,7 +84,8 @@ class SyncResult:
 
     def to_json(self) -> dict:
         return {"outcome": self.outcome, "revision": self.revision, "message": self.message,
-                "reasons": self.reasons, "changed": self.changed, "failed": self.failed}
+                "reasons": self.reasons, "changed": self.changed, "failed": self.failed,
+                "notes": self.notes}
 
 
 class SyncState:
@@ -120,9 +125,10 @@ class SyncState:
         payload = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
         self.device.write_atomic(STATE_FILE, payload.encode(), mode=0o644)
 
-    def quarantine(self, revision: str, stage: str, reasons: list[str]) -> None:
+    def quarantine(self, revision: str, stage: str, reasons: list[str], judged_with: str = "") -> None:
         self.quarantined[revision] = {
             "stage": stage, "at": now_iso(), "reasons": reasons[:MAX_REASONS], "count": len(reasons),
+            "settings": judged_with,
         }
         while len(self.quarantined) > MAX_QUARANTINED:
             oldest = min(self.quarantined, key=lambda sha: self.quarantined[sha]["at"])
@@ -166,40 +172,44 @@ def _sync(device, state, mirror, options, progress, report) -> SyncResult:
     try:
         fetched = mirror.fetch(options.branch, applied=state.applied_revision,
                                allow_force=options.allow_force)
-    except ForcePushError as exc:
-        state.quarantine(exc.sha, "fetch", [str(exc)])
-        return SyncResult("quarantined", exc.sha, "refused: the branch was force-pushed", [str(exc)])
+    except ForcePushError as exc:  # found before any work: refused each time, not quarantined
+        return SyncResult("refused", exc.sha, "the branch was force-pushed; revision "
+                          f"{(state.applied_revision or 'none')[:12]} stays in force", [str(exc)])
     except (FetchError, GitError) as exc:
         return SyncResult("failed", message=f"could not fetch: {exc}")
     sha = fetched.sha
-    if sha in state.quarantined:
-        held = state.quarantined[sha]
+    held = state.quarantined.get(sha)
+    if held is not None and held.get("settings") == settings(options):
         return SyncResult("skipped", sha, f"revision {sha[:12]} was quarantined at {held['at']} "
                           f"({held['stage']}); waiting for a new commit", list(held["reasons"]))
+    state.quarantined.pop(sha, None)  # judged with other settings (keyring, labels, paths): again
     if options.keyring:
         progress(f"Verifying the signature of {sha[:12]}...")
         try:
             mirror.verify(sha, options.keyring)
         except SignatureError as exc:
-            return _refuse(state, sha, "verify", [str(exc)])
+            return _refuse(state, sha, "verify", [str(exc)], options=options)
     try:
-        checkout = _checkout(device, mirror, sha, progress)
+        checkout, skipped = _checkout(device, mirror, sha, progress)
     except UnsafeTreeError as exc:  # the revision itself: names or sizes no export may write
-        return _refuse(state, sha, "export", [str(exc)])
-    return _converge(device, state, sha, checkout, options, progress, report)
+        return _refuse(state, sha, "export", [str(exc)], options=options)
+    result = _converge(device, state, sha, checkout, options, progress, report)
+    result.notes = [f"{item.path}: {item.reason}" for item in skipped]
+    return result
 
 
-def _checkout(device: Device, mirror, sha: str, progress) -> str:
+def _checkout(device: Device, mirror, sha: str, progress) -> tuple[str, tuple]:
     """The revision's files at `sync/checkout` (host path), the applied ones kept as
-    `sync/previous`. Already there when it is the revision checked out last."""
+    `sync/previous`, and the entries left out (links, submodules). Already there when it is
+    the revision checked out last (nothing is reported left out then: it was, before)."""
     base = device.host(SYNC_DIR)
     checkout, marker = os.path.join(base, "checkout"), os.path.join(base, "checkout.revision")
     if _read(marker) == sha and os.path.isdir(checkout):
-        return checkout
+        return checkout, ()
     progress(f"Exporting {sha[:12]}...")
     incoming = os.path.join(base, "incoming")
     shutil.rmtree(incoming, ignore_errors=True)
-    mirror.export(sha, incoming)
+    exported = mirror.export(sha, incoming)
     previous = os.path.join(base, "previous")
     if os.path.isdir(checkout) and _read(marker) is not None:
         shutil.rmtree(previous, ignore_errors=True)
@@ -209,7 +219,7 @@ def _checkout(device: Device, mirror, sha: str, progress) -> str:
         shutil.rmtree(checkout, ignore_errors=True)
     os.rename(incoming, checkout)
     _write(marker, sha)
-    return checkout
+    return checkout, exported.skipped
 
 
 def _converge(device, state, sha, checkout, options, progress, report) -> SyncResult:
@@ -247,8 +257,12 @@ def _converge(device, state, sha, checkout, options, progress, report) -> SyncRe
 
 def _refuse(state, sha, stage, reasons, device=None, options=None) -> SyncResult:
     """Quarantine `sha`; put the last applied revision back in force when the refused one was
-    already checked out."""
-    state.quarantine(sha, stage, reasons)
+    already checked out. The revision the device already runs is never quarantined: what
+    stops it now is the device's, and the next sync tries again."""
+    if sha == state.applied_revision:
+        return SyncResult("failed", sha, f"revision {sha[:12]}, which the device runs, could not "
+                          f"be converged ({stage}); tried again at the next sync", reasons)
+    state.quarantine(sha, stage, reasons, settings(options) if options else "")
     message = f"revision {sha[:12]} quarantined ({stage}); revision " \
               f"{(state.applied_revision or 'none')[:12]} stays in force"
     if device is not None:
@@ -296,6 +310,23 @@ def _request(device, checkout, sha, options, progress):
     )
 
 
+def settings(options: SyncOptions) -> str:
+    """What a revision is judged with besides its content: the directories read in it, the
+    device labels asked for, the trusted keys. A quarantine holds only while these are the
+    same: trusting the signer's key, or fixing --device-labels, lets the revision be tried."""
+    import hashlib
+
+    keyring = ""
+    if options.keyring:
+        try:
+            with open(options.keyring, "rb") as handle:
+                keyring = hashlib.sha256(handle.read()).hexdigest()
+        except OSError:
+            keyring = "unreadable"
+    judged = [options.path, options.policies, options.device_labels, keyring]
+    return hashlib.sha256(json.dumps(judged).encode()).hexdigest()[:16]
+
+
 def _applied(sha: str, state: SyncState, changed: int) -> dict:
     if state.applied_revision == sha and state.applied:
         return {**state.applied, "checkedAt": now_iso()}
@@ -314,7 +345,8 @@ def _diagnostic(diagnostic, checkout: str) -> str:
         where = os.path.relpath(os.path.abspath(where), checkout)
     position = f"{where}:{diagnostic.line}:{diagnostic.col}" if diagnostic.line else where
     field_path = f" (at {diagnostic.field_path})" if diagnostic.field_path else ""
-    return f"{position}: {diagnostic.summary}{field_path}"
+    summary = str(diagnostic.summary).replace(checkout + os.sep, "")
+    return f"{position}: {summary}{field_path}"
 
 
 def _redacted(url: str) -> str:

@@ -211,8 +211,10 @@ def test_patterns_select_files_and_ignore_overrides_them(device, watch):
 
 
 def test_a_pattern_without_a_slash_also_matches_the_file_name_in_subdirectories(device, watch):
-    _, recorder = watch(events=["close_write"], recursive=True, patterns=["data-*"], ignore=[".*"])
+    source, recorder = watch(events=["close_write"], recursive=True, patterns=["data-*"], ignore=[".*"])
     host(device, "sub").mkdir()
+    # once sub/ is watched, its files are seen as they are written (not also by a listing)
+    wait_for(lambda: "2 directories" in source.status().detail, "sub/ to be watched", 3)
     for name in ("sub/data-1.csv", "sub/.data-2.swp", "sub/other.csv", "data-end"):
         host(device, name).write_text("")
 
