@@ -416,6 +416,48 @@ class Mirror:
         skipped = sorted(links + submodules, key=lambda item: item.path)
         return Export(sha, Path(os.fsdecode(root)), len(blobs) - len(links), tuple(skipped))
 
+    def update(self, sha: str, dest: str | os.PathLike, base: str, *,
+               max_bytes: int = MAX_EXPORT_BYTES, max_files: int = MAX_EXPORT_FILES) -> Export:
+        """Turn `dest`, an export of commit `base` that nothing else wrote to, into an export
+        of `sha`, touching only what differs: removed files are deleted, changed and new ones
+        written (each to a temporary name, then renamed over), unchanged ones left alone, so
+        their inode and times stay (the plan memo knows them by those). The tree of `sha` is
+        checked in full first, as `export` does; an error leaves `dest` partly updated, so the
+        caller discards it and exports afresh."""
+        self._require_commit(sha)
+        self._require_commit(base)
+        entries = self._list_tree(sha, max_files)
+        for entry in entries:
+            _check_entry(entry)
+        blobs = [entry for entry in entries if entry.mode != _GITLINK]
+        size = sum(entry.size for entry in blobs)
+        if size > max_bytes:
+            raise UnsafeTreeError(f"commit {sha[:12]} holds {size} bytes of files, more than the "
+                                  f"{max_bytes} an export may write: keep large files out of the "
+                                  "manifests repository")
+        before = {entry.path: entry for entry in self._list_tree(base, max_files)}
+        root = os.fsencode(os.path.abspath(dest))
+        wanted = {entry.path: entry for entry in blobs if entry.mode != _SYMLINK}
+        for path, old in before.items():
+            new = wanted.get(path)
+            if old.mode in (_FILE, _EXECUTABLE) and (new is None or new.mode != old.mode
+                                                     or new.oid != old.oid):
+                _remove_file(root, path)
+        _prune_directories(root, set(wanted))
+        changed = [entry for entry in blobs if entry.mode == _SYMLINK or (
+            before.get(entry.path) is None or before[entry.path].mode != entry.mode
+            or before[entry.path].oid != entry.oid)]
+        staging = root + b".spos-update"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.mkdir(staging, 0o700)
+        try:
+            links = self._write_blobs(root, changed, staging=staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        submodules = [_submodule_skipped(entry) for entry in entries if entry.mode == _GITLINK]
+        skipped = sorted(links + submodules, key=lambda item: item.path)
+        return Export(sha, Path(os.fsdecode(root)), len(blobs) - len(links), tuple(skipped))
+
     def _ensure_mirror(self) -> None:
         self._home.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.path.is_dir():
@@ -503,9 +545,12 @@ class Mirror:
                                           "more than an export may write")
         return entries
 
-    def _write_blobs(self, root: bytes, blobs: list[_Entry]) -> list[Skipped]:
-        """Write each regular file of `blobs` below `root`; return the symlinks, skipped."""
-        links, made = [], set()
+    def _write_blobs(self, root: bytes, blobs: list[_Entry], staging: bytes | None = None) -> list[Skipped]:
+        """Write each regular file of `blobs` below `root`; return the symlinks, skipped
+        (every link is listed, so a report of what was left out is whole). With `staging`, a
+        directory on the same file system outside `root`, directories may exist already and
+        each file is written there first and renamed over its path."""
+        links, made, staged = [], set(), 0
         with tempfile.TemporaryFile() as wanted:
             wanted.write(b"".join(entry.oid.encode() + b"\n" for entry in blobs))
             wanted.seek(0)
@@ -514,6 +559,10 @@ class Mirror:
                     size = _object_header(objects, entry)
                     if entry.mode == _SYMLINK:
                         links.append(_link_skipped(entry, _link_target(objects, size, entry)))
+                    elif staging is not None:
+                        _make_parents(root, entry.path, made, exist_ok=True)
+                        staged += 1
+                        _replace_file(root, entry, _chunks(objects, size, entry), staging, staged)
                     else:
                         _make_parents(root, entry.path, made)
                         _write_file(root, entry, _chunks(objects, size, entry))
@@ -723,16 +772,59 @@ def _make_destination(dest: str | os.PathLike) -> bytes:
     return root
 
 
-def _make_parents(root: bytes, path: bytes, made: set[bytes]) -> None:
+def _make_parents(root: bytes, path: bytes, made: set[bytes], exist_ok: bool = False) -> None:
     parts = path.split(b"/")[:-1]
     if not parts or b"/".join(parts) in made:
         return
     for depth in range(1, len(parts) + 1):
         directory = b"/".join(parts[:depth])
         if directory not in made:
-            _guarded(os.mkdir, os.path.join(root, directory), 0o755, shown=directory)
-            os.chmod(os.path.join(root, directory), 0o755)
+            host = os.path.join(root, directory)
+            if exist_ok and stat_is_directory(host):
+                made.add(directory)
+                continue
+            _guarded(os.mkdir, host, 0o755, shown=directory)
+            os.chmod(host, 0o755)
             made.add(directory)
+
+
+def stat_is_directory(path: bytes) -> bool:
+    """A real directory (not a link to one)."""
+    try:
+        return os.lstat(path).st_mode & 0o170000 == 0o040000
+    except OSError:
+        return False
+
+
+def _replace_file(root: bytes, entry: _Entry, content: Iterator[bytes], staging: bytes,
+                  number: int) -> None:
+    """Write the file in `staging` and rename it over its path: a reader sees the old or the
+    new content, and no name of the tree is ever used for a temporary file."""
+    name = str(number).encode()
+    _write_file(staging, _Entry(entry.mode, entry.oid, entry.size, name), content)
+    _guarded(os.rename, os.path.join(staging, name), os.path.join(root, entry.path),
+             shown=entry.path)
+
+
+def _remove_file(root: bytes, path: bytes) -> None:
+    try:
+        os.unlink(os.path.join(root, path))
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(os.path.join(root, path), ignore_errors=True)
+
+
+def _prune_directories(root: bytes, files: set[bytes]) -> None:
+    """Remove the directories below `root` that no file of `files` is in (deepest first)."""
+    needed = {b"/".join(path.split(b"/")[:depth])
+              for path in files for depth in range(1, path.count(b"/") + 1)}
+    for current, directories, _ in sorted(os.walk(root), key=lambda item: -len(item[0])):
+        for directory in directories:
+            full = os.path.join(current, directory)
+            relative = os.path.relpath(full, root)
+            if relative not in needed:
+                shutil.rmtree(full, ignore_errors=True)
 
 
 def _write_file(root: bytes, entry: _Entry, content: Iterator[bytes]) -> None:

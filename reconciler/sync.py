@@ -6,8 +6,8 @@ One sync, in order, holding the apply lock throughout:
    revision is taken unless force-pushes are allowed;
 2. a revision quarantined before is not tried again (a new commit lifts the quarantine);
 3. with a keyring, the commit must carry a good signature by one of its keys;
-4. export the revision's files into `sync/incoming` and swap it in as `sync/checkout`, keeping
-   the applied one as `sync/previous`;
+4. check the revision's files out into `sync/checkout`, updated in place from the revision
+   there before (only what the commit changed is written);
 5. validate (schemas, cross-references, the repository's own policies), plan and apply, as
    `spos apply` does.
 
@@ -17,9 +17,10 @@ the last applied revision stays in force. When apply fails part-way, the previou
 applied again, so the device is back where it was. A failure that says nothing about the
 revision (the remote unreachable, the disk full) is reported and tried again at the next sync.
 
-The state directory keeps `mirror.git` (a cache), `checkout` (the applied revision's files, at
-a stable path so the plan memo and the manifest cache carry over from one revision to the next),
-`previous`, and `state.json`, written atomically after every sync (docs/sync.md).
+The state directory keeps `mirror.git` (a cache), `checkout` (the revision's files, at a stable
+path and updated in place, so the plan memo and the manifest cache carry over from one revision
+to the next), `checkout.revision` and `previous.revision` (what it holds, and what it held
+before), and `state.json`, written atomically after every sync (docs/sync.md).
 """
 
 from __future__ import annotations
@@ -193,36 +194,54 @@ def _sync(device, state, mirror, options, progress, report) -> SyncResult:
         checkout, skipped = _checkout(device, mirror, sha, progress)
     except UnsafeTreeError as exc:  # the revision itself: names or sizes no export may write
         return _refuse(state, sha, "export", [str(exc)], options=options)
-    result = _converge(device, state, sha, checkout, options, progress, report)
+    result = _converge(device, state, sha, checkout, options, progress, report, mirror)
     result.notes = [f"{item.path}: {item.reason}" for item in skipped]
     return result
 
 
 def _checkout(device: Device, mirror, sha: str, progress) -> tuple[str, tuple]:
-    """The revision's files at `sync/checkout` (host path), the applied ones kept as
-    `sync/previous`, and the entries left out (links, submodules). Already there when it is
-    the revision checked out last (nothing is reported left out then: it was, before)."""
+    """The revision's files at `sync/checkout` (host path), and the entries left out (links,
+    submodules). The checkout is updated in place from the revision checked out before, so
+    files a commit did not change keep their inode and times, and the plan memo still knows
+    them; `previous.revision` names that revision, to go back to. While it is being changed
+    there is no `checkout.revision`: after a crash the next sync exports afresh."""
     base = device.host(SYNC_DIR)
     checkout, marker = os.path.join(base, "checkout"), os.path.join(base, "checkout.revision")
-    if _read(marker) == sha and os.path.isdir(checkout):
+    current = _read(marker)
+    if current == sha and os.path.isdir(checkout):
         return checkout, ()
-    progress(f"Exporting {sha[:12]}...")
-    incoming = os.path.join(base, "incoming")
-    shutil.rmtree(incoming, ignore_errors=True)
-    exported = mirror.export(sha, incoming)
-    previous = os.path.join(base, "previous")
-    if os.path.isdir(checkout) and _read(marker) is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-        os.rename(checkout, previous)
-        os.replace(marker, os.path.join(base, "previous.revision"))
-    else:
-        shutil.rmtree(checkout, ignore_errors=True)
-    os.rename(incoming, checkout)
-    _write(marker, sha)
+    progress(f"Checking out {sha[:12]}...")
+    if current is not None:
+        _write(os.path.join(base, "previous.revision"), current)
+    exported = _move_checkout(mirror, checkout, marker, current, sha)
     return checkout, exported.skipped
 
 
-def _converge(device, state, sha, checkout, options, progress, report) -> SyncResult:
+def _move_checkout(mirror, checkout: str, marker: str, current: str | None, sha: str):
+    """Make `checkout` hold revision `sha`: updated from `current` when it holds that, else
+    exported afresh."""
+    from reconciler.gitsync import GitSyncError, UnsafeTreeError
+
+    if current is not None and os.path.isdir(checkout):
+        os.unlink(marker)
+        try:
+            exported = mirror.update(sha, checkout, current)
+        except UnsafeTreeError:
+            _write(marker, current)  # the tree is checked before anything is changed
+            raise
+        except (GitSyncError, OSError):
+            shutil.rmtree(checkout, ignore_errors=True)
+            raise
+    else:
+        if os.path.exists(marker):
+            os.unlink(marker)
+        shutil.rmtree(checkout, ignore_errors=True)
+        exported = mirror.export(sha, checkout)
+    _write(marker, sha)
+    return exported
+
+
+def _converge(device, state, sha, checkout, options, progress, report, mirror) -> SyncResult:
     """Validate, plan and apply the checked-out revision; quarantine it when it is refused."""
     from reconciler.apply import apply_locked
     from reconciler.pipeline import PlanRequest, make_plan
@@ -235,9 +254,10 @@ def _converge(device, state, sha, checkout, options, progress, report) -> SyncRe
         if not all(_in_revision(d, checkout) for d in exc.diagnostics):
             # the device's own files (its labels) are wrong, not the revision
             return SyncResult("failed", sha, "the device's configuration is invalid", reasons)
-        return _refuse(state, sha, "validate", reasons, device, options)
+        return _refuse(state, sha, "validate", reasons, device, options, mirror)
     except UsageError as exc:
-        return _refuse(state, sha, "validate", [str(exc).replace(checkout + "/", "")], device, options)
+        return _refuse(state, sha, "validate", [str(exc).replace(checkout + "/", "")], device,
+                       options, mirror)
     if not planned.has_changes:
         state.applied = _applied(sha, state, 0)
         return SyncResult("unchanged", sha, f"the device matches revision {sha[:12]}")
@@ -247,7 +267,7 @@ def _converge(device, state, sha, checkout, options, progress, report) -> SyncRe
     if result.failed:
         failed = [{"id": change.id, "error": error} for change, error in result.failed]
         refused = _refuse(state, sha, "apply", [f"{f['id']}: {f['error']}" for f in failed],
-                          device, options)
+                          device, options, mirror)
         refused.changed, refused.failed = changed, failed
         return refused
     state.applied = _applied(sha, state, len(changed))
@@ -255,7 +275,7 @@ def _converge(device, state, sha, checkout, options, progress, report) -> SyncRe
                       changed=changed)
 
 
-def _refuse(state, sha, stage, reasons, device=None, options=None) -> SyncResult:
+def _refuse(state, sha, stage, reasons, device=None, options=None, mirror=None) -> SyncResult:
     """Quarantine `sha`; put the last applied revision back in force when the refused one was
     already checked out. The revision the device already runs is never quarantined: what
     stops it now is the device's, and the next sync tries again."""
@@ -266,27 +286,25 @@ def _refuse(state, sha, stage, reasons, device=None, options=None) -> SyncResult
     message = f"revision {sha[:12]} quarantined ({stage}); revision " \
               f"{(state.applied_revision or 'none')[:12]} stays in force"
     if device is not None:
-        restored = _restore(device, state, options)
+        restored = _restore(device, state, options, mirror)
         if restored:
             message += f"; {restored}"
     return SyncResult("quarantined", sha, message, reasons)
 
 
-def _restore(device: Device, state: SyncState, options: SyncOptions) -> str:
-    """Swap the applied revision's files back in as the checkout, and re-apply them when the
-    refused revision changed anything. Returns what was done, in words."""
+def _restore(device: Device, state: SyncState, options: SyncOptions, mirror) -> str:
+    """Check the applied revision out again in place of the refused one, and re-apply it when
+    the refused revision changed anything. Returns what was done, in words."""
     from reconciler.apply import apply_locked
-    from reconciler.pipeline import PlanRequest, make_plan
+    from reconciler.pipeline import make_plan
 
     base = device.host(SYNC_DIR)
-    checkout, previous = os.path.join(base, "checkout"), os.path.join(base, "previous")
+    checkout, marker = os.path.join(base, "checkout"), os.path.join(base, "checkout.revision")
     applied = state.applied_revision
     if applied is None or _read(os.path.join(base, "previous.revision")) != applied:
         return ""
-    shutil.rmtree(checkout, ignore_errors=True)
-    os.rename(previous, checkout)
-    os.replace(os.path.join(base, "previous.revision"), os.path.join(base, "checkout.revision"))
     try:
+        _move_checkout(mirror, checkout, marker, _read(marker), applied)
         _, planned = make_plan(_request(device, checkout, applied, options, lambda text: None))
         if not planned.has_changes:
             return ""

@@ -619,3 +619,45 @@ def test_a_keyring_that_is_missing_or_holds_no_keys_is_refused(tmp_path, upstrea
         mirror.verify(sha, empty)
     with pytest.raises(UnknownCommitError):
         mirror.verify("0" * 40, empty)
+
+
+def test_update_turns_an_export_into_the_next_revisions_touching_only_what_changed(tmp_path, upstream, mirror):
+    first = upstream.commit(MANIFESTS, executable=("bin/check.sh",))
+    mirror.fetch("main")
+    checkout = mirror.export(first, tmp_path / "checkout").dest
+    untouched = (checkout / "agents.d/research-001.yaml").stat()
+    # a file removed, a file turned into a directory and a directory into a file, a changed
+    # mode, a changed and a new file, and a new link (reported, never created)
+    upstream.git("rm", "-q", "-r", "data.bin", "README", "agents.d/deep")
+    (upstream.work / "bin/check.sh").chmod(0o644)
+    second = upstream.commit({"README/inner.yaml": "kind: Quota\n", "agents.d/deep": "now a file\n",
+                              "agents.d/new.yaml": "kind: Capability\n"},
+                             links={"agents.d/alias.yaml": "new.yaml"})
+    mirror.fetch("main")
+
+    updated = mirror.update(second, checkout, first)
+    fresh = mirror.export(second, tmp_path / "fresh")
+
+    assert exported(checkout) == exported(fresh.dest)
+    assert (updated.sha, updated.files, updated.skipped) == (second, fresh.files, fresh.skipped)
+    assert [item.path for item in updated.skipped] == ["agents.d/alias.yaml"]
+    kept = (checkout / "agents.d/research-001.yaml").stat()
+    assert (kept.st_ino, kept.st_mtime_ns, kept.st_ctime_ns) == \
+        (untouched.st_ino, untouched.st_mtime_ns, untouched.st_ctime_ns)
+    assert not (tmp_path / "checkout.spos-update").exists()
+    # and back again, as a sync does when it puts the applied revision back in force
+    mirror.update(first, checkout, second)
+    assert exported(checkout) == exported(mirror.export(first, tmp_path / "first").dest)
+
+
+def test_update_refuses_a_crafted_tree_before_changing_anything(tmp_path, upstream, mirror):
+    first = upstream.commit(MANIFESTS)
+    mirror.fetch("main")
+    checkout = mirror.export(first, tmp_path / "checkout").dest
+    before = exported(checkout)
+    upstream.commit({f"many/{index}": "x" for index in range(20)})
+    second = mirror.fetch("main").sha
+
+    with pytest.raises(UnsafeTreeError):
+        mirror.update(second, checkout, first, max_files=10)
+    assert exported(checkout) == before
