@@ -473,7 +473,7 @@ def table(results: list[dict], floor: dict) -> str:
             f"{'only' if all_ok else 'NOT ONLY'} the edited agent's "
             f"{' and '.join(Path(p).name for p in example['resource_files'])}, plus "
             f"{', '.join(Path(p).name for p in example['bookkeeping_files']) or 'nothing'}; "
-            f"{'/'.join(map(str, in_sync))} under sync/ (the new checkout, previous, mirror, state)")
+            f"{'/'.join(map(str, in_sync))} under sync/ (the checkout, its revision markers, the mirror, the state)")
 
     for res in results:
         phases = res.get("phases")
