@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from reconciler import STATE_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
+from reconciler.state import read_json_object
 from reconciler.sync import SyncOptions, now_iso, repair_drift, sync
 
 STATUS_FILE = f"/{STATE_DIR}/daemon.json"
@@ -240,12 +241,7 @@ class Daemon:
 
 
 def read_status(device: Device) -> dict | None:
-    try:
-        raw = device.read_text(STATUS_FILE)
-        status = json.loads(raw) if raw else None
-    except (ValueError, OSError, SposError):
-        return None
-    return status if isinstance(status, dict) else None
+    return read_json_object(device, STATUS_FILE)
 
 
 def _iso(epoch: float) -> str:

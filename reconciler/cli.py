@@ -445,16 +445,20 @@ def _installed_spos() -> tuple[str, ...]:
 
 
 def _status(args) -> int:
-    import json
-
     from reconciler import status
     from reconciler.device import Device
 
-    report = status.collect(Device(args.root))
+    return _show(args, status.collect(Device(args.root)), status.text)
+
+
+def _show(args, data, text) -> int:
+    """Print `data` as JSON with --json, else as `text(data)` says it; exit 0."""
     if args.json:
-        print(json.dumps(report, indent=2))
+        import json
+
+        print(json.dumps(data, indent=2))
     else:
-        sys.stdout.write(status.text(report))
+        sys.stdout.write(text(data))
     return EXIT_OK
 
 
@@ -749,20 +753,9 @@ def _exit_code(record: dict) -> int:
 
 
 def _executor_listening(device) -> bool:
-    """Whether some executor holds the wake pipe open for reading: opening a FIFO for writing
-    without blocking fails (ENXIO) when nobody reads it."""
-    import stat
+    from reconciler.executor.enqueue import listening
 
-    from reconciler.executor.enqueue import WAKE_PIPE
-
-    try:
-        host = device.host(WAKE_PIPE)
-        if not stat.S_ISFIFO(os.lstat(host).st_mode):
-            return False
-        os.close(os.open(host, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
-    except OSError:
-        return False
-    return True
+    return listening(device)
 
 
 class _DirectoryWatch:
@@ -1027,17 +1020,10 @@ def _triggers(args) -> int:
 
 
 def _trigger_list(args) -> int:
-    import json
-
     from reconciler.device import Device
     from reconciler.triggers import report
 
-    listing = report.listing(Device(args.root))
-    if args.json:
-        print(json.dumps(listing, indent=2))
-    else:
-        sys.stdout.write(report.text(listing))
-    return EXIT_OK
+    return _show(args, report.listing(Device(args.root)), report.text)
 
 
 def _trigger_test(args) -> int:

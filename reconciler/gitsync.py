@@ -396,16 +396,7 @@ class Mirror:
         nothing is left at `dest`. The files are not fsynced: after a crash, discard `dest` and
         export again.
         """
-        self._require_commit(sha)
-        entries = self._list_tree(sha, max_files)
-        for entry in entries:
-            _check_entry(entry)
-        blobs = [entry for entry in entries if entry.mode != _GITLINK]
-        size = sum(entry.size for entry in blobs)
-        if size > max_bytes:
-            raise UnsafeTreeError(f"commit {sha[:12]} holds {size} bytes of files, more than the "
-                                  f"{max_bytes} an export may write: keep large files out of the "
-                                  "manifests repository")
+        entries, blobs = self._checked_tree(sha, max_files, max_bytes)
         root = _make_destination(dest)
         try:
             links = self._write_blobs(root, blobs)
@@ -424,17 +415,8 @@ class Mirror:
         their inode and times stay (the plan memo knows them by those). The tree of `sha` is
         checked in full first, as `export` does; an error leaves `dest` partly updated, so the
         caller discards it and exports afresh."""
-        self._require_commit(sha)
         self._require_commit(base)
-        entries = self._list_tree(sha, max_files)
-        for entry in entries:
-            _check_entry(entry)
-        blobs = [entry for entry in entries if entry.mode != _GITLINK]
-        size = sum(entry.size for entry in blobs)
-        if size > max_bytes:
-            raise UnsafeTreeError(f"commit {sha[:12]} holds {size} bytes of files, more than the "
-                                  f"{max_bytes} an export may write: keep large files out of the "
-                                  "manifests repository")
+        entries, blobs = self._checked_tree(sha, max_files, max_bytes)
         before = {entry.path: entry for entry in self._list_tree(base, max_files)}
         root = os.fsencode(os.path.abspath(dest))
         wanted = {entry.path: entry for entry in blobs if entry.mode != _SYMLINK}
@@ -457,6 +439,21 @@ class Mirror:
         submodules = [_submodule_skipped(entry) for entry in entries if entry.mode == _GITLINK]
         skipped = sorted(links + submodules, key=lambda item: item.path)
         return Export(sha, Path(os.fsdecode(root)), len(blobs) - len(links), tuple(skipped))
+
+    def _checked_tree(self, sha: str, max_files: int, max_bytes: int) -> tuple[list, list]:
+        """Every entry of the tree of commit `sha`, and those that are files or links, once
+        the whole tree passed the checks an export makes before writing anything."""
+        self._require_commit(sha)
+        entries = self._list_tree(sha, max_files)
+        for entry in entries:
+            _check_entry(entry)
+        blobs = [entry for entry in entries if entry.mode != _GITLINK]
+        size = sum(entry.size for entry in blobs)
+        if size > max_bytes:
+            raise UnsafeTreeError(f"commit {sha[:12]} holds {size} bytes of files, more than the "
+                                  f"{max_bytes} an export may write: keep large files out of the "
+                                  "manifests repository")
+        return entries, blobs
 
     def _ensure_mirror(self) -> None:
         self._home.mkdir(mode=0o700, parents=True, exist_ok=True)

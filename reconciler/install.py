@@ -40,11 +40,14 @@ class Installation:
 
 def daemon_argv(command: tuple[str, ...], root: str, options: SyncOptions, interval: str,
                 jitter: str) -> list[str]:
-    argv = [*command, "daemon", "--repo", options.repo, "--branch", options.branch,
-            "--path", options.path, "--policies", options.policies,
-            "--interval", interval, "--jitter", jitter]
-    if root not in ("", "/"):
-        argv[len(command):len(command)] = ["--root", root]
+    return [*_spos(command, root, "daemon", options), "--interval", interval, "--jitter", jitter]
+
+
+def _spos(command: tuple[str, ...], root: str, subcommand: str, options: SyncOptions) -> list[str]:
+    """`spos [--root R] SUBCOMMAND` with the sync options."""
+    argv = [*command, *(["--root", root] if root not in ("", "/") else []), subcommand,
+            "--repo", options.repo, "--branch", options.branch,
+            "--path", options.path, "--policies", options.policies]
     if options.keyring:
         argv += ["--verify-signatures", options.keyring]
     if options.allow_force:
@@ -78,14 +81,7 @@ def unit(argv: list[str]) -> str:
 
 def crontab(argv: list[str], command: tuple[str, ...], root: str, options: SyncOptions) -> str:
     """The cron fallback: the daemon at boot, and a sync every 15 minutes in case it died."""
-    sync = [*command, "sync", "--repo", options.repo, "--branch", options.branch,
-            "--path", options.path, "--policies", options.policies]
-    if root not in ("", "/"):
-        sync[len(command):len(command)] = ["--root", root]
-    if options.keyring:
-        sync += ["--verify-signatures", options.keyring]
-    if options.allow_force:
-        sync.append("--allow-force-push")
+    sync = _spos(command, root, "sync", options)
     log = "/var/log/spos-daemon.log"
     return "\n".join([
         MARKER,

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from reconciler import STATE_DIR
 from reconciler.device import Device
-from reconciler.errors import LockHeldError
+from reconciler.errors import LockHeldError, SposError
 
 INVENTORY = f"/{STATE_DIR}/inventory.json"
 LOCK = f"/{STATE_DIR}/apply.lock"
@@ -59,6 +59,18 @@ def _one_resource_per_line(payload: dict) -> str:
     body = ",\n".join(entries)
     resources = '  "resources": {\n' + body + "\n  }" if entries else '  "resources": {}'
     return "{\n" + "\n".join(lines) + "\n" + resources + "\n}\n"
+
+
+def read_json_object(device: Device, path: str) -> dict | None:
+    """A JSON object spos wrote itself (a status, a sync state), or None when the file is
+    missing, unreadable, not JSON or not an object: a reader then shows nothing rather than
+    failing."""
+    try:
+        raw = device.read_text(path)
+        data = json.loads(raw) if raw else None
+    except (ValueError, OSError, SposError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def cache_file(device: Device, create: bool = False):

@@ -8,12 +8,9 @@ daemon needs to run for it to work.
 
 from __future__ import annotations
 
-import os
-import stat
-
 from reconciler.agentd import read_status as read_daemon_status
 from reconciler.device import Device
-from reconciler.executor.enqueue import WAKE_PIPE
+from reconciler.executor.enqueue import listening
 from reconciler.executor.owner import process_alive
 from reconciler.sync import SyncState, elapsed_since
 from reconciler.triggers.daemon import read_status as read_trigger_status
@@ -66,16 +63,9 @@ def _daemon(status: dict | None) -> dict:
 
 
 def _executor(device: Device) -> dict:
-    """Running when a process holds the wake pipe open for reading: opening a FIFO for writing
-    without blocking fails (ENXIO) when nobody reads it."""
-    try:
-        host = device.host(WAKE_PIPE)
-        if not stat.S_ISFIFO(os.lstat(host).st_mode):
-            raise FileNotFoundError
-        os.close(os.open(host, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
-    except Exception:  # noqa: BLE001 - any failure means no reader
-        return {"running": False, "detail": "no executor is running: queued runs wait"}
-    return {"running": True, "detail": "an executor is serving the queue"}
+    if listening(device):
+        return {"running": True, "detail": "an executor is serving the queue"}
+    return {"running": False, "detail": "no executor is running: queued runs wait"}
 
 
 def _triggers(status: dict | None) -> dict:

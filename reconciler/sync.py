@@ -105,12 +105,10 @@ class SyncState:
 
     @classmethod
     def load(cls, device: Device) -> "SyncState":
-        try:
-            raw = device.read_text(STATE_FILE)
-            data = json.loads(raw) if raw else None
-        except (ValueError, OSError, SposError):
-            data = None  # unreadable: start afresh; the mirror and the checkout are still there
-        return cls(device, data if isinstance(data, dict) else None)
+        """Unreadable: start afresh; the mirror and the checkout are still there."""
+        from reconciler.state import read_json_object
+
+        return cls(device, read_json_object(device, STATE_FILE))
 
     @property
     def applied_revision(self) -> str | None:

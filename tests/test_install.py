@@ -35,8 +35,8 @@ def test_the_unit_runs_the_daemon_and_passes_systemd_analyze_verify(spos, root, 
     assert text.startswith("# spos:file install\n")
     exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
     assert exec_start.endswith(f"{sys.executable} -m reconciler --root {root} daemon --repo {REPO} --branch main "
-                               "--path agents.d --policies policies --interval 5m --jitter 10s "
-                               "--verify-signatures /etc/spos/trusted.gpg")
+                               "--path agents.d --policies policies --verify-signatures /etc/spos/trusted.gpg "
+                               "--interval 5m --jitter 10s")
     assert "KillMode=mixed" in text and "Restart=on-failure" in text
     assert "Not activated" in result.out
     if shutil.which("systemd-analyze") is None:

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 from reconciler import AGENTS_DIR, STATE_DIR
 from reconciler.device import Device
+from reconciler.errors import SposError
 from reconciler.executor.config import ConfigError, agent_config, task_config
 
 QUEUE_FORMAT = 1
@@ -93,6 +94,19 @@ def enqueue(
     if not claim:
         wake(device)
     return record
+
+
+def listening(device: Device) -> bool:
+    """Whether some executor holds the wake pipe open for reading: opening a FIFO for writing
+    without blocking fails (ENXIO) when nobody reads it."""
+    try:
+        host = device.host(WAKE_PIPE)
+        if not stat.S_ISFIFO(os.lstat(host).st_mode):
+            return False
+        os.close(os.open(host, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
+    except (OSError, SposError):
+        return False
+    return True
 
 
 def wake(device: Device) -> None:

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from reconciler import STATE_DIR, TRIGGERS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
+from reconciler.state import read_json_object
 from reconciler.triggers.base import Context, Registration, Source, Status
 from reconciler.triggers.gate import Gate
 
@@ -330,12 +331,7 @@ def _below(root: str):
 
 def read_status(device: Device) -> dict | None:
     """The status a daemon last wrote, or None when none did (or it is unreadable)."""
-    try:
-        raw = device.read_text(STATUS_FILE)
-        status = json.loads(raw) if raw else None
-    except (ValueError, OSError, SposError):
-        return None
-    return status if isinstance(status, dict) else None
+    return read_json_object(device, STATUS_FILE)
 
 
 def _iso(epoch: float) -> str:
