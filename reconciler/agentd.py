@@ -10,8 +10,10 @@ One process keeps the device converged and runs its work:
   `spos triggers`): one that exits is started again after a backoff that doubles from 1 s up
   to a minute, and resets once a child has run for a minute.
 
-SIGTERM or SIGINT: no new sync starts, the children get SIGTERM (the executor drains its
-active runs), and the daemon exits once they have (killing them after `stop_timeout`).
+SIGTERM or SIGINT: the children get SIGTERM at once (the executor drains its active runs),
+no new sync starts, and the daemon exits once the sync going on (if any) has ended and the
+children have; after `stop_timeout` each child's whole process group is killed. Nothing a
+sync or drift check raises ends the daemon: it is reported in the status and tried again.
 After every cycle `daemon.json` in the state directory is written atomically: the children,
 when the next sync is due, what the last cycle did (docs/sync.md, `spos status`).
 """
@@ -60,6 +62,7 @@ class Child:
     last_exit: dict | None = None
 
     def start(self) -> None:
+        os.makedirs(os.path.dirname(self.log_path), mode=0o755, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -71,7 +74,14 @@ class Child:
         """Start it when due; note an exit and schedule the restart."""
         if self.process is None:
             if now >= self.due:
-                self.start()
+                try:
+                    self.start()
+                except OSError as exc:  # fork refused, its log directory gone: try again later
+                    self.last_exit = {"at": now_iso(), "code": None, "ranSeconds": 0,
+                                      "error": f"could not start: {exc.strerror or exc}"}
+                    self.restarts += 1
+                    self.due = now + self.backoff
+                    self.backoff = min(self.backoff * 2, BACKOFF_MAX)
             return
         code = self.process.poll()
         if code is None:
@@ -85,15 +95,27 @@ class Child:
         self.due = now + self.backoff
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
-    def stop(self, timeout: float) -> None:
-        if self.process is None or self.process.poll() is not None:
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, deadline: float) -> None:
+        """Wait until `deadline` (monotonic) for it to end after SIGTERM, then kill its whole
+        process group (it is a session leader: what it started goes too)."""
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout)
+            self.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
             self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
     def to_json(self) -> dict:
         running = self.process is not None and self.process.poll() is None
@@ -148,6 +170,8 @@ class Daemon:
     def cycle(self) -> None:
         """Whatever is due now: supervise the children, sync, or check for drift."""
         now = time.monotonic()
+        if self.stopping.is_set():
+            return
         for child in self.children:
             child.check(now)
         if now >= self.next_sync:
@@ -164,8 +188,10 @@ class Daemon:
     def _sync(self) -> None:
         try:
             result = sync(self.root, self.options)
-        except SposError as exc:  # the lock held too long, the state unwritable: try next time
-            self.last_sync = {"at": now_iso(), "outcome": "failed", "message": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the lock held too long, a full disk, a bug: the
+            # daemon goes on, reports it, and tries again at the next interval
+            self.last_sync = {"at": now_iso(), "outcome": "failed",
+                              "message": f"{type(exc).__name__}: {exc}"}
         else:
             self.last_sync = {"at": now_iso(), **result.to_json()}
         self.log(f"spos daemon: sync {self.last_sync['outcome']}: {self.last_sync['message']}")
@@ -173,8 +199,8 @@ class Daemon:
     def _repair_drift(self) -> None:
         try:
             check = repair_drift(self.root, self.options)
-        except SposError as exc:
-            check = {"at": now_iso(), "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - as for a sync: reported, tried again
+            check = {"at": now_iso(), "error": f"{type(exc).__name__}: {exc}"}
         if check is None:
             return
         self.last_drift = check
@@ -192,14 +218,21 @@ class Daemon:
         return max(0.0, min(due) - now)
 
     def stop(self) -> None:
+        """No new sync starts; the children are told at once, so the executor starts draining
+        even while a sync (a slow fetch) is still going."""
         self.stopping.set()
+        for child in self.children:
+            child.terminate()
+        from reconciler import gitsync
+
+        gitsync.abort()  # a fetch hanging on the remote ends now; the sync reports it failed
 
     def shutdown(self) -> None:
         for child in self.children:
-            if child.process is not None and child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
+            child.terminate()
+        deadline = time.monotonic() + self.settings.stop_timeout
         for child in self.children:
-            child.stop(self.settings.stop_timeout)
+            child.stop(deadline)
         self.write_status(final=True)
 
     def _handle_signals(self) -> None:

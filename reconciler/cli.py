@@ -421,7 +421,7 @@ def _install(args) -> int:
     active = systemctl if args.root in ("/", "") else None
     if active is not None and install.UNIT_PATH in planned.delete:
         active.run("disable", "--now", "spos.service")
-    install.carry_out(device, planned)
+    install.carry_out(device, planned, secret="@" in args.repo.split("/")[2] if "://" in args.repo else False)
     if active is not None and (planned.write or planned.delete):
         active.run("daemon-reload")
         if install.UNIT_PATH in planned.write:

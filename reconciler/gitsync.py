@@ -39,6 +39,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,8 +271,9 @@ def _scheme_problem(url: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL as it may appear in messages and logs: a password is replaced by ***."""
-    return re.sub(r"^([a-z+]+://[^/@:]*):[^/@]*@", r"\1:***@", url, flags=re.IGNORECASE)
+    """The URL as it may appear in messages and logs: the user part (a password, or a token
+    given as the user name) is replaced by ***."""
+    return re.sub(r"^([a-z+]+://)[^/@]*@", r"\1***@", url, flags=re.IGNORECASE)
 
 
 def check_branch(branch: str) -> str:
@@ -585,6 +587,7 @@ class Mirror:
                 raise
             finally:
                 process.stdout.close()
+                _RUNNING.discard(process)
             if returncode != 0:
                 errors.seek(0)
                 if failure:
@@ -613,6 +616,8 @@ class Mirror:
         except BaseException:
             _kill(process)
             raise
+        finally:
+            _RUNNING.discard(process)
         return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
     def _start(self, args: tuple[str, ...], *, in_repository: bool = True,
@@ -623,13 +628,34 @@ class Mirror:
         terminal, with `_HARDENING`, then `config`, and the scrubbed environment."""
         repository = [f"--git-dir={self.path}"] if in_repository else []
         argv = ["git", *repository, *_HARDENING, *config, *args]
+        if _ABORTED.is_set():
+            raise GitError("stopped: spos is shutting down")
         try:
-            return subprocess.Popen(
+            process = subprocess.Popen(
                 argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=stderr, cwd=self.state_dir,
                 env=_environment(str(self._home), extra_env), start_new_session=True)
         except OSError as exc:
             raise GitError(f"cannot run git: {exc.strerror}; install git") from None
+        _RUNNING.add(process)
+        return process
+
+
+_RUNNING: set = set()
+"""The git processes running now, so that `abort()` can end them."""
+_ABORTED = threading.Event()
+
+
+def abort() -> None:
+    """End every git this process runs, and start no more: what a daemon told to stop does, so
+    that a fetch hanging on a remote does not hold it up. The sync then fails as for an
+    unreachable remote."""
+    _ABORTED.set()
+    for process in list(_RUNNING):  # only signalled: the thread that started it reaps it
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _environment(home: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -745,11 +771,24 @@ def _parse_entry(record: bytes) -> _Entry:
     return _Entry(mode, oid, -1 if size == "-" else int(size), path)
 
 
+MAX_DEPTH = 64
+"""Directories an exported path may go through; deeper trees are refused."""
+MAX_NAME_BYTES = 255
+"""The longest file name (one path component) Linux file systems hold."""
+
+
 def _check_entry(entry: _Entry) -> None:
     shown = os.fsdecode(entry.path)
     if entry.mode not in (_FILE, _EXECUTABLE, _SYMLINK, _GITLINK):
         raise UnsafeTreeError(f"tree entry {shown!r} has the unknown mode {entry.mode}")
-    for part in entry.path.split(b"/"):
+    parts = entry.path.split(b"/")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeTreeError(f"tree entry {shown[:200]!r}... is {len(parts)} levels deep, more "
+                              f"than the {MAX_DEPTH} an export goes: the revision is not exported")
+    if any(len(part) > MAX_NAME_BYTES for part in parts):
+        raise UnsafeTreeError(f"tree entry {shown[:200]!r} has a name longer than "
+                              f"{MAX_NAME_BYTES} bytes, which no file system here holds")
+    for part in parts:
         if part in (b"", b".", b"..") or part.lower() == b".git":
             raise UnsafeTreeError(f"tree entry {shown!r} has the forbidden component "
                                   f"{os.fsdecode(part)!r}: the revision was crafted to escape or "
@@ -827,10 +866,13 @@ def _prune_directories(root: bytes, files: set[bytes]) -> None:
 def _write_file(root: bytes, entry: _Entry, content: Iterator[bytes]) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     descriptor = _guarded(os.open, os.path.join(root, entry.path), flags, 0o600, shown=entry.path)
-    with open(descriptor, "wb") as target:
-        os.fchmod(descriptor, 0o755 if entry.mode == _EXECUTABLE else 0o644)
-        for chunk in content:
-            target.write(chunk)
+    try:
+        with open(descriptor, "wb") as target:
+            os.fchmod(descriptor, 0o755 if entry.mode == _EXECUTABLE else 0o644)
+            for chunk in content:
+                target.write(chunk)
+    except OSError as exc:  # a full disk: the export's error, retried at the next sync
+        raise ExportError(f"cannot write {os.fsdecode(entry.path)!r}: {exc.strerror}") from None
 
 
 def _guarded(operation, path: bytes, *args, shown: bytes):

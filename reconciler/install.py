@@ -52,12 +52,21 @@ def _spos(command: tuple[str, ...], root: str, subcommand: str, options: SyncOpt
         argv += ["--verify-signatures", options.keyring]
     if options.allow_force:
         argv.append("--allow-force-push")
+    if options.device_labels is not None:
+        argv += ["--device-labels", options.device_labels]
+    if options.cgroup_root:
+        argv += ["--cgroup-root", options.cgroup_root]
+    for word in argv:
+        if any(ord(c) < 32 or ord(c) == 127 for c in word):
+            raise InstallError(f"{word!r} holds a control character: it cannot go into a unit "
+                               "or a crontab line")
     return argv
 
 
 def unit(argv: list[str]) -> str:
     """The service unit. ExecStart is quoted per systemd.syntax(7); `%` and `$` are escaped."""
-    command = " ".join(_unit_word(word) for word in argv)
+    # systemd expands no variables in the program's path, so its `$` stays as it is
+    command = " ".join([_unit_word(argv[0], program=True), *(_unit_word(word) for word in argv[1:])])
     return "\n".join([
         MARKER,
         "[Unit]",
@@ -110,16 +119,20 @@ def plan_install(device: Device, argv: list[str], cron_text: str | None, unit_te
     return Installation(write, delete)
 
 
-def carry_out(device: Device, installation: Installation) -> None:
+def carry_out(device: Device, installation: Installation, secret: bool = False) -> None:
+    """Write and delete as planned. With `secret` (the repository URL carries a password or a
+    token), the files are readable by root only."""
     for path, text in installation.write.items():
         device.makedirs(path.rsplit("/", 1)[0], mode=0o755)
-        device.write_atomic(path, text.encode(), mode=0o644)
+        device.write_atomic(path, text.encode(), mode=0o600 if secret else 0o644)
     for path in installation.delete:
         device.remove(path)
 
 
-def _unit_word(word: str) -> str:
-    escaped = word.replace("%", "%%").replace("$", "$$")
+def _unit_word(word: str, program: bool = False) -> str:
+    escaped = word.replace("%", "%%")
+    if not program:
+        escaped = escaped.replace("$", "$$")
     if escaped and all(c.isalnum() or c in "/._-:=,+@" for c in escaped):
         return escaped
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'

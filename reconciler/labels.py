@@ -23,6 +23,11 @@ from reconciler import STATE_DIR
 from reconciler.device import Device
 from reconciler.diagnostics import Diagnostic
 from reconciler.errors import ManifestError, UsageError
+
+
+class LabelsError(UsageError):
+    """The device's labels cannot be used (the --device-labels value, its host name): a
+    problem of the device, not of the manifests."""
 from reconciler.source import locate, parse, schemas_path
 
 LABELS_FILE = f"/{STATE_DIR}/device-labels.yaml"
@@ -105,14 +110,14 @@ def parse_option(text: str) -> dict[str, str]:
         key, equals, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not equals:
-            raise UsageError(f"--device-labels: {item!r} is not KEY=VALUE")
+            raise LabelsError(f"--device-labels: {item!r} is not KEY=VALUE")
         if key in labels:
-            raise UsageError(f"--device-labels: {key!r} is given twice")
+            raise LabelsError(f"--device-labels: {key!r} is given twice")
         summary, hint = _key_problem(key, reserved=False)
         if not summary:
             summary, hint = _value_problem(key, value)
         if summary:
-            raise UsageError(f"--device-labels: {summary}" + (f" ({hint})" if hint else ""))
+            raise LabelsError(f"--device-labels: {summary}" + (f" ({hint})" if hint else ""))
         labels[key] = value
     return labels
 
@@ -127,7 +132,7 @@ def hostname(device: Device, machine_hostname: str) -> str:
                       if line.strip() and not line.lstrip().startswith("#")), None)
     name = (found or machine_hostname).lower()
     if not _rules()["value"].fullmatch(name) or len(name) > _rules()["value_length"]:
-        raise UsageError(
+        raise LabelsError(
             f"the host name {name!r} is not a valid label value for {HOSTNAME} (at most "
             f"{_rules()['value_length']} letters, digits, '.', '_' and '-'); give the device's "
             "labels with --device-labels"

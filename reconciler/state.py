@@ -132,8 +132,13 @@ class ApplyLock:
 
 
 def _own_command() -> list[str]:
+    """This process's command line as the lock shows it: the user part of a URL (a password,
+    a token) replaced by ***."""
+    import re
+
     try:
         with open(f"/proc/{os.getpid()}/cmdline", "rb") as handle:
-            return [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+            words = [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
     except OSError:
         return ["spos"]
+    return [re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", word) for word in words]

@@ -19,8 +19,9 @@ revision (the remote unreachable, the disk full) is reported and tried again at 
 
 The state directory keeps `mirror.git` (a cache), `checkout` (the revision's files, at a stable
 path and updated in place, so the plan memo and the manifest cache carry over from one revision
-to the next), `checkout.revision` and `previous.revision` (what it holds, and what it held
-before), and `state.json`, written atomically after every sync (docs/sync.md).
+to the next), `checkout.revision` (what it holds, trusted only within the boot that wrote it:
+the files are not fsynced), and `state.json`, written atomically after every sync
+(docs/sync.md).
 """
 
 from __future__ import annotations
@@ -96,12 +97,21 @@ class SyncState:
     def __init__(self, device: Device, data: dict | None = None):
         self.device = device
         data = data or {}
-        self.applied: dict | None = data.get("applied")
-        self.quarantined: dict[str, dict] = dict(data.get("quarantined") or {})
-        self.last: dict | None = data.get("last")
-        self.last_failure: dict | None = data.get("lastFailure")
-        self.drift: dict | None = data.get("drift")
-        self.repo: dict | None = data.get("repo")
+
+        def entry(key: str) -> dict | None:  # a field of the wrong shape (a hand edit) is dropped
+            value = data.get(key)
+            return value if isinstance(value, dict) else None
+
+        applied = entry("applied")
+        self.applied: dict | None = applied if isinstance((applied or {}).get("revision"), str) else None
+        self.quarantined: dict[str, dict] = {
+            sha: held for sha, held in (entry("quarantined") or {}).items()
+            if isinstance(held, dict) and isinstance(held.get("at"), str)
+            and isinstance(held.get("reasons"), list) and isinstance(held.get("stage"), str)}
+        self.last: dict | None = _shaped(entry("last"))
+        self.last_failure: dict | None = _shaped(entry("lastFailure"))
+        self.drift: dict | None = entry("drift")
+        self.repo: dict | None = entry("repo")
 
     @classmethod
     def load(cls, device: Device) -> "SyncState":
@@ -139,6 +149,14 @@ class SyncState:
             self.last_failure = self.last
 
 
+def _shaped(result: dict | None) -> dict | None:
+    """A recorded sync result, when it has the fields every reader uses."""
+    if result and isinstance(result.get("at"), str) and isinstance(result.get("outcome"), str) \
+            and isinstance(result.get("message"), str) and isinstance(result.get("reasons", []), list):
+        return result
+    return None
+
+
 def sync(root: str, options: SyncOptions, *, progress: Callable[[str], None] = lambda text: None,
          report: Callable = lambda change, error: None) -> SyncResult:
     """One sync of the device at `root` (see the module docstring). Never raises for what a
@@ -157,6 +175,9 @@ def sync(root: str, options: SyncOptions, *, progress: Callable[[str], None] = l
             result = _sync(device, state, mirror, options, progress, report)
         except SposError as exc:
             result = SyncResult("failed", message=str(exc))
+        except OSError as exc:  # a full disk, a state directory gone: tried again next time
+            result = SyncResult("failed", message=f"{exc.strerror or exc}: "
+                                                  f"{exc.filename or 'the state directory'}")
         state.record(result)
         state.save()
     return result
@@ -187,6 +208,8 @@ def _sync(device, state, mirror, options, progress, report) -> SyncResult:
         try:
             mirror.verify(sha, options.keyring)
         except SignatureError as exc:
+            if not exc.status:  # the check could not run (no gpg, no keyring): not the commit's
+                return SyncResult("failed", sha, "the signature could not be checked", [str(exc)])
             return _refuse(state, sha, "verify", [str(exc)], options=options)
     try:
         checkout, skipped = _checkout(device, mirror, sha, progress)
@@ -201,48 +224,77 @@ def _checkout(device: Device, mirror, sha: str, progress) -> tuple[str, tuple]:
     """The revision's files at `sync/checkout` (host path), and the entries left out (links,
     submodules). The checkout is updated in place from the revision checked out before, so
     files a commit did not change keep their inode and times, and the plan memo still knows
-    them; `previous.revision` names that revision, to go back to. While it is being changed
-    there is no `checkout.revision`: after a crash the next sync exports afresh."""
+    them. While it is being changed there is no `checkout.revision`: after a crash the next
+    sync exports afresh."""
     base = device.host(SYNC_DIR)
     checkout, marker = os.path.join(base, "checkout"), os.path.join(base, "checkout.revision")
-    current = _read(marker)
+    current = _read_marker(marker)
     if current == sha and os.path.isdir(checkout):
         return checkout, ()
     progress(f"Checking out {sha[:12]}...")
-    if current is not None:
-        _write(os.path.join(base, "previous.revision"), current)
     exported = _move_checkout(mirror, checkout, marker, current, sha)
     return checkout, exported.skipped
 
 
 def _move_checkout(mirror, checkout: str, marker: str, current: str | None, sha: str):
     """Make `checkout` hold revision `sha`: updated from `current` when it holds that, else
-    exported afresh."""
-    from reconciler.gitsync import GitSyncError, UnsafeTreeError
+    exported afresh. When an update fails part-way, the checkout is exported again as
+    `current` (when that fails too, it is left without a marker, and exported afresh next
+    time)."""
+    from reconciler.gitsync import UnsafeTreeError
 
     if current is not None and os.path.isdir(checkout):
         os.unlink(marker)
         try:
             exported = mirror.update(sha, checkout, current)
         except UnsafeTreeError:
-            _write(marker, current)  # the tree is checked before anything is changed
+            _write_marker(marker, current)  # the tree is checked before anything is changed
             raise
-        except (GitSyncError, OSError):
-            shutil.rmtree(checkout, ignore_errors=True)
+        except (SposError, OSError):
+            _export_afresh(mirror, checkout, marker, current, quiet=True)
             raise
     else:
-        if os.path.exists(marker):
-            os.unlink(marker)
-        shutil.rmtree(checkout, ignore_errors=True)
-        exported = mirror.export(sha, checkout)
-    _write(marker, sha)
+        exported = _export_afresh(mirror, checkout, marker, sha)
+    _write_marker(marker, sha)
     return exported
+
+
+def _export_afresh(mirror, checkout: str, marker: str, sha: str, quiet: bool = False):
+    if os.path.exists(marker):
+        os.unlink(marker)
+    shutil.rmtree(checkout, ignore_errors=True)
+    try:
+        exported = mirror.export(sha, checkout)
+    except (SposError, OSError):
+        if quiet:
+            return None
+        raise
+    if quiet:
+        _write_marker(marker, sha)
+    return exported
+
+
+def _read_marker(marker: str) -> str | None:
+    """The revision the checkout holds, when it was written since the machine booted: the
+    files of a checkout are not fsynced, so after a power loss it is exported afresh."""
+    from reconciler.executor.owner import boot_id
+
+    text = _read(marker) or ""
+    sha, _, booted = text.partition(" ")
+    return sha if sha and booted == boot_id() else None
+
+
+def _write_marker(marker: str, sha: str) -> None:
+    from reconciler.executor.owner import boot_id
+
+    _write(marker, f"{sha} {boot_id()}")
 
 
 def _converge(device, state, sha, checkout, options, progress, report, mirror) -> SyncResult:
     """Validate, plan and apply the checked-out revision; quarantine it when it is refused."""
     from reconciler.apply import apply_locked
-    from reconciler.pipeline import PlanRequest, make_plan
+    from reconciler.labels import LabelsError
+    from reconciler.pipeline import make_plan
 
     request = _request(device, checkout, sha, options, progress)
     try:
@@ -253,6 +305,8 @@ def _converge(device, state, sha, checkout, options, progress, report, mirror) -
             # the device's own files (its labels) are wrong, not the revision
             return SyncResult("failed", sha, "the device's configuration is invalid", reasons)
         return _refuse(state, sha, "validate", reasons, device, options, mirror)
+    except LabelsError as exc:  # the device's labels (its host name, --device-labels)
+        return SyncResult("failed", sha, "the device's labels cannot be used", [str(exc)])
     except UsageError as exc:
         return _refuse(state, sha, "validate", [str(exc).replace(checkout + "/", "")], device,
                        options, mirror)
@@ -292,23 +346,24 @@ def _refuse(state, sha, stage, reasons, device=None, options=None, mirror=None) 
 
 def _restore(device: Device, state: SyncState, options: SyncOptions, mirror) -> str:
     """Check the applied revision out again in place of the refused one, and re-apply it when
-    the refused revision changed anything. Returns what was done, in words."""
+    the refused revision changed anything. Returns what was done, in words; never raises (a
+    refused revision stays quarantined whatever happens here)."""
     from reconciler.apply import apply_locked
     from reconciler.pipeline import make_plan
 
     base = device.host(SYNC_DIR)
     checkout, marker = os.path.join(base, "checkout"), os.path.join(base, "checkout.revision")
     applied = state.applied_revision
-    if applied is None or _read(os.path.join(base, "previous.revision")) != applied:
+    if applied is None or mirror is None:
         return ""
     try:
-        _move_checkout(mirror, checkout, marker, _read(marker), applied)
+        _move_checkout(mirror, checkout, marker, _read_marker(marker), applied)
         _, planned = make_plan(_request(device, checkout, applied, options, lambda text: None))
         if not planned.has_changes:
             return ""
         result = apply_locked(device, planned)
-    except SposError as exc:
-        return f"re-applying {applied[:12]} failed: {exc}"
+    except (SposError, OSError) as exc:
+        return f"putting {applied[:12]} back failed: {exc}; the next sync tries again"
     if result.failed:
         return f"re-applying {applied[:12]} left {len(result.failed)} change(s) failed"
     return f"re-applied {applied[:12]} ({len(result.applied)} change(s) undone)"
@@ -417,7 +472,7 @@ def repair_drift(root: str, options: SyncOptions, *,
             state = SyncState.load(device)
             sha = state.applied_revision
             checkout = device.host(f"{SYNC_DIR}/checkout")
-            if sha is None or _read(f"{checkout}.revision") != sha:
+            if sha is None or _read_marker(f"{checkout}.revision") != sha:
                 return None
             _, planned = make_plan(_request(device, checkout, sha, options, lambda text: None))
             repaired, failed = [], []

@@ -129,7 +129,8 @@ class Device:
         return files
 
     def checkout_revision(self) -> str:
-        return self.path(f"{SYNC}/checkout.revision").read_text().strip()
+        """The revision the checkout holds (the marker also names the boot that wrote it)."""
+        return self.path(f"{SYNC}/checkout.revision").read_text().split()[0]
 
 
 @pytest.fixture
@@ -414,7 +415,7 @@ def test_an_unreachable_remote_is_tried_again_and_its_password_never_shown(devic
     state_text = device.path(f"{SYNC}/state.json").read_text()
     shown = spos("status", "--root", device.root)
     assert "s3cret" not in upstream_down.out + upstream_down.err + state_text + shown.out
-    assert "https://deploy:***@127.0.0.1:1/fleet.git" in shown.out
+    assert "https://***@127.0.0.1:1/fleet.git" in shown.out
     assert json.loads(state_text)["quarantined"] == {} and device.applied() is None
 
     hidden.rename(upstream.bare)
@@ -606,11 +607,12 @@ def hand_edit(path: Path, old: str, new: str) -> None:
 
 
 def alive(pid: int) -> bool:
+    """A process that runs (a zombie waiting for a parent to reap it does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    return True
 
 
 def test_the_daemon_syncs_every_interval_and_replaces_its_status_atomically(device, upstream, daemon):

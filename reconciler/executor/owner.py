@@ -34,6 +34,11 @@ def process_alive(pid) -> bool:
     return True
 
 
+def boot_id() -> str:
+    """The kernel's id of this boot ("" where it cannot be read)."""
+    return _boot_id()
+
+
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as handle:
