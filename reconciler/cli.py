@@ -287,6 +287,34 @@ def _parser() -> "argparse.ArgumentParser":
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_status)
 
+    metrics = commands.add_parser(
+        "metrics", parents=[common], help="Prometheus metrics: runs, durations, queue, triggers, syncs",
+        description="Print the device's metrics in the Prometheus text format, serve them over "
+                    "HTTP (--listen), or keep a node_exporter textfile up to date (--textfile).",
+    )
+    where = metrics.add_mutually_exclusive_group()
+    where.add_argument("--listen", metavar="ADDRESS:PORT", help="serve /metrics here (e.g. 127.0.0.1:9108)")
+    where.add_argument("--textfile", metavar="PATH", help="write the metrics to PATH atomically, every --interval")
+    metrics.add_argument("--interval", default="15s", metavar="DURATION",
+                         help="with --textfile: how often it is rewritten (default 15s)")
+    metrics.add_argument("--once", action="store_true", help="with --textfile: write it once and exit")
+    metrics.set_defaults(handler=_metrics)
+
+    schedule = commands.add_parser("schedule", parents=[common], help="what the Schedules will do")
+    schedule_commands = schedule.add_subparsers(title="schedule commands", metavar="COMMAND")
+    schedule_next = schedule_commands.add_parser(
+        "next", parents=[common], help="the next fire times of every Schedule",
+        description="The next fire times of every Schedule in DIR, and what catch-up and overlap "
+                    "policy would do with them.",
+    )
+    schedule_next.add_argument("path", nargs="?", default="agents.d", metavar="DIR",
+                               help="manifests directory (default agents.d)")
+    schedule_next.add_argument("--agent", help="only this agent's Schedules")
+    schedule_next.add_argument("-n", "--count", type=int, default=5, metavar="N",
+                               help="fire times per Schedule (default 5)")
+    schedule_next.add_argument("--json", action="store_true")
+    schedule_next.set_defaults(handler=_schedule_next)
+
     trigger = commands.add_parser("trigger", parents=[common], help="inspect and test triggers")
     trigger_commands = trigger.add_subparsers(title="trigger commands", metavar="COMMAND")
     trigger_list = trigger_commands.add_parser(
@@ -442,6 +470,40 @@ def _installed_spos() -> tuple[str, ...]:
         return (beside,)
     found = shutil.which("spos")
     return (found,) if found else (sys.executable, "-m", "reconciler")
+
+
+def _metrics(args) -> int:
+    from reconciler import metrics
+    from reconciler.device import Device
+    from reconciler.errors import UsageError
+
+    device = Device(args.root)
+    if args.listen:
+        address, _, port = args.listen.rpartition(":")
+        if not address or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise UsageError(f"--listen: expected ADDRESS:PORT such as 127.0.0.1:9108, got {args.listen!r}")
+        print(f"spos metrics: serving http://{args.listen}/metrics (pid {os.getpid()})", file=sys.stderr)
+        metrics.serve(device, address.strip("[]"), int(port))
+        return EXIT_OK
+    if args.textfile:
+        metrics.write_textfile(device, args.textfile, interval=_duration("--interval", args.interval),
+                               once=args.once)
+        return EXIT_OK
+    sys.stdout.write(metrics.exposition(device))
+    return EXIT_OK
+
+
+def _schedule_next(args) -> int:
+    from reconciler import forecast
+    from reconciler.validate import load
+
+    if args.count < 1:
+        from reconciler.errors import UsageError
+
+        raise UsageError("-n: give at least 1")
+    manifests = load(args.path, None)  # what the Schedules say; policies change no fire time
+    return _show(args, forecast.next_fires(manifests, agent=args.agent, count=args.count),
+                 forecast.text)
 
 
 def _status(args) -> int:

@@ -32,7 +32,7 @@ spec:
 # and must start on the standard library and the device layer alone.
 HEAVY_PACKAGES = {
     "jsonschema", "referencing", "ruamel", "deepdiff", "croniter", "crontab", "git", "psutil",
-    "cgroupspy", "serial",
+    "cgroupspy", "serial", "paho", "prometheus_client",
 }
 
 
