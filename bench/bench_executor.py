@@ -60,8 +60,8 @@ from datetime import datetime
 from pathlib import Path
 
 from bench_reconcile import (
-    REPO, Failed, Runner, cpu_pressure, default_spos, describe_code, log, package_parent,
-    snapshot_code,
+    REPO, Failed, Runner, code_line, cpu_pressure, default_spos, describe_code, load_line, log,
+    package_parent, save_results, snapshot_code,
 )
 
 STATE = "var/lib/systemprompt-os"
@@ -830,33 +830,19 @@ def environment(args, spos: list[str], code: dict) -> dict:
 
 
 def report(args, env_info: dict, result: dict) -> None:
-    env_info["loadavg_end"] = os.getloadavg()
-    env_info["cpu_pressure_end"] = cpu_pressure()
-    payload = json.dumps({"environment": env_info, "result": result}, indent=2, default=str)
-    if args.json and args.json != "-":
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(payload + "\n")
+    payload = save_results(args, env_info, {"result": result})
     out = sys.stderr if args.json == "-" else sys.stdout
-    code = env_info["code"]
-    dirty = f" + {code['dirty_files']} changed files" if code["dirty_files"] else ""
-    if code.get("revision"):
-        where = f"--rev {code['revision']}, extracted from git"
-    else:
-        where = "snapshot taken at start" if code.get("snapshot") else "live working tree"
     stamp = result.get("stamp", {})
     lines = [
         f"spos executor benchmark, {env_info['date']}: {env_info['cpus']} CPUs, Python "
         f"{env_info['python']}, kernel {env_info['kernel']}, {env_info['bubblewrap']}",
-        f"code: {code['commit']}{dirty} ({where}); started as {env_info['spos_command']}",
+        code_line(env_info),
         f"action: {shlex.join(stamp.get('argv', []))} ({stamp.get('kind', '?')}), prints "
         "CLOCK_REALTIME first; temporary device root in "
         f"{env_info['workdir']}; executor defaults (--max-parallel 4, --max-per-agent 2)",
         f"latency: {args.runs} runs per path after a warm-up, paths interleaved, {args.gap:g} s "
         f"apart; throughput: {args.queued} queued x {args.repeat}; idle windows {args.idle:g} s",
-        f"load average {env_info['loadavg_start'][0]:.2f} at start, "
-        f"{env_info['loadavg_end'][0]:.2f} at end; CPU pressure (some, avg60) "
-        f"{env_info['cpu_pressure_start']} -> {env_info['cpu_pressure_end']}. Competing work "
-        "inflates wall times; min is the steadier figure.",
+        load_line(env_info, "min is the steadier figure"),
         "",
         table(result),
     ]

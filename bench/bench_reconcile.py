@@ -793,33 +793,52 @@ def default_spos() -> list[str]:
     return [sys.executable, "-m", "reconciler"]
 
 
-def report(args, env_info: dict, floor: dict, results: list[dict], final: bool) -> None:
-    """Write the JSON (after every size) and, at the end, the table: to stdout, or to stderr
-    when the JSON goes to stdout (`--json -`)."""
+def save_results(args, env_info: dict, data: dict) -> str:
+    """Note the load at the end, write the environment and `data` as JSON to `--json FILE`
+    (every benchmark's file has this shape), and return that JSON."""
     env_info["loadavg_end"] = os.getloadavg()
     env_info["cpu_pressure_end"] = cpu_pressure()
-    payload = json.dumps({"environment": env_info, "startup": floor, "results": results},
-                         indent=2, default=str)
+    payload = json.dumps({"environment": env_info, **data}, indent=2, default=str)
     if args.json and args.json != "-":
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(payload + "\n")
+    return payload
+
+
+def code_line(env_info: dict) -> str:
+    """Which code ran, for a report's header."""
+    code = env_info["code"]
+    dirty = f" + {code['dirty_files']} changed files" if code["dirty_files"] else ""
+    if code.get("revision"):
+        where = f"--rev {code['revision']}, extracted from git"
+    else:
+        where = "snapshot taken at start" if code.get("snapshot") else "live working tree"
+    return f"code: {code['commit']}{dirty} ({where}); started as {env_info['spos_command']}"
+
+
+def load_line(env_info: dict, steadier: str = "min and cpu are the steadier figures") -> str:
+    """How busy the machine was, for a report's header."""
+    return (f"load average {env_info['loadavg_start'][0]:.2f} at start, "
+            f"{env_info['loadavg_end'][0]:.2f} at end; CPU pressure (some, avg60) "
+            f"{env_info['cpu_pressure_start']} -> {env_info['cpu_pressure_end']}. Competing work "
+            f"inflates wall times; {steadier}.")
+
+
+def report(args, env_info: dict, floor: dict, results: list[dict], final: bool) -> None:
+    """Write the JSON (after every size) and, at the end, the table: to stdout, or to stderr
+    when the JSON goes to stdout (`--json -`)."""
+    payload = save_results(args, env_info, {"startup": floor, "results": results})
     if not final:
         return
     out = sys.stderr if args.json == "-" else sys.stdout
-    code = env_info["code"]
-    dirty = f" + {code['dirty_files']} changed files" if code["dirty_files"] else ""
-    where = "snapshot taken at start" if code.get("snapshot") else "live working tree"
     lines = [
         f"spos reconcile benchmark, {env_info['date']}: {env_info['cpus']} CPUs, Python "
         f"{env_info['python']}, ruamel C loader {'yes' if env_info['ruamel_c_loader'] else 'NO'}",
-        f"code: {code['commit']}{dirty} ({where}); started as {env_info['spos_command']}",
+        code_line(env_info),
         f"repeats {args.repeat} (a step stops after 3 once it has used {args.budget:g} s); nice "
         f"{env_info['nice']}; work dir {env_info['workdir']} ({env_info['workdir_fs']}); "
         f"manifests in git: {'yes' if env_info['git'] else 'no'}",
-        f"load average {env_info['loadavg_start'][0]:.2f} at start, "
-        f"{env_info['loadavg_end'][0]:.2f} at end; CPU pressure (some, avg60) "
-        f"{env_info['cpu_pressure_start']} -> {env_info['cpu_pressure_end']}. Competing work "
-        "inflates wall times; min and cpu are the steadier figures.",
+        load_line(env_info),
         "",
         table(results, floor),
     ]

@@ -62,9 +62,10 @@ import time
 from pathlib import Path
 
 from bench_reconcile import (
-    BOOKKEEPING, STATE, Failed, Runner, SizeBench, agent_file, agent_name, cpu_pressure,
-    default_spos, describe_code, environment, generate, log, package_parent, plan_target,
-    snapshot_code, startup_floor, summarise, tree_state,
+    BOOKKEEPING, STATE, Failed, Runner, SizeBench, agent_file, agent_name, code_line,
+    default_spos, describe_code, environment, generate, load_line, log,
+    package_parent, plan_target, save_results, snapshot_code, startup_floor, summarise,
+    tree_state,
 )
 from bench_reconcile import _fmt_time as fmt_time
 
@@ -513,30 +514,18 @@ def _signed(seconds: float) -> str:
 
 
 def report(args, env_info: dict, floor: dict, results: list[dict], final: bool) -> None:
-    env_info["loadavg_end"] = os.getloadavg()
-    env_info["cpu_pressure_end"] = cpu_pressure()
-    payload = json.dumps({"environment": env_info, "startup": floor, "results": results},
-                         indent=2, default=str)
-    if args.json and args.json != "-":
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(payload + "\n")
+    payload = save_results(args, env_info, {"startup": floor, "results": results})
     if not final:
         return
     out = sys.stderr if args.json == "-" else sys.stdout
-    code = env_info["code"]
-    dirty = f" + {code['dirty_files']} changed files" if code["dirty_files"] else ""
-    where = "snapshot taken at start" if code.get("snapshot") else "live working tree"
     lines = [
         f"spos sync benchmark, {env_info['date']}: {env_info['cpus']} CPUs, Python "
         f"{env_info['python']}, {env_info['git_version']}, ruamel C loader "
         f"{'yes' if env_info['ruamel_c_loader'] else 'NO'}",
-        f"code: {code['commit']}{dirty} ({where}); started as {env_info['spos_command']}",
+        code_line(env_info),
         f"repeats {args.repeat}; work dir {env_info['workdir']} ({env_info['workdir_fs']}); remote: "
         f"a bare repository in the work dir, by local path; branch {BRANCH}",
-        f"load average {env_info['loadavg_start'][0]:.2f} at start, "
-        f"{env_info['loadavg_end'][0]:.2f} at end; CPU pressure (some, avg60) "
-        f"{env_info['cpu_pressure_start']} -> {env_info['cpu_pressure_end']}. Competing work "
-        "inflates wall times; min and cpu are the steadier figures.",
+        load_line(env_info),
         "",
         table(results, floor),
     ]

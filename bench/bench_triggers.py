@@ -88,7 +88,8 @@ from bench_executor import (
     parse_stamp, percentile, remove_agent_cgroups, verdict,
 )
 from bench_reconcile import (
-    Failed, Runner, cpu_pressure, default_spos, describe_code, log, package_parent, snapshot_code,
+    Failed, Runner, code_line, default_spos, describe_code, load_line, log,
+    package_parent, save_results, snapshot_code,
 )
 
 AGENT = "bench-triggers"
@@ -829,31 +830,20 @@ def table(result: dict) -> str:
 
 
 def report(args, env_info: dict, result: dict) -> None:
-    env_info["loadavg_end"] = os.getloadavg()
-    env_info["cpu_pressure_end"] = cpu_pressure()
-    payload = json.dumps({"environment": env_info, "result": result}, indent=2, default=str)
-    if args.json and args.json != "-":
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(payload + "\n")
+    payload = save_results(args, env_info, {"result": result})
     out = sys.stderr if args.json == "-" else sys.stdout
-    code = env_info["code"]
-    dirty = f" + {code['dirty_files']} changed files" if code["dirty_files"] else ""
-    where = "snapshot taken at start" if code.get("snapshot") else "live working tree"
     stamp = result.get("stamp", {})
     lines = [
         f"spos trigger benchmark, {env_info['date']}: {env_info['cpus']} CPUs, Python "
         f"{env_info['python']}, kernel {env_info['kernel']}, {env_info['bubblewrap']}",
-        f"code: {code['commit']}{dirty} ({where}); started as {env_info['spos_command']}",
+        code_line(env_info),
         f"action: {shlex.join(stamp.get('argv', []))} ({stamp.get('kind', '?')}), prints "
         f"CLOCK_REALTIME first; temporary device root in {env_info['workdir']}",
         f"triggers: filesystem {DROP_DIR} [close_write], webhook {HOOK_PATH} (HMAC-SHA256); "
         "no debounce or settle; daemon and executor with their defaults",
         f"{args.samples} samples per path after a warm-up round, paths interleaved, each after the "
         f"previous run ended (+{args.gap:g} s); idle windows {args.idle:g} s",
-        f"load average {env_info['loadavg_start'][0]:.2f} at start, "
-        f"{env_info['loadavg_end'][0]:.2f} at end; CPU pressure (some, avg60) "
-        f"{env_info['cpu_pressure_start']} -> {env_info['cpu_pressure_end']}. Competing work "
-        "inflates wall times; min is the steadier figure.",
+        load_line(env_info, "min is the steadier figure"),
         "",
         table(result),
     ]
