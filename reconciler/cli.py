@@ -204,6 +204,17 @@ def _parser() -> "argparse.ArgumentParser":
     cleanup.add_argument("--json", action="store_true", help="print the report as JSON")
     cleanup.set_defaults(handler=_action_cleanup)
 
+    resources = action_commands.add_parser(
+        "resources", parents=[common], help="what each agent uses now against its Quota",
+        description="Per agent: CPU time, memory now and at peak, processes and I/O of its "
+                    "cgroup, temp and output storage, each next to its Quota's limit, and its "
+                    "runs queued, active, completed and failed. What cannot be measured shows "
+                    "as '-' (null in JSON).",
+    )
+    _cgroup_root_arg(resources, device_default=True)
+    resources.add_argument("--json", action="store_true", help="print the report as JSON")
+    resources.set_defaults(handler=_action_resources)
+
     executor = commands.add_parser(
         "executor", parents=[common], help="the daemon that runs queued actions",
         description="Run queued actions in their sandboxes until stopped. SIGTERM drains: no new "
@@ -1064,6 +1075,14 @@ def _action_cleanup(args) -> int:
         for error in report.errors:
             print(f"spos: cleanup: {error}", file=sys.stderr)
     return EXIT_ERROR if report.errors else EXIT_OK
+
+
+def _action_resources(args) -> int:
+    from reconciler import resources
+    from reconciler.device import Device
+
+    cgroup_root = args.cgroup_root or os.path.join(os.path.abspath(args.root), "sys/fs/cgroup")
+    return _show(args, resources.collect(Device(args.root, cgroup_root=cgroup_root)), resources.text)
 
 
 def _triggers(args) -> int:

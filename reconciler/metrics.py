@@ -143,7 +143,7 @@ class DeviceCollector:
 
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
-        agents, tasks = _tally_runs(RunStore(self.device))
+        agents, tasks = tally_runs(RunStore(self.device))
         families = [
             *_run_families(agents, tasks),
             *_trigger_families(read_status(self.device)),
@@ -196,7 +196,7 @@ def write_textfile(device: Device, path: str, interval: float = 15.0, once: bool
 # -- reading ---------------------------------------------------------------------------------
 
 
-def _tally_runs(store: RunStore) -> tuple[dict[str, AgentTally], dict[tuple[str, str], TaskTally]]:
+def tally_runs(store: RunStore) -> tuple[dict[str, AgentTally], dict[tuple[str, str], TaskTally]]:
     """Every run record on disk, read once: per agent, and per (agent, task). A bucket's names
     are all listed before any record is read, so a run moving on meanwhile is missed by this
     scrape (its file is gone when read) rather than counted twice."""
@@ -242,7 +242,7 @@ def _state_of(run: Run) -> str:
 
 def _run_families(agents: dict[str, AgentTally],
                   tasks: dict[tuple[str, str], TaskTally]) -> list[Metric]:
-    """The executor's families, from _tally_runs()."""
+    """The executor's families, from tally_runs()."""
     runs = GaugeMetricFamily("spos_runs", "Runs whose record is on disk, by state (finished runs "
                              "stay until retention removes them)", labels=["agent", "task", "state"])
     depth = GaugeMetricFamily("spos_queue_depth", "Runs in the agent's queue: new ones and retries "
