@@ -638,6 +638,8 @@ class Mirror:
         except OSError as exc:
             raise GitError(f"cannot run git: {exc.strerror}; install git") from None
         _RUNNING.add(process)
+        if _ABORTED.is_set():  # abort() ran while it was being started: it missed this one
+            _kill_group(process)
         return process
 
 
@@ -652,10 +654,14 @@ def abort() -> None:
     unreachable remote."""
     _ABORTED.set()
     for process in list(_RUNNING):  # only signalled: the thread that started it reaps it
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _environment(home: str, extra: dict[str, str] | None = None) -> dict[str, str]:
