@@ -1009,10 +1009,12 @@ def _action_show(args) -> int:
     from reconciler.executor import report
 
     run = _find(args)
+    finished = list(_store(args).runs(run.agent, buckets=("completed", "failed")))
+    history = report.task_history(run, finished)
     if args.json:
-        print(json.dumps({**run.record, "state": run.state, "agent": run.agent}, indent=2))
+        print(json.dumps(report.shown(run, history), indent=2))
     else:
-        sys.stdout.write(report.detail(run))
+        sys.stdout.write(report.detail(run, history))
     return EXIT_OK
 
 

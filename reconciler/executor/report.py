@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from reconciler.executor import estimate
 from reconciler.executor.runs import Run
 
 
@@ -40,7 +41,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def detail(run: Run) -> str:
+def task_history(run: Run, finished: list[Run]) -> list[dict]:
+    """The records, among `finished` (its agent's completed/ and failed/ runs), of `run`'s task."""
+    return [other.record for other in finished if other.record.get("task") == run.record.get("task")]
+
+
+def shown(run: Run, history: list[dict]) -> dict:
+    """The `--json` form of `action show`: the record, where it is, and its task's estimate."""
+    return {**run.record, "state": run.state, "agent": run.agent, "estimate": estimate.estimate(history)}
+
+
+def detail(run: Run, history: list[dict] | None = None) -> str:
+    """The text of `action show`; with `history` (task_history), the task's estimate last."""
     record = run.record
     lines = [
         f"Run {run.id}: {run.agent}/{record.get('task')}",
@@ -68,4 +80,7 @@ def detail(run: Run) -> str:
                 f"{attempt.get('startedAt')} -> {attempt.get('endedAt')}"
                 + (f": {attempt['reason']}" if attempt.get("reason") else "")
             )
+    if history is not None:
+        found = estimate.estimate(history)
+        lines.append("  " + estimate.line(found, len(estimate.completed_runs(history))))
     return "\n".join(lines) + "\n"

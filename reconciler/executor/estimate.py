@@ -1,0 +1,125 @@
+"""What a task is likely to take, from its finished runs on the device. Pure: the caller reads
+the records (one agent's completed/ and failed/ buckets) and hands over those of one task.
+
+Runtime comes from completed runs (the record's `durationSeconds`, the attempt that
+completed); peak memory and CPU from every finished attempt that recorded its `usage`.
+Percentiles are nearest-rank: p of n sorted values is the ceil(p/100 * n)-th, a value that was
+actually seen."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from datetime import datetime
+from typing import Iterable
+
+MIN_RUNS = 3
+"""Completed runs needed before an estimate is given."""
+
+TREND_RUNS, TREND_RECENT, TREND_FACTOR = 10, 5, 1.5
+"""`trending slower`: at least TREND_RUNS completed runs, and the median runtime of the last
+TREND_RECENT is more than TREND_FACTOR times the median of those before them."""
+
+FAILING_WINDOW = 10
+"""`failing often`: more than half of the last FAILING_WINDOW runs that ran to an outcome
+(completed, failed or timed out) failed. Cancelled, skipped and expired runs do not count."""
+
+FAILED = frozenset({"failed", "timeout"})
+OUTCOMES = FAILED | {"completed"}
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(p / 100 * len(ordered)), 1) - 1]
+
+
+def completed_runs(records: Iterable[dict]) -> list[dict]:
+    """The completed runs with a runtime, oldest end first."""
+    return _by_end(r for r in records if r.get("state") == "completed" and _number(r.get("durationSeconds")) is not None)
+
+
+def estimate(records: Iterable[dict]) -> dict | None:
+    """{"runs", "p50Seconds", "p95Seconds", "p95PeakMemoryBytes", "p50CpuSeconds", "flags"} from
+    one task's finished run records, or None with fewer than MIN_RUNS completed runs."""
+    records = [r for r in records if isinstance(r, dict)]
+    completed = completed_runs(records)
+    if len(completed) < MIN_RUNS:
+        return None
+    runtimes = [_number(r["durationSeconds"]) for r in completed]
+    memory, cpu = [], []
+    for record in records:
+        for attempt in record.get("attempts") or ():
+            usage = attempt.get("usage") if isinstance(attempt, dict) else None
+            if isinstance(usage, dict):
+                if _number(usage.get("peakMemoryBytes")) is not None:
+                    memory.append(_number(usage["peakMemoryBytes"]))
+                if _number(usage.get("cpuSeconds")) is not None:
+                    cpu.append(_number(usage["cpuSeconds"]))
+    flags = []
+    if len(runtimes) >= TREND_RUNS and (statistics.median(runtimes[-TREND_RECENT:])
+                                        > TREND_FACTOR * statistics.median(runtimes[:-TREND_RECENT])):
+        flags.append("trending slower")
+    outcomes = _by_end(r for r in records if r.get("state") in OUTCOMES)[-FAILING_WINDOW:]
+    if sum(r["state"] in FAILED for r in outcomes) * 2 > len(outcomes):
+        flags.append("failing often")
+    return {
+        "runs": len(completed),
+        "p50Seconds": percentile(runtimes, 50),
+        "p95Seconds": percentile(runtimes, 95),
+        "p95PeakMemoryBytes": int(percentile(memory, 95)) if memory else None,
+        "p50CpuSeconds": percentile(cpu, 50) if cpu else None,
+        "flags": flags,
+    }
+
+
+def line(found: dict | None, completed: int) -> str:
+    """`estimate: p50 4m12s, p95 6m01s, peak memory 610M (p95), cpu 2m03s (p50), from 24 runs`,
+    then `; flag` for each flag; or the history being too short."""
+    if found is None:
+        return f"estimate: not enough history ({completed} run{'' if completed == 1 else 's'})"
+    parts = [f"p50 {clock(found['p50Seconds'])}", f"p95 {clock(found['p95Seconds'])}"]
+    if found["p95PeakMemoryBytes"] is not None:
+        parts.append(f"peak memory {size(found['p95PeakMemoryBytes'])} (p95)")
+    if found["p50CpuSeconds"] is not None:
+        parts.append(f"cpu {clock(found['p50CpuSeconds'])} (p50)")
+    parts.append(f"from {found['runs']} runs")
+    return "estimate: " + ", ".join(parts) + "".join(f"; {flag}" for flag in found["flags"])
+
+
+def clock(seconds: float) -> str:
+    """0.4s, 42s, 4m12s, 1h05m."""
+    if seconds < 10:
+        return f"{seconds:.1f}".removesuffix(".0") + "s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def size(value: float) -> str:
+    """Bytes in the decimal units manifests use: 610000000 -> 610M, 1500000 -> 1.5M."""
+    for unit, factor in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if value >= factor:
+            scaled = value / factor
+            return (f"{scaled:.0f}" if scaled >= 10 else f"{scaled:.1f}".removesuffix(".0")) + unit
+    return f"{int(value)}B"
+
+
+def _by_end(records: Iterable[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: _epoch(r.get("endedAt")))
+
+
+def _epoch(text) -> float:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return float("-inf")
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
