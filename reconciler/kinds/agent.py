@@ -13,11 +13,11 @@ when they are empty; run history and outputs are kept for the operator.
 from __future__ import annotations
 
 import json
-import stat
 from typing import TYPE_CHECKING, Collection, Iterable
 
 from reconciler import AGENT_CONFIG, AGENTS_DIR, units
 from reconciler.errors import UnsafePathError
+from reconciler.kinds.recall import recall
 from reconciler.manifest import Manifest, ManifestSet
 from reconciler.resource import Change, Facts, Resource
 
@@ -188,16 +188,8 @@ class AgentKind:
         # The directory's stat covers which run directories exist: adding, removing or
         # replacing an entry changes its modification time.
         stats = (device.stat(config_path(name)), device.stat(f"{AGENTS_DIR}/{name}"))
-        if stats[0] is None:
-            return None
-        known = memo.lookup(f"agent:{name}", stats) if stat.S_ISREG(stats[0].st_mode) else None
-        if known is not None:
-            return Resource(f"agent/{name}", self.name, digest=known,
-                            load=lambda: self._read(device, name))
-        resource = self._read(device, name)
-        if resource is not None:
-            memo.remember(f"agent:{name}", stats, resource.digest)
-        return resource
+        return recall(memo, f"agent:{name}", stats, f"agent/{name}", self.name,
+                      lambda: self._read(device, name))
 
     def _read(self, device: "Device", name: str) -> Resource | None:
         raw = device.read_text(config_path(name))

@@ -10,12 +10,12 @@ connections and listeners alone. Deleting a Trigger removes its file, and the da
 from __future__ import annotations
 
 import json
-import stat
 from typing import TYPE_CHECKING, Collection, Iterable
 from urllib.parse import urlsplit
 
 from reconciler import TRIGGERS_DIR, units
 from reconciler.errors import UnsafePathError
+from reconciler.kinds.recall import recall
 from reconciler.manifest import Manifest, ManifestSet
 from reconciler.resource import Change, Facts, Resource
 
@@ -173,17 +173,8 @@ class TriggerKind:
         return found
 
     def _recall(self, device: "Device", name: str, memo: "PlanMemo") -> Resource | None:
-        stats = (device.stat(registration_path(name)),)
-        if stats[0] is None:
-            return None
-        known = memo.lookup(f"trigger:{name}", stats) if stat.S_ISREG(stats[0].st_mode) else None
-        if known is not None:
-            return Resource(f"trigger/{name}", self.name, digest=known,
-                            load=lambda: self._read(device, name))
-        resource = self._read(device, name)
-        if resource is not None:
-            memo.remember(f"trigger:{name}", stats, resource.digest)
-        return resource
+        return recall(memo, f"trigger:{name}", (device.stat(registration_path(name)),),
+                      f"trigger/{name}", self.name, lambda: self._read(device, name))
 
     def _read(self, device: "Device", name: str) -> Resource | None:
         raw = device.read_text(registration_path(name))
