@@ -129,13 +129,31 @@ class Source(Protocol):
 
 
 class Stoppable:
-    """A helper for sources built on their own threads: `stopping` is set by `stop()`, and
-    `wait(seconds)` sleeps that long or until stopped (True when stopped)."""
+    """A helper for sources built on a thread of their own: `start_thread` and `stop_thread`
+    run and end it, `stopping` is set by the latter, and `wait(seconds)` sleeps that long or
+    until stopped (True when stopped)."""
 
     def __init__(self):
         self.stopping = threading.Event()
         self._status = Status()
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start_thread(self, name: str) -> None:
+        """Run `self._run` on a daemon thread of its own; only the first call (before any
+        stop) starts one."""
+        if self._thread is not None or self.stopping.is_set():
+            return
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def stop_thread(self, timeout: float = 1.0) -> None:
+        """Set `stopping` and wait up to `timeout` for the thread to end (not when called from
+        the thread itself). Idempotent."""
+        self.stopping.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def wait(self, seconds: float) -> bool:
         return self.stopping.wait(max(0.0, seconds))

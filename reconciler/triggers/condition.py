@@ -16,7 +16,6 @@ import ipaddress
 import math
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -249,22 +248,16 @@ class ConditionSource(Stoppable):
             cooldown_seconds=float(config.get("cooldownSeconds") or 0),
             rearm=config.get("rearm") or "recover",
         )
-        self._thread: threading.Thread | None = None
         self.set_status("armed", f"{self._metric} {self._threshold}; first sample at start")
 
     def start(self) -> None:
         """Starts sampling (the first sample is taken at once); a second call does nothing."""
-        if self._thread is not None or self.stopping.is_set():
-            return
-        self._thread = threading.Thread(target=self._run, name=f"trigger-{self._name}", daemon=True)
-        self._thread.start()
+        self.start_thread(f"trigger-{self._name}")
 
     def stop(self) -> None:
         """Stops sampling; returns once the thread has ended (within about a second, unless a
         sample itself hangs). Idempotent."""
-        self.stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=1.0)
+        self.stop_thread()
 
     def _run(self) -> None:
         while not self.stopping.is_set():

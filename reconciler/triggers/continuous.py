@@ -9,7 +9,6 @@ so that an interval of 0s does not spin.
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -38,22 +37,16 @@ class ContinuousSource(Stoppable):
         self._pending = pending
         self._interval = float(registration.config["intervalSeconds"])
         self._poll = min(LONGEST_POLL_SECONDS, max(self._interval, SHORTEST_POLL_SECONDS))
-        self._thread: threading.Thread | None = None
         self.set_status("armed", "first run at start")
 
     def start(self) -> None:
         """Starts the cycle (the first event is emitted at once); a second call does nothing."""
-        if self._thread is not None or self.stopping.is_set():
-            return
-        self._thread = threading.Thread(target=self._run, name=f"trigger-{self._name}", daemon=True)
-        self._thread.start()
+        self.start_thread(f"trigger-{self._name}")
 
     def stop(self) -> None:
         """Stops the cycle, also in the middle of a wait; returns once the thread has ended
         (within about a second). A run already queued is left to finish. Idempotent."""
-        self.stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=1.0)
+        self.stop_thread()
 
     def _run(self) -> None:
         while not self.stopping.is_set():

@@ -415,7 +415,6 @@ class FilesystemSource(Stoppable):
         self._layout: Layout | None = None
         self._first_arming = True
         self._rearm_at: float | None = None
-        self._thread: threading.Thread | None = None
         self._wake_read = self._wake_write = -1
         self._pipe_lock = threading.Lock()
 
@@ -427,9 +426,7 @@ class FilesystemSource(Stoppable):
             return
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._guarded(self._arm)
-        self._thread = threading.Thread(target=self._run, name=f"trigger-filesystem-{self.registration.name}",
-                                        daemon=True)
-        self._thread.start()
+        self.start_thread(f"trigger-filesystem-{self.registration.name}")
 
     def stop(self) -> None:
         """Ends the thread, which closes the inotify fd (every watch with it); idempotent."""
@@ -440,9 +437,7 @@ class FilesystemSource(Stoppable):
                     os.write(self._wake_write, b"x")
                 except BlockingIOError:
                     pass
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(STOP_SECONDS)
+        self.stop_thread(STOP_SECONDS)
 
     def _run(self) -> None:
         try:

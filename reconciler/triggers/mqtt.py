@@ -19,7 +19,6 @@ delivered later (retained ones are, as for any new subscription).
 
 from __future__ import annotations
 
-import threading
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -62,7 +61,6 @@ class MqttSource(Stoppable):
         self.password_file = config.get("passwordFile")
         self.password_path = context.host(self.password_file) if self.password_file else None
         self.keepalive = _whole_seconds(config.get("keepaliveSeconds"), DEFAULT_KEEPALIVE_SECONDS)
-        self._thread: threading.Thread | None = None
         self._connected = False
         self._refusal = ""
         self.set_status("waiting", f"not connected to {self.broker} yet")
@@ -73,16 +71,12 @@ class MqttSource(Stoppable):
 
     def start(self) -> None:
         """Starts connecting and receiving on a daemon thread."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"trigger-mqtt-{self.name}", daemon=True)
-            self._thread.start()
+        self.start_thread(f"trigger-mqtt-{self.name}")
 
     def stop(self) -> None:
         """Disconnects from the broker and ends the thread, within about a second (a connect
         attempt in progress ends within CONNECT_TIMEOUT_SECONDS). Idempotent."""
-        self.stopping.set()
-        if self._thread is not None:
-            self._thread.join(STOP_JOIN_SECONDS)
+        self.stop_thread(STOP_JOIN_SECONDS)
 
     def _run(self) -> None:
         """Connects, receives until the connection is lost, and retries with backoff; the

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import threading
 from dataclasses import dataclass
 
 import serial
@@ -119,7 +118,6 @@ class SerialSource(Stoppable):
         self.mode = config.get("mode") or "line"
         self.splitter = LineSplitter(int(config.get("maxLineLength") or DEFAULT_MAX_LINE_LENGTH))
         self.emit = emit
-        self._thread: threading.Thread | None = None
         self.pattern, problem = _compile(config.get("pattern"), self.mode)
         if problem:
             self.set_status("error", problem)
@@ -128,16 +126,12 @@ class SerialSource(Stoppable):
 
     def start(self) -> None:
         """Starts reading; a source whose configuration is unusable stays in its error state."""
-        if self._thread is not None or self.status().state == "error":
-            return
-        self._thread = threading.Thread(target=self._run, name=f"trigger-serial-{self.name}", daemon=True)
-        self._thread.start()
+        if self.status().state != "error":
+            self.start_thread(f"trigger-serial-{self.name}")
 
     def stop(self) -> None:
         """Stops reading and closes the device, within about a second. Idempotent."""
-        self.stopping.set()
-        if self._thread is not None:
-            self._thread.join(STOP_JOIN_SECONDS)
+        self.stop_thread(STOP_JOIN_SECONDS)
 
     def _run(self) -> None:
         """Opens, reads until the device goes away, and tries again every RETRY_SECONDS."""
