@@ -480,8 +480,8 @@ class Mirror:
         if "couldn't find remote ref" in why:
             raise FetchError(f"the remote {redacted(self.url)} has no branch {branch!r}: check "
                              "the branch name, or push the branch")
-        raise FetchError(f"cannot fetch branch {branch!r} from {redacted(self.url)}: {why}. "
-                         "Nothing changed; the next sync tries again")
+        raise FetchError(f"cannot fetch branch {branch!r} from {redacted(self.url)}: "
+                         f"{why.rstrip('.')}. Nothing changed; the next sync tries again")
 
     def _spos_refs(self) -> dict[str, str]:
         """The spos refs that point at commits, by name, in one git run."""

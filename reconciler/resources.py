@@ -47,6 +47,8 @@ def collect(device: Device) -> dict:
 
 def text(report: dict) -> str:
     """The report as a table, one agent a row, rendered from the JSON form."""
+    if not report["agents"]:
+        return "No agents are applied on this device.\n"
     rows = [HEADER, *(_row(agent) for agent in report["agents"])]
     widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER))]
     return "".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n"
