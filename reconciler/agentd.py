@@ -60,6 +60,7 @@ class Child:
     backoff: float = BACKOFF_FIRST
     due: float = 0.0
     last_exit: dict | None = None
+    terminated: bool = False
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.log_path), mode=0o755, exist_ok=True)
@@ -68,7 +69,7 @@ class Child:
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C meant for the daemon reaches it once, via us
             )
-        self.started = time.monotonic()
+        self.started, self.terminated = time.monotonic(), False
 
     def check(self, now: float) -> None:
         """Start it when due; note an exit and schedule the restart."""
@@ -96,7 +97,9 @@ class Child:
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
     def terminate(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        """SIGTERM, once: a second one could reach it while it is already shutting down."""
+        if self.process is not None and self.process.poll() is None and not self.terminated:
+            self.terminated = True
             self.process.send_signal(signal.SIGTERM)
 
     def stop(self, deadline: float) -> None:
@@ -170,9 +173,9 @@ class Daemon:
     def cycle(self) -> None:
         """Whatever is due now: supervise the children, sync, or check for drift."""
         now = time.monotonic()
-        if self.stopping.is_set():
-            return
         for child in self.children:
+            if self.stopping.is_set():  # told to stop (a signal may come at any moment): start none
+                return
             child.check(now)
         if now >= self.next_sync:
             self._sync()
