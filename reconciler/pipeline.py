@@ -94,6 +94,10 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
         version=__version__,
     )
     result.notices = notices + _cgroup_notices(device)
+    if result.changes:
+        from reconciler.expect import expectations
+
+        result.estimates = expectations(device, result)
     memo.save()
     return device, result
 

@@ -146,6 +146,7 @@ class Plan:
     manifests: dict
     notices: list[str] = field(default_factory=list)
     version: str = ""
+    estimates: list[dict] = field(default_factory=list)
 
     @property
     def has_changes(self) -> bool:
@@ -168,6 +169,7 @@ class Plan:
             "summary": self.summary(),
             "changes": [change.to_json() for change in self.changes],
             "notices": self.notices,
+            "estimates": self.estimates,
             "desired": self.desired,
             "observed": self.observed,
             "inventory": self.inventory,
@@ -186,6 +188,7 @@ class Plan:
             manifests=data["manifests"],
             notices=data.get("notices", []),
             version=data.get("spos", ""),
+            estimates=data.get("estimates", []),
         )
 
 

@@ -18,8 +18,12 @@ def plan_text(plan: dict) -> str:
     if changes:
         lines.append(f"spos will make these changes under root {plan['root']}:")
         lines.append("")
+        expected: dict[str, list[dict]] = {}
+        for entry in plan.get("estimates", []):
+            expected.setdefault(entry["change"], []).append(entry)
         for change in changes:
             lines.extend(_change_lines(change))
+            lines.extend(f"        # {expectation_text(entry)}" for entry in expected.get(change["id"], ()))
             lines.append("")
     for notice in plan.get("notices", []):
         lines.append(f"Note: {notice}")
@@ -53,6 +57,27 @@ def _change_lines(change: dict) -> list[str]:
                 continue
             lines.append(f"        {path}: {_short(value)}")
     return lines
+
+
+def expectation_text(entry: dict) -> str:
+    """What a task changed by the plan usually takes, against the limits it will have:
+    "research-001/scan expected 4m12s (p95 6m01s), peak 610M: fits the 2G quota"."""
+    task = f"{entry['agent']}/{entry['task']}"
+    found = entry["estimate"]
+    if found is None:
+        runs = entry["completedRuns"]
+        return f"{task}: {runs} completed run{'' if runs == 1 else 's'} so far, too few for an estimate"
+    said = f"{task} expected {clock(found['p50Seconds'])} (p95 {clock(found['p95Seconds'])})"
+    peak, limit = found["p95PeakMemoryBytes"], entry["memoryLimitBytes"]
+    if peak is not None:
+        said += f", peak {human_size(peak)}"
+        if limit is not None:
+            quota = f"the {human_size(limit)} memory quota"
+            said += f": fits {quota}" if peak <= limit else f": over {quota}, it would be OOM-killed"
+    timeout = entry["timeoutSeconds"]
+    if timeout is not None and found["p95Seconds"] > timeout:
+        said += f"; p95 exceeds the {clock(timeout)} timeout"
+    return said + "".join(f"; {flag}" for flag in found["flags"])
 
 
 _ACCESS = {
@@ -138,6 +163,18 @@ def human_size(value: int) -> str:
         if value >= factor:
             return f"{value / factor:.1f}".removesuffix(".0") + unit
     return f"{value}B"
+
+
+def clock(seconds: float) -> str:
+    """0.4s, 42s, 4m12s, 1h05m."""
+    if seconds < 10:
+        return f"{seconds:.1f}".removesuffix(".0") + "s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 def _kernel_size(value: str | None) -> str:

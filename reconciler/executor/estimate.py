@@ -13,6 +13,8 @@ import statistics
 from datetime import datetime
 from typing import Iterable
 
+from reconciler.views import clock, human_size
+
 MIN_RUNS = 3
 """Completed runs needed before an estimate is given."""
 
@@ -80,32 +82,11 @@ def line(found: dict | None, completed: int) -> str:
         return f"estimate: not enough history ({completed} run{'' if completed == 1 else 's'})"
     parts = [f"p50 {clock(found['p50Seconds'])}", f"p95 {clock(found['p95Seconds'])}"]
     if found["p95PeakMemoryBytes"] is not None:
-        parts.append(f"peak memory {size(found['p95PeakMemoryBytes'])} (p95)")
+        parts.append(f"peak memory {human_size(found['p95PeakMemoryBytes'])} (p95)")
     if found["p50CpuSeconds"] is not None:
         parts.append(f"cpu {clock(found['p50CpuSeconds'])} (p50)")
     parts.append(f"from {found['runs']} runs")
     return "estimate: " + ", ".join(parts) + "".join(f"; {flag}" for flag in found["flags"])
-
-
-def clock(seconds: float) -> str:
-    """0.4s, 42s, 4m12s, 1h05m."""
-    if seconds < 10:
-        return f"{seconds:.1f}".removesuffix(".0") + "s"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-
-
-def size(value: float) -> str:
-    """Bytes in the decimal units manifests use: 610000000 -> 610M, 1500000 -> 1.5M."""
-    for unit, factor in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3)):
-        if value >= factor:
-            scaled = value / factor
-            return (f"{scaled:.0f}" if scaled >= 10 else f"{scaled:.1f}".removesuffix(".0")) + unit
-    return f"{int(value)}B"
 
 
 def _by_end(records: Iterable[dict]) -> list[dict]:

@@ -70,6 +70,16 @@ class CronKind:
             for schedule in manifests.of_kind("Schedule").values() if "cron" in schedule.spec
         }
 
+    @staticmethod
+    def starts(attrs: dict) -> tuple[str, str] | None:
+        """The agent and task the line enqueues; None while it is suspended."""
+        line = attrs.get("line") or ""
+        if line.startswith(SUSPENDED):
+            return None
+        words = line.split()
+        agent, task = option_value(words, "--agent"), option_value(words, "--task")
+        return (agent, task) if agent and task else None
+
     def render(self, manifests: ManifestSet, facts: Facts,
                skip: Collection[str] = ()) -> Iterable[Resource]:
         """One resource per cron Schedule, but those whose id is in `skip`. Pure."""
@@ -170,8 +180,13 @@ class CronKind:
 
 def _agent_of(line: str) -> str:
     """The agent a rendered line enqueues for ('' when the line is not one of ours)."""
-    words = line.split()
-    return words[words.index("--agent") + 1] if "--agent" in words[:-1] else ""
+    return option_value(line.split(), "--agent") or ""
+
+
+def option_value(words: list[str], option: str) -> str | None:
+    """The word after `option` in a command spos rendered (agent and task names hold no
+    spaces or quotes, so splitting on white space finds them)."""
+    return words[words.index(option) + 1] if option in words[:-1] else None
 
 
 def _mode(device: "Device", path: str) -> str | None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Collection, Iterable
 from reconciler import STATE_DIR
 from reconciler.errors import SposError, UnsafePathError
 from reconciler.kinds.agent import compile_capability, compile_quota
+from reconciler.kinds.cron import option_value
 from reconciler.manifest import Manifest, ManifestSet
 from reconciler.resource import Change, Facts, Resource
 
@@ -294,6 +295,15 @@ class TimerKind:
                 schedule, agent, capabilities.get(agent.spec.get("capability")),
                 quotas.get(agent.spec.get("quota"))) if m is not None)
         return found
+
+    @staticmethod
+    def starts(attrs: dict) -> tuple[str, str] | None:
+        """The agent and task the timer's service runs."""
+        service = ((attrs.get("service") or {}).get("sections") or {}).get("Service") or {}
+        command = service.get("ExecStart")
+        words = command.split() if isinstance(command, str) else []
+        agent, task = option_value(words, "--agent"), option_value(words, "--task")
+        return (agent, task) if agent and task else None
 
     def render(self, manifests: ManifestSet, facts: Facts,
                skip: Collection[str] = ()) -> Iterable[Resource]:
