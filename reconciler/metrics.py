@@ -54,6 +54,7 @@ from prometheus_client.exposition import choose_encoder
 from reconciler.device import Device
 from reconciler.errors import SposError, UsageError
 from reconciler.executor.enqueue import listening
+from reconciler.executor.estimate import FLAGS, Outcome, outcome, trend
 from reconciler.executor.owner import process_alive
 from reconciler.executor.runs import BUCKETS, STATES, TERMINAL_BUCKET, CorruptRecord, Run, RunStore
 from reconciler.sync import SyncState
@@ -96,6 +97,7 @@ class TaskTally:
     usage: dict[str, float] = field(default_factory=dict)
     last_end: dict[str, float] = field(default_factory=dict)
     last_duration: tuple[float, float] | None = None
+    outcomes: list[Outcome] = field(default_factory=list)
 
     def add(self, run: Run, state: str) -> None:
         record = run.record
@@ -113,6 +115,7 @@ class TaskTally:
             self._add_usage(attempt.get("usage"))
         if state not in TERMINAL_BUCKET:
             return
+        self.outcomes.append(outcome(record))
         ended = _epoch(record.get("endedAt"))
         if ended is not None and ended >= self.last_end.get(state, ended):
             self.last_end[state] = ended
@@ -269,6 +272,14 @@ def _run_families(agents: dict[str, AgentTally],
                                "recorded in the runs on disk", labels=["agent", "task"])
     io = GaugeMetricFamily("spos_run_io_bytes", "Bytes read and written by the attempts recorded in "
                            "the runs on disk", labels=["agent", "task", "direction"])
+    slowdown = GaugeMetricFamily("spos_task_slowdown_ratio", "Median runtime of the task's last 5 "
+                                 "completed runs over the median of those before (given 10)",
+                                 labels=["agent", "task"])
+    failed_share = GaugeMetricFamily("spos_task_failed_share", "Part of the task's last 10 runs that "
+                                     "ran to an outcome that failed or timed out", labels=["agent", "task"])
+    flagged = GaugeMetricFamily("spos_task_flagged", "1 when the task is flagged: trending_slower "
+                                "(slowdown over 1.5), failing_often (failed share over one half)",
+                                labels=["agent", "task", "flag"])
     for agent, tally in sorted(agents.items()):
         depth.add_metric([agent], tally.queued)
         active.add_metric([agent], tally.active)
@@ -295,8 +306,15 @@ def _run_families(agents: dict[str, AgentTally],
         for direction in ("read", "write"):
             if direction in tally.usage:
                 io.add_metric([agent, task, direction], tally.usage[direction])
+        found = trend(tally.outcomes)
+        if found["slowdown"] is not None:
+            slowdown.add_metric([agent, task], found["slowdown"])
+        if found["failedShare"] is not None:
+            failed_share.add_metric([agent, task], found["failedShare"])
+        for flag in FLAGS:
+            flagged.add_metric([agent, task, flag.replace(" ", "_")], 1 if flag in found["flags"] else 0)
     return [runs, depth, active, errors, attempts, retries, durations, last_duration, last_end,
-            cpu, memory, io]
+            cpu, memory, io, slowdown, failed_share, flagged]
 
 
 def _trigger_families(status: dict | None) -> list[Metric]:

@@ -15,10 +15,13 @@ an interval apart.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from reconciler import AGENTS_DIR
 from reconciler.device import Device
 from reconciler.executor.cgroup import Cgroups
 from reconciler.executor.config import ConfigError, agent_config
+from reconciler.executor.estimate import trend
 from reconciler.executor.runs import TERMINAL_BUCKET, RunStore
 from reconciler.executor.storage import DIRECTORIES, usage
 from reconciler.metrics import tally_runs
@@ -32,7 +35,7 @@ CURRENT_FILES = {1: {"memory": "memory/memory.usage_in_bytes", "tasks": "pids/pi
 """Per cgroup version, the files holding the memory in use and the processes now."""
 
 HEADER = ("AGENT", "CPU", "MEMORY", "PEAK", "TASKS", "IO READ/WRITE", "TEMP", "OUTPUT",
-          "RUNS Q/A/C/F")
+          "RUNS Q/A/C/F", "FLAGGED")
 
 
 def collect(device: Device) -> dict:
@@ -72,6 +75,7 @@ def _agent(device: Device, agent: str, tally, tasks: dict) -> dict:
         "storage": {name: _storage(device, agent, name, (quota.get("storageBytes") or {}).get(name))
                     for name in STORAGE},
         "runs": _runs(agent, tally, tasks),
+        "byTask": _by_task(agent, tasks),
     }
 
 
@@ -117,6 +121,21 @@ def _runs(agent: str, tally, tasks: dict) -> dict:
     return counts
 
 
+def _by_task(agent: str, tasks: dict) -> list[dict]:
+    """Per task of the agent with finished runs: how they ended, and its trend (estimate.trend):
+    flagged `trending slower` or `failing often`."""
+    shown = []
+    for (owner, task), tally in sorted(tasks.items()):
+        if owner != agent or not tally.outcomes:
+            continue
+        found = trend(tally.outcomes)
+        ended = Counter(TERMINAL_BUCKET.get(o.state) for o in tally.outcomes)
+        shown.append({"task": task, "completed": ended["completed"], "failed": ended["failed"],
+                      "slowdown": found["slowdown"], "failedShare": found["failedShare"],
+                      "flags": found["flags"]})
+    return shown
+
+
 def _against(used: int | None, limit: int | None, limit_key: str) -> dict:
     """The limit and the percentage of it used (one decimal), None where either is unknown."""
     percent = None if used is None or not limit else round(used * 100 / limit, 1)
@@ -142,6 +161,7 @@ def _row(agent: dict) -> tuple[str, ...]:
         *(_of(_size(used["bytes"]), _size(used["limitBytes"]), used["percent"])
           for used in (agent["storage"][name] for name in STORAGE)),
         "/".join(str(runs[key]) for key in ("queued", "active", "completed", "failed")),
+        "; ".join(f"{task['task']}: {', '.join(task['flags'])}" for task in agent["byTask"] if task["flags"]),
     )
 
 

@@ -6,7 +6,7 @@ import json
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from reconciler.executor.estimate import estimate, line, percentile
+from reconciler.executor.estimate import estimate, line, outcome, percentile, trend
 
 STATE = "var/lib/systemprompt-os"
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -139,3 +139,19 @@ def test_action_show_gives_the_estimate_of_the_runs_task(spos, tmp_path, device_
     assert json.loads(other.out)["estimate"] is None
     assert "estimate: not enough history (1 run)" in spos(
         "action", "show", _record(10)["id"], "--root", device_root).out
+
+
+def test_the_trend_needs_no_estimate_a_task_that_always_fails_is_flagged():
+    failures = [_record(n, "failed", seconds=1.0) for n in range(4)]
+
+    assert estimate(failures) is None
+    assert trend(outcome(r) for r in failures) == {"slowdown": None, "failedShare": 1.0,
+                                                   "flags": ["failing often"]}
+    assert trend([]) == {"slowdown": None, "failedShare": None, "flags": []}
+
+
+def test_the_slowdown_is_the_recent_median_over_the_earlier_one():
+    records = [_record(n, seconds=20.0 if n < 6 else 25.0) for n in range(11)]
+    assert trend(outcome(r) for r in records) == {"slowdown": 1.25, "failedShare": 0.0, "flags": []}
+    zero = [_record(n, seconds=0.0) for n in range(10)]
+    assert trend(outcome(r) for r in zero)["slowdown"] is None  # no ratio to a median of nothing

@@ -71,7 +71,8 @@ class DeviceState:
         return directory
 
     def run(self, agent: str, task: str, bucket: str, state: str | None = None, *, attempt: int = 1,
-            attempts: list | None = None, ended_hours_ago: float | None = None) -> str:
+            attempts: list | None = None, ended_hours_ago: float | None = None,
+            duration: float | None = None) -> str:
         self.serial += 1
         run_id = f"20261126T090000-{self.serial:08x}"
         record = {"format": 1, "id": run_id, "agent": agent, "task": task, "priority": 50,
@@ -83,6 +84,8 @@ class DeviceState:
             record["attempts"] = attempts
         if ended_hours_ago is not None:
             record["endedAt"] = _iso(NOW - ended_hours_ago * HOUR)
+        if duration is not None:
+            record["durationSeconds"] = duration
         name = f"050-{int(NOW * 1e9) + self.serial:020d}-{run_id}.json"
         (self.agent(agent) / bucket / name).write_text(json.dumps(record, indent=2, sort_keys=True))
         self.run_ids.append(run_id)
@@ -281,6 +284,25 @@ def test_sync_outcome_applied_revision_quarantine_and_drift_repairs(device):
     assert values(found, "spos_drift_last_check_timestamp_seconds") == {(): NOW - 30}
     assert values(found, "spos_executor_up") == {(): 0}
     assert found[("spos_scrape_duration_seconds", ())] >= 0
+
+
+def test_trend_and_flags_per_task(device):
+    for n in range(10):  # runs that lately take three times as long
+        seconds = 10.0 if n < 5 else 30.0
+        device.run("trend-001", "slowing", "completed", "completed", ended_hours_ago=30 - n,
+                   attempts=[_attempt(1, "completed", seconds)], duration=seconds)
+
+    found = samples(metrics.exposition(Device(device.root)))
+
+    assert values(found, "spos_task_slowdown_ratio", agent="trend-001") == {("slowing",): 3.0}
+    assert values(found, "spos_task_failed_share", agent="trend-001") == {("slowing",): 0.0}
+    # daily_scan: of its completed, completed and timed-out runs, one in three failed; weekly_report's
+    # only run was cancelled, which is no outcome
+    assert values(found, "spos_task_failed_share", agent=AGENT) == {("daily_scan",): 1 / 3}
+    assert values(found, "spos_task_flagged", agent="trend-001", task="slowing") == {
+        ("trending_slower",): 1, ("failing_often",): 0}
+    assert values(found, "spos_task_flagged", agent=AGENT, task="daily_scan") == {
+        ("trending_slower",): 0, ("failing_often",): 0}
 
 
 def test_every_family_is_documented_and_no_label_names_a_run(device):

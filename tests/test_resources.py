@@ -49,6 +49,7 @@ NOTHING = {
     "storage": {"temp": {"bytes": 0, "limitBytes": None, "percent": None},
                 "output": {"bytes": 0, "limitBytes": None, "percent": None}},
     "runs": {"queued": 0, "active": 0, "completed": 0, "failed": 0},
+    "byTask": [],
 }
 
 
@@ -132,6 +133,8 @@ def test_an_agent_with_everything_measured_shows_usage_against_its_quota(spos, a
                     "output": {"bytes": output, "limitBytes": 2_000_000,
                                "percent": round(output * 100 / 2_000_000, 1)}},
         "runs": {"queued": 2, "active": 1, "completed": 1, "failed": 2},
+        "byTask": [{"task": "ping", "completed": 1, "failed": 2, "slowdown": None,
+                    "failedShare": 2 / 3, "flags": ["failing often"]}],
     }
 
 
@@ -188,9 +191,9 @@ def test_the_table_has_a_row_per_agent_with_dashes_for_what_is_unknown(spos, app
     assert result.code == 0, result.err
     header, alpha, beta = result.out.splitlines()
     assert header.split() == ["AGENT", "CPU", "MEMORY", "PEAK", "TASKS", "IO", "READ/WRITE", "TEMP",
-                              "OUTPUT", "RUNS", "Q/A/C/F"]
+                              "OUTPUT", "RUNS", "Q/A/C/F", "FLAGGED"]
     assert alpha.startswith("alpha")
     assert "1.5s / 50%" in alpha and "250M / 1G (25%)" in alpha and "16 / 64 (25%)" in alpha
-    assert alpha.endswith("2/1/1/2")
+    assert alpha.split()[-4:] == ["2/1/1/2", "ping:", "failing", "often"]
     assert beta.split() == ["beta", "-", "/", "-", "-", "/", "-", "-", "-", "/", "-", "-", "/", "-",
                             "0B", "/", "-", "0B", "/", "-", "0/0/0/0"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
@@ -25,6 +26,8 @@ TREND_RECENT is more than TREND_FACTOR times the median of those before them."""
 FAILING_WINDOW = 10
 """`failing often`: more than half of the last FAILING_WINDOW runs that ran to an outcome
 (completed, failed or timed out) failed. Cancelled, skipped and expired runs do not count."""
+
+FLAGS = ("trending slower", "failing often")
 
 FAILED = frozenset({"failed", "timeout"})
 OUTCOMES = FAILED | {"completed"}
@@ -58,21 +61,52 @@ def estimate(records: Iterable[dict]) -> dict | None:
                     memory.append(_number(usage["peakMemoryBytes"]))
                 if _number(usage.get("cpuSeconds")) is not None:
                     cpu.append(_number(usage["cpuSeconds"]))
-    flags = []
-    if len(runtimes) >= TREND_RUNS and (statistics.median(runtimes[-TREND_RECENT:])
-                                        > TREND_FACTOR * statistics.median(runtimes[:-TREND_RECENT])):
-        flags.append("trending slower")
-    outcomes = _by_end(r for r in records if r.get("state") in OUTCOMES)[-FAILING_WINDOW:]
-    if sum(r["state"] in FAILED for r in outcomes) * 2 > len(outcomes):
-        flags.append("failing often")
     return {
         "runs": len(completed),
         "p50Seconds": percentile(runtimes, 50),
         "p95Seconds": percentile(runtimes, 95),
         "p95PeakMemoryBytes": int(percentile(memory, 95)) if memory else None,
         "p50CpuSeconds": percentile(cpu, 50) if cpu else None,
-        "flags": flags,
+        "flags": trend(outcome(r) for r in records)["flags"],
     }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What trend() needs of a finished run: when it ended, how, and its runtime."""
+
+    ended: float
+    state: str
+    seconds: float | None
+
+
+def outcome(record: dict) -> Outcome:
+    return Outcome(_epoch(record.get("endedAt")), str(record.get("state")), _number(record.get("durationSeconds")))
+
+
+def trend(outcomes: Iterable[Outcome]) -> dict:
+    """{"slowdown", "failedShare", "flags"} of one task's finished runs, in any order.
+
+    `slowdown`: the median runtime of the last TREND_RECENT completed runs over the median of
+    those before them, given TREND_RUNS completed runs and a median before above zero (else
+    None); above TREND_FACTOR it flags
+    `trending slower`. `failedShare`: the part of the last FAILING_WINDOW runs that ran to an
+    outcome that failed (None without any); above one half it flags `failing often`."""
+    ordered = sorted(outcomes, key=lambda o: o.ended)
+    runtimes = [o.seconds for o in ordered if o.state == "completed" and o.seconds is not None]
+    slowdown = None
+    if len(runtimes) >= TREND_RUNS:
+        before = statistics.median(runtimes[:-TREND_RECENT])
+        recent = statistics.median(runtimes[-TREND_RECENT:])
+        slowdown = recent / before if before > 0 else None
+    window = [o for o in ordered if o.state in OUTCOMES][-FAILING_WINDOW:]
+    failed_share = sum(o.state in FAILED for o in window) / len(window) if window else None
+    flags = []
+    if slowdown is not None and slowdown > TREND_FACTOR:
+        flags.append(FLAGS[0])
+    if failed_share is not None and failed_share > 0.5:
+        flags.append(FLAGS[1])
+    return {"slowdown": slowdown, "failedShare": failed_share, "flags": flags}
 
 
 def line(found: dict | None, completed: int) -> str:
