@@ -26,7 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
-    return guarded(lambda: _run(args), as_json=getattr(args, "json", False))
+    return guarded(lambda: _run_with_feedback(args), as_json=getattr(args, "json", False))
+
+
+def _run_with_feedback(args) -> int:
+    """Run the command; whatever happens, take down its status line before anything else is said."""
+    try:
+        return _run(args)
+    finally:
+        if hasattr(args, "feedback"):
+            args.feedback.pause()
 
 
 def guarded(command, as_json: bool = False) -> int:
@@ -394,6 +403,7 @@ def _sync(args) -> int:
 
     result = sync(args.root, _sync_options(args),
                   progress=lambda text: _stage(args, text), report=_progress(args))
+    _feedback(args).pause()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -585,8 +595,65 @@ def _report_diagnostics(exc, as_json: bool) -> int:
 
 
 def _stage(args, text: str) -> None:
-    if not getattr(args, "json", False):
-        print(text, file=sys.stderr)
+    _feedback(args).stage(text)
+
+
+def _feedback(args) -> "_Feedback":
+    if not hasattr(args, "feedback"):
+        args.feedback = _Feedback(quiet=getattr(args, "json", False))
+    return args.feedback
+
+
+class _Feedback:
+    """What a long command (plan, apply, sync) tells the person running it: each stage as it
+    starts, and each change as it is applied.
+
+    Plain lines (stages on stderr, changes on stdout) unless both stdout and stderr are a
+    terminal: then a live status line at the bottom shows the stage, the elapsed time and, while
+    applying, how many of the changes are done; the change lines scroll above it. With --json
+    nothing but the JSON is printed."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.live = not quiet and sys.stdout.isatty() and sys.stderr.isatty()
+        self.bar = None
+        self.task = None
+
+    def stage(self, text: str, total: int | None = None) -> None:
+        if self.quiet:
+            return
+        if not self.live:
+            print(text, file=sys.stderr)
+            return
+        if self.bar is None:
+            self._start()
+        self.bar.update(self.task, description=text.rstrip("."), total=total, completed=0)
+
+    def change(self, change, error) -> None:
+        from reconciler.views import apply_line
+
+        if self.quiet:
+            return
+        print(apply_line(change.to_json(), error))  # above the status line, when there is one
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def pause(self) -> None:
+        """Take the status line down (before output that must stand alone, or a question)."""
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def _start(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                                   TextColumn, TimeElapsedColumn)
+
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.task = self.bar.add_task("", total=None)
+        self.bar.start()
 
 
 def _make_plan(args):
@@ -612,6 +679,7 @@ def _plan(args) -> int:
     from reconciler.views import plan_text
 
     _, result = _make_plan(args)
+    _feedback(args).pause()
     data = result.to_json()
     if args.out:
         _save_plan(args.out, data)
@@ -656,13 +724,14 @@ def _apply(args) -> int:
         if not args.json:
             for notice in planned.notices:  # as its plan said: e.g. units written, not activated
                 print(f"Note: {notice}")
-        _stage(args, "Applying...")
+        _feedback(args).stage("Applying...", total=len(planned.changes))
         result = apply(device, planned, lock_timeout=lock_timeout, progress=_progress(args))
         return _report_apply(args, planned, result)
     device = Device(args.root)
     device.ensure_root()
     with ApplyLock(device, timeout=lock_timeout):  # nothing changes between plan and apply
         device, planned = _make_plan(args)
+        _feedback(args).pause()
         if not args.json:
             sys.stdout.write(plan_text(planned.to_json()))
         if not planned.has_changes:
@@ -670,7 +739,7 @@ def _apply(args) -> int:
         if not args.auto_approve and not _confirm():
             print("Apply cancelled; nothing was changed.", file=sys.stderr)
             return EXIT_ERROR
-        _stage(args, "Applying...")
+        _feedback(args).stage("Applying...", total=len(planned.changes))
         result = apply_locked(device, planned, progress=_progress(args))
     return _report_apply(args, planned, result)
 
@@ -689,18 +758,13 @@ def _saved_plan(path: str):
 
 
 def _progress(args):
-    from reconciler.views import apply_line
-
-    def progress(change, error):
-        if not args.json:
-            print(apply_line(change.to_json(), error))
-
-    return progress
+    return _feedback(args).change
 
 
 def _report_apply(args, planned, result) -> int:
     import json
 
+    _feedback(args).pause()
     if args.json:
         print(json.dumps({
             "plan": planned.to_json(),
@@ -1081,10 +1145,16 @@ def _action_cleanup(args) -> int:
 
 def _action_resources(args) -> int:
     from reconciler import resources
+
+    return _show(args, resources.collect(_measured_device(args)), resources.text)
+
+
+def _measured_device(args):
+    """The device, with the agents' cgroups where --cgroup-root says (default under --root)."""
     from reconciler.device import Device
 
     cgroup_root = args.cgroup_root or os.path.join(os.path.abspath(args.root), "sys/fs/cgroup")
-    return _show(args, resources.collect(Device(args.root, cgroup_root=cgroup_root)), resources.text)
+    return Device(args.root, cgroup_root=cgroup_root)
 
 
 def _triggers(args) -> int:

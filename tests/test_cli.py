@@ -83,3 +83,70 @@ def test_the_lean_cron_entry_point_enqueues_and_falls_back_for_anything_else(spo
 
     listed = lean("--root", str(device_root), "action", "list", "--json")
     assert listed.returncode == 0 and '"task": "health_check"' in listed.stdout
+
+
+def _in_a_terminal(*args: str, columns: int = 100) -> tuple[int, str]:
+    """Run spos with a pseudo-terminal as stdin, stdout and stderr, as a person at a terminal
+    would: (exit code, everything written to the terminal)."""
+    import fcntl
+    import os
+    import struct
+    import termios
+    import time
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "reconciler", *args], stdin=slave, stdout=slave,
+                               stderr=slave, env={**os.environ, "TERM": "xterm-256color"}, close_fds=True)
+    os.close(slave)
+    output, deadline = b"", time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        return process.wait(timeout=max(deadline - time.monotonic(), 1)), output.decode(errors="replace")
+    finally:
+        process.kill()
+        os.close(master)
+
+
+def test_apply_at_a_terminal_shows_a_status_line_and_leaves_the_terminal_as_it_was(manifests, device_root):
+    import re
+
+    code, output = _in_a_terminal("apply", str(manifests), "--root", str(device_root), "--auto-approve")
+
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    assert code == 0, plain
+    total = int(re.search(r"Apply complete: (\d+) changed, 0 failed\.", plain).group(1))
+    assert "Applying" in plain and f"{total}/{total}" in plain  # the status line counted them all
+    assert "+   agent/backup-001: done" in plain  # the change lines are there, as without a terminal
+    assert output.rindex("\x1b[?25h") > output.rindex("\x1b[?25l")  # the cursor is shown again
+    assert plain.rstrip().endswith(f"Apply complete: {total} changed, 0 failed.")
+
+
+def test_apply_into_a_pipe_prints_plain_lines_only(manifests, device_root):
+    result = subprocess.run(
+        [sys.executable, "-m", "reconciler", "apply", str(manifests), "--root", str(device_root), "--auto-approve"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout + result.stderr
+    assert "Applying..." in result.stderr and "Apply complete:" in result.stdout
+
+
+def test_an_error_at_a_terminal_takes_the_status_line_down_first(manifests, device_root):
+    import re
+
+    (manifests / "broken.yaml").write_text("apiVersion: spos/v1\nkind: Agent\nmetadata: {name: x}\nspec: {tasks: 1}\n")
+
+    code, output = _in_a_terminal("apply", str(manifests), "--root", str(device_root), "--auto-approve")
+
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    assert code == 1
+    assert re.search(r"broken\.yaml:4:\d+: .*tasks", plain), plain
+    assert output.rindex("\x1b[?25h") < output.index("broken.yaml")  # the cursor came back before the error
