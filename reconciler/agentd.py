@@ -6,6 +6,7 @@ One process keeps the device converged and runs its work:
   remote at the same second): fetch, verify, validate, plan, apply (sync.py);
 - **drift repair** every `drift_interval` between syncs: the applied revision planned again
   without fetching, and what differs applied, each repair recorded (sync.repair_drift);
+- a **load sample** every 5 minutes, for `spos schedule suggest` (loadlog.py);
 - the **executor** and the **trigger daemon** as supervised child processes (`spos executor`,
   `spos triggers`): one that exits is started again after a backoff that doubles from 1 s up
   to a minute, and resets once a child has run for a minute.
@@ -30,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from reconciler import STATE_DIR
+from reconciler import STATE_DIR, loadlog
 from reconciler.device import Device
 from reconciler.errors import SposError
 from reconciler.state import read_json_object
@@ -147,6 +148,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.started_at = now_iso()
         self.children = [self._child(name) for name in settings.children]
+        self.load = loadlog.Sampler(self.device, log)
         self.next_sync = 0.0
         self.next_sync_at = time.time()
         self.next_drift = 0.0
@@ -177,6 +179,7 @@ class Daemon:
             if self.stopping.is_set():  # told to stop (a signal may come at any moment): start none
                 return
             child.check(now)
+        self.load.tick()
         if now >= self.next_sync:
             self._sync()
             now = time.monotonic()

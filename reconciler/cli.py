@@ -334,6 +334,17 @@ def _parser() -> "argparse.ArgumentParser":
                                help="fire times per Schedule (default 5)")
     schedule_next.add_argument("--json", action="store_true")
     schedule_next.set_defaults(handler=_schedule_next)
+    schedule_suggest = schedule_commands.add_parser(
+        "suggest", parents=[common], help="quieter times for flexible tasks, as a diff to commit",
+        description="From the device's run history and sampled load, find its quiet hours and "
+                    "propose moved cron times for the Schedules of tasks marked flexible. Prints "
+                    "a diff of DIR's manifests; nothing is changed.",
+    )
+    schedule_suggest.add_argument("path", nargs="?", default="agents.d", metavar="DIR",
+                                  help="manifests directory (default agents.d)")
+    schedule_suggest.add_argument("--agent", help="only this agent's Schedules")
+    schedule_suggest.add_argument("--json", action="store_true")
+    schedule_suggest.set_defaults(handler=_schedule_suggest)
 
     trigger = commands.add_parser("trigger", parents=[common], help="inspect and test triggers")
     trigger_commands = trigger.add_subparsers(title="trigger commands", metavar="COMMAND")
@@ -1155,6 +1166,13 @@ def _measured_device(args):
 
     cgroup_root = args.cgroup_root or os.path.join(os.path.abspath(args.root), "sys/fs/cgroup")
     return Device(args.root, cgroup_root=cgroup_root)
+
+
+def _schedule_suggest(args) -> int:
+    from reconciler import suggest
+    from reconciler.device import Device
+
+    return _show(args, suggest.propose(Device(args.root), args.path, agent=args.agent), suggest.text)
 
 
 def _triggers(args) -> int:
