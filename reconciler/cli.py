@@ -346,6 +346,16 @@ def _parser() -> "argparse.ArgumentParser":
     schedule_suggest.add_argument("--json", action="store_true")
     schedule_suggest.set_defaults(handler=_schedule_suggest)
 
+    why = commands.add_parser(
+        "why", parents=[common], help="where a run came from: source, revision, config, limits, lineage",
+        description="The provenance of run RUN_ID: the schedule, trigger or command that started "
+                    "it, the git revision and agent config it ran under, the capabilities and "
+                    "limits in force, and every attempt of its retry lineage.",
+    )
+    why.add_argument("run_id", metavar="RUN_ID")
+    why.add_argument("--json", action="store_true")
+    why.set_defaults(handler=_why)
+
     trigger = commands.add_parser("trigger", parents=[common], help="inspect and test triggers")
     trigger_commands = trigger.add_subparsers(title="trigger commands", metavar="COMMAND")
     trigger_list = trigger_commands.add_parser(
@@ -1173,6 +1183,13 @@ def _schedule_suggest(args) -> int:
     from reconciler.device import Device
 
     return _show(args, suggest.propose(Device(args.root), args.path, agent=args.agent), suggest.text)
+
+
+def _why(args) -> int:
+    from reconciler import why
+    from reconciler.device import Device
+
+    return _show(args, why.explain(Device(args.root), args.run_id), why.text)
 
 
 def _triggers(args) -> int:

@@ -16,19 +16,27 @@ class ConfigError(SposError):
 
 
 def agent_config(device: Device, agent: str) -> dict:
+    return read_agent_config(device, agent)[0]
+
+
+def read_agent_config(device: Device, agent: str) -> tuple[dict, bytes]:
+    """The agent's compiled config, and the exact bytes it was read from (the executor records
+    their digest as the config each attempt ran under)."""
     path = f"{AGENTS_DIR}/{agent}/{AGENT_CONFIG}"
-    raw = device.read_text(path)
+    raw = device.read_bytes(path)
     if raw is None:
         raise ConfigError(f"agent {agent!r} is not applied on this device (no {path})")
     try:
-        config = json.loads(raw)
+        config = json.loads(raw.decode("utf-8", errors="replace"))
     except ValueError:
         raise ConfigError(f"{path} is not valid JSON; run spos apply to repair it") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a JSON object; run spos apply to repair it")
     if config.get("format") != SUPPORTED_FORMAT:
         raise ConfigError(
             f"{path} has format {config.get('format')!r}; this executor reads format {SUPPORTED_FORMAT}"
         )
-    return config
+    return config, raw
 
 
 def task_config(config: dict, task: str) -> dict:

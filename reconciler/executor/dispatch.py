@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from reconciler import STATE_DIR
 from reconciler.device import Device
-from reconciler.executor import cancel, network, storage
-from reconciler.executor.config import ConfigError, agent_config, task_config
+from reconciler.executor import cancel, network, provenance, storage
+from reconciler.executor.config import ConfigError, read_agent_config, task_config
 from reconciler.executor.enqueue import WAKE_PIPE, enqueue, trigger_env
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.retention import PeriodicCleanup
@@ -65,6 +65,7 @@ class Executor:
     def __init__(self, device: Device, sandbox, settings: Settings | None = None):
         self.device = device
         self.store = RunStore(device)
+        self.provenance = provenance.Provenance(device)
         self.sandbox = sandbox
         self.settings = settings or Settings()
         self.selector = selectors.DefaultSelector()
@@ -115,14 +116,14 @@ class Executor:
         try:
             while True:
                 run = self.store.load(agent, "active", _name_of(self.store, agent, "active", run_id))
-                config = agent_config(self.device, agent)
+                config, raw = read_agent_config(self.device, agent)
                 task = task_config(config, run.record.get("task"))
                 if timeout is not None:
                     task = {**task, "timeoutSeconds": timeout}
                 if run.record.get("attempt", 1) == 1 and not self._take_turn(run, task):
                     return run.record
                 _refused(self.store.reserve, run)  # `enqueue(claim=True)` set none aside
-                self._start(run, config, task)
+                self._start(run, config, raw, task)
                 while run_id in self.active:
                     if self.stopping:
                         for active in list(self.active.values()):
@@ -271,7 +272,7 @@ class Executor:
         if not_after is not None and now > not_after and record.get("attempt", 1) == 1:
             return self._end_unstarted(run, "expired", "could not start before its deadline (notAfter)")
         try:
-            config = agent_config(self.device, run.agent)
+            config, raw = read_agent_config(self.device, run.agent)
             task = task_config(config, record.get("task"))
         except ConfigError as exc:
             return self._end_unstarted(run, "failed", str(exc))
@@ -295,7 +296,7 @@ class Executor:
                 return False
         if not self._claim(run):
             return False
-        self._start(run, config, task)
+        self._start(run, config, raw, task)
         return True
 
     def _active_elsewhere(self, agent: str, task: str) -> list[Run]:
@@ -379,7 +380,9 @@ class Executor:
 
     # -- starting and supervising ---------------------------------------------------------
 
-    def _start(self, run: Run, config: dict, task: dict) -> None:
+    def _start(self, run: Run, config: dict, raw: bytes, task: dict) -> None:
+        """Start the run's next attempt under `config`, read from the bytes `raw`, whose digest
+        (and what is applied on the device) the attempt records as what it ran under."""
         record = run.record
         attempt = record.get("attempt", 1)
         quota = config.get("quota") or {}
@@ -390,7 +393,8 @@ class Executor:
             deadline=time.monotonic() + float(task.get("timeoutSeconds") or 3600),
         )
         self.active[run.id] = active
-        record.update(state="active", startedAt=now_iso(), executor=self.identity, reason="")
+        record.update(state="active", startedAt=now_iso(), executor=self.identity, reason="",
+                      **self.provenance.start(run.agent, raw))
         record.setdefault("attempts", [])
         failure = _refused(self._prepare, active)
         problem = active.storage_problem() or (failure and failure.strerror) \
@@ -647,6 +651,7 @@ class Executor:
             "attempt": attempt, "startedAt": record.get("startedAt"), "endedAt": now_iso(),
             "state": state, "exitCode": code, "reason": active.reason,
             "durationSeconds": round(elapsed, 3), "usage": active.usage,
+            **provenance.of_attempt(record),
         })
         record.update(endedAt=now_iso(), exitCode=code, reason=active.reason,
                       durationSeconds=round(elapsed, 3), usage=active.usage)
@@ -773,6 +778,7 @@ class Executor:
                 "attempt": attempt, "startedAt": run.record.get("startedAt"), "endedAt": now_iso(),
                 "state": "interrupted", "exitCode": None,
                 "reason": "the executor stopped or died during the run",
+                **provenance.of_attempt(run.record),
             })
             run.record.update(attempt=attempt + 1, notBefore=None,
                               reason="rerun: the executor stopped or died during the previous attempt")
@@ -787,6 +793,7 @@ class Executor:
         run.record.setdefault("attempts", []).append({
             "attempt": run.record.get("attempt", 1), "startedAt": run.record.get("startedAt"),
             "endedAt": now_iso(), "state": "cancelled", "exitCode": None, "reason": reason,
+            **provenance.of_attempt(run.record),
         })
         run.record.update(reason=reason, endedAt=now_iso())
         self._note(run.agent, run.id, f"run cancelled: {reason}")

@@ -11,6 +11,12 @@ A run's age counts from `endedAt` in its record; a record without one (or an unr
 counts from its file's modification time. A temporary directory with no record left counts
 from its own modification time.
 
+The copies of the configs runs ran under (`configs/`, see provenance.py) go once no run record
+left names them, never the current config's, and never one written in the last COPY_GRACE
+seconds (a run starting under it may not have recorded it yet). Records are read for this only
+when the agent has a copy other than its current config's, oldest first, and only until every
+such copy is found named: most passes read none.
+
 What a pass never does:
 - touch `queue/` or `active/`, or anything of a run that is queued or active (a retry waiting
   in the queue keeps its checkpoint and temporary directory);
@@ -39,6 +45,7 @@ from reconciler import AGENT_CONFIG, AGENTS_DIR, STATE_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError, UsageError
 from reconciler.executor.enqueue import wake
+from reconciler.executor.provenance import CONFIGS_DIR, copy_name, digest
 
 DEFAULT_RETENTION = {"temp": 24 * 3600, "completed": 7 * 86400, "failed": 30 * 86400}
 """Seconds, as `spos apply` compiles them for an agent whose Quota says nothing (or no Quota)."""
@@ -50,7 +57,12 @@ MAX_DEPTH = 256
 """A directory tree deeper than this is not removed (and is reported): walking it would hold
 one file descriptor per level."""
 
+COPY_GRACE = 60.0
+"""Seconds a config copy is kept after it was written, whether or not a record names it yet."""
+
 _RUN_DIRECTORIES = ("queue", "active", "completed", "failed", "checkpoints", "logs", "tmp")
+_RECORD_BUCKETS = ("queue", "active", "completed", "failed")
+_CONFIG_COPY = re.compile(r"^sha256-[0-9a-f]{64}\.json$")
 _RUN_FILE = re.compile(r"^\d{3}-\d{20}-(?P<id>[0-9A-Za-z_-]+)\.json(?P<corrupt>\.corrupt)?$")
 _LOG_FILE = re.compile(r"^(?P<id>[0-9A-Za-z_-]+)\.log(?:\.\d+)?$")
 _RUN_ID = re.compile(r"^[0-9A-Za-z_-]+$")
@@ -62,8 +74,9 @@ class RetentionError(SposError):
 
 @dataclass
 class Removal:
-    """One finished run (`what` = "run") or one leftover temporary directory ("tmp") that a
-    pass removed, or in a dry run would remove."""
+    """One finished run (`what` = "run"), one leftover temporary directory ("tmp") or one
+    config copy no run names any more ("config", with no run id) that a pass removed, or in a
+    dry run would remove."""
 
     agent: str
     run_id: str
@@ -76,7 +89,7 @@ class Removal:
     def to_json(self) -> dict:
         return {
             "agent": self.agent,
-            "runId": self.run_id,
+            "runId": self.run_id or None,
             "what": self.what,
             "state": self.state,
             "since": datetime.fromtimestamp(self.since, timezone.utc).isoformat(timespec="seconds"),
@@ -201,19 +214,26 @@ def text(report: CleanupReport) -> str:
             parts = ", ".join(_part(path) for path in removal.paths)
             lines.append(f"{verb} {removal.agent} run {removal.run_id} ({removal.state}, ended "
                          f"{_age(removal.age_seconds)} ago): {parts}")
-        else:
+        elif removal.what == "tmp":
             lines.append(f"{verb} {removal.agent} tmp/{removal.run_id} ({removal.state}, "
+                         f"{_age(removal.age_seconds)} old)")
+        else:
+            copy = "/".join(removal.paths[0].rsplit("/", 2)[-2:])
+            lines.append(f"{verb} {removal.agent} {copy} ({removal.state}, "
                          f"{_age(removal.age_seconds)} old)")
     for agent in report.kept_agents:
         lines.append(f"kept {agent}: not applied on this device (no {AGENT_CONFIG}); its runs stay "
                      "for the operator")
-    runs, tmp = report.count("run"), report.count("tmp")
-    if not runs and not tmp:
+    runs, tmp, configs = report.count("run"), report.count("tmp"), report.count("config")
+    if not runs and not tmp and not configs:
         if not report.errors:  # an error says what went wrong; "nothing to do" would contradict it
             lines.append("Nothing to clean up.")
     else:
-        total = (f"{runs} finished run{'s' if runs != 1 else ''} and {tmp} leftover temporary "
-                 f"director{'ies' if tmp != 1 else 'y'}")
+        parts = [f"{runs} finished run{'s' if runs != 1 else ''}",
+                 f"{tmp} leftover temporary director{'ies' if tmp != 1 else 'y'}"]
+        if configs:
+            parts.append(f"{configs} unused config cop{'ies' if configs != 1 else 'y'}")
+        total = ", ".join(parts[:-1]) + " and " + parts[-1]
         lines.append(f"Would remove {total} (dry run: nothing was removed)." if report.dry_run
                      else f"Removed {total}.")
     if not report.complete:
@@ -249,20 +269,25 @@ class _AgentPass:
 
     def run(self) -> None:
         try:
-            for name in _RUN_DIRECTORIES:
+            for name in (*_RUN_DIRECTORIES, CONFIGS_DIR):
                 self.dirs[name] = _open_directory(self.fd, name, missing_ok=True)
-            retention = self._retention()
-            if retention is None:
+            applied = self._applied_config()
+            if applied is None:
                 self.report.kept_agents.append(self.agent)
                 return
-            self._clean(retention)
+            config, current = applied
+            gone = self._clean(_retention(config))
+            if self.report.complete:
+                self._clean_configs(current, gone)
         finally:
             for fd in self.dirs.values():
                 if fd is not None:
                     os.close(fd)
             os.close(self.fd)
 
-    def _clean(self, retention: dict) -> None:
+    def _clean(self, retention: dict) -> set[str]:
+        """Remove the agent's finished runs past their retention, then the temporary
+        directories left behind; the ids of the runs removed (or in a dry run, to be)."""
         protected = self._queued_or_active()
         finished = sorted(self._finished(), key=lambda run: run.since)
         files = self._files_of_runs()
@@ -273,7 +298,7 @@ class _AgentPass:
             if run.run_id in protected or self.now - run.since < retention[run.kind]:
                 continue
             if _out_of_time(self.report, self.deadline):
-                return
+                return gone
             try:
                 if self._clean_run(run, files.get(run.run_id, []), retention):
                     gone.add(run.run_id)
@@ -285,6 +310,91 @@ class _AgentPass:
         leftovers = {run_id for run_id, paths in files.items() if f"tmp/{run_id}" in paths}
         for run_id in sorted(leftovers - gone - protected):
             self._clean_temporary(run_id, ended.get(run_id), retention["temp"])
+        return gone
+
+    def _clean_configs(self, current: str, gone: set[str]) -> None:
+        """Remove the config copies no run record left names (records of the runs in `gone`
+        do not count: they are removed, or in a dry run would be), except the current
+        config's and those younger than COPY_GRACE."""
+        unnamed = self._config_copies() - {copy_name(current)}
+        if not unnamed:
+            return
+        try:
+            for named in self._digests_named(gone):
+                unnamed.discard(copy_name(named))
+                if not unnamed:
+                    return
+            applied = self._applied_config()  # the last look: an apply may have changed it back
+        except (OSError, SposError) as exc:
+            self.report.errors.append(f"{self.agent}: {CONFIGS_DIR}/: {_describe(exc)}; "
+                                      "no config copy removed")
+            return
+        if applied is None:
+            return  # no longer applied: its history, copies included, is kept
+        unnamed.discard(copy_name(applied[1]))
+        for name in sorted(unnamed):
+            if _out_of_time(self.report, self.deadline):
+                return
+            self._remove_copy(name)
+
+    def _config_copies(self) -> set[str]:
+        return {name for name in self._names(CONFIGS_DIR) if _CONFIG_COPY.match(name)}
+
+    def _remove_copy(self, name: str) -> None:
+        try:
+            written = _lstat(self.dirs[CONFIGS_DIR], name).st_mtime
+            if self.now - written < COPY_GRACE:
+                return
+            if self.dry_run or _unlink(self.dirs[CONFIGS_DIR], name):
+                self._add("config", "", "no run names it", written, [f"{CONFIGS_DIR}/{name}"])
+        except FileNotFoundError:
+            return
+        except (OSError, SposError) as exc:
+            self.report.errors.append(f"{self.agent}: {CONFIGS_DIR}/{name}: {_describe(exc)}")
+
+    def _digests_named(self, gone: set[str]):
+        """The config digests the agent's run records name (their attempts' and the one they
+        are at), record by record, oldest record first. A record that moves to another bucket
+        meanwhile is read where it went; an unreadable one names nothing, but one the file
+        system fails to read raises, so that no copy is removed on a partial view."""
+        for bucket, name in self._records_by_age(gone):
+            record = self._read_record(bucket, name)
+            if not isinstance(record, dict):
+                continue
+            attempts = record.get("attempts") if isinstance(record.get("attempts"), list) else []
+            for entry in [record, *attempts]:
+                if isinstance(entry, dict) and isinstance(entry.get("configDigest"), str):
+                    yield entry["configDigest"]
+
+    def _records_by_age(self, gone: set[str]) -> list[tuple[str, str]]:
+        found = []
+        for bucket in _RECORD_BUCKETS:
+            if self.dirs[bucket] is None:
+                continue
+            with os.scandir(self.dirs[bucket]) as entries:
+                for entry in entries:
+                    match = _RUN_FILE.match(entry.name)
+                    if not match or match["corrupt"] or match["id"] in gone:
+                        continue
+                    try:
+                        found.append((entry.stat(follow_symlinks=False).st_mtime, bucket, entry.name))
+                    except FileNotFoundError:
+                        continue
+        return [(bucket, name) for _, bucket, name in sorted(found)]
+
+    def _read_record(self, bucket: str, name: str):
+        """The parsed record, looked for in `bucket` and then in the others (a run keeps its
+        file name in every bucket); None when it is gone or not JSON."""
+        for where in (bucket, *(b for b in _RECORD_BUCKETS if b != bucket)):
+            if self.dirs[where] is None:
+                continue
+            try:
+                return json.loads(_record_bytes(self.dirs[where], name))
+            except FileNotFoundError:
+                continue
+            except (RetentionError, ValueError):
+                return None  # a link, or not a record
+        return None
 
     def _clean_run(self, run: _Finished, paths: list[str], retention: dict) -> bool:
         """Remove a finished run whose file is past its retention, once its record confirms
@@ -352,8 +462,9 @@ class _AgentPass:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _retention(self) -> dict | None:
-        """Seconds to keep each kind, from agent.json; None when the agent is not applied."""
+    def _applied_config(self) -> tuple[dict, str] | None:
+        """The agent's config (agent.json) and the digest of its bytes; None when the agent is
+        not applied."""
         try:
             fd = os.open(AGENT_CONFIG, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                          dir_fd=self.fd)
@@ -366,18 +477,13 @@ class _AgentPass:
         with os.fdopen(fd, "rb") as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise RetentionError(f"{AGENT_CONFIG} is not a regular file; the agent is left alone")
+            raw = handle.read()
             try:
-                config = json.loads(handle.read())
+                config = json.loads(raw)
             except ValueError:
                 raise RetentionError(f"{AGENT_CONFIG} is not valid JSON; the agent is left alone "
                                      "until spos apply repairs it") from None
-        quota = (config.get("quota") if isinstance(config, dict) else None) or {}
-        given = quota.get("retentionSeconds") or {}
-        return {
-            kind: float(given[kind]) if isinstance(given.get(kind), (int, float)) and given[kind] >= 0
-            else float(default)
-            for kind, default in DEFAULT_RETENTION.items()
-        }
+        return (config if isinstance(config, dict) else {}), digest(raw)
 
     def _names(self, directory: str) -> list[str]:
         fd = self.dirs.get(directory)
@@ -436,19 +542,9 @@ class _AgentPass:
         """Take the run's state and end time from its record; an unreadable record keeps the
         file's modification time."""
         try:
-            fd = os.open(run.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=self.dirs[run.bucket])
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise RetentionError("a symlink, not a run record; left alone") from None
-            raise
-        with os.fdopen(fd, "rb") as record_file:
-            if not stat.S_ISREG(os.fstat(record_file.fileno()).st_mode):
-                raise RetentionError("not a regular file; left alone")
-            try:
-                record = json.loads(record_file.read())
-            except ValueError:
-                return
+            record = json.loads(_record_bytes(self.dirs[run.bucket], run.name))
+        except ValueError:
+            return
         if not isinstance(record, dict):
             return
         if isinstance(record.get("state"), str):
@@ -456,6 +552,33 @@ class _AgentPass:
         ended = _epoch(record.get("endedAt"))
         if ended is not None:
             run.since = ended
+
+
+def _retention(config: dict) -> dict:
+    """Seconds to keep each kind, from the config's Quota, with the defaults for what it leaves
+    out."""
+    quota = config.get("quota") or {}
+    given = quota.get("retentionSeconds") or {}
+    return {
+        kind: float(given[kind]) if isinstance(given.get(kind), (int, float)) and given[kind] >= 0
+        else float(default)
+        for kind, default in DEFAULT_RETENTION.items()
+    }
+
+
+def _record_bytes(directory_fd: int, name: str) -> bytes:
+    """A run record's bytes, read without following a link: RetentionError for a link or for
+    anything but a regular file."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RetentionError("a symlink, not a run record; left alone") from None
+        raise
+    with os.fdopen(fd, "rb") as record_file:
+        if not stat.S_ISREG(os.fstat(record_file.fileno()).st_mode):
+            raise RetentionError("not a regular file; left alone")
+        return record_file.read()
 
 
 # -- removing without following links ----------------------------------------------------------
