@@ -72,7 +72,7 @@ TRIGGER_UP_STATES = frozenset({"armed", "cooling down"})
 fired is working as configured."""
 
 USAGE_KEYS = {"cpuSeconds": "cpu", "peakMemoryBytes": "memory", "readBytes": "read",
-              "writeBytes": "write"}
+              "writeBytes": "write", "networkSentBytes": "sent", "networkReceivedBytes": "received"}
 """The resource usage an attempt records (executor/cgroup.py), by what it is summed into."""
 
 
@@ -272,6 +272,9 @@ def _run_families(agents: dict[str, AgentTally],
                                "recorded in the runs on disk", labels=["agent", "task"])
     io = GaugeMetricFamily("spos_run_io_bytes", "Bytes read and written by the attempts recorded in "
                            "the runs on disk", labels=["agent", "task", "direction"])
+    network = GaugeMetricFamily("spos_run_network_bytes", "Bytes sent and received over the network "
+                                "by the attempts recorded in the runs on disk (runs on the host's "
+                                "network are not counted)", labels=["agent", "task", "direction"])
     slowdown = GaugeMetricFamily("spos_task_slowdown_ratio", "Median runtime of the task's last 5 "
                                  "completed runs over the median of those before (given 10)",
                                  labels=["agent", "task"])
@@ -306,6 +309,9 @@ def _run_families(agents: dict[str, AgentTally],
         for direction in ("read", "write"):
             if direction in tally.usage:
                 io.add_metric([agent, task, direction], tally.usage[direction])
+        for direction in ("sent", "received"):
+            if direction in tally.usage:
+                network.add_metric([agent, task, direction], tally.usage[direction])
         found = trend(tally.outcomes)
         if found["slowdown"] is not None:
             slowdown.add_metric([agent, task], found["slowdown"])
@@ -314,7 +320,7 @@ def _run_families(agents: dict[str, AgentTally],
         for flag in FLAGS:
             flagged.add_metric([agent, task, flag.replace(" ", "_")], 1 if flag in found["flags"] else 0)
     return [runs, depth, active, errors, attempts, retries, durations, last_duration, last_end,
-            cpu, memory, io, slowdown, failed_share, flagged]
+            cpu, memory, io, network, slowdown, failed_share, flagged]
 
 
 def _trigger_families(status: dict | None) -> list[Metric]:

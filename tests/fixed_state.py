@@ -30,8 +30,12 @@ def attempt(number: int, state: str, seconds: float | None = None, usage: dict |
     return entry
 
 
-def usage(cpu: float, memory: int, read: int, write: int) -> dict:
-    return {"cpuSeconds": cpu, "peakMemoryBytes": memory, "readBytes": read, "writeBytes": write}
+def usage(cpu: float, memory: int, read: int, write: int, sent: int | None = None,
+          received: int | None = None) -> dict:
+    found = {"cpuSeconds": cpu, "peakMemoryBytes": memory, "readBytes": read, "writeBytes": write}
+    if sent is not None:
+        found.update(networkSentBytes=sent, networkReceivedBytes=received)
+    return found
 
 
 class DeviceState:
@@ -97,7 +101,7 @@ def build(root: Path) -> DeviceState:
               attempts=[attempt(1, "completed", 12.5, usage(2.0, 100 * MIB, 1000, 500))])
     state.run(AGENT, scan, "completed", "completed", attempt=2, ended_hours_ago=2, attempts=[
         attempt(1, "failed", 0.5, usage(0.25, 50 * MIB, 10, 20)),
-        attempt(2, "completed", 40.0, usage(3.0, 200 * MIB, 2000, 1000))])
+        attempt(2, "completed", 40.0, usage(3.0, 200 * MIB, 2000, 1000, 5000, 70000))])
     state.run(AGENT, scan, "failed", "timeout", ended_hours_ago=1,
               attempts=[attempt(1, "timeout", 4000.0, usage(1.0, 80 * MIB, 0, 0))])
     state.run(AGENT, scan, "queue", "queued", attempt=2,  # waiting for its retry

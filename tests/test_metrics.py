@@ -97,6 +97,9 @@ def test_attempts_retries_and_resource_usage_per_task(device):
     assert values(found, "spos_run_memory_peak_bytes", agent=AGENT) == {("daily_scan",): 200 * MIB}
     assert values(found, "spos_run_io_bytes", agent=AGENT, task="daily_scan") == {
         ("read",): 3015, ("write",): 1525}
+    # only one attempt ran on a link of its own; the others left network bytes out
+    assert values(found, "spos_run_network_bytes", agent=AGENT) == {
+        ("sent", "daily_scan"): 5000, ("received", "daily_scan"): 70000}
 
 
 def test_durations_of_finished_runs_as_a_gauge_histogram(device):

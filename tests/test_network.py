@@ -243,3 +243,67 @@ def test_nothing_of_a_run_network_is_left_on_the_host(tmp_path, destinations):
     _, egress = setup_for([f"{ALLOWED_HOST}/32"], [])
     probe(tmp_path, egress, [])
     assert run_links() <= before
+
+
+@needs_root
+def test_a_filtered_run_counts_the_bytes_it_sent_and_received(tmp_path, destinations):
+    sink = socket.create_server((ALLOWED_HOST, 0))
+    sink.settimeout(WAIT_SECONDS)
+    port = sink.getsockname()[1]
+    got = []
+
+    def drain():  # take what the run sends, answer with 50,000 bytes
+        connection, _ = sink.accept()
+        with connection:
+            connection.settimeout(WAIT_SECONDS)
+            data = b""
+            while len(data) < 200_000 and (chunk := connection.recv(65536)):
+                data += chunk
+            got.append(len(data))
+            connection.sendall(b"y" * 50_000)
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    code = ("import socket\n"
+            f"s = socket.create_connection(({ALLOWED_HOST!r}, {port}), timeout=10)\n"
+            "s.sendall(b'x' * 200_000)\n"
+            "n = 0\n"
+            "while n < 50_000 and (chunk := s.recv(65536)):\n"
+            "    n += len(chunk)\n"
+            "s.close()\n")
+    _, egress = setup_for([f"{ALLOWED_HOST}/32:{port}"], [])
+    root = tmp_path / "device"
+    root.mkdir()
+    run = Sandbox(root=str(root), cgroup_root=str(CGROUP_ROOT)).spawn(
+        SandboxSpec(argv=[PYTHON, "-c", code], env={}, execute=(PYTHON,), network=False, egress=egress,
+                    cgroup_name=f"{PARENT}/{uuid.uuid4().hex[:12]}"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert run.wait(WAIT_SECONDS) == 0
+        thread.join(WAIT_SECONDS)
+        usage = run.usage()  # after the run's last process is gone: the link is still held
+    finally:
+        run.cleanup()
+        sink.close()
+
+    assert got == [200_000]
+    # the payload plus TCP/IP headers, ARP and the handshake; not much more
+    assert 200_000 < usage["networkSentBytes"] < 230_000
+    assert 50_000 < usage["networkReceivedBytes"] < 60_000
+
+
+@needs_root
+def test_a_run_without_network_sent_nothing_and_one_on_the_host_network_is_not_counted(tmp_path):
+    root = tmp_path / "device"
+    root.mkdir()
+    for host_network, expected in ((False, 0), (True, None)):
+        run = Sandbox(root=str(root), cgroup_root=str(CGROUP_ROOT)).spawn(
+            SandboxSpec(argv=["/bin/true"], env={}, execute=("/bin/true",), network=host_network,
+                        cgroup_name=f"{PARENT}/{uuid.uuid4().hex[:12]}"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            run.wait(WAIT_SECONDS)
+            usage = run.usage()
+        finally:
+            run.cleanup()
+        assert (usage["networkSentBytes"], usage["networkReceivedBytes"]) == (expected, expected)

@@ -120,13 +120,36 @@ def ruleset(egress: Egress) -> str:
 
 class Link:
     """The veth pair of one run, set up once its namespace exists (`attach`). The pair goes
-    away with the namespace: nothing is left to remove when the run ends."""
+    away with the namespace: nothing is left to remove when the run ends.
+
+    The link holds the namespace open (a file descriptor of it) until `release`, so that the
+    host end, and its byte counters, outlive the run's last process until the executor has read
+    them (`traffic`). An executor that dies releases it with its other descriptors."""
 
     def __init__(self, slot: int):
         self.slot = slot
         base = POOL.network_address + 4 * slot
         self.interface = f"{HOST_PREFIX}{slot}"
         self.gateway, self.address = base + 1, base + 2
+        self.netns_fd = -1
+
+    def traffic(self) -> dict:
+        """{"networkSentBytes", "networkReceivedBytes"} of the run so far: what the host end
+        received from it and sent to it (None each when the counters cannot be read)."""
+        counters = {}
+        for key, counter in (("networkSentBytes", "rx_bytes"), ("networkReceivedBytes", "tx_bytes")):
+            try:
+                with open(f"/sys/class/net/{self.interface}/statistics/{counter}") as handle:
+                    counters[key] = int(handle.read())
+            except (OSError, ValueError):
+                counters[key] = None
+        return counters
+
+    def release(self) -> None:
+        """Let the namespace, and with it the pair, go once the run's processes are gone."""
+        if self.netns_fd >= 0:
+            os.close(self.netns_fd)
+            self.netns_fd = -1
 
     @classmethod
     def attach(cls, pid: int, egress: Egress, first_slot: int = 0) -> "Link":
@@ -134,6 +157,17 @@ class Link:
         taken by creating its host interface: the kernel refuses a name in use, so two
         executors never share one, and a slot frees itself when its namespace dies."""
         netns = f"/proc/{pid}/ns/net"
+        held = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            link = cls._linked(pid, netns, egress, first_slot)
+        except BaseException:
+            os.close(held)
+            raise
+        link.netns_fd = held
+        return link
+
+    @classmethod
+    def _linked(cls, pid: int, netns: str, egress: Egress, first_slot: int) -> "Link":
         for offset in range(_SLOTS):
             link = cls((first_slot + offset) % _SLOTS)
             created = _run(["ip", "link", "add", link.interface, "type", "veth",

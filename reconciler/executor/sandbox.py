@@ -178,8 +178,7 @@ class Sandbox:
                       *(gate.child_fds() if gate else ())),
                 join_fds=join_fds, nice=spec.limits.nice, error_fd=setup_write,
             )
-            if gate is not None:
-                gate.open_after_linking(process, spec.egress)
+            link = gate.open_after_linking(process, spec.egress) if gate is not None else None
         except BaseException as exc:
             if setup_read >= 0:
                 os.close(setup_read)
@@ -192,7 +191,7 @@ class Sandbox:
         finally:
             for fd in opened:
                 os.close(fd)
-        return SandboxedRun(process, cgroup, setup_read)
+        return SandboxedRun(process, cgroup, setup_read, link=link, own_network=not spec.network)
 
     @staticmethod
     def _bwrap_args(spec, plan, identity, hide_fds, source_fds) -> list[str]:
@@ -263,10 +262,13 @@ class Sandbox:
 class SandboxedRun:
     """A running (or finished) sandboxed action. Select on `pidfd` to learn that it exited."""
 
-    def __init__(self, process: _Child, cgroup: RunCgroup, setup_fd: int):
+    def __init__(self, process: _Child, cgroup: RunCgroup, setup_fd: int,
+                 link: network.Link | None = None, own_network: bool = True):
         self._process = process
         self._cgroup = cgroup
         self._setup_fd = setup_fd
+        self._link = link
+        self._own_network = own_network
         self._setup_text = b""
         self.pid = process.pid
         self.pidfd = process.pidfd
@@ -297,9 +299,18 @@ class SandboxedRun:
             raise SandboxError(str(exc), retryable=True) from exc
 
     def usage(self) -> dict:
-        """{"cpuSeconds", "peakMemoryBytes", "readBytes", "writeBytes"} of the whole run so far
-        (bubblewrap and the launcher included); None where the kernel does not count it."""
-        return self._cgroup.usage()
+        """{"cpuSeconds", "peakMemoryBytes", "readBytes", "writeBytes", "networkSentBytes",
+        "networkReceivedBytes"} of the whole run so far (bubblewrap and the launcher included);
+        None where it is not counted. Network bytes are those of the run's own link (a
+        filtered network); 0 with loopback only; None on the host's network, which the run
+        shares with everything else."""
+        if self._link is not None:
+            traffic = self._link.traffic()
+        elif self._own_network:
+            traffic = {"networkSentBytes": 0, "networkReceivedBytes": 0}
+        else:
+            traffic = {"networkSentBytes": None, "networkReceivedBytes": None}
+        return {**self._cgroup.usage(), **traffic}
 
     def oom_killed(self) -> bool:
         return self._cgroup.oom_killed()
@@ -332,6 +343,8 @@ class SandboxedRun:
             self._cgroup.remove()
         except CgroupError as exc:
             raise SandboxError(str(exc), retryable=True) from exc
+        if self._link is not None:
+            self._link.release()
         os.close(self.pidfd)
         if self._setup_fd >= 0:
             os.close(self._setup_fd)
@@ -623,14 +636,19 @@ class _NetworkGate:
     def child_fds(self) -> tuple[int, int]:
         return self.info_write, self.block_read
 
-    def open_after_linking(self, process: _Child, egress: Egress) -> None:
+    def open_after_linking(self, process: _Child, egress: Egress) -> network.Link:
         """Link the namespace and let the run go on; on failure, end it and raise."""
         # Only bubblewrap may hold the write end: the read below must see it exit early.
         self._close("info_write", "block_read")
         try:
             pid = network.info_pid(self.info_read)
-            network.Link.attach(pid, egress, first_slot=process.pid)
-            os.write(self.block_write, b"1")
+            link = network.Link.attach(pid, egress, first_slot=process.pid)
+            try:
+                os.write(self.block_write, b"1")
+            except OSError:
+                link.release()
+                raise
+            return link
         except (network.NetworkError, OSError) as exc:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
