@@ -224,6 +224,30 @@ def _parser() -> "argparse.ArgumentParser":
     resources.add_argument("--json", action="store_true", help="print the report as JSON")
     resources.set_defaults(handler=_action_resources)
 
+    monitor = action_commands.add_parser(
+        "monitor", parents=[common], help="active runs, progress, CPU, memory, queue depth per agent",
+        description="What every agent is doing now: its active runs with their progress, CPU, "
+                    "memory and runtime, and how many runs wait. Prints one snapshot, or with "
+                    "--live a full-screen view refreshed until q or Ctrl-C.",
+    )
+    monitor.add_argument("--agent", help="only this agent")
+    monitor.add_argument("--live", action="store_true", help="full-screen view, refreshed every --interval")
+    monitor.add_argument("--interval", default="1s", metavar="DURATION",
+                         help="with --live: how often the view is refreshed (default 1s)")
+    _cgroup_root_arg(monitor, device_default=True)
+    monitor.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    monitor.set_defaults(handler=_action_monitor)
+
+    watch = action_commands.add_parser(
+        "watch", parents=[common], help="follow an agent's runs and their logs as they happen",
+        description="Print AGENT's runs as they are queued, start, retry and end, with their "
+                    "output, until Ctrl-C.",
+    )
+    watch.add_argument("--agent", required=True)
+    watch.add_argument("--json", action="store_true",
+                       help="one JSON object a line: run events and output lines")
+    watch.set_defaults(handler=_action_watch)
+
     executor = commands.add_parser(
         "executor", parents=[common], help="the daemon that runs queued actions",
         description="Run queued actions in their sandboxes until stopped. SIGTERM drains: no new "
@@ -1176,6 +1200,26 @@ def _measured_device(args):
 
     cgroup_root = args.cgroup_root or os.path.join(os.path.abspath(args.root), "sys/fs/cgroup")
     return Device(args.root, cgroup_root=cgroup_root)
+
+
+def _action_monitor(args) -> int:
+    from reconciler import monitor
+
+    device = _measured_device(args)
+    if args.live:
+        if args.json:
+            from reconciler.errors import UsageError
+
+            raise UsageError("--live draws on the terminal; --json prints one snapshot: choose one")
+        return monitor.live(device, agent=args.agent, interval=_duration("--interval", args.interval))
+    return _show(args, monitor.snapshot(device, agent=args.agent), monitor.text)
+
+
+def _action_watch(args) -> int:
+    from reconciler import monitor
+    from reconciler.device import Device
+
+    return monitor.watch(Device(args.root), args.agent, as_json=args.json)
 
 
 def _schedule_suggest(args) -> int:
