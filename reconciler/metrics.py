@@ -54,7 +54,8 @@ from prometheus_client.exposition import choose_encoder
 from reconciler.device import Device
 from reconciler.errors import SposError, UsageError
 from reconciler.executor.enqueue import listening
-from reconciler.executor.estimate import FLAGS, Outcome, outcome, trend
+from reconciler.executor.estimate import FLAGS, Outcome, trend
+from reconciler.executor.estimate import outcome as outcome_of
 from reconciler.executor.owner import process_alive
 from reconciler.executor.runs import BUCKETS, STATES, TERMINAL_BUCKET, CorruptRecord, Run, RunStore
 from reconciler.sync import SyncState
@@ -115,7 +116,7 @@ class TaskTally:
             self._add_usage(attempt.get("usage"))
         if state not in TERMINAL_BUCKET:
             return
-        self.outcomes.append(outcome(record))
+        self.outcomes.append(outcome_of(record))
         ended = _epoch(record.get("endedAt"))
         if ended is not None and ended >= self.last_end.get(state, ended):
             self.last_end[state] = ended

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,27 +20,20 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sandboxes import sandbox_missing
 import waiting
 
 import reconciler
 from reconciler.cli import EXIT_WAIT_TIMEOUT, _exit_code
-from reconciler.executor.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = "var/lib/systemprompt-os"
 WAIT = 20
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "the executor's sandbox needs root (namespaces, cgroups)"
-    if not shutil.which("bwrap"):
-        return "bubblewrap (bwrap) is not installed"
-    ready, why = Sandbox(cgroup_root="/sys/fs/cgroup").available()
-    return None if ready else f"the sandbox is not available here: {why}"
 
 
-needs_executor = pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "")
+needs_executor = pytest.mark.skipif(bool(sandbox_missing()), reason=sandbox_missing() or "")
 
 
 def sh(script: str) -> list[str]:

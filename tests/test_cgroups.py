@@ -10,7 +10,6 @@ ends; nothing outside spos's parent touched.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

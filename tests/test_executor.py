@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -28,10 +27,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sandboxes import sandbox_missing
 import waiting
 
 from reconciler.cgroupfs import parent_for
-from reconciler.executor.sandbox import Sandbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -41,16 +40,9 @@ STATE = "var/lib/systemprompt-os"
 WAIT = 15  # the longest any single wait may take, in seconds
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "the executor's sandbox needs root (namespaces, cgroups)"
-    if not shutil.which("bwrap"):
-        return "bubblewrap (bwrap) is not installed"
-    ready, why = Sandbox(cgroup_root=str(CGROUP_ROOT)).available()
-    return None if ready else f"the sandbox is not available here: {why}"
 
 
-_SKIP = _why_not()
+_SKIP = sandbox_missing()
 if _SKIP:
     pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.skip(reason=_SKIP)]
 

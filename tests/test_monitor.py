@@ -22,7 +22,6 @@ import os
 import pty
 import re
 import select
-import shutil
 import signal
 import struct
 import subprocess
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import pyte
 import pytest
+from sandboxes import sandbox_missing
 import waiting
 from rich.console import Console
 
@@ -45,7 +45,6 @@ from reconciler.device import Device
 from reconciler.executor.enqueue import enqueue
 from reconciler.executor.owner import identity
 from reconciler.executor.runs import Run, RunStore
-from reconciler.executor.sandbox import Sandbox
 from reconciler.executor.supervise import LogWriter, now_iso, run_dirs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -643,19 +642,12 @@ def test_watch_refuses_an_agent_that_is_not_there(spos, device_root):
 # -- with the real executor ------------------------------------------------------------------
 
 
-def _sandbox_missing() -> str | None:
-    if os.geteuid() != 0:
-        return "the executor's sandbox needs root (namespaces, cgroups)"
-    if not shutil.which("bwrap"):
-        return "bubblewrap (bwrap) is not installed"
-    ready, why = Sandbox(cgroup_root="/sys/fs/cgroup").available()
-    return None if ready else f"the sandbox is not available here: {why}"
 
 
 @pytest.mark.slow
 @pytest.mark.root
 def test_a_real_run_as_monitor_and_watch_see_it(spos, device_root, tmp_path, watching):
-    missing = _sandbox_missing()
+    missing = sandbox_missing()
     if missing:
         pytest.skip(missing)
     agent = f"mon-{uuid.uuid4().hex[:8]}"

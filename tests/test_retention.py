@@ -21,10 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from sandboxes import sandbox_missing
 
 from reconciler.device import Device
 from reconciler.executor.retention import clean
-from reconciler.executor.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = "var/lib/systemprompt-os"
@@ -480,16 +480,9 @@ def test_a_time_budget_slices_the_work_and_every_slice_makes_progress(runs):
 # -- the executor ---------------------------------------------------------------------------------
 
 
-def _sandbox_missing() -> str | None:
-    if os.geteuid() != 0:
-        return "the executor's sandbox needs root"
-    if not shutil.which("bwrap"):
-        return "bubblewrap (bwrap) is not installed"
-    ready, why = Sandbox(cgroup_root="/sys/fs/cgroup").available()
-    return None if ready else f"the sandbox is not available here: {why}"
 
 
-needs_executor = pytest.mark.skipif(bool(_sandbox_missing()), reason=_sandbox_missing() or "")
+needs_executor = pytest.mark.skipif(bool(sandbox_missing()), reason=sandbox_missing() or "")
 
 
 def _apply(spos, tmp_path: Path, root: Path, agent: str, tasks: dict, retention: dict) -> None:

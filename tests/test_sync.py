@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from sandboxes import sandbox_missing
 from test_gitsync import Keys, Upstream, every_path, needs_gpg, run_raw
 from waiting import wait_for
 
@@ -897,20 +898,11 @@ def test_status_tells_a_running_daemon_from_a_dead_or_a_stuck_one(device_root, s
                     "detail": f"pid {gone.pid} died; its last status is from {now}"}
 
 
-def _sandbox_missing() -> str | None:
-    if os.geteuid() != 0:
-        return "the executor needs root"
-    if not shutil.which("bwrap"):
-        return "bubblewrap (bwrap) is not installed"
-    from reconciler.executor.sandbox import Sandbox
-
-    ready, why = Sandbox(cgroup_root="/sys/fs/cgroup").available()
-    return None if ready else f"the sandbox is not available here: {why}"
 
 
 @pytest.mark.slow
 @pytest.mark.root
-@pytest.mark.skipif(_sandbox_missing() is not None, reason=str(_sandbox_missing()))
+@pytest.mark.skipif(sandbox_missing() is not None, reason=str(sandbox_missing()))
 def test_the_daemons_executor_serves_the_synced_agent_and_stops_with_it(device, upstream, daemon, spos):
     upstream.commit(site())
     daemon.start("--no-triggers", interval="60s")

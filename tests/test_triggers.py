@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from sandboxes import sandbox_missing
 from waiting import wait_for
 
 from reconciler.device import Device
@@ -445,19 +446,12 @@ def test_a_reload_restarts_only_changed_registrations(site):
 # -- what the action is told -----------------------------------------------------------------------
 
 
-def _sandbox_missing() -> str | None:
-    from reconciler.executor.sandbox import Sandbox
-
-    if os.geteuid() != 0 or not shutil.which("bwrap"):
-        return "running an action needs root and bubblewrap"
-    ready, why = Sandbox().available()
-    return None if ready else why
 
 
 @pytest.mark.slow
 @pytest.mark.root
 def test_the_action_reads_its_trigger_event_and_payload(site, spos, tmp_path):
-    if why := _sandbox_missing():
+    if why := sandbox_missing():
         pytest.skip(why)
     script = ('echo "$SPOS_TRIGGER $SPOS_TRIGGER_TYPE $SPOS_EVENT_COUNT $SPOS_EVENT_TEST" > $SPOS_OUTPUT_DIR/env; '
               'cat "$SPOS_PAYLOAD" > $SPOS_OUTPUT_DIR/payload; cat "$SPOS_EVENTS_FILE" > $SPOS_OUTPUT_DIR/events')

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_executor import Device, _why_not, sh, wait_for, when
+from sandboxes import sandbox_missing
+from test_executor import Device, sh, wait_for, when
 from test_gitsync import Upstream
 
 from reconciler.device import Device as Root
@@ -29,7 +30,7 @@ from reconciler.why import explain, text
 
 STATE = "var/lib/systemprompt-os"
 
-needs_executor = pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "")
+needs_executor = pytest.mark.skipif(bool(sandbox_missing()), reason=sandbox_missing() or "")
 """On tests that run the real executor (also marked slow and root)."""
 
 
