@@ -351,9 +351,7 @@ def _parser() -> "argparse.ArgumentParser":
         description="The next fire times of every Schedule in DIR, and what catch-up and overlap "
                     "policy would do with them.",
     )
-    schedule_next.add_argument("path", nargs="?", default="agents.d", metavar="DIR",
-                               help="manifests directory (default agents.d)")
-    schedule_next.add_argument("--agent", help="only this agent's Schedules")
+    _schedule_args(schedule_next)
     schedule_next.add_argument("-n", "--count", type=int, default=5, metavar="N",
                                help="fire times per Schedule (default 5)")
     schedule_next.add_argument("--json", action="store_true")
@@ -364,9 +362,7 @@ def _parser() -> "argparse.ArgumentParser":
                     "propose moved cron times for the Schedules of tasks marked flexible. Prints "
                     "a diff of DIR's manifests; nothing is changed.",
     )
-    schedule_suggest.add_argument("path", nargs="?", default="agents.d", metavar="DIR",
-                                  help="manifests directory (default agents.d)")
-    schedule_suggest.add_argument("--agent", help="only this agent's Schedules")
+    _schedule_args(schedule_suggest)
     schedule_suggest.add_argument("--json", action="store_true")
     schedule_suggest.set_defaults(handler=_schedule_suggest)
 
@@ -397,6 +393,12 @@ def _parser() -> "argparse.ArgumentParser":
     trigger_test.add_argument("--json", action="store_true")
     trigger_test.set_defaults(handler=_trigger_test)
     return parser
+
+
+def _schedule_args(parser: "argparse.ArgumentParser") -> None:
+    parser.add_argument("path", nargs="?", default="agents.d", metavar="DIR",
+                        help="manifests directory (default agents.d)")
+    parser.add_argument("--agent", help="only this agent's Schedules")
 
 
 def _cgroup_root_arg(parser: "argparse.ArgumentParser", device_default: bool = False) -> None:
