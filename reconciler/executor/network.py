@@ -119,12 +119,13 @@ def ruleset(egress: Egress) -> str:
 
 
 class Link:
-    """The veth pair of one run, set up once its namespace exists (`attach`). The pair goes
-    away with the namespace: nothing is left to remove when the run ends.
+    """The veth pair of one run, set up once its namespace exists (`attach`), and removed by
+    `release` when the run has ended.
 
     The link holds the namespace open (a file descriptor of it) until `release`, so that the
     host end, and its byte counters, outlive the run's last process until the executor has read
-    them (`traffic`). An executor that dies releases it with its other descriptors."""
+    them (`traffic`). An executor that dies lets go of the namespace with its other
+    descriptors, and the kernel removes the pair with it."""
 
     def __init__(self, slot: int):
         self.slot = slot
@@ -146,8 +147,11 @@ class Link:
         return counters
 
     def release(self) -> None:
-        """Let the namespace, and with it the pair, go once the run's processes are gone."""
+        """Remove the pair and let the namespace go, once the run's processes are gone. The pair
+        is deleted at once rather than left to the kernel, which frees a namespace in the
+        background: the host keeps no interface of a run that has ended."""
         if self.netns_fd >= 0:
+            _run(["ip", "link", "del", self.interface], check=False)
             os.close(self.netns_fd)
             self.netns_fd = -1
 
