@@ -26,7 +26,40 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
-    return guarded(lambda: _run_with_feedback(args), as_json=getattr(args, "json", False))
+    with _interruptible():
+        return guarded(lambda: _run_with_feedback(args), as_json=getattr(args, "json", False))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, as spos raises it: caught wherever KeyboardInterrupt is.
+
+    Not KeyboardInterrupt itself: CPython remembers a KeyboardInterrupt raised inside code it
+    runs from a string (dataclasses and namedtuples build their methods so, which a lazy import
+    may do at any moment) and then ends the process by SIGINT after main() returned, whatever
+    exit code spos chose (`action run --wait` promises 130). It compares the exact type."""
+
+
+class _interruptible:
+    """SIGINT raises Interrupted while a command runs (in the main thread; the previous handler
+    is put back after)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, _interrupt)
+
+    def __exit__(self, *_) -> None:
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _interrupt(signum, frame):
+    raise Interrupted()
 
 
 def _run_with_feedback(args) -> int:
