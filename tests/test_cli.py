@@ -150,3 +150,28 @@ def test_an_error_at_a_terminal_takes_the_status_line_down_first(manifests, devi
     assert code == 1
     assert re.search(r"broken\.yaml:4:\d+: .*tasks", plain), plain
     assert output.rindex("\x1b[?25h") < output.index("broken.yaml")  # the cursor came back before the error
+
+
+def test_an_interrupt_handled_inside_generated_code_keeps_the_exit_code(tmp_path):
+    """CPython kills a `python -m` process with SIGINT at exit when a KeyboardInterrupt was
+    raised inside code run from a string (as dataclasses generate methods), even if it was
+    handled; spos's own Ctrl-C must not: `action run --wait` promises exit 130."""
+    package = tmp_path / "interrupted"
+    package.mkdir()
+    (package / "__main__.py").write_text(
+        "import os, signal\n"
+        "from reconciler import cli\n"
+        "def command():\n"
+        "    try:\n"
+        "        exec('os.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(10000): pass')\n"
+        "    except KeyboardInterrupt:\n"
+        "        return 130\n"
+        "    return 0\n"
+        "with cli._interruptible():\n"
+        "    code = command()\n"
+        "raise SystemExit(code)\n"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), *sys.path]))}
+    assert subprocess.run([sys.executable, "-m", "interrupted"], env=env, timeout=30).returncode == 130
