@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130  # `action run --wait` gave up / was interrupted
+MAX_DURATION = 10 * 365 * 86400.0  # seconds; longer durations on the command line are mistakes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1054,9 +1055,14 @@ def _duration(option: str, text: str) -> float:
     from reconciler.units import seconds
 
     try:
-        return float(seconds(text))
+        value = float(seconds(text))
     except ValueError as exc:
         raise UsageError(f"{option}: {exc}") from None
+    except OverflowError:
+        value = float("inf")
+    if value > MAX_DURATION:
+        raise UsageError(f"{option}: {text!r} is longer than spos waits (at most 10 years)")
+    return value
 
 
 def _make_executor(args, **settings):

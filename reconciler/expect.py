@@ -32,8 +32,9 @@ STARTING = ("create", "update", "replace")
 
 def expectations(device: Device, plan: Plan) -> list[dict]:
     """One entry per (change, agent, task) whose task has finished runs on the device:
-    {"change", "agent", "task", "completedRuns", "estimate" (None below estimate.MIN_RUNS),
-    "timeoutSeconds", "memoryLimitBytes", "quota"}; see docs/plan-format.md."""
+    {"change", "agent", "task", "finishedRuns", "completedRuns", "estimate" (None below
+    estimate.MIN_RUNS completed runs), "flags", "timeoutSeconds", "memoryLimitBytes", "quota"};
+    see docs/plan-format.md."""
     touched = _touched(plan.changes)
     if not touched:
         return []
@@ -48,8 +49,7 @@ def expectations(device: Device, plan: Plan) -> list[dict]:
         if agent not in histories:
             histories[agent] = _history(RunStore(device), agent)
         records = histories[agent].get(task, [])
-        completed = len(estimate.completed_runs(records))
-        if not completed:
+        if not records:
             continue
         config = configs[agent] if agent in configs else _applied_config(device, agent)
         task_config = ((config or {}).get("tasks") or {}).get(task) or {}
@@ -58,8 +58,10 @@ def expectations(device: Device, plan: Plan) -> list[dict]:
             "change": change_id,
             "agent": agent,
             "task": task,
-            "completedRuns": completed,
+            "finishedRuns": len(records),
+            "completedRuns": len(estimate.completed_runs(records)),
             "estimate": estimate.estimate(records),
+            "flags": estimate.trend(map(estimate.outcome, records))["flags"],
             "timeoutSeconds": task_config.get("timeoutSeconds"),
             "memoryLimitBytes": quota.get("memoryBytes"),
             "quota": quota.get("name"),

@@ -58,6 +58,7 @@ from reconciler.executor.estimate import FLAGS, Outcome, trend
 from reconciler.executor.estimate import outcome as outcome_of
 from reconciler.executor.owner import process_alive
 from reconciler.executor.runs import BUCKETS, STATES, TERMINAL_BUCKET, CorruptRecord, Run, RunStore
+from reconciler.numbers import amount
 from reconciler.sync import SyncState
 from reconciler.triggers.daemon import read_status
 from reconciler.triggers.gate import OUTCOMES
@@ -103,14 +104,14 @@ class TaskTally:
     def add(self, run: Run, state: str) -> None:
         record = run.record
         self.states[state] += 1
-        self.retries += record.get("attempt", 1) - 1
+        self.retries += int(amount(record.get("attempt")) or 1) - 1
         ran = None
         for attempt in record.get("attempts") or ():
             if not isinstance(attempt, dict):
                 continue
             if isinstance(attempt.get("state"), str):
                 self.attempts[attempt["state"]] += 1
-            seconds = _number(attempt.get("durationSeconds"))
+            seconds = amount(attempt.get("durationSeconds"))
             if seconds is not None:
                 ran = (ran or 0.0) + seconds
             self._add_usage(attempt.get("usage"))
@@ -130,7 +131,7 @@ class TaskTally:
         if not isinstance(usage, dict):
             return
         for key, into in USAGE_KEYS.items():
-            value = _number(usage.get(key))
+            value = amount(usage.get(key))
             if value is None:
                 continue
             if into == "memory":
@@ -238,7 +239,7 @@ def _state_of(run: Run) -> str:
     if run.bucket == "active":
         return "active"
     state = run.record.get("state")
-    return state if TERMINAL_BUCKET.get(state) == run.bucket else run.bucket
+    return state if isinstance(state, str) and TERMINAL_BUCKET.get(state) == run.bucket else run.bucket
 
 
 # -- families --------------------------------------------------------------------------------
@@ -400,11 +401,6 @@ def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else f"{bound:g}"
 
 
-def _number(value) -> float | None:
-    """A usable amount from a record (a hand-edited one may hold anything)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    return None
 
 
 def _epoch(iso) -> float | None:

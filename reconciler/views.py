@@ -64,9 +64,11 @@ def expectation_text(entry: dict) -> str:
     "research-001/scan expected 4m12s (p95 6m01s), peak 610M: fits the 2G quota"."""
     task = f"{entry['agent']}/{entry['task']}"
     found = entry["estimate"]
+    flags = "".join(f"; {flag}" for flag in entry.get("flags", ()))
     if found is None:
-        runs = entry["completedRuns"]
-        return f"{task}: {runs} completed run{'' if runs == 1 else 's'} so far, too few for an estimate"
+        runs, finished = entry["completedRuns"], entry.get("finishedRuns", entry["completedRuns"])
+        return (f"{task}: {runs} completed run{'' if runs == 1 else 's'} of {finished} finished, "
+                f"too few for an estimate{flags}")
     said = f"{task} expected {clock(found['p50Seconds'])} (p95 {clock(found['p95Seconds'])})"
     peak, limit = found["p95PeakMemoryBytes"], entry["memoryLimitBytes"]
     if peak is not None:
@@ -77,7 +79,7 @@ def expectation_text(entry: dict) -> str:
     timeout = entry["timeoutSeconds"]
     if timeout is not None and found["p95Seconds"] > timeout:
         said += f"; p95 exceeds the {clock(timeout)} timeout"
-    return said + "".join(f"; {flag}" for flag in found["flags"])
+    return said + flags
 
 
 _ACCESS = {

@@ -57,9 +57,10 @@ def test_a_moved_schedule_shows_the_task_estimate_against_its_quota(spos, applie
 
     assert plan["estimates"] == [{
         "change": "cron/backup-001-nightly", "agent": "backup-001", "task": "nightly_backup",
-        "completedRuns": 20,
+        "finishedRuns": 20, "completedRuns": 20,
         "estimate": {"runs": 20, "p50Seconds": 252.0, "p95Seconds": 252.0,
                      "p95PeakMemoryBytes": 610_000_000, "p50CpuSeconds": 126.0, "flags": []},
+        "flags": [],
         "timeoutSeconds": 21600, "memoryLimitBytes": 4_000_000_000, "quota": "heavy",
     }]
     block = text.split("cron/backup-001-nightly", 1)[1].split("\n\n", 1)[0]
@@ -96,7 +97,7 @@ def test_too_little_history_is_said_and_no_history_says_nothing(spos, applied, d
     text = spos("plan", applied, "--root", device_root).out
 
     assert [(e["agent"], e["estimate"]) for e in plan["estimates"]] == [("backup-001", None)]
-    assert "backup-001/nightly_backup: 2 completed runs so far, too few for an estimate" in text
+    assert "backup-001/nightly_backup: 2 completed runs of 2 finished, too few for an estimate" in text
     assert "research-001/" not in text.split("cron/research-001", 1)[1].split("\n\n", 1)[0].split("\n", 1)[1]
 
 
@@ -121,3 +122,16 @@ def test_a_saved_plan_keeps_its_estimates(spos, applied, device_root, tmp_path):
 
     assert result.code == 0, result.err
     assert json.loads(saved.read_text())["estimates"][0]["estimate"]["p50Seconds"] == 60.0
+
+
+def test_a_task_whose_runs_all_failed_is_named_with_its_flag(spos, applied, device_root):
+    finished(device_root, "backup-001", "nightly_backup", 4, seconds=30.0, memory=None, state="failed")
+    edit(applied / "backup-001.yaml", 'cron: "0 2 * * *"', 'cron: "0 1 * * *"')
+
+    [entry] = plan_json(spos, applied, device_root)["estimates"]
+    text = spos("plan", applied, "--root", device_root).out
+
+    assert (entry["finishedRuns"], entry["completedRuns"], entry["estimate"]) == (4, 0, None)
+    assert entry["flags"] == ["failing often"]
+    assert ("backup-001/nightly_backup: 0 completed runs of 4 finished, too few for an estimate; "
+            "failing often") in text

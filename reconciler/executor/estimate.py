@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
+from reconciler.numbers import amount
 from reconciler.views import clock, human_size
 
 MIN_RUNS = 3
@@ -41,7 +42,7 @@ def percentile(values: list[float], p: float) -> float:
 
 def completed_runs(records: Iterable[dict]) -> list[dict]:
     """The completed runs with a runtime, oldest end first."""
-    return _by_end(r for r in records if r.get("state") == "completed" and _number(r.get("durationSeconds")) is not None)
+    return _by_end(r for r in records if r.get("state") == "completed" and amount(r.get("durationSeconds")) is not None)
 
 
 def estimate(records: Iterable[dict]) -> dict | None:
@@ -51,16 +52,16 @@ def estimate(records: Iterable[dict]) -> dict | None:
     completed = completed_runs(records)
     if len(completed) < MIN_RUNS:
         return None
-    runtimes = [_number(r["durationSeconds"]) for r in completed]
+    runtimes = [amount(r["durationSeconds"]) for r in completed]
     memory, cpu = [], []
     for record in records:
         for attempt in record.get("attempts") or ():
             usage = attempt.get("usage") if isinstance(attempt, dict) else None
             if isinstance(usage, dict):
-                if _number(usage.get("peakMemoryBytes")) is not None:
-                    memory.append(_number(usage["peakMemoryBytes"]))
-                if _number(usage.get("cpuSeconds")) is not None:
-                    cpu.append(_number(usage["cpuSeconds"]))
+                if amount(usage.get("peakMemoryBytes")) is not None:
+                    memory.append(amount(usage["peakMemoryBytes"]))
+                if amount(usage.get("cpuSeconds")) is not None:
+                    cpu.append(amount(usage["cpuSeconds"]))
     return {
         "runs": len(completed),
         "p50Seconds": percentile(runtimes, 50),
@@ -81,7 +82,7 @@ class Outcome:
 
 
 def outcome(record: dict) -> Outcome:
-    return Outcome(_epoch(record.get("endedAt")), str(record.get("state")), _number(record.get("durationSeconds")))
+    return Outcome(_epoch(record.get("endedAt")), str(record.get("state")), amount(record.get("durationSeconds")))
 
 
 def trend(outcomes: Iterable[Outcome]) -> dict:
@@ -89,20 +90,21 @@ def trend(outcomes: Iterable[Outcome]) -> dict:
 
     `slowdown`: the median runtime of the last TREND_RECENT completed runs over the median of
     those before them, given TREND_RUNS completed runs and a median before above zero (else
-    None); above TREND_FACTOR it flags
+    None, as for a ratio too large to believe); above TREND_FACTOR it flags
     `trending slower`. `failedShare`: the part of the last FAILING_WINDOW runs that ran to an
     outcome that failed (None without any); above one half it flags `failing often`."""
     ordered = sorted(outcomes, key=lambda o: o.ended)
     runtimes = [o.seconds for o in ordered if o.state == "completed" and o.seconds is not None]
-    slowdown = None
+    slowdown, slower = None, False
     if len(runtimes) >= TREND_RUNS:
         before = statistics.median(runtimes[:-TREND_RECENT])
         recent = statistics.median(runtimes[-TREND_RECENT:])
-        slowdown = recent / before if before > 0 else None
+        slowdown = amount(recent / before) if before > 0 else None  # None past what is believable
+        slower = recent > TREND_FACTOR * before
     window = [o for o in ordered if o.state in OUTCOMES][-FAILING_WINDOW:]
     failed_share = sum(o.state in FAILED for o in window) / len(window) if window else None
     flags = []
-    if slowdown is not None and slowdown > TREND_FACTOR:
+    if slower:
         flags.append(FLAGS[0])
     if failed_share is not None and failed_share > 0.5:
         flags.append(FLAGS[1])
@@ -134,7 +136,3 @@ def _epoch(text) -> float:
         return float("-inf")
 
 
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
