@@ -12,6 +12,11 @@ The CPU percent is the share of all CPUs that was busy since the previous sample
 needs one before it: the first tick of a daemon only reads the CPU counters. Fields may be
 added at the end of a line one day; readers take the first five.
 
+A line is a sample only when its values could be one (the time a finite number, the load
+within MAX_LOAD, both percents within 0..100, the CPUs within 1..MAX_CPUS): a hand edit or a
+broken writer must not make an hour's mean absurd, and what is read from here is printed as
+strict JSON. Any other line is skipped like a torn one.
+
 The file is bounded. Appending is one write; once the oldest sample is a day past
 KEEP_SECONDS, or the file past MAX_BYTES (whatever the clock says), the append compacts it to
 the samples still kept, through the device's atomic write. A crash may leave a torn last line:
@@ -41,6 +46,12 @@ MAX_BYTES = 256 * 1024
 FIELDS = 5
 TORN_TAIL_BYTES = 256
 """How far back from the end a torn last line is looked for: a line is under 64 bytes."""
+MAX_LOAD = 4_194_304.0
+"""A load average counts runnable and waiting tasks, and Linux has at most this many
+(PID_MAX_LIMIT): a larger load is not a sample."""
+MAX_CPUS = 8192
+"""The most CPUs a Linux kernel can be built for (NR_CPUS with x86-64's MAXSMP): more is not
+a sample."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +174,7 @@ def compact(device: Device, now: float, keep: float = KEEP_SECONDS) -> None:
 
 
 def read(device: Device, since: float = -math.inf, until: float = math.inf) -> list[Sample]:
-    """The readable samples taken in [since, until], oldest first."""
+    """The readable, believable samples taken in [since, until], oldest first."""
     raw = device.read_text(SAMPLES_FILE) or ""
     complete = raw.split("\n")[:-1]  # after the last newline: nothing, or a torn line
     samples = (_parse(line) for line in complete)
@@ -172,6 +183,8 @@ def read(device: Device, since: float = -math.inf, until: float = math.inf) -> l
 
 
 def _parse(line: str) -> Sample | None:
+    """The sample `line` holds; None when it is torn, unreadable or holds values no sample
+    could have (NaN fails every comparison)."""
     fields = line.split(" ")
     if len(fields) < FIELDS:
         return None
@@ -180,6 +193,6 @@ def _parse(line: str) -> Sample | None:
         cpus = int(fields[4])
     except ValueError:
         return None
-    if not all(map(math.isfinite, (at, load1, cpu, memory))) or cpus < 1:
-        return None
-    return Sample(at, load1, cpu, memory, cpus)
+    believable = (math.isfinite(at) and 0 <= load1 <= MAX_LOAD and 0 <= cpu <= 100
+                  and 0 <= memory <= 100 and 1 <= cpus <= MAX_CPUS)
+    return Sample(at, load1, cpu, memory, cpus) if believable else None

@@ -62,6 +62,7 @@ from reconciler.device import Device
 from reconciler.executor import estimate
 from reconciler.executor.runs import RunStore
 from reconciler.manifest import Manifest
+from reconciler.numbers import amount
 from reconciler.source import locate
 from reconciler.validate import load
 
@@ -198,14 +199,15 @@ def _schedules(manifests, records: dict, local: tzinfo) -> list[_Schedule]:
 
 
 def _attempts(record: dict) -> list[_Attempt]:
-    """The attempts of a finished run that recorded their CPU time, start and end."""
+    """The attempts of a finished run that recorded their CPU time (a believable amount),
+    start and end."""
     found = []
     for attempt in record.get("attempts") or ():
         usage = attempt.get("usage") if isinstance(attempt, dict) else None
-        cpu = usage.get("cpuSeconds") if isinstance(usage, dict) else None
+        cpu = amount(usage.get("cpuSeconds")) if isinstance(usage, dict) else None
         start, end = _epoch(attempt.get("startedAt")), _epoch(attempt.get("endedAt"))
-        if _number(cpu) and start is not None and end is not None and end >= start:
-            found.append(_Attempt(start, end, float(cpu)))
+        if cpu is not None and start is not None and end is not None and end >= start:
+            found.append(_Attempt(start, end, cpu))
     return found
 
 
@@ -825,7 +827,7 @@ def _span(seconds: float) -> str:
     days, rest = divmod(minutes, 1440)
     hours, minutes = divmod(rest, 60)
     parts = [(days, "d"), (hours, "h"), (minutes, "m")] if not days else [(days, "d"), (hours, "h")]
-    return "".join(f"{amount}{unit}" for amount, unit in parts if amount) or "0m"
+    return "".join(f"{count}{unit}" for count, unit in parts if count) or "0m"
 
 
 def _round(value: float) -> float:
@@ -842,11 +844,6 @@ def _epoch(text) -> float | None:
     except (TypeError, ValueError):
         return None
     return moment.timestamp() if moment.tzinfo else moment.replace(tzinfo=timezone.utc).timestamp()
-
-
-def _number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value >= 0)
 
 
 def _zone_name(zone: tzinfo) -> str:

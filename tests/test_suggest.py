@@ -126,6 +126,26 @@ def test_a_torn_last_line_is_skipped_and_cut_off_by_the_next_append(device_root)
     assert samples_file(device_root).read_text() == first.line() + second.line()
 
 
+@pytest.mark.parametrize("line", [
+    "1773576000 0.61 -100000 40.0 4",  # CPU percent below 0
+    "1773576000 0.61 100.1 40.0 4",  # above 100
+    "1773576000 0.61 12.5 1e308 4",  # memory percent above 100
+    "1773576000 -0.1 12.5 40.0 4",  # a negative load
+    "1773576000 1e308 12.5 40.0 4",  # a load larger than Linux can have tasks
+    "1773576000 0.61 nan 40.0 4",
+    "inf 0.61 12.5 40.0 4",
+    "1773576000 0.61 12.5 40.0 0",  # no CPU
+    f"1773576000 0.61 12.5 40.0 {10 ** 400}",  # more CPUs than Linux can be built for
+])
+def test_a_line_no_sample_could_be_is_skipped(device_root, line):
+    device = Device(device_root)
+    kept = Sample(NOW.timestamp(), 4194304.0, 100.0, 0.0, 8192)  # the largest believable
+    samples_file(device_root).parent.mkdir(parents=True)
+    samples_file(device_root).write_text(line + "\n" + kept.line())
+
+    assert loadlog.read(device) == [kept]
+
+
 def test_a_sample_that_cannot_be_taken_or_written_is_logged_and_skipped(device_root):
     device, logged = Device(device_root), []
     sampler(device, logged, counters=Counters(fail=True)).tick()
