@@ -14,14 +14,22 @@ queued.
 It reads and never changes anything. `explain` gives the dict `spos why --json` prints (its
 shape is documented field by field in docs/why.md) and `text` renders that dict, and nothing
 else, as the human view.
+
+Records and configs may hold anything a hand edit, another spos version or the world outside (a
+serial line, a file name, a webhook header) put there, so each is read in one way: a part of a
+config with `_at` (null where a step has another shape), a duration or a limit with `_number`
+(null unless a believable number), a list with `_list`; the dict leaves `explain` as strict JSON
+(`_strict`), and `text` escapes every string in it (`_for_terminal`) before rendering any.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from datetime import datetime
+from functools import partial
 
 from reconciler import AGENT_CONFIG, AGENTS_DIR, TRIGGERS_DIR
 from reconciler.device import Device
@@ -29,6 +37,7 @@ from reconciler.errors import SposError, UsageError
 from reconciler.executor import provenance
 from reconciler.executor.runs import BUCKETS, CorruptRecord, Run, RunStore
 from reconciler.kinds import cron, systemd
+from reconciler.numbers import amount, printable
 from reconciler.sync import SyncState
 from reconciler.views import clock, human_size
 
@@ -40,6 +49,7 @@ for among the runs whose file name says they were queued then, so no other recor
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _QUEUED_AT = re.compile(r"\d{3}-(?P<ns>\d{20})-[0-9A-Za-z_-]+\.json")
+_ONE_LINE = str.maketrans({"\n": "\\n", "\t": "\\t"})
 
 
 def explain(device: Device, run_id: str) -> dict:
@@ -52,7 +62,8 @@ def explain(device: Device, run_id: str) -> dict:
     current_raw = _current_config(device, run.agent)
     current = provenance.digest(current_raw) if current_raw is not None else None
     attempts = _attempts(run, current)
-    return {
+    errors = run.record.get("followUpErrors")
+    return _strict({
         "format": FORMAT,
         "run": _run(run),
         "source": _source(device, store, run),
@@ -60,8 +71,8 @@ def explain(device: Device, run_id: str) -> dict:
         "config": _config(device, run, attempts, current_raw, current),
         "device": _device_now(device),
         "hooks": _hooks(store, run),
-        "followUpErrors": list(run.record.get("followUpErrors") or []),
-    }
+        "followUpErrors": [errors] if isinstance(errors, str) else _list(errors),
+    })
 
 
 # -- the run and its attempts -------------------------------------------------------------------
@@ -102,7 +113,7 @@ def _attempt(entry: dict, current: str | None) -> dict:
     return {
         "attempt": entry.get("attempt"), "state": entry.get("state"),
         "startedAt": entry.get("startedAt"), "endedAt": entry.get("endedAt"),
-        "durationSeconds": entry.get("durationSeconds"), "exitCode": entry.get("exitCode"),
+        "durationSeconds": _number(entry.get("durationSeconds")), "exitCode": entry.get("exitCode"),
         "reason": entry.get("reason") or "",
         "configDigest": digest, "revision": _string(entry.get("revision")),
         "manifestDigest": _string(entry.get("manifestDigest")),
@@ -114,7 +125,7 @@ def _attempt(entry: dict, current: str | None) -> dict:
 def _seconds_between(start: str | None, end: str | None) -> float | None:
     try:
         return round(datetime.fromisoformat(end).timestamp() - datetime.fromisoformat(start).timestamp(), 3)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, OSError):
         return None
 
 
@@ -257,10 +268,10 @@ def _copy(device: Device, agent: str, digest: str | None) -> dict | None:
 def _capability(config: dict | None) -> dict | None:
     if config is None or not isinstance(config.get("capability"), dict):
         return None
-    capability = config["capability"]
+    capability = partial(_at, config, "capability")
     return {
-        "name": capability.get("name"),
-        **{side: {access: list((capability.get(side) or {}).get(access) or []) for access in ACCESS}
+        "name": capability("name"),
+        **{side: {access: _list(capability(side, access)) for access in ACCESS}
            for side in ("allowed", "denied")},
     }
 
@@ -268,30 +279,23 @@ def _capability(config: dict | None) -> dict | None:
 def _limits(config: dict | None, task_name, record: dict) -> dict | None:
     if config is None:
         return None
-    quota = config.get("quota") if isinstance(config.get("quota"), dict) else {}
-    task = (config.get("tasks") or {}).get(task_name) or {}
-    retries = task.get("retries") or {}
-    backoff = retries.get("backoff") or {}
-    storage = quota.get("storageBytes") or {}
+    quota = partial(_at, config, "quota")
+    task = partial(_at, config, "tasks", task_name)
     own = record.get("concurrency")
     return {
-        "quota": quota.get("name"),
-        "cpuPercent": quota.get("cpuPercent"),
-        "memoryBytes": quota.get("memoryBytes"),
-        "tasksMax": quota.get("tasksMax"),
-        "ioWeight": quota.get("ioWeight"),
-        "nice": quota.get("nice"),
-        "storageBytes": {kind: storage.get(kind) for kind in ("temp", "output", "log")},
-        "timeoutSeconds": task.get("timeoutSeconds"),
-        "heartbeatTimeoutSeconds": task.get("heartbeatTimeoutSeconds"),
+        "quota": quota("name"),
+        **{key: _number(quota(key), negative=key == "nice")
+           for key in ("cpuPercent", "memoryBytes", "tasksMax", "ioWeight", "nice")},
+        "storageBytes": {kind: _number(quota("storageBytes", kind)) for kind in ("temp", "output", "log")},
+        "timeoutSeconds": _number(task("timeoutSeconds")),
+        "heartbeatTimeoutSeconds": _number(task("heartbeatTimeoutSeconds")),
         "retries": {
-            "limit": retries.get("limit", 0),
-            "initialSeconds": backoff.get("initialSeconds"),
-            "factor": backoff.get("factor"),
-            "maxSeconds": backoff.get("maxSeconds"),
-            "nonRetryableExitCodes": list(retries.get("nonRetryableExitCodes") or []),
+            "limit": _number(task("retries", "limit", default=0)),
+            **{key: _number(task("retries", "backoff", key))
+               for key in ("initialSeconds", "factor", "maxSeconds")},
+            "nonRetryableExitCodes": _list(task("retries", "nonRetryableExitCodes")),
         },
-        "concurrency": own or task.get("concurrency"),
+        "concurrency": own or task("concurrency"),
         "concurrencyFrom": "run" if own else "task",
         "priority": record.get("priority"),
         "user": config.get("user"),
@@ -357,6 +361,42 @@ def _string(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _number(value, *, negative: bool = False):
+    """A field meant to be a number, as it is when it is a believable one (numbers.amount), else
+    None: a string, `1e999` or a list is no size or duration to show."""
+    return value if amount(value, negative=negative) is not None else None
+
+
+def _list(value) -> list:
+    """A field meant to be a list, as a list: empty when it is anything else."""
+    return list(value) if isinstance(value, list) else []
+
+
+def _at(value, *keys, default=None):
+    """The part of a parsed config at `keys`, read step by step: `default` where a step is
+    missing or null, None where a step that must be an object is not one (a hand edit, or a
+    config of another shape)."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key) if isinstance(key, str) else None
+        if value is None:
+            return default
+    return value
+
+
+def _strict(value):
+    """`value` as strict JSON can hold it: a number that is not finite (`1e999` or `NaN` in a
+    record, which Python's parser reads) is None, wherever it is."""
+    if isinstance(value, dict):
+        return {key: _strict(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [_strict(inner) for inner in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _named(name) -> bool:
     return isinstance(name, str) and bool(_NAME.fullmatch(name))
 
@@ -368,7 +408,7 @@ def _joined(value) -> str:
 def _epoch(text) -> float | None:
     try:
         return datetime.fromisoformat(text).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, OSError):
         return None
 
 
@@ -377,6 +417,7 @@ def _epoch(text) -> float | None:
 
 def text(explained: dict) -> str:
     """The human form of `explain`'s dict. Pure."""
+    explained = _for_terminal(explained)
     sections = [_run_text(explained), _source_text(explained["source"]),
                 _ran_under_text(explained), _capability_text(explained["config"]),
                 _limits_text(explained["config"]), _attempts_text(explained["attempts"]),
@@ -405,9 +446,8 @@ def _source_text(source: dict) -> list[str]:
         lines.append(f"  Trigger {source.get('trigger')} ({source.get('type')}), "
                      f"{count} event{'s' if count != 1 else ''}"
                      + (f", delivery {source['delivery']}" if source.get("delivery") else ""))
-        event = source.get("event") or {}
-        if event:
-            lines.append("    event: " + ", ".join(f"{key}={value}" for key, value in event.items()))
+        if source.get("event"):
+            lines.append(f"    event: {_pairs(source['event'])}")
         lines.append("    registered on this device now" if source.get("registered")
                      else "    no longer registered on this device")
     elif kind == "hook":
@@ -504,9 +544,9 @@ def _capability_text(config: dict) -> list[str]:
         return lines
     lines.append(f"  {'capability:':<12} {capability['name']}")
     for access in ACCESS:
-        allowed = ", ".join(capability["allowed"][access]) or "-"
-        denied = ", ".join(capability["denied"][access])
-        lines.append(f"  {access + ':':<12} {allowed}" + (f"; denied: {denied}" if denied else ""))
+        denied = capability["denied"][access]
+        lines.append(f"  {access + ':':<12} {_value(capability['allowed'][access])}"
+                     + (f"; denied: {_value(denied)}" if denied else ""))
     lines.append("  (a run may also write its own checkpoint, temporary and output directories)")
     return lines
 
@@ -536,7 +576,7 @@ def _limits_text(config: dict) -> list[str]:
         f"log {_size(storage['log'])}",
         f"  {'timeout:':<12} {_duration(limits['timeoutSeconds'])}, heartbeat "
         f"{_duration(limits['heartbeatTimeoutSeconds'])}",
-        f"  {'retries:':<12} {retries['limit']}{backoff}"
+        f"  {'retries:':<12} {_value(retries['limit'])}{backoff}"
         + (f"; never after exit {_value(never)}" if never else ""),
         f"  {'concurrency:':<12} {_value(limits['concurrency'])} (the {limits['concurrencyFrom']}'s)",
         f"  {'priority:':<12} {_value(limits['priority'])}; runs as {_value(limits['user'])}",
@@ -569,6 +609,19 @@ def _hooks_text(explained: dict) -> list[str]:
     return lines
 
 
+def _for_terminal(value):
+    """`value` with every string in it, keys included, fit for one line of a terminal: control
+    characters escaped (numbers.printable), a line break or a tab as `\\n` / `\\t`. What a
+    record, a config or the device holds can then neither drive the terminal nor fake a line."""
+    if isinstance(value, str):
+        return printable(value).translate(_ONE_LINE)
+    if isinstance(value, dict):
+        return {_for_terminal(key): _for_terminal(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [_for_terminal(inner) for inner in value]
+    return value
+
+
 def _short(digest: str) -> str:
     kind, _, value = digest.partition(":")
     return f"{kind}:{value[:12]}" if value else digest[:12]
@@ -580,6 +633,13 @@ def _value(value) -> str:
     if isinstance(value, list):
         return ", ".join(map(str, value)) or "-"
     return str(value)
+
+
+def _pairs(value) -> str:
+    """An object as `key=value, ...`; anything else as `_value` shows it."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={inner}" for key, inner in value.items())
+    return _value(value)
 
 
 def _in_units(field: str, value) -> str:
