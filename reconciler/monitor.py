@@ -16,7 +16,9 @@ second, refreshed every second (monitor) or five times a second (watch):
 
 What cannot be measured is None (null in JSON, "-" in tables), never an error: a run that has
 not started yet or is between two steps (no cgroup), no cgroup file system, a controller that
-is not mounted.
+is not mounted. What a record holds is read through `_Fields`, so a value of the wrong kind
+(written by hand, or by a run's own words) is None too; text from a record or a log is escaped
+where a terminal shows it (`_shown`), and kept as written in JSON.
 
 The one-shot table (`text`) and the live view are both rendered from the JSON form
 (`snapshot`). rich draws the live view and is imported only there, so `--json` stays fast.
@@ -29,6 +31,7 @@ import os
 import re
 import select
 import signal
+import stat
 import sys
 import time
 from contextlib import contextmanager
@@ -37,15 +40,22 @@ from datetime import datetime, timezone
 
 from reconciler import AGENTS_DIR
 from reconciler.device import Device
-from reconciler.errors import SposError, UsageError
+from reconciler.errors import SposError, UnsafePathError, UsageError
 from reconciler.executor.enqueue import listening
 from reconciler.executor.owner import alive
 from reconciler.executor.runs import RUN_FILE, TERMINAL_BUCKET, CorruptRecord, RunStore
 from reconciler.executor.supervise import run_dirs
+from reconciler.numbers import amount, printable
 from reconciler.views import clock, human_size
 
 COUNTED = {"queued": "queue", "active": "active", "completed": "completed", "failed": "failed"}
 """The run counts of an agent, by the directory they count."""
+
+LOOK_ORDER = ("queue", "active", "queue", "active", "completed", "failed")
+"""The order a look lists an agent's run directories in: the order runs move through them,
+with the two a run goes back and forth between (claimed, then requeued for a retry or when its
+executor died) listed twice. A run that moves once or twice while they are listed is seen;
+only one that moves three times within the few milliseconds of one look can be missed."""
 
 USAGE_FILES = {1: ("cpuacct/cpuacct.usage", "memory/memory.usage_in_bytes"),
                2: ("cpu.stat", "memory.current")}
@@ -87,15 +97,21 @@ def snapshot(device: Device, agent: str | None = None, now: float | None = None)
 def _agent_names(store: RunStore, agent: str | None) -> list[str]:
     if agent is None:
         return store.agents()
+    if not agent:
+        raise UsageError(f"there is no agent '' on this device: name one of the directories in "
+                         f"{AGENTS_DIR}")
     if "/" in agent or agent.startswith(".") or not store.device.is_dir(f"{AGENTS_DIR}/{agent}"):
         raise UsageError(f"there is no agent {agent!r} on this device (no {AGENTS_DIR}/{agent})")
     return [agent]
 
 
 def _agent(device: Device, store: RunStore, owners: "_Owners", agent: str, now: float) -> dict:
-    """The agent's run counts and its active runs. Its directories are listed in the order runs
-    move through them: a run that moves on meanwhile is counted twice at worst, never missed."""
-    listed = {key: _entries(device, agent, bucket) for key, bucket in COUNTED.items()}
+    """The agent's run counts and its active runs. A directory listed twice (LOOK_ORDER) counts
+    what either listing saw: a run that moves meanwhile may be counted in two places, and is
+    missed only as LOOK_ORDER says."""
+    listed: dict[str, list[str] | set[str]] = {}
+    for bucket, names in _listings(device, agent):
+        listed[bucket] = {*listed[bucket], *names} if bucket in listed else names
     records = sorted(filter(_is_record, listed["active"]))
     cancelling = {name.removesuffix(".cancel") for name in listed["active"] if name.endswith(".json.cancel")}
     active = []
@@ -104,10 +120,15 @@ def _agent(device: Device, store: RunStore, owners: "_Owners", agent: str, now: 
             run = store.load(agent, "active", name)
         except (FileNotFoundError, CorruptRecord):
             continue  # it moved on since the listing, or is not a record (the executor sets it aside)
-        active.append(_active_run(device, agent, run.record, owners.alive(run.record), name in cancelling,
-                                  now))
-    return {"agent": agent, "runs": {key: sum(map(_is_record, names)) for key, names in listed.items()},
-            "active": active}
+        record = _Fields(run.record)
+        active.append(_active_run(device, agent, record, owners.alive(record), name in cancelling, now))
+    counts = {key: sum(map(_is_record, listed[bucket])) for key, bucket in COUNTED.items()}
+    return {"agent": agent, "runs": counts, "active": active}
+
+
+def _listings(device: Device, agent: str) -> list[tuple[str, list[str]]]:
+    """(directory, its names) of the agent's run directories, listed in LOOK_ORDER."""
+    return [(bucket, _entries(device, agent, bucket)) for bucket in LOOK_ORDER]
 
 
 def _entries(device: Device, agent: str, bucket: str) -> list[str]:
@@ -122,29 +143,94 @@ def _is_record(name: str) -> bool:
     return name.endswith(".json") and not name.startswith(".")
 
 
-def _active_run(device: Device, agent: str, record: dict, owned: bool, cancelling: bool,
+class _Fields:
+    """The fields of a run record (or of one of its attempts, or of an object in it) as monitor
+    and watch read them: each of the kind docs/queue.md gives it, or None when the record holds
+    anything else there. A record is written by hand, and partly in a run's own words, as well
+    as by the executor: what is read through here cannot fail a look or put NaN or Infinity in
+    JSON. Text is handed on as written; what shows it on a terminal escapes it (`_shown`).
+    RunStore.load has checked `id`, `task`, `attempt` and `notBefore`: they are read directly."""
+
+    def __init__(self, fields):
+        self.fields = fields if isinstance(fields, dict) else {}
+
+    def __getitem__(self, key: str):
+        return self.fields[key]
+
+    @property
+    def attempt(self) -> int:
+        """The record's attempt: the one running, or the last."""
+        return self.fields.get("attempt", 1)
+
+    def text(self, key: str) -> str | None:
+        value = self.fields.get(key)
+        return value if isinstance(value, str) else None
+
+    def time(self, key: str) -> str | None:
+        """An ISO 8601 time, as written."""
+        value = self.text(key)
+        return value if _epoch(value) is not None else None
+
+    def number(self, key: str, negative: bool = False) -> int | float | None:
+        """A plain, finite, believable number (numbers.amount), as written: 50 stays 50."""
+        value = self.fields.get(key)
+        return value if amount(value, negative=negative) is not None else None
+
+    def whole(self, key: str) -> int | None:
+        """A whole number, negative ones too (an exit code, a process id)."""
+        value = self.number(key, negative=True)
+        return value if isinstance(value, int) else None
+
+    def json(self, key: str):
+        """A JSON value as written, but every number JSON cannot hold (NaN, Infinity) made None."""
+        return _finite(self.fields.get(key))
+
+    def object(self, key: str) -> "_Fields | None":
+        value = self.fields.get(key)
+        return _Fields(value) if isinstance(value, dict) else None
+
+    def items(self, key: str) -> list["_Fields"]:
+        """The objects of a list."""
+        value = self.fields.get(key)
+        if not isinstance(value, list):
+            return []
+        return [_Fields(item) for item in value if isinstance(item, dict)]
+
+
+def _finite(value):
+    """A JSON value with every number JSON cannot hold (NaN, Infinity) made None."""
+    if isinstance(value, float):
+        return value if amount(value, negative=True) is not None else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _active_run(device: Device, agent: str, record: _Fields, owned: bool, cancelling: bool,
                 now: float) -> dict:
     started = _attempt_start(record)
     cpu, memory = _usage(device, agent, record["id"])
     return {
         "id": record["id"],
         "task": record["task"],
-        "attempt": record.get("attempt", 1),
+        "attempt": record.attempt,
         "state": _state(started, owned, cancelling),
         "startedAt": started,
         "runtimeSeconds": _seconds_since(started, now),
-        "progress": _progress(record.get("progress")),
+        "progress": _progress(record.object("progress")),
         "cpuSeconds": cpu,
         "memoryBytes": memory,
     }
 
 
-def _attempt_start(record: dict) -> str | None:
+def _attempt_start(record: _Fields) -> str | None:
     """When the running attempt started; None while the executor sets it up: a record claimed
     for a retry still carries the start of the attempt before until the new one is recorded."""
-    started = record.get("startedAt")
-    last = (record.get("attempts") or [None])[-1]
-    if not isinstance(started, str) or (isinstance(last, dict) and last.get("startedAt") == started):
+    started = record.text("startedAt")
+    attempts = record.items("attempts")
+    if started is None or (attempts and attempts[-1].text("startedAt") == started):
         return None
     return started
 
@@ -156,12 +242,13 @@ class _Owners:
     def __init__(self):
         self.known: dict[tuple, bool] = {}
 
-    def alive(self, record: dict) -> bool:
-        owner = record.get("executor") if isinstance(record.get("executor"), dict) else {}
-        key = (owner.get("pid"), owner.get("bootId"), owner.get("startTicks"))
-        if key not in self.known:
-            self.known[key] = alive(owner)
-        return self.known[key]
+    def alive(self, record: _Fields) -> bool:
+        """An owner whose fields are not of their kind cannot be told alive: abandoned."""
+        owner = record.object("executor") or _Fields({})
+        pid, boot, ticks = owner.whole("pid"), owner.text("bootId"), owner.whole("startTicks")
+        if (pid, boot, ticks) not in self.known:
+            self.known[pid, boot, ticks] = alive({"pid": pid, "bootId": boot, "startTicks": ticks})
+        return self.known[pid, boot, ticks]
 
 
 def _state(started: str | None, owned: bool, cancelling: bool) -> str:
@@ -174,13 +261,14 @@ def _state(started: str | None, owned: bool, cancelling: bool) -> str:
     return "running" if started else "starting"
 
 
-def _progress(value) -> dict | None:
-    """The last progress the run reported: percent (None after only `message` lines) and message."""
-    if not isinstance(value, dict):
+def _progress(progress: _Fields | None) -> dict | None:
+    """The last progress the run reported: percent (None after only `message` lines, or when it
+    is not a number from 0 to 100) and message ("" for none, or for anything but text)."""
+    if progress is None:
         return None
-    percent = value.get("percent")
-    return {"percent": percent if isinstance(percent, (int, float)) else None,
-            "message": str(value.get("message") or "")}
+    percent = progress.number("percent")
+    return {"percent": percent if percent is not None and percent <= 100 else None,
+            "message": progress.text("message") or ""}
 
 
 def _usage(device: Device, agent: str, run_id: str) -> tuple[float | None, int | None]:
@@ -194,7 +282,7 @@ def _usage(device: Device, agent: str, run_id: str) -> tuple[float | None, int |
         cpu, memory = tree.read(path, cpu_file), tree.read(path, memory_file)
     except (OSError, SposError):
         return None, None
-    return _cpu_seconds(cpu, tree.version), int(memory) if memory and memory.isdigit() else None
+    return _cpu_seconds(cpu, tree.version), _kernel_count(memory)
 
 
 def _cpu_seconds(content: str | None, version: int) -> float | None:
@@ -202,12 +290,21 @@ def _cpu_seconds(content: str | None, version: int) -> float | None:
     if content is None:
         return None
     if version == 1:
-        return round(int(content) / 1e9, 3) if content.isdigit() else None
+        nanoseconds = _kernel_count(content)
+        return None if nanoseconds is None else round(nanoseconds / 1e9, 3)
     for line in content.splitlines():
         key, _, value = line.partition(" ")
-        if key == "usage_usec" and value.isdigit():
-            return round(int(value) / 1e6, 3)
+        microseconds = _kernel_count(value) if key == "usage_usec" else None
+        if microseconds is not None:
+            return round(microseconds / 1e6, 3)
     return None
+
+
+def _kernel_count(content: str | None) -> int | None:
+    """The count a cgroup file holds: decimal digits, no more than a 64-bit counter has."""
+    if content is None or not content.isdecimal() or len(content) > 20:
+        return None
+    return int(content)
 
 
 def _seconds_since(iso: str | None, now: float) -> float | None:
@@ -266,13 +363,16 @@ def _run_row(agent: str, run: dict) -> tuple[str, ...]:
 def _progress_text(progress: dict | None) -> str:
     if progress is None:
         return "-"
-    message = progress["message"]
+    message = _shown(progress["message"])  # cut as it is shown
     if len(message) > MESSAGE_CHARACTERS:
         message = message[:MESSAGE_CHARACTERS - 1] + "…"
     return " ".join(part for part in (_percent(progress["percent"]), message) if part) or "-"
 
 
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """The rows aligned in columns, every cell `_shown`: a record's text reaches the terminal
+    escaped, one line a row."""
+    rows = [tuple(map(_shown, row)) for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
@@ -485,10 +585,10 @@ def _left_out(count: int, what: str):
 
 
 def _cell(value, style: str = ""):
-    """A value as text, taken literally: a task's message is no rich markup."""
+    """A value as text, taken literally (a task's message is no rich markup) and `_shown`."""
     from rich.text import Text
 
-    return Text(str(value), style=style, no_wrap=True, overflow="ellipsis")
+    return Text(_shown(value), style=style, no_wrap=True, overflow="ellipsis")
 
 
 def _bar(percent: float | None):
@@ -510,7 +610,7 @@ def watch(device: Device, agent: str, as_json: bool = False) -> int:
     try:
         events = follower.start()
         if not as_json:
-            print(f"Watching {agent}: {follower.count('active')} active, {follower.count('queue')} "
+            print(f"Watching {_shown(agent)}: {follower.count('active')} active, {follower.count('queue')} "
                   "queued. Ctrl-C stops.", file=sys.stderr, flush=True)
         while True:
             sys.stdout.write("".join(map(write, events)))
@@ -564,9 +664,8 @@ class Follower:
             record = self._record(bucket, name)
             if record is None:
                 continue  # it moved on: the next look finds it
-            attempt = record.get("attempt", 1)
             followed = self.runs[run_id] = _Followed(bucket, self._log(run_id, from_end=True),
-                                                     started=attempt - 1, ended=attempt - 1,
+                                                     started=record.attempt - 1, ended=record.attempt - 1,
                                                      queued_said=True)
             events += self._catch_up(run_id, followed, bucket, record)
         return events
@@ -609,18 +708,16 @@ class Follower:
 
     def _look(self) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
         """(run id -> (bucket, name) of the queued and active runs, name -> bucket of the
-        ended ones). Directories are listed in the order runs move through them, so a run that
-        moves on during the look is seen (twice at worst: the later place counts)."""
+        ended ones). Directories are listed in LOOK_ORDER, so a run that moves during the look
+        is seen (in two places at worst: the later one counts)."""
         waiting, finished = {}, {}
-        for bucket in ("queue", "active"):
-            for name in _entries(self.device, self.agent, bucket):
+        for bucket, names in _listings(self.device, self.agent):
+            for name in names:
                 match = RUN_FILE.fullmatch(name)
-                if match:
-                    waiting[match["id"]] = (bucket, name)
-        for bucket in ("completed", "failed"):
-            for name in _entries(self.device, self.agent, bucket):
-                if RUN_FILE.fullmatch(name):
+                if match and bucket in ("completed", "failed"):
                     finished[name] = bucket
+                elif match:
+                    waiting[match["id"]] = (bucket, name)
         return waiting, finished
 
     def _forget_missing(self, seen: set[str]) -> None:
@@ -635,11 +732,16 @@ class Follower:
                 del self.runs[run_id]
 
     def _log(self, run_id: str, from_end: bool = False) -> "_LogTail":
-        return _LogTail(self.device.host(run_dirs(self.agent, run_id)["log"]), from_end)
-
-    def _record(self, bucket: str, name: str) -> dict | None:
+        """The run's log; a logs directory that is a link is not read (no output is told)."""
+        directory, _, name = run_dirs(self.agent, run_id)["log"].rpartition("/")
         try:
-            return self.store.load(self.agent, bucket, name).record
+            return _LogTail(f"{self.device.host(directory)}/{name}", from_end)
+        except UnsafePathError:
+            return _LogTail(None, from_end)
+
+    def _record(self, bucket: str, name: str) -> _Fields | None:
+        try:
+            return _Fields(self.store.load(self.agent, bucket, name).record)
         except (FileNotFoundError, CorruptRecord):
             return None
 
@@ -649,10 +751,10 @@ class Follower:
         record = self._record(bucket, name)
         return [] if record is None else self._catch_up(run_id, followed, bucket, record)
 
-    def _catch_up(self, run_id: str, followed: _Followed, bucket: str, record: dict) -> list[dict]:
+    def _catch_up(self, run_id: str, followed: _Followed, bucket: str, record: _Fields) -> list[dict]:
         """The events `record`, found in `bucket`, tells that were not told yet, in order."""
         followed.bucket, followed.task = bucket, record["task"]
-        attempt = record.get("attempt", 1)
+        attempt = record.attempt
         events = [] if followed.queued_said else self._queued(run_id, followed, record)
         followed.queued_said = True
         for entry in _attempts(record):
@@ -660,7 +762,7 @@ class Follower:
                 continue
             if entry["attempt"] > followed.started:
                 followed.started = entry["attempt"]
-                events.append(self._event(run_id, followed, "started", entry.get("startedAt"),
+                events.append(self._event(run_id, followed, "started", entry.time("startedAt"),
                                           attempt=entry["attempt"]))
             events += self._output(run_id, followed, final=True)
             if entry["attempt"] < attempt:
@@ -676,36 +778,36 @@ class Follower:
             self.runs.pop(run_id, None)
         return events
 
-    def _queued(self, run_id: str, followed: _Followed, record: dict) -> list[dict]:
+    def _queued(self, run_id: str, followed: _Followed, record: _Fields) -> list[dict]:
         """A run `action execute` runs at once was never queued: its first event is its start."""
-        source = record.get("source") if isinstance(record.get("source"), dict) else {}
+        source = record.json("source") if record.object("source") is not None else {}
         if source.get("kind") == "execute":
             return []
-        return [self._event(run_id, followed, "queued", record.get("enqueuedAt"),
-                            priority=record.get("priority"), source=source)]
+        return [self._event(run_id, followed, "queued", record.time("enqueuedAt"),
+                            priority=record.number("priority", negative=True), source=source)]
 
-    def _retrying(self, run_id: str, followed: _Followed, entry: dict, record: dict) -> dict:
+    def _retrying(self, run_id: str, followed: _Followed, entry: _Fields, record: _Fields) -> dict:
         """An attempt ended and the run goes on; when it is the one just before the record's
         attempt, the record says when the next one may start (none: at once)."""
         in_seconds = None
         not_before = None
-        if entry["attempt"] == record.get("attempt", 1) - 1:
-            not_before = record.get("notBefore")
-            due, ended = _epoch(not_before), _epoch(entry.get("endedAt"))
+        if entry["attempt"] == record.attempt - 1:
+            not_before = record.text("notBefore")  # a time, RunStore.load has checked
+            due, ended = _epoch(not_before), _epoch(entry.time("endedAt"))
             in_seconds = 0.0 if not_before is None else (
                 None if due is None or ended is None else round(max(0.0, due - ended), 1))
-        return self._event(run_id, followed, "retrying", entry.get("endedAt"), attempt=entry["attempt"],
-                           state=entry.get("state"), exitCode=entry.get("exitCode"),
-                           reason=entry.get("reason") or "", durationSeconds=entry.get("durationSeconds"),
-                           nextAttempt=entry["attempt"] + 1, notBefore=not_before, inSeconds=in_seconds)
+        return self._event(run_id, followed, "retrying", entry.time("endedAt"), attempt=entry["attempt"],
+                           **_outcome(entry), nextAttempt=entry["attempt"] + 1, notBefore=not_before,
+                           inSeconds=in_seconds)
 
-    def _ended(self, run_id: str, followed: _Followed, bucket: str, record: dict) -> dict:
-        state = record.get("state")
-        return self._event(run_id, followed, "ended", record.get("endedAt"),
-                           attempt=record.get("attempt", 1),
-                           state=state if TERMINAL_BUCKET.get(state) == bucket else bucket,
-                           exitCode=record.get("exitCode"), reason=record.get("reason") or "",
-                           durationSeconds=record.get("durationSeconds"))
+    def _ended(self, run_id: str, followed: _Followed, bucket: str, record: _Fields) -> dict:
+        """The run's end; its state is the directory it ended in when the record's own state
+        does not belong there."""
+        outcome = _outcome(record)
+        if TERMINAL_BUCKET.get(outcome["state"]) != bucket:
+            outcome["state"] = bucket
+        return self._event(run_id, followed, "ended", record.time("endedAt"), attempt=record.attempt,
+                           **outcome)
 
     def _output(self, run_id: str, followed: _Followed, final: bool = False) -> list[dict]:
         """The run's new output lines, without the executor's notes."""
@@ -778,9 +880,10 @@ class _LogTail:
     new. The executor rotates a log when it would pass its quota (`.log` renamed to `.log.1`, a
     new `.log` started): the old file is read to its end, then the new one from its start, as
     `spos action logs -f` does; a log read from its start that was rotated before it was
-    first opened starts with its `.log.1`."""
+    first opened starts with its `.log.1`. Only regular files are read: a link in their place
+    is not followed, a FIFO not waited on. `path` None: there is nothing to read."""
 
-    def __init__(self, path: str, from_end: bool):
+    def __init__(self, path: str | None, from_end: bool):
         self.path = path
         self.handle = None
         self.offset = _size_of(path) if from_end else 0
@@ -817,10 +920,11 @@ class _LogTail:
         return data
 
     def _open(self) -> bool:
+        if self.path is None:
+            return False
         for path in (self.path,) if self.opened else (f"{self.path}.1", self.path):
-            try:
-                self.handle = open(path, "rb")
-            except FileNotFoundError:
+            self.handle = _open_regular(path)
+            if self.handle is None:
                 continue
             self.opened = True
             self.handle.seek(self.offset)
@@ -828,25 +932,46 @@ class _LogTail:
         return False
 
 
+def _open_regular(path: str):
+    """The regular file at `path` open for reading; None when there is none (not there, a
+    link, a FIFO, a directory...)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
 def _rotated(path: str, handle) -> bool:
     """Whether the log at `path` is no longer the file `handle` reads."""
     try:
-        return os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino
-    except FileNotFoundError:
+        return os.lstat(path).st_ino != os.fstat(handle.fileno()).st_ino
+    except OSError:
         return False
 
 
-def _size_of(path: str) -> int:
+def _size_of(path: str | None) -> int:
+    """How much the regular file at `path` holds; 0 for anything else."""
     try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
+        status = os.lstat(path) if path is not None else None
+    except OSError:
         return 0
+    return status.st_size if status is not None and stat.S_ISREG(status.st_mode) else 0
 
 
-def _attempts(record: dict) -> list[dict]:
+def _attempts(record: _Fields) -> list[_Fields]:
     """The record's ended attempts that say which attempt they were, in order."""
-    return [entry for entry in record.get("attempts") or []
-            if isinstance(entry, dict) and type(entry.get("attempt")) is int]
+    return [entry for entry in record.items("attempts") if entry.whole("attempt") is not None]
+
+
+def _outcome(attempt: _Fields) -> dict:
+    """How an attempt (or a run: its last attempt) ended, as its `retrying` or `ended` event
+    says it."""
+    return {"state": attempt.text("state"), "exitCode": attempt.whole("exitCode"),
+            "reason": attempt.text("reason") or "", "durationSeconds": attempt.number("durationSeconds")}
 
 
 def _run_id(name: str) -> str:
@@ -866,11 +991,12 @@ def _json_line(event: dict) -> str:
 
 def _text_line(event: dict) -> str:
     """`HH:MM:SS <run> <task>: <what happened>`, or `<run> | <output line>` indented under it;
-    <run> is the short form of the run id, its last part."""
+    <run> is the short form of the run id, its last part. The line is `_shown`: what a run
+    wrote reaches the terminal escaped."""
     run = short_id(event["run"])
     if event["event"] == "output":
-        return f"{'':8} {run} | {event['line']}\n"
-    return f"{_local(event['time'], '%H:%M:%S')} {run} {event['task']}: {_what(event)}\n"
+        return _shown(f"{'':8} {run} | {event['line']}") + "\n"
+    return _shown(f"{_local(event['time'], '%H:%M:%S')} {run} {event['task']}: {_what(event)}") + "\n"
 
 
 def _what(event: dict) -> str:
@@ -882,21 +1008,32 @@ def _what(event: dict) -> str:
     ended = _ending(event)
     if kind == "retrying":
         when = "retrying" if event["inSeconds"] is None else f"retrying in {clock(event['inSeconds'])}"
-        return f"{when}: attempt {event['attempt']} {ended}"
+        return f"{when}: attempt {event['attempt']} {ended}".rstrip()
     return f"ended {ended}"
 
 
 def _ending(event: dict) -> str:
     """`STATE exit CODE in DURATION (reason)`, leaving out what the record does not have."""
-    words = [event["state"]]
+    words = [event["state"]] if event["state"] else []
     if event["exitCode"] is not None:
         words.append(f"exit {event['exitCode']}")
     if event["durationSeconds"] is not None:
         words.append(f"in {clock(event['durationSeconds'])}")
-    return " ".join(words) + (f" ({event['reason']})" if event["reason"] else "")
+    if event["reason"]:
+        words.append(f"({event['reason']})")
+    return " ".join(words)
 
 
-# -- times -----------------------------------------------------------------------------------
+# -- text and times --------------------------------------------------------------------------
+
+
+def _shown(value) -> str:
+    """A value as one line of a terminal: control characters escaped (numbers.printable), a
+    newline too."""
+    text = str(value)
+    if text.isprintable():  # nearly always, and quick to tell
+        return text
+    return printable(text).replace("\n", "\\x0a")
 
 
 def _iso(moment: float) -> str:
@@ -904,13 +1041,21 @@ def _iso(moment: float) -> str:
 
 
 def _epoch(iso) -> float | None:
+    """The moment an ISO 8601 time names; None for anything else, or for a time without a zone
+    that the device's clock cannot place (year 1 or 9999 in some zones)."""
     try:
         return datetime.fromisoformat(iso).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, OSError):
         return None
 
 
 def _local(iso: str | None, form: str) -> str:
-    """A recorded time in the device's time zone, as people read the clock there; "-" for none."""
+    """A recorded time in the device's time zone, as people read the clock there; "-" for none,
+    or for one that is outside the calendar there (years 1 to 9999)."""
     moment = _epoch(iso)
-    return "-" if moment is None else datetime.fromtimestamp(moment).astimezone().strftime(form)
+    if moment is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(moment).astimezone().strftime(form)
+    except (ValueError, OverflowError, OSError):
+        return "-"

@@ -17,6 +17,7 @@ Every wait is bounded (WAIT seconds) and polls; nothing sleeps longer than a pol
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import pty
@@ -208,6 +209,68 @@ def test_nothing_measurable_is_null_never_an_error(state):
     assert len(runs) == 5
     assert all(run["cpuSeconds"] is None and run["memoryBytes"] is None for run in runs)
     assert snap["executorRunning"] is False
+
+
+def test_what_a_record_holds_of_the_wrong_kind_is_null_or_dash(state):
+    """Records written by hand: an owner that cannot be told alive is abandoned, a percent that
+    is no number from 0 to 100 is null, a message that is no text is "", a start time that is
+    no time is "-" in the table, and a task's newline is shown escaped, on one line."""
+    root, cgroups = state
+    record_file(root, "gamma", "active", 40, state="active", task="scan\nnext", startedAt=5,
+                executor={"pid": [1], "bootId": {"b": 1}, "startTicks": "1"},
+                progress={"percent": 150, "message": {"a": 1}})
+    record_file(root, "gamma", "active", 41, state="active", executor=identity(), startedAt="soon",
+                progress={"percent": "40", "message": None})
+    snap = monitor.snapshot(Device(root, cgroup_root=str(cgroups)), now=NOW)
+
+    gamma = snap["agents"][2]["active"]
+    assert [(run["state"], run["startedAt"], run["runtimeSeconds"], run["progress"]) for run in gamma] == [
+        ("abandoned", None, None, {"percent": None, "message": ""}),
+        ("running", "soon", None, {"percent": None, "message": ""})]
+    rows = {line.split()[0]: line.split() for line in monitor.text(snap).splitlines()
+            if line.startswith("2026")}
+    assert rows["20261126T090000-00000028"][2:5] == ["scan\\x0anext", "1", "abandoned"]
+    assert rows["20261126T090000-00000029"][4:7] == ["running", "-", "-"]
+    assert "scan\\x0anext" in frame(snap, 160, 30)
+
+
+NEXT = {"queue": ("active", "failed"), "active": ("queue", "completed", "failed")}
+"""Where a run goes from where it is: claimed, requeued (a retry, or its executor died), ended
+(from the queue: cancelled or expired)."""
+
+
+def ways(place: str, moves: int):
+    """Every way a run that starts at `place` may go in up to `moves` moves."""
+    yield (place,)
+    if moves:
+        for there in NEXT.get(place, ()):
+            yield from ((place, *rest) for rest in ways(there, moves - 1))
+
+
+def test_a_run_that_moves_once_or_twice_during_a_look_is_counted(tmp_path, monkeypatch):
+    """docs/monitor.md: a run that moves once or twice while a snapshot lists its agent's
+    directories (claimed and requeued, requeued and claimed again, ended) is counted; tried
+    for every way and every moment between two listings."""
+    run = record_file(tmp_path, "alpha", "queue", 1)
+    directories = tmp_path / AGENTS / "alpha"
+    for bucket in ("queue", "active", "completed", "failed"):
+        (directories / bucket).mkdir(exist_ok=True)
+    listed, listings_in_a_look = monitor._entries, len(monitor.LOOK_ORDER)
+    for way in (*ways("queue", 2), *ways("active", 2)):
+        for moments in itertools.combinations_with_replacement(range(listings_in_a_look + 1), len(way) - 1):
+            next(directories.glob(f"*/{run.name}")).rename(directories / way[0] / run.name)
+            listings = itertools.count()
+
+            def entries(device, agent, bucket, way=way, moments=moments):
+                listing = next(listings)
+                for there, moment in zip(way[1:], moments):
+                    if moment == listing:  # the run moves before this listing
+                        next(directories.glob(f"*/{run.name}")).rename(directories / there / run.name)
+                return listed(device, agent, bucket)
+
+            monkeypatch.setattr(monitor, "_entries", entries)
+            counts = monitor.snapshot(Device(tmp_path), now=NOW)["totals"]
+            assert sum(counts.values()) >= 1, (way, moments, counts)
 
 
 def test_the_command_prints_the_snapshot(spos, state):
@@ -630,6 +693,66 @@ def test_watch_as_text(device_root, watching):
                      f"{short} scan: retrying in 3s: attempt 1 failed exit 7 in 0.5s\n"]
     assert [line for line in watch.lines if line.startswith(" ")] == [f"{'':8} {short} | hello\n"]
     assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in watch.lines if not line.startswith(" "))
+
+
+def test_watch_shows_what_a_run_writes_escaped_and_keeps_it_in_json(device_root, watching):
+    executor = Executor(device_root, "alpha")
+    run = executor.start(executor.enqueue())
+    as_text, as_json = watching(device_root, "alpha"), watching(device_root, "alpha", "--json")
+    wait_for(lambda: as_text.lines and as_json.lines, "the active run")
+
+    executor.write(run, "\x1b]0;owned\x07\x1b[2Jcleared\r\n")
+    wait_for(lambda: len(as_text.lines) > 1 and len(as_json.lines) > 1, "the line")
+
+    assert as_text.stop() == 0 and as_json.stop() == 0
+    assert as_text.lines[1] == f"{'':8} {monitor.short_id(run.id)} | \\x1b]0;owned\\x07\\x1b[2Jcleared\n"
+    assert as_json.events()[1]["line"] == "\x1b]0;owned\x07\x1b[2Jcleared"
+
+
+def test_watch_json_is_strict_whatever_a_record_holds(device_root, watching):
+    """NaN and Infinity (which Python's json reads and writes, and no other parser takes) are
+    null; a time that is no time is when watch saw the run."""
+    record_file(device_root, "alpha", "active", 1, state="active", executor=identity(),
+                startedAt="2026-11-26T09:04:00.000+00:00")
+    watch = watching(device_root, "alpha", "--json")
+    wait_for(lambda: watch.lines, "the active run")
+    run = record_file(device_root, "alpha", "failed", 2, state="failed", priority=float("nan"),
+                      source={"kind": "manual", "weight": [float("inf")]}, endedAt=float("-inf"),
+                      exitCode=float("nan"), durationSeconds=1e999, reason=["no text"])
+    wait_for(lambda: len(watch.lines) >= 3, "the run's end")
+
+    assert watch.stop() == 0
+    _, queued, ended = (json.loads(line, parse_constant=pytest.fail) for line in watch.lines)
+    assert (queued["priority"], queued["source"]) == (None, {"kind": "manual", "weight": [None]})
+    assert (ended["state"], ended["exitCode"], ended["durationSeconds"], ended["reason"]) == (
+        "failed", None, None, "")
+    assert datetime.fromisoformat(ended["time"]).timestamp() >= run.stat().st_mtime - 1
+
+
+def test_watch_reads_only_regular_log_files(device_root, tmp_path, watching):
+    """A log that is a link is not followed, one that is a FIFO is not waited on: the runs are
+    told, their output is not."""
+    outside = tmp_path / "outside"
+    outside.write_text("before\n")
+    logs = device_root / AGENTS / "alpha/logs"
+    logs.mkdir(parents=True)
+    for serial in (1, 2):
+        record_file(device_root, "alpha", "active", serial, state="active", executor=identity(),
+                    startedAt="2026-11-26T09:04:00.000+00:00")
+    (logs / "20261126T090000-00000001.log").symlink_to(outside)
+    os.mkfifo(logs / "20261126T090000-00000002.log")
+    watch = watching(device_root, "alpha", "--json")
+    watch.until("both runs", lambda events: len(events) == 2)
+
+    with outside.open("a") as appended:
+        appended.write("not the run's\n")
+    for serial in (1, 2):
+        active = record_file(device_root, "alpha", "completed", serial, state="completed", exitCode=0)
+        (device_root / AGENTS / "alpha/active" / active.name).unlink()
+    events = watch.until("both ends", lambda events: len(events) == 4)
+
+    assert watch.stop() == 0
+    assert [event["event"] for event in events] == ["started", "started", "ended", "ended"]
 
 
 def test_watch_refuses_an_agent_that_is_not_there(spos, device_root):
