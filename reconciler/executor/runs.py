@@ -111,6 +111,8 @@ class RunStore:
             record = json.loads(raw)
         except ValueError as exc:
             raise CorruptRecord(f"{name}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise CorruptRecord(f"{name}: nested too deeply to be a run record") from None
         problem = _shape_problem(record)
         if problem:
             raise CorruptRecord(f"{name}: not a run record: {problem}")
