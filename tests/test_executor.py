@@ -608,7 +608,8 @@ def test_failed_runs_are_retried_with_backoff(device):
 def test_a_retry_waiting_in_the_queue_survives_an_executor_restart(device):
     device.apply({"flaky": {
         "command": sh('echo $SPOS_ATTEMPT >> $SPOS_OUTPUT_DIR/attempts; [ "$SPOS_ATTEMPT" != 1 ]'),
-        "retries": {"limit": 1, "backoff": {"initial": "2s"}},
+        # long enough that a loaded machine does not start the retry before the kill below
+        "retries": {"limit": 1, "backoff": {"initial": "5s"}},
     }})
     run_id = device.enqueue("flaky")
     daemon = device.daemon("--rescan", "60s")
