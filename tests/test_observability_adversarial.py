@@ -106,8 +106,7 @@ def files(root: Path) -> dict[str, tuple]:
 
 def test_why_a_run_whose_followup_errors_is_a_number(device_root):
     """`followUpErrors: 5` in a hand-edited or foreign record: `spos why` (text and --json)
-    dies with `TypeError: 'int' object is not iterable` instead of showing the run.
-    Cause: reconciler/why.py:63 takes list() of whatever the record holds."""
+    dies with `TypeError: 'int' object is not iterable` instead of showing the run."""
     run_id = record(device_root, "alpha", "completed", 1, state="completed", followUpErrors=5,
                     endedAt="2026-11-26T09:01:00.000+00:00")
     before = files(device_root)
@@ -122,7 +121,7 @@ def test_why_a_run_whose_followup_errors_is_a_number(device_root):
 def test_why_a_trigger_run_whose_event_is_not_an_object(device_root):
     """A Trigger's `source.event` that is a list or a string (the record as another version or
     a hand edit left it): `spos why` prints `AttributeError: 'list' object has no attribute
-    'items'`. Cause: reconciler/why.py:408-410 calls .items() on it."""
+    'items'`."""
     run_id = record(device_root, "alpha", "completed", 1, state="completed",
                     source={"kind": "trigger", "trigger": "drop", "type": "filesystem",
                             "event": ["created", "/srv/in/a.csv"]})
@@ -137,7 +136,7 @@ def test_why_a_trigger_run_whose_event_is_not_an_object(device_root):
 def test_why_an_attempt_whose_duration_is_a_string(device_root):
     """An attempt with `durationSeconds: "12"`: `spos why` (text) dies with `TypeError: '<'
     not supported between instances of 'str' and 'int'`; --json shows it. The text should
-    leave the duration out (or show `-`). Cause: reconciler/why.py:552 hands it to clock()."""
+    leave the duration out (or show `-`)."""
     run_id = record(device_root, "alpha", "completed", 1, state="completed", attempts=[
         {"attempt": 1, "state": "completed", "startedAt": "2026-11-26T09:00:00.000+00:00",
          "endedAt": "2026-11-26T09:00:12.000+00:00", "durationSeconds": "12", "exitCode": 0}])
@@ -152,9 +151,7 @@ def test_why_an_attempt_whose_duration_is_a_string(device_root):
 def test_why_json_is_strict_json_when_a_record_holds_an_overflowing_number(device_root):
     """`1e999` in a record is read as infinity: `spos why --json` then prints `Infinity`, which
     no JSON parser but Python's reads, and the text dies with `OverflowError: cannot convert
-    float infinity to integer`. What cannot be a duration should be null / `-`.
-    Cause: reconciler/why.py:_attempt passes durationSeconds through; cli.py _show dumps with
-    allow_nan."""
+    float infinity to integer`. What cannot be a duration should be null / `-`."""
     attempt = ('{"attempt": 1, "state": "completed", "startedAt": "2026-11-26T09:00:00.000+00:00", '
                '"endedAt": "2026-11-26T09:00:12.000+00:00", "durationSeconds": 1e999}')
     run_id = "20261126T090000-00000001"
@@ -184,8 +181,7 @@ def test_why_with_an_agent_json_of_an_odd_shape(device_root, config):
     """An agent.json that is an object but whose `tasks`, `quota`, `capability` or `retries`
     has another shape (hand-edited, or from another spos version): `spos why` and
     `spos why --json` die with AttributeError / TypeError. The part that cannot be read should
-    be null, as an agent.json that is not an object already is.
-    Cause: reconciler/why.py:257-295 (_capability, _limits) call .get() and list() on it."""
+    be null, as an agent.json that is not an object already is."""
     raw = json.dumps({"format": 1, "agent": "alpha", **config}).encode()
     agent = device_root / AGENTS / "alpha"
     agent.mkdir(parents=True)
@@ -205,8 +201,7 @@ def test_why_does_not_hand_a_serial_line_to_the_terminal_raw(device_root):
     bytes from outside. `spos why` prints `event: line=...` as it is, so a sensor (or whoever
     controls the wire, a file name under a watched directory, a webhook header) can set the
     operator's window title, clear the screen or rewrite the line shown. Control characters
-    should be shown escaped, as `spos action show` does with JSON.
-    Cause: reconciler/why.py:410 joins the event's values into the text unescaped."""
+    should be shown escaped, as `spos action show` does with JSON."""
     run_id = record(device_root, "alpha", "completed", 1, state="completed",
                     source={"kind": "trigger", "trigger": "sensor", "type": "serial",
                             "event": {"device": "/dev/ttyUSB0", "line": f"temp=21.5{ESCAPES}ok"}})
@@ -223,8 +218,7 @@ def test_why_does_not_hand_a_serial_line_to_the_terminal_raw(device_root):
 def test_monitor_json_is_strict_json_when_a_progress_percent_is_not_finite(device_root):
     """A record whose `progress.percent` reads as NaN or infinity (`NaN`, `1e999`): `spos action
     monitor --json` prints `"percent": NaN` / `Infinity`, which jq and every other parser
-    refuse; the text shows `nan%`. docs/monitor.md: percent is 0-100 or null.
-    Cause: reconciler/monitor.py:182 keeps any int or float."""
+    refuse; the text shows `nan%`. docs/monitor.md: percent is 0-100 or null."""
     for serial, value in ((1, "NaN"), (2, "1e999")):
         run_id = f"20261126T090000-{serial:08x}"
         record(device_root, "alpha", "active", serial, raw=(
@@ -242,8 +236,7 @@ def test_monitor_json_is_strict_json_when_a_progress_percent_is_not_finite(devic
 
 def test_monitor_text_with_a_huge_integer_progress_percent(device_root):
     """`"percent": 1000...0` (400 digits, valid JSON): `spos action monitor` dies with
-    `OverflowError: int too large to convert to float`. Cause: reconciler/monitor.py:182
-    accepts any int; monitor.py:281 formats it as a float."""
+    `OverflowError: int too large to convert to float`."""
     active(device_root, "alpha", 1, progress={"percent": 10 ** 400, "message": "half"})
 
     result = spos("action", "monitor", "--root", device_root)
@@ -255,8 +248,7 @@ def test_monitor_text_with_a_huge_integer_progress_percent(device_root):
 def test_monitor_an_executor_owner_with_a_list_in_it(device_root):
     """An active record whose `executor` is an object holding a list (`{"pid": [1]}`): every
     `spos action monitor`, --json included, dies with `TypeError: unhashable type: 'list'`, for
-    every agent on the device. The run should show as `abandoned` (its owner cannot be told).
-    Cause: reconciler/monitor.py:161 makes a dict key of the owner's fields."""
+    every agent on the device. The run should show as `abandoned` (its owner cannot be told)."""
     active(device_root, "alpha", 1, executor={"pid": [1], "bootId": "b", "startTicks": 1})
     active(device_root, "beta", 2)
 
@@ -273,7 +265,7 @@ def test_monitor_an_executor_owner_with_a_list_in_it(device_root):
 def test_monitor_a_start_time_at_the_edge_of_the_calendar(device_root, moment):
     """A `startedAt` that parses but whose local time falls outside years 1-9999: the table
     dies with `ValueError: year 10000 is out of range` (--json works). It should show `-`, as
-    it does for a time that does not parse. Cause: reconciler/monitor.py:916 (_local)."""
+    it does for a time that does not parse."""
     active(device_root, "alpha", 1, startedAt=moment)
 
     result = spos("action", "monitor", "--root", device_root)
@@ -286,8 +278,7 @@ def test_monitor_does_not_hand_a_progress_message_to_the_terminal_raw(device_roo
     """A run sets its progress message itself (`message ...` on its progress channel, kept as
     written after strip()). `spos action monitor` prints it into the table as it is, and the
     live view draws it as it is: a run can clear the operator's screen, set the window title
-    or overwrite the row. Control characters should be shown escaped.
-    Cause: reconciler/monitor.py:266-272 (_progress_text) and :455 (the live view's message cell)."""
+    or overwrite the row. Control characters should be shown escaped."""
     from rich.console import Console
 
     from reconciler import monitor
@@ -309,8 +300,7 @@ def test_monitor_and_watch_refuse_an_empty_agent_name(device_root):
     """`spos action monitor --agent "$AGENT"` with AGENT unset: the empty name is taken as the
     agents directory itself, and the snapshot shows an agent named "" with nothing in it
     (exit 0); `spos action watch --agent ""` watches nothing, silently, forever.
-    docs/monitor.md: an agent that is not there is an error (exit 1) naming it.
-    Cause: reconciler/monitor.py:90 checks is_dir of `agents/` + "" (the agents directory)."""
+    docs/monitor.md: an agent that is not there is an error (exit 1) naming it."""
     active(device_root, "alpha", 1)
 
     result = spos("action", "monitor", "--agent", "", "--root", device_root)
@@ -335,9 +325,7 @@ def test_monitor_counts_a_run_that_goes_back_to_the_queue_while_it_looks(device_
     """docs/monitor.md: the directories are listed "in the order runs move through them, so a
     run that moves meanwhile is counted twice at worst, never missed". A retry moves a run
     back, from active/ to queue/: when the executor requeues it between the listing of queue/
-    and that of active/, the snapshot counts it nowhere (0 queued, 0 active) and shows no run.
-    Cause: reconciler/monitor.py:98 lists queue/ before active/ and nothing catches a move
-    backwards."""
+    and that of active/, the snapshot counts it nowhere (0 queued, 0 active) and shows no run."""
     from reconciler import monitor
     from reconciler.device import Device
 
@@ -360,8 +348,7 @@ def test_monitor_counts_a_run_that_goes_back_to_the_queue_while_it_looks(device_
 
 def test_monitor_live_with_an_interval_too_large_for_a_float(device_root):
     """`--interval` with a 400-digit number of seconds: `OverflowError: int too large to
-    convert to float`, a traceback, instead of the one-line usage error a bad duration gets.
-    Cause: reconciler/cli.py:1057 (_duration) catches ValueError only."""
+    convert to float`, a traceback, instead of the one-line usage error a bad duration gets."""
     (device_root / AGENTS / "alpha").mkdir(parents=True)
 
     result = spos("action", "monitor", "--live", "--interval", "1" + "0" * 400 + "s",
@@ -422,8 +409,7 @@ def watch_a_run_end(root: Path, json_lines: bool, **fields) -> tuple[bool, int, 
 @pytest.mark.parametrize("json_lines", [False, True], ids=["text", "json"])
 def test_watch_goes_on_when_a_record_state_is_not_a_string(device_root, json_lines):
     """A run that ends with `state: ["failed"]` in its record: `spos action watch` (text and
-    --json) dies with `TypeError: unhashable type: 'list'` and stops watching the agent.
-    Cause: reconciler/monitor.py:706 looks the state up in a dict."""
+    --json) dies with `TypeError: unhashable type: 'list'` and stops watching the agent."""
     told, code, err = watch_a_run_end(device_root, json_lines, state=["failed"])
 
     assert "Traceback" not in err, err
@@ -432,8 +418,7 @@ def test_watch_goes_on_when_a_record_state_is_not_a_string(device_root, json_lin
 
 def test_watch_goes_on_when_a_duration_is_not_a_number(device_root):
     """A run that ends with `durationSeconds: "12"`: `spos action watch` dies with `TypeError:
-    '<' not supported between instances of 'str' and 'int'` and stops watching.
-    Cause: reconciler/monitor.py:895 hands it to clock()."""
+    '<' not supported between instances of 'str' and 'int'` and stops watching."""
     told, code, err = watch_a_run_end(device_root, False, state="completed", durationSeconds="12")
 
     assert "Traceback" not in err, err
@@ -442,8 +427,7 @@ def test_watch_goes_on_when_a_duration_is_not_a_number(device_root):
 
 def test_watch_goes_on_when_an_end_time_is_at_the_edge_of_the_calendar(device_root):
     """A run that ends with `endedAt: 9999-12-31T23:59:59-12:00`: `spos action watch` dies
-    with `ValueError: year 10000 is out of range`. Cause: reconciler/monitor.py:916 (_local),
-    as in the monitor table."""
+    with `ValueError: year 10000 is out of range`."""
     told, code, err = watch_a_run_end(device_root, False, state="completed",
                                       endedAt="9999-12-31T23:59:59-12:00")
 
@@ -463,7 +447,7 @@ def completed_runs(root: Path, agent: str, task: str, durations: list, first: in
 def test_resources_with_a_duration_too_large_for_a_float(device_root):
     """One finished run whose `durationSeconds` is a 400-digit integer (valid JSON): `spos action
     resources`, --json and `spos metrics` die with `OverflowError: int too large to convert to
-    float`. Cause: reconciler/executor/estimate.py:138, math.isfinite() of a huge int raises."""
+    float`."""
     completed_runs(device_root, "alpha", "scan", [12.0, 10 ** 400])
 
     for command in (("action", "resources"), ("action", "resources", "--json"), ("metrics",)):
@@ -475,8 +459,7 @@ def test_resources_with_a_duration_too_large_for_a_float(device_root):
 def test_resources_json_is_strict_json_when_the_slowdown_overflows(device_root):
     """Ten completed runs, the first five of the smallest float (5e-324 s) and the last five of 10 s:
     the slowdown ratio overflows to infinity and `spos action resources --json` prints
-    `"slowdown": Infinity`. Cause: reconciler/executor/estimate.py:101 divides without a
-    bound."""
+    `"slowdown": Infinity`."""
     completed_runs(device_root, "alpha", "scan", [5e-324] * 5 + [10.0] * 5)
 
     result = spos("action", "resources", "--json", "--root", device_root)
@@ -487,8 +470,7 @@ def test_resources_json_is_strict_json_when_the_slowdown_overflows(device_root):
 
 def test_resources_with_a_record_state_that_is_not_a_string(device_root):
     """A finished record with `state: ["completed"]`: `spos action resources` and `spos metrics`
-    die with `TypeError: unhashable type: 'list'` (`action list` shows the run).
-    Cause: reconciler/metrics.py:241 (_state_of) looks the state up in a dict."""
+    die with `TypeError: unhashable type: 'list'` (`action list` shows the run)."""
     record(device_root, "alpha", "completed", 1, state=["completed"])
 
     for command in (("action", "resources", "--json"), ("metrics",)):
@@ -509,7 +491,7 @@ def test_plan_with_a_duration_too_large_for_a_float_in_the_history(applied, devi
     """A Schedule moved, and among its task's finished runs one whose `durationSeconds` is a
     400-digit integer: `spos plan` itself dies with `OverflowError` and shows no plan at all.
     An estimate is for reading (docs/plan-format.md): a record it cannot use must not stop
-    the plan. Cause: reconciler/executor/estimate.py:138."""
+    the plan."""
     completed_runs(device_root, "backup-001", "nightly_backup", [250.0, 260.0, 10 ** 400])
 
     result = spos("plan", applied, "--root", device_root, "--json")
@@ -523,8 +505,7 @@ def test_plan_estimate_of_a_task_whose_runs_all_failed(applied, device_root):
     """docs/plan-format.md#estimates: "a task without any finished run gets no entry", so a
     task with finished runs gets one. A rescheduled task whose 4 runs all failed gets none:
     `estimates` is empty and the plan says nothing of it, when it is exactly the task an
-    operator moving it wants to hear about (completedRuns 0, estimate null).
-    Cause: reconciler/expect.py:52 skips tasks without a completed run."""
+    operator moving it wants to hear about (completedRuns 0, estimate null)."""
     for n in range(4):
         record(device_root, "backup-001", "failed", n + 1, task="nightly_backup", state="failed",
                durationSeconds=30.0, endedAt=f"2026-11-26T0{n}:00:00.000+00:00")
@@ -591,9 +572,7 @@ def last_hour_lines(template: str, count: int = 2) -> str:
 def test_suggest_json_is_strict_json_whatever_the_samples_say(project, device_root, lines, usage_cpu):
     """Load-sample lines with finite but absurd values (1e308 percent of CPU, a load of 1e308),
     or a run that recorded 1e308 CPU seconds: the hour's mean overflows and `spos schedule
-    suggest --json` prints `Infinity` / `NaN`, which no JSON parser but Python's reads.
-    Cause: reconciler/loadlog.py:183 accepts any finite number; suggest.py sums them
-    (_History._measure, share) with no bound."""
+    suggest --json` prints `Infinity` / `NaN`, which no JSON parser but Python's reads."""
     history(device_root, last_hour_lines(lines), usage_cpu=usage_cpu)
 
     result = spos("schedule", "suggest", "--json", "--root", device_root, cwd=project)
@@ -604,8 +583,7 @@ def test_suggest_json_is_strict_json_whatever_the_samples_say(project, device_ro
 
 def test_suggest_with_a_sample_that_counts_too_many_cpus(project, device_root):
     """The newest sample names a 400-digit number of CPUs (one garbage line): `spos schedule
-    suggest` dies with `OverflowError: int too large to convert to float`.
-    Cause: reconciler/suggest.py:299 divides by it; loadlog.py:183 accepts any count >= 1."""
+    suggest` dies with `OverflowError: int too large to convert to float`."""
     history(device_root, f"{time.time() - 30:.0f} 0.5 10.0 40.0 {10 ** 400}\n")
 
     result = spos("schedule", "suggest", "--root", device_root, cwd=project)
@@ -618,8 +596,7 @@ def test_suggest_skips_a_sample_with_an_impossible_cpu_percent(project, device_r
     """One garbage line saying -100000 % of the CPUs were busy at 11:00 UTC yesterday is taken
     as a sample: hour 11's mean CPU becomes about -2700 %, `hours` says so, and the nightly
     job is proposed at 11:00 instead of the quiet 04:00. docs/suggest.md: field 3 is the
-    percent of all CPUs busy; a line that is not a sample should be skipped, as a torn one is.
-    Cause: reconciler/loadlog.py:183 checks only that the numbers are finite."""
+    percent of all CPUs busy; a line that is not a sample should be skipped, as a torn one is."""
     yesterday = datetime.now(timezone.utc).replace(hour=11, minute=30, second=0, microsecond=0)
     if yesterday.timestamp() > time.time() - 3600:
         yesterday -= timedelta(days=1)
