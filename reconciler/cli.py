@@ -482,8 +482,9 @@ def _sync(args) -> int:
 
     from reconciler.sync import sync
 
-    result = sync(args.root, _sync_options(args),
-                  progress=lambda text: _stage(args, text), report=_progress(args))
+    feedback = _feedback(args)
+    result = sync(args.root, _sync_options(args), progress=feedback.stage, detail=feedback.detail,
+                  advance=feedback.advance, report=_progress(args))
     _feedback(args).pause()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -651,7 +652,9 @@ def _validate(args) -> int:
 
     from reconciler.validate import load
 
-    manifests = load(args.path, _policy_dir(args))
+    feedback = _feedback(args)
+    manifests = load(args.path, _policy_dir(args), stage=feedback.detail, advance=feedback.advance)
+    feedback.pause()
     if args.json:
         print(json.dumps({"valid": True, "manifests": len(manifests), "diagnostics": [],
                           "notes": manifests.notes}, indent=2))
@@ -706,9 +709,23 @@ class _Feedback:
         if not self.live:
             print(text, file=sys.stderr)
             return
+        self.detail(text, total)
+
+    def detail(self, text: str, total: int | None = None) -> None:
+        """A step within a stage (checking the manifest files, `total` of them): shown on the
+        status line only, never as a line of its own."""
+        if not self.live:
+            return
         if self.bar is None:
             self._start()
-        self.bar.update(self.task, description=text.rstrip("."), total=total, completed=0)
+        if self.task is not None:
+            self.bar.remove_task(self.task)  # a task's total cannot go back to unknown
+        self.task = self.bar.add_task(text.rstrip("."), total=total)
+
+    def advance(self) -> None:
+        """One more of the current stage's items is done."""
+        if self.task is not None:
+            self.bar.advance(self.task)
 
     def change(self, change, error) -> None:
         from reconciler.views import apply_line
@@ -716,14 +733,13 @@ class _Feedback:
         if self.quiet:
             return
         print(apply_line(change.to_json(), error))  # above the status line, when there is one
-        if self.bar is not None:
-            self.bar.advance(self.task)
+        self.advance()
 
     def pause(self) -> None:
         """Take the status line down (before output that must stand alone, or a question)."""
         if self.bar is not None:
             self.bar.stop()
-            self.bar = None
+            self.bar = self.task = None
 
     def _start(self) -> None:
         from rich.console import Console
@@ -733,7 +749,7 @@ class _Feedback:
         self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(),
                             console=Console(stderr=True), transient=True)
-        self.task = self.bar.add_task("", total=None)
+        self.task = None
         self.bar.start()
 
 
@@ -751,6 +767,7 @@ def _plan_request(args):
         device_labels=getattr(args, "device_labels", None), allow_empty=args.allow_empty,
         creating_state=getattr(args, "auto_approve", False),  # apply is about to create the state dir
         stage=lambda text: _stage(args, text),
+        detail=_feedback(args).detail, advance=_feedback(args).advance,
     )
 
 

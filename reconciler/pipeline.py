@@ -27,7 +27,8 @@ class PlanRequest:
     (a complete label set) or None for the device's own labels. `creating_state` says the state
     directory may be created (apply is about to write). `revision` names the commit the
     manifests come from when the caller knows it (sync); otherwise git is asked. `stage` is
-    told each step as it starts (the CLI prints them)."""
+    told each step as it starts (the CLI prints them); `detail(text, total)` the steps within
+    validation and `advance()` each file checked, for a live display of a long load."""
 
     path: str
     root: str = "/"
@@ -38,6 +39,8 @@ class PlanRequest:
     creating_state: bool = False
     revision: str | None = None
     stage: Callable[[str], None] = field(default=lambda text: None, repr=False)
+    detail: Callable[..., None] = field(default=lambda text, total=None: None, repr=False)
+    advance: Callable[[], None] = field(default=lambda: None, repr=False)
 
     @property
     def policy_dir(self) -> str | None:
@@ -118,7 +121,8 @@ def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=No
     from reconciler.validate import load
 
     manifests = load(request.path, request.policy_dir,
-                     cache_file(device, create=request.creating_state), known=known)
+                     cache_file(device, create=request.creating_state), known=known,
+                     stage=request.detail, advance=request.advance)
     keys = input_keys(manifests)
     before = memo.rendered()
     reuse = {rid: before[rid][1] for rid, key in keys.items() if rid in before and before[rid][2] == key}

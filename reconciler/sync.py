@@ -157,11 +157,16 @@ def _shaped(result: dict | None) -> dict | None:
     return None
 
 
-def sync(root: str, options: SyncOptions, *, progress: Callable[[str], None] = lambda text: None,
+def sync(root: str, options: SyncOptions, *,
+         progress: Callable[..., None] = lambda text, total=None: None,
+         detail: Callable[..., None] = lambda text, total=None: None,
+         advance: Callable[[], None] = lambda: None,
          report: Callable = lambda change, error: None) -> SyncResult:
     """One sync of the device at `root` (see the module docstring). Never raises for what a
     revision contains; raises SposError only for what stops any sync (the lock held too long,
-    the state directory unwritable)."""
+    the state directory unwritable). `progress(text, total=None)` is told each step, `detail`
+    and `advance()` the steps of validation and each file checked (for a live display),
+    `report(change, error)` each change applied."""
     from reconciler.gitsync import Mirror
     from reconciler.state import ApplyLock
 
@@ -172,7 +177,7 @@ def sync(root: str, options: SyncOptions, *, progress: Callable[[str], None] = l
         state.repo = {"url": _redacted(options.repo), "branch": options.branch, "path": options.path}
         try:
             mirror = Mirror(device.host(SYNC_DIR), options.repo)
-            result = _sync(device, state, mirror, options, progress, report)
+            result = _sync(device, state, mirror, options, (progress, detail, advance), report)
         except SposError as exc:
             result = SyncResult("failed", message=str(exc))
         except OSError as exc:  # a full disk, a state directory gone: tried again next time
@@ -183,7 +188,8 @@ def sync(root: str, options: SyncOptions, *, progress: Callable[[str], None] = l
     return result
 
 
-def _sync(device, state, mirror, options, progress, report) -> SyncResult:
+def _sync(device, state, mirror, options, feedback, report) -> SyncResult:
+    progress = feedback[0]
     from reconciler.gitsync import (
         FetchError, ForcePushError, GitError, SignatureError, UnsafeTreeError,
     )
@@ -215,7 +221,7 @@ def _sync(device, state, mirror, options, progress, report) -> SyncResult:
         checkout, skipped = _checkout(device, mirror, sha, progress)
     except UnsafeTreeError as exc:  # the revision itself: names or sizes no export may write
         return _refuse(state, sha, "export", [str(exc)], options=options)
-    result = _converge(device, state, sha, checkout, options, progress, report, mirror)
+    result = _converge(device, state, sha, checkout, options, feedback, report, mirror)
     result.notes = [f"{item.path}: {item.reason}" for item in skipped]
     return result
 
@@ -290,13 +296,14 @@ def _write_marker(marker: str, sha: str) -> None:
     _write(marker, f"{sha} {boot_id()}")
 
 
-def _converge(device, state, sha, checkout, options, progress, report, mirror) -> SyncResult:
+def _converge(device, state, sha, checkout, options, feedback, report, mirror) -> SyncResult:
     """Validate, plan and apply the checked-out revision; quarantine it when it is refused."""
     from reconciler.apply import apply_locked
     from reconciler.labels import LabelsError
     from reconciler.pipeline import make_plan
 
-    request = _request(device, checkout, sha, options, progress)
+    progress, detail, advance = feedback
+    request = _request(device, checkout, sha, options, progress, detail, advance)
     try:
         _, planned = make_plan(request)
     except ManifestError as exc:
@@ -313,7 +320,7 @@ def _converge(device, state, sha, checkout, options, progress, report, mirror) -
     if not planned.has_changes:
         state.applied = _applied(sha, state, 0)
         return SyncResult("unchanged", sha, f"the device matches revision {sha[:12]}")
-    progress(f"Applying {sha[:12]}...")
+    progress(f"Applying {sha[:12]}...", len(planned.changes))
     result = apply_locked(device, planned, progress=report)
     changed = [change.id for change in result.applied]
     if result.failed:
@@ -358,7 +365,7 @@ def _restore(device: Device, state: SyncState, options: SyncOptions, mirror) -> 
         return ""
     try:
         _move_checkout(mirror, checkout, marker, _read_marker(marker), applied)
-        _, planned = make_plan(_request(device, checkout, applied, options, lambda text: None))
+        _, planned = make_plan(_request(device, checkout, applied, options))
         if not planned.has_changes:
             return ""
         result = apply_locked(device, planned)
@@ -369,7 +376,8 @@ def _restore(device: Device, state: SyncState, options: SyncOptions, mirror) -> 
     return f"re-applied {applied[:12]} ({len(result.applied)} change(s) undone)"
 
 
-def _request(device, checkout, sha, options, progress):
+def _request(device, checkout, sha, options, progress=lambda text, total=None: None,
+             detail=lambda text, total=None: None, advance=lambda: None):
     from reconciler.pipeline import PlanRequest
 
     policies = os.path.join(checkout, options.policies)
@@ -377,7 +385,7 @@ def _request(device, checkout, sha, options, progress):
         path=os.path.join(checkout, options.path), root=str(device.root),
         policies=policies if os.path.isdir(policies) else None,
         cgroup_root=options.cgroup_root, device_labels=options.device_labels,
-        creating_state=True, revision=sha, stage=progress,
+        creating_state=True, revision=sha, stage=progress, detail=detail, advance=advance,
     )
 
 
@@ -474,7 +482,7 @@ def repair_drift(root: str, options: SyncOptions, *,
             checkout = device.host(f"{SYNC_DIR}/checkout")
             if sha is None or _read_marker(f"{checkout}.revision") != sha:
                 return None
-            _, planned = make_plan(_request(device, checkout, sha, options, lambda text: None))
+            _, planned = make_plan(_request(device, checkout, sha, options))
             repaired, failed = [], []
             if planned.has_changes:
                 result = apply_locked(device, planned, progress=report)

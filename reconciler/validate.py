@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from reconciler import __version__, cronexpr, units
 from reconciler.diagnostics import Diagnostic
@@ -43,6 +43,8 @@ def load(
     policy_dir: str | os.PathLike | None = None,
     cache_file: str | os.PathLike | None = None,
     known: dict[str, tuple[str, str]] | None = None,
+    stage: Callable[..., None] | None = None,
+    advance: Callable[[], None] | None = None,
 ) -> ManifestSet:
     """Every manifest under `manifest_dir`, checked against the schemas and `policy_dir`.
 
@@ -50,12 +52,16 @@ def load(
     of per-document checks by content hash; it is best effort and never required. `known` maps
     a file's path (as discovered) to its display name and content hash, just taken by
     `memo.fingerprint`: such a file is not read again when the cache holds its documents.
+    `stage(text, total)` is told each step as it starts (`total`: how many files it checks, or
+    None) and `advance()` each file checked, for a long load to show its progress.
     """
-    run = _Run(cache_file, known or {})
+    run = _Run(cache_file, known or {}, stage or (lambda text, total=None: None),
+               advance or (lambda: None))
     run.read_directory(Path(manifest_dir), role="manifests")
     if policy_dir is not None:  # named but missing is a problem: no guardrails would apply
         run.read_directory(Path(policy_dir), role="policies")
     run.check_calendars()
+    run.stage("Checking across documents...", None)
     run.check_across_documents()
     run.save_cache()
     if run.diagnostics:
@@ -73,8 +79,9 @@ def schema_dir() -> Path:
 class _Run:
     """The state of one load: files seen, manifests accepted, problems found."""
 
-    def __init__(self, cache_file, known: dict[str, tuple[str, str]]):
+    def __init__(self, cache_file, known: dict[str, tuple[str, str]], stage, advance):
         self.known = known
+        self.stage, self.advance = stage, advance
         self.diagnostics: list[Diagnostic] = []
         self.manifests: list[Manifest] = []
         self.candidates: list[Manifest] = []
@@ -93,8 +100,12 @@ class _Run:
                        else f"{role} directory does not exist")
             self.diagnostics.append(Diagnostic(str(directory), 1, 1, summary))
             return
-        for path in discover(directory):
+        paths = discover(directory)
+        noun = {"manifests": "manifest", "policies": "policy"}.get(role, role)
+        self.stage(f"Checking {len(paths)} {noun} file{'' if len(paths) == 1 else 's'}...", len(paths))
+        for path in paths:
             self.read_file(path, role)
+            self.advance()
 
     def read_file(self, path: str, role: str) -> None:
         display, digest = self.known.get(path, (None, None))

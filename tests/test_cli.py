@@ -175,3 +175,23 @@ def test_an_interrupt_handled_inside_generated_code_keeps_the_exit_code(tmp_path
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), *sys.path]))}
     assert subprocess.run([sys.executable, "-m", "interrupted"], env=env, timeout=30).returncode == 130
+
+
+def test_validate_at_a_terminal_counts_the_files_it_checks_then_gives_only_its_verdict(manifests):
+    import re
+
+    code, output = _in_a_terminal("validate", str(manifests))
+
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    files = len(list(manifests.rglob("*.yaml")))
+    assert code == 0, plain
+    assert f"Checking {files} manifest files" in plain and f"/{files}" in plain
+    assert output.rindex("\x1b[?25h") > output.rindex("\x1b[?25l")
+    assert plain.rstrip().endswith("manifests valid.")
+
+
+def test_validate_into_a_pipe_prints_its_verdict_alone(manifests):
+    result = subprocess.run([sys.executable, "-m", "reconciler", "validate", str(manifests)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout.endswith("manifests valid.\n")
