@@ -22,8 +22,12 @@ SYMBOLS = {"create": "+", "update": "~", "replace": "-/+", "delete": "-"}
 ACTIONS = tuple(SYMBOLS)
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+"""json.dumps with options builds an encoder per call; a plan digests every resource."""
+
+
 def digest(attrs: Any) -> str:
-    canonical = json.dumps(attrs, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = _CANONICAL(attrs)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -5,7 +5,7 @@
   against. Written once per apply, atomically.
 - `apply.lock`: held (flock) by the one apply that may run at a time; it names its holder.
 - `cache/manifests.marshal`: parsed, checked manifests by content hash (see validate.py).
-- `cache/plan.json`: what a plan remembers between runs (see memo.py).
+- `cache/plan.marshal`: what a plan remembers between runs (see memo.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from reconciler.errors import LockHeldError, SposError
 INVENTORY = f"/{STATE_DIR}/inventory.json"
 LOCK = f"/{STATE_DIR}/apply.lock"
 MANIFEST_CACHE = f"/{STATE_DIR}/cache/manifests.marshal"
-PLAN_MEMO = f"/{STATE_DIR}/cache/plan.json"
+PLAN_MEMO = f"/{STATE_DIR}/cache/plan.marshal"
 INVENTORY_FORMAT = 1
 
 
@@ -54,8 +54,8 @@ def _one_resource_per_line(payload: dict) -> str:
     line with the C encoder: `indent=` would use the pure-Python one, ~10x slower."""
     head = {key: value for key, value in payload.items() if key != "resources"}
     lines = [f"  {json.dumps(key)}: {json.dumps(value)}," for key, value in head.items()]
-    entries = [f"    {json.dumps(rid)}: {json.dumps(entry, sort_keys=True)}"
-               for rid, entry in payload["resources"].items()]
+    encode = json.JSONEncoder(sort_keys=True).encode  # one encoder, not one per line
+    entries = [f"    {json.dumps(rid)}: {encode(entry)}" for rid, entry in payload["resources"].items()]
     body = ",\n".join(entries)
     resources = '  "resources": {\n' + body + "\n  }" if entries else '  "resources": {}'
     return "{\n" + "\n".join(lines) + "\n" + resources + "\n}\n"

@@ -100,7 +100,7 @@ def test_apply_rewrites_only_the_changed_resources(spos, manifests, applied):
         "etc/cron.d/spos-backup-001",
         f"{STATE}/agents/monitor-001/agent.json",
         f"{STATE}/cache/manifests.marshal",
-        f"{STATE}/cache/plan.json",
+        f"{STATE}/cache/plan.marshal",
         INVENTORY,
         LOCK,
     ])

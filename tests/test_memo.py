@@ -9,6 +9,7 @@ desired state comes from the memo.
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from reconciler import memo as memo_module
 from reconciler.memo import PlanMemo
 
 STATE = "var/lib/systemprompt-os"
-MEMO = f"{STATE}/cache/plan.json"
+MEMO = f"{STATE}/cache/plan.marshal"
 
 
 @pytest.fixture
@@ -129,14 +130,15 @@ def test_a_device_where_spos_activates_units_is_another_desired_state(
 
 def test_a_damaged_memo_only_costs_time(spos, manifests, applied):
     expected = plan_json(spos, manifests, applied)
-    good = json.loads((applied / MEMO).read_bytes())
+    good = marshal.loads((applied / MEMO).read_bytes())
 
     def altered(**changes) -> bytes:
-        return json.dumps({**good, **changes}).encode()
+        return marshal.dumps({**good, **changes})
 
     first = next(iter(good["desired"]["resources"]))
     for damage in (
-        b"", b"{not json", b'{"format": 1, "key": "x"}', b"[]",
+        b"", b"{not marshal", marshal.dumps({"format": 1, "key": "x"}), marshal.dumps([]),
+        marshal.dumps(good)[:-7], b"\xff" * 64,
         altered(key="stale"), altered(values=[]), altered(values={"agent:x": 3}),
         altered(desired={**good["desired"], "resources": {first: ["agent", "sha256:x"]}}),
         altered(desired={**good["desired"], "resources": {first: "agent"}}),

@@ -27,7 +27,7 @@ from reconciler.selector import matches
 STATE = "var/lib/systemprompt-os"
 LABELS = f"{STATE}/device-labels.yaml"
 INVENTORY = f"{STATE}/inventory.json"
-MEMO = f"{STATE}/cache/plan.json"
+MEMO = f"{STATE}/cache/plan.marshal"
 SPOS_COMMAND = ("/usr/local/bin/spos",)
 
 
