@@ -65,7 +65,8 @@ BOOKKEEPING = (
     f"{STATE}/inventory.json",
     f"{STATE}/apply.lock",
     f"{STATE}/cache/manifests.marshal",
-    f"{STATE}/cache/plan.json",
+    f"{STATE}/cache/manifests.data",
+    f"{STATE}/cache/plan.marshal",
 )
 """Files every apply may rewrite besides the changed resources."""
 
@@ -507,8 +508,7 @@ class SizeBench:
         warm = self.runner.run(self.plan_cmd, self.repo)
         self.no_op(warm)
         setup["cache_filling_plan_s"] = warm["wall"]
-        cache = self.root / STATE / "cache/manifests.marshal"
-        setup["cache_bytes"] = cache.stat().st_size if cache.exists() else 0
+        setup["cache_bytes"] = sum(path.stat().st_size for path in (self.root / STATE / "cache").glob("manifests.*"))
         match = re.search(r"\((\d+) resources\)", warm["stdout"])
         self.result["resources"] = int(match.group(1)) if match else None
         log(f"[{self.agents}] first plan (fills the manifest cache): {warm['wall']:.2f} s; cache "

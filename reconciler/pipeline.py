@@ -73,29 +73,29 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
                   activate_units=device.systemd is not None,
                   labels=device_labels(device, request.device_labels))
     memo = PlanMemo(memo_file(device, create=request.creating_state), _memo_key(request, facts))
-    request.stage(f"Loading manifests from {request.path}...")
-    digest, files = fingerprint(request.path, request.policy_dir, memo)
-    remembered = memo.desired_for(digest) if digest else None
-    if remembered is not None:
-        desired, notices, declared = _recalled(request, device, facts, remembered)
-    else:
-        desired, notices, declared, digest = _rendered(request, device, facts, memo, files)
-    inventory = read_inventory(device)["resources"]
-    if not declared and inventory and not request.allow_empty:
-        raise UsageError(
-            f"{request.path} holds no manifests: applying it would delete all {len(inventory)} "
-            "resources spos manages here. Pass --allow-empty if that is what you want."
+    with GitRevision(request.path, known=request.revision) as revision:
+        request.stage(f"Loading manifests from {request.path}...")
+        digest, files = fingerprint(request.path, request.policy_dir, memo)
+        remembered = memo.desired_for(digest) if digest else None
+        if remembered is not None:
+            desired, notices, declared = _recalled(request, device, facts, remembered, files)
+        else:
+            desired, notices, declared, digest = _rendered(request, device, facts, memo, files)
+        inventory = read_inventory(device)["resources"]
+        if not declared and inventory and not request.allow_empty:
+            raise UsageError(
+                f"{request.path} holds no manifests: applying it would delete all {len(inventory)} "
+                "resources spos manages here. Pass --allow-empty if that is what you want."
+            )
+        request.stage("Observing the device...")
+        actual = observe(device, set(desired) | set(inventory), memo=memo)
+        request.stage("Planning...")
+        result = plan(
+            desired, actual, inventory,
+            root=str(device.root),
+            manifests={"path": request.path, "revision": revision.result(), "digest": digest},
+            version=__version__,
         )
-    request.stage("Observing the device...")
-    actual = observe(device, set(desired) | set(inventory), memo=memo)
-    request.stage("Planning...")
-    revision = request.revision if request.revision is not None else git_revision(request.path)
-    result = plan(
-        desired, actual, inventory,
-        root=str(device.root),
-        manifests={"path": request.path, "revision": revision, "digest": digest},
-        version=__version__,
-    )
     result.notices = notices + _cgroup_notices(device)
     if result.changes:
         from reconciler.expect import expectations
@@ -116,39 +116,45 @@ def _cgroup_notices(device: Device) -> list[str]:
 def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=None):
     """Load and check the manifests in full; render what their contents did not render to
     before (by input_keys); remember the result."""
-    from reconciler.render import input_keys, notices, render
+    from reconciler.render import input_keys, kind_inputs, notices, render
     from reconciler.state import cache_file
     from reconciler.validate import load
 
     manifests = load(request.path, request.policy_dir,
                      cache_file(device, create=request.creating_state), known=known,
                      stage=request.detail, advance=request.advance)
-    keys = input_keys(manifests)
+    inputs = kind_inputs(manifests)
+    keys = input_keys(manifests, inputs)
     before = memo.rendered()
     reuse = {rid: before[rid][1] for rid, key in keys.items() if rid in before and before[rid][2] == key}
-    desired = render(manifests, facts, reuse)
+    desired = render(manifests, facts, reuse, inputs)
     said = notices(manifests, facts)
     declared = sum(1 for m in manifests.manifests if m.kind != "Policy")
     memo.remember_desired(manifests.digest, desired, keys, said, declared)
     return desired, said, declared, manifests.digest
 
 
-def _recalled(request: PlanRequest, device: Device, facts: Facts, known):
+def _recalled(request: PlanRequest, device: Device, facts: Facts, known, files):
     """The desired state remembered for these exact manifest contents: each resource by its
-    digest, rendered in full (once, for all) only if the plan needs one's attributes."""
+    digest, rendered on its own only if the plan needs its attributes (the manifests are then
+    loaded once, their specs read only where rendering needs them)."""
     from reconciler.resource import Resource
 
-    rendered = {}
+    loaded = []
 
-    def whole(rid):
-        if not rendered:
-            from reconciler.memo import PlanMemo
+    def whole(rid, kind_name):
+        from reconciler.kinds import BY_NAME
+        from reconciler.render import for_device, render_one
+        from reconciler.state import cache_file
+        from reconciler.validate import load
 
-            rendered.update(_rendered(request, device, facts, PlanMemo(None, ""))[0])
-        return rendered.get(rid)
+        if not loaded:
+            manifests = load(request.path, request.policy_dir, cache_file(device), known=files)
+            loaded.append(for_device(manifests, facts))
+        return render_one(loaded[0], facts, BY_NAME[kind_name], rid)
 
     desired = {
-        rid: Resource(rid, kind, digest=digest, load=lambda rid=rid: whole(rid))
+        rid: Resource(rid, kind, digest=digest, load=lambda rid=rid, kind=kind: whole(rid, kind))
         for rid, (kind, digest, _) in known["resources"].items()
     }
     return desired, known["notices"], known["declared"]
@@ -186,21 +192,61 @@ def spos_command() -> tuple[str, ...]:
     return (sys.executable, "-I", "-S", entry)
 
 
+class GitRevision:
+    """The commit the manifests come from, with `-dirty` when they differ from it, asked of git
+    as soon as planning starts: its two processes run beside the loading and observing, and
+    `result()` waits for them. `known`: the caller knows it (sync), git is not asked. Leaving
+    the `with` block stops processes whose result nobody asked for."""
+
+    def __init__(self, path: str, known: str | None = None):
+        import subprocess
+
+        self.known = known
+        self.processes = []
+        if known is not None:
+            return
+        env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+        try:
+            for words in (("rev-parse", "--verify", "-q", "HEAD"),
+                          ("status", "--porcelain", "--untracked-files=normal", "--", ".")):
+                self.processes.append(subprocess.Popen(
+                    ["git", "-C", path, *words], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env))
+        except OSError:
+            self.stop()
+
+    def __enter__(self) -> "GitRevision":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+    def result(self) -> str | None:
+        import subprocess
+
+        if self.known is not None:
+            return self.known
+        if len(self.processes) != 2:
+            return None
+        try:
+            (head, _), (dirty, _) = (p.communicate(timeout=30) for p in self.processes)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return None
+        codes = [p.returncode for p in self.processes]
+        self.processes = []
+        if codes != [0, 0]:
+            return None
+        return head.strip() + ("-dirty" if dirty.strip() else "")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.communicate()
+        self.processes = []
+
+
 def git_revision(path: str) -> str | None:
     """The commit the manifests come from, with `-dirty` when they differ from it."""
-    import subprocess
-
-    def git(*words):
-        return subprocess.run(
-            ["git", "-C", path, *words], capture_output=True, text=True, timeout=30,
-            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
-        )
-
-    try:
-        head = git("rev-parse", "--verify", "-q", "HEAD")
-        if head.returncode != 0:
-            return None
-        dirty = git("status", "--porcelain", "--untracked-files=normal", "--", ".").stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty else "")
+    with GitRevision(path) as revision:
+        return revision.result()

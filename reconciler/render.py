@@ -20,37 +20,50 @@ SHOWN_NAMES = 10
 """How many untargeted Agents a notice names before it only counts the rest."""
 
 
-def render(manifests: ManifestSet, facts: Facts, reuse: dict[str, str] | None = None) -> dict[str, Resource]:
+def render(manifests: ManifestSet, facts: Facts, reuse: dict[str, str] | None = None,
+           inputs: dict[str, dict] | None = None) -> dict[str, Resource]:
     """Resource id -> desired resource, for every kind, from the manifests that target this
     device (`for_device`). A pure function of its arguments.
 
     `reuse` maps ids to the digest they were rendered to from inputs with the same key
     (`input_keys`) and the same facts: those are not rendered, only known by that digest, and
-    rendered on their own if their attributes are asked for."""
+    rendered on their own if their attributes are asked for. `inputs` is what `inputs(manifests)`
+    gives, when the caller has it already."""
     reuse = reuse or {}
-    manifests = for_device(manifests, facts)
+    targeted = for_device(manifests, facts)
+    if targeted is not manifests or inputs is None:
+        inputs = kind_inputs(targeted)
+    manifests = targeted
     desired: dict[str, Resource] = {}
     for kind in ALL:
         for resource in kind.render(manifests, facts, skip=reuse):
             desired[resource.id] = resource
         whole = _Deferred(kind, manifests, facts)
-        for rid in kind.inputs(manifests).keys() & reuse.keys():
+        for rid in inputs[kind.name].keys() & reuse.keys():
             desired[rid] = Resource(rid, kind.name, digest=reuse[rid], load=partial(whole.get, rid))
     return desired
 
 
-def input_keys(manifests: ManifestSet) -> dict[str, str]:
+def kind_inputs(manifests: ManifestSet) -> dict[str, dict[str, tuple]]:
+    """Kind name -> resource id -> the manifests that resource is rendered from."""
+    return {kind.name: kind.inputs(manifests) for kind in ALL}
+
+
+def input_keys(manifests: ManifestSet, inputs: dict[str, dict] | None = None) -> dict[str, str]:
     """Resource id -> a key naming the contents of every manifest it is rendered from; equal
     keys (with equal facts and code), equal resources. No key when an origin is unknown.
+    `inputs` is what `kind_inputs(manifests)` gives, when the caller has it already.
 
     Every resource the manifests declare has a key, whether it targets this device or not:
     `render` decides that from the facts, and leaves out what does not, reused or not."""
+    inputs = inputs if inputs is not None else kind_inputs(manifests)
     keys = {}
+    sha256 = hashlib.sha256
     for kind in ALL:
-        for rid, inputs in kind.inputs(manifests).items():
-            if all(m.origin for m in inputs):
-                text = "\n".join([kind.name, *(m.origin for m in inputs)])
-                keys[rid] = hashlib.sha256(text.encode()).hexdigest()
+        for rid, sources in inputs[kind.name].items():
+            origins = [m.origin for m in sources]
+            if all(origins):
+                keys[rid] = sha256("\n".join([kind.name, *origins]).encode()).hexdigest()
     return keys
 
 
@@ -64,20 +77,38 @@ def untargeted(manifests: ManifestSet, facts: Facts) -> list[str]:
     """The names of the Agents whose selector does not match this device's labels, sorted."""
     labels = facts.label_map
     return sorted(name for name, agent in manifests.of_kind("Agent").items()
-                  if not selector.matches(agent.spec.get("selector"), labels))
+                  if not selector.matches(agent.refs.selector, labels))
+
+
+def render_one(manifests: ManifestSet, facts: Facts, kind, rid: str) -> Resource | None:
+    """The one resource `rid` of `kind`, from manifests already targeted (`for_device`). Pure.
+
+    What a plan asks for when a resource it knew only by digest differs from the device: that
+    resource alone is rendered, however many the repository declares."""
+    for resource in kind.render(manifests, facts, skip=_AllBut(rid)):
+        if resource.id == rid:
+            return resource
+    return None
+
+
+class _AllBut:
+    """A kind's `skip` that skips every id but one."""
+
+    def __init__(self, rid: str):
+        self.rid = rid
+
+    def __contains__(self, rid: str) -> bool:
+        return rid != self.rid
 
 
 class _Deferred:
-    """A kind's resources rendered all at once, the first time one of them is asked for."""
+    """A kind's reused resources, each rendered on its own the first time it is asked for."""
 
     def __init__(self, kind, manifests: ManifestSet, facts: Facts):
         self.kind, self.manifests, self.facts = kind, manifests, facts
-        self.rendered: dict[str, Resource] | None = None
 
     def get(self, rid: str) -> Resource | None:
-        if self.rendered is None:
-            self.rendered = {r.id: r for r in self.kind.render(self.manifests, self.facts)}
-        return self.rendered.get(rid)
+        return render_one(self.manifests, self.facts, self.kind, rid)
 
 
 def notices(manifests: ManifestSet, facts: Facts) -> list[str]:
@@ -96,7 +127,7 @@ def notices(manifests: ManifestSet, facts: Facts) -> list[str]:
             "neither they nor their Schedules and Triggers are rendered here."
         )
     manifests = manifests.without_agents(skipped)
-    timers = sorted(n for n, m in manifests.of_kind("Schedule").items() if "timer" in m.spec)
+    timers = sorted(n for n, m in manifests.of_kind("Schedule").items() if m.refs.timer)
     if timers and not facts.activate_units:
         said.append(
             f"{len(timers)} timer Schedule(s) ({', '.join(timers)}) are written as systemd units "

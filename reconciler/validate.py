@@ -10,7 +10,9 @@ and schema-checks nothing. Timers' calendar events are checked by systemd itself
 every file not in the cache go to one `systemd-analyze calendar` run (reconciler/systemctl.py).
 Where it is not installed they are not checked, the loaded set says so in `notes`, and those
 files are not cached, so a later run with systemd checks them. Checks across documents
-(duplicates, references, policies) are cheap and always run.
+(duplicates, references) always run, on each manifest's `Refs` rather than its spec; policies,
+which judge each manifest on its own, judge only files they have not passed before. A cached
+file's specs are decoded only when something reads them (see `_Cache`).
 """
 
 from __future__ import annotations
@@ -23,19 +25,22 @@ import math
 import os
 import re
 import sys
+import weakref
+import zlib
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
 from reconciler import __version__, cronexpr, units
 from reconciler.diagnostics import Diagnostic
-from reconciler.errors import ManifestError
-from reconciler.manifest import API_VERSION, KINDS, Manifest, ManifestSet, dotted_path
+from reconciler.errors import ManifestError, SposError
+from reconciler.manifest import API_VERSION, KINDS, Manifest, ManifestSet, Refs, dotted_path
 from reconciler.source import (
     Document, content_digest, discover, display_name, locate, parse, read_bounded, schemas_path,
 )
 
 SCHEMA_FILES = {kind: f"{kind.lower()}.schema.json" for kind in KINDS}
-_CACHE_FORMAT = 4  # 4: calendar events, timer spans and zero limits are checked
+_CACHE_FORMAT = 6  # 6: an index of kinds, names and refs; documents in a data file
 
 
 def load(
@@ -88,6 +93,7 @@ class _Run:
         self.file_hashes: dict[str, str] = {}
         self.texts: dict[str, str] = {}
         self.paths: dict[str, str] = {}
+        self.roles: dict[str, str] = {}
         self.schemas: _Schemas | None = None
         self.cache = _Cache(cache_file)
         self.calendars: list[_Calendars] = []
@@ -109,9 +115,9 @@ class _Run:
 
     def read_file(self, path: str, role: str) -> None:
         display, digest = self.known.get(path, (None, None))
-        documents = self.cache.get(display, digest) if digest else None
+        cached = self.cache.manifests(display, digest) if digest else None
         raw = None
-        if documents is None:
+        if cached is None:
             display = display_name(path, self.cwd)
             raw, unreadable = read_bounded(path)
             if unreadable:
@@ -119,29 +125,32 @@ class _Run:
                 self.diagnostics.append(Diagnostic(display, 1, 1, unreadable))
                 return
             digest = hashlib.sha256(raw).hexdigest()
-            documents = self.cache.get(display, digest)
+            cached = self.cache.manifests(display, digest)
         self.paths[display] = path
         self.file_hashes[display] = digest
-        problems: list[Diagnostic] = []
+        self.roles[display] = role
+        if cached is not None:  # checked before: its manifests, specs read only if needed
+            for manifest in cached:
+                self.accept_manifest(manifest, role, valid=True)
+            return
+        text = self.text_of(display, raw)
+        if text is None:
+            self.diagnostics.append(Diagnostic(display, 1, 1, "file is not valid UTF-8"))
+            return
+        documents, problems = parse(text, display)
         invalid: set[int] = set()
-        if documents is None:
-            text = self.text_of(display, raw)
-            if text is None:
-                self.diagnostics.append(Diagnostic(display, 1, 1, "file is not valid UTF-8"))
-                return
-            documents, problems = parse(text, display)
-            for document in documents:
-                found = self.check_document(document, text)
-                if found:
-                    invalid.add(document.index)
-                problems.extend(found)
-            events = [(document, path, event) for document in documents
-                      if document.index not in invalid and _kind_of(document.data) == "Schedule"
-                      for path, event in _calendar_events(document.data["spec"])]
-            if events:  # checked, and the file cached, once every file has been read
-                self.calendars.append(_Calendars(display, digest, documents, events, not problems))
-            elif not problems:
-                self.cache.put(digest, documents)
+        for document in documents:
+            found = self.check_document(document, text)
+            if found:
+                invalid.add(document.index)
+            problems.extend(found)
+        events = [(document, path, event) for document in documents
+                  if document.index not in invalid and _kind_of(document.data) == "Schedule"
+                  for path, event in _calendar_events(document.data["spec"])]
+        if events:  # checked, and the file cached, once every file has been read
+            self.calendars.append(_Calendars(display, digest, documents, events, not problems))
+        elif not problems:
+            self.cache.put(digest, documents)
         self.diagnostics.extend(problems)
         for document in documents:
             self.accept(document, role, valid=document.index not in invalid, origin=digest)
@@ -154,6 +163,9 @@ class _Run:
             return
         manifest = Manifest.from_document(data, document.file, document.index, document.line,
                                           origin=f"{origin}:{document.index}" if origin else "")
+        self.accept_manifest(manifest, role, valid)
+
+    def accept_manifest(self, manifest: Manifest, role: str, valid: bool) -> None:
         self.candidates.append(manifest)
         wrong_place = (manifest.kind == "Policy") != (role == "policies")
         if wrong_place:
@@ -203,8 +215,6 @@ class _Run:
         return self.schemas.validator(kind)
 
     def check_across_documents(self) -> None:
-        from reconciler import policy
-
         for manifest, path, summary, hint in _duplicates(self.candidates):
             self.report(manifest, path, summary, hint)
         for manifest, path, summary, hint in _duplicate_webhook_paths(self.candidates):
@@ -212,8 +222,30 @@ class _Run:
         known = _index(self.candidates)
         for manifest, path, summary, hint in _dangling_references(self.manifests, known):
             self.report(manifest, path, summary, hint)
-        for manifest, path, summary, hint in policy.violations(self.manifests):
+        self.check_policies()
+
+    def check_policies(self) -> None:
+        """Policies judge each manifest on its own, so a file that broke none of these exact
+        policies (same files, same spos code) before does not need judging again."""
+        from reconciler import policy
+        from reconciler.memo import code_fingerprint
+
+        policies = [m for m in self.manifests if m.kind == "Policy"]
+        if not policies:
+            return
+        verdict = hashlib.sha256(code_fingerprint().encode())
+        for display in sorted(self.roles):
+            if self.roles[display] == "policies":
+                verdict.update(f"{display}\0{self.file_hashes[display]}\n".encode())
+        judged_by = verdict.hexdigest()
+        judged = [m for m in self.manifests if m.kind != "Policy"
+                  and not self.cache.judged(self.file_hashes[m.file], judged_by)]
+        broken = set()
+        for manifest, path, summary, hint in policy.violations(policies + judged):
+            broken.add(manifest.file)
             self.report(manifest, path, summary, hint)
+        for file in {m.file for m in judged} - broken:
+            self.cache.mark_judged(self.file_hashes[file], judged_by)
 
     def report(self, manifest: Manifest, path: tuple, summary: str, hint: str = "") -> None:
         text = self.text_of(manifest.file)
@@ -610,9 +642,8 @@ def _duplicate_webhook_paths(manifests: list[Manifest]):
     """The trigger daemon routes a request by its path: one webhook Trigger per path."""
     first: dict[str, Manifest] = {}
     for manifest in manifests:
-        webhook = manifest.spec.get("webhook") if manifest.kind == "Trigger" else None
-        path = webhook.get("path") if isinstance(webhook, dict) else None
-        if not isinstance(path, str):
+        path = manifest.refs.webhook if manifest.kind == "Trigger" else None
+        if path is None:
             continue
         if path in first:
             yield manifest, ("spec", "webhook", "path"), (
@@ -631,29 +662,30 @@ def _index(manifests: list[Manifest]) -> dict[str, dict[str, Manifest]]:
 
 
 def _dangling_references(manifests: list[Manifest], known: dict[str, dict[str, Manifest]]):
+    """Names that lead nowhere; read from each manifest's `refs`, not its spec."""
     for manifest in manifests:
-        spec = manifest.spec
+        refs = manifest.refs
         if manifest.kind == "Agent":
             for field, kind in (("capability", "Capability"), ("quota", "Quota")):
-                name = spec.get(field)
+                name = getattr(refs, field)
                 if name is not None and name not in known[kind]:
                     defined = ", ".join(sorted(known[kind]))
                     otherwise = f"defined: {defined}" if defined else f"no {kind} is defined"
                     yield manifest, ("spec", field), f"{kind} {name!r} does not exist", \
                         _did_you_mean(name, known[kind], otherwise)
         elif manifest.kind in ("Schedule", "Trigger"):
-            agent = known["Agent"].get(spec.get("agent"))
+            agent = known["Agent"].get(refs.agent)
             if agent is None:
-                yield manifest, ("spec", "agent"), f"Agent {spec.get('agent')!r} does not exist", \
-                    _did_you_mean(spec.get("agent"), known["Agent"], "")
+                yield manifest, ("spec", "agent"), f"Agent {refs.agent!r} does not exist", \
+                    _did_you_mean(refs.agent, known["Agent"], "")
                 continue
-            tasks = agent.spec.get("tasks") if isinstance(agent.spec, dict) else None
-            if not isinstance(tasks, dict):
+            tasks = agent.refs.tasks
+            if tasks is None:
                 continue  # the Agent's own problems are reported where it is defined
-            if spec.get("task") not in tasks:
+            if refs.task not in tasks:
                 yield manifest, ("spec", "task"), (
-                    f"Agent {agent.name!r} has no task {spec.get('task')!r}"
-                ), _did_you_mean(spec.get("task"), tasks, f"its tasks: {', '.join(tasks)}")
+                    f"Agent {agent.name!r} has no task {refs.task!r}"
+                ), _did_you_mean(refs.task, tasks, f"its tasks: {', '.join(map(str, tasks))}")
 
 
 def _did_you_mean(word: Any, options: Iterable[str], otherwise: str) -> str:
@@ -685,68 +717,194 @@ def _json_type(value: Any) -> str:
 
 
 class _Schemas:
-    """The kind schemas, loaded once, cross-file references resolved by file name."""
+    """The kind schemas, loaded once, cross-file references resolved by file name.
+
+    Each document is checked twice over only when it is wrong. `jsonschema_rs` (compiled, and
+    quick to import) first answers whether it is valid at all; only a document it refuses, or
+    one holding a value it cannot read, goes through `jsonschema`, which reports every problem
+    with the detail `_explain` turns into messages. Importing `jsonschema` and `referencing`
+    costs about 0.2 s, more than the rest of an apply that changed one file; most checks never
+    pay it. Where the two disagree, `jsonschema` is the judge: a refusal it cannot explain is
+    no problem (tests/test_schema_engines.py keeps the two in step on every schema)."""
+
+    BASE = "https://spos.invalid/schemas/"
 
     def __init__(self, directory: Path):
-        from referencing import Registry, Resource
-        from referencing.jsonschema import DRAFT202012
-
         self.directory = directory
-        resources = []
-        for path in sorted(directory.glob("*.schema.json")):
-            contents = json.loads(path.read_text())
-            resources.append((path.name, Resource.from_contents(contents, DRAFT202012)))
-        self.registry = Registry().with_resources(resources)
-        self.validators: dict[str, Any] = {}
+        self.contents = {path.name: json.loads(path.read_text())
+                         for path in sorted(directory.glob("*.schema.json"))}
+        self.validators: dict[str, _KindSchema] = {}
+        self._registry = None
 
-    def validator(self, kind: str):
+    def validator(self, kind: str) -> "_KindSchema":
         if kind not in self.validators:
-            from jsonschema import Draft202012Validator
-
-            schema = self.registry.contents(SCHEMA_FILES[kind])
-            self.validators[kind] = Draft202012Validator(schema, registry=self.registry)
+            self.validators[kind] = _KindSchema(self, SCHEMA_FILES[kind])
         return self.validators[kind]
+
+    def quick(self, name: str):
+        import jsonschema_rs
+
+        return jsonschema_rs.Draft202012Validator(
+            self.contents[name], base_uri=self.BASE + name, retriever=self._retrieve)
+
+    def thorough(self, name: str):
+        from jsonschema import Draft202012Validator
+
+        if self._registry is None:
+            from referencing import Registry, Resource
+            from referencing.jsonschema import DRAFT202012
+
+            self._registry = Registry().with_resources(
+                (file, Resource.from_contents(contents, DRAFT202012))
+                for file, contents in self.contents.items())
+        return Draft202012Validator(self._registry.contents(name), registry=self._registry)
+
+    def _retrieve(self, uri: str):
+        if not uri.startswith(self.BASE) or uri[len(self.BASE):] not in self.contents:
+            raise ValueError(f"{uri} is not one of spos's schemas")
+        return self.contents[uri[len(self.BASE):]]
+
+
+class _KindSchema:
+    """One kind's schema: a quick verdict, and every error when the verdict is no."""
+
+    def __init__(self, schemas: _Schemas, name: str):
+        self.schemas, self.name = schemas, name
+        self._quick = None
+        self._thorough = None
+
+    def surely_valid(self, data: Any) -> bool:
+        if self._quick is None:
+            self._quick = self.schemas.quick(self.name)
+        try:
+            return self._quick.is_valid(data)
+        except (ValueError, TypeError, OverflowError):  # a value it cannot read: ask jsonschema
+            return False
+
+    def iter_errors(self, data: Any):
+        if self.surely_valid(data):
+            return iter(())
+        if self._thorough is None:
+            self._thorough = self.schemas.thorough(self.name)
+        return self._thorough.iter_errors(data)
 
 
 class _Cache:
-    """Documents of files that passed every per-document check, keyed by content hash alone:
-    the same bytes parse the same wherever the file is and whatever the working directory.
+    """Files that passed every per-document check, keyed by content hash alone: the same bytes
+    parse the same wherever the file is and whatever the working directory.
+
+    Two files, both spos's own state:
+
+    - the index (`manifests.marshal`): per file, the kind, name and `Refs` of each of its
+      manifests (what the checks across documents and the planner's inputs read), where its
+      documents are in the data file, and the digest of the policies and spos code that last
+      found nothing wrong with it (`judged`: those need not judge it again);
+    - the data file (`manifests.data`): each file's documents, marshalled, appended once.
+
+    Loading a repository in which one file changed decodes the index and that one file's
+    documents, and appends one entry; the data file is rewritten without the entries no file
+    uses only once they are most of it. A spec is read from the data file when first used
+    (`Manifest.deferred`). The index names the data file's inode and the length it had, and
+    each entry its CRC: a data file replaced, cut short or damaged is never read as valid.
 
     Stored with `marshal` (plain data only; its format belongs to this Python version, which
-    is part of the key): for 10,000 agents it is written ten times faster than as JSON. The
-    file is spos's own state; a damaged one is ignored and rewritten."""
+    is part of the key): for 10,000 agents it is written ten times faster than as JSON. A
+    damaged index is ignored and rewritten."""
 
     def __init__(self, path):
         self.path = Path(path) if path else None
+        self.data_path = self.path.with_suffix(".data") if self.path else None
         self.key = _cache_key()
-        self.files: dict[str, dict] = {}
+        self.files: dict[str, list] = {}
+        self.judgements: dict[str, str] = {}
+        self.added: dict[str, bytes] = {}
+        self.data_fd: int | None = None
+        self.data_size = 0
         self.dirty = False
         if self.path is None:
             return
         try:
+            self.data_fd = os.open(self.data_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return
+        weakref.finalize(self, os.close, self.data_fd)  # a daemon plans again and again
+        try:
             stored = marshal.loads(self.path.read_bytes())
         except (OSError, ValueError, EOFError, TypeError):
             return
-        if isinstance(stored, dict) and stored.get("key") == self.key:
-            files = stored.get("files")
-            self.files = files if isinstance(files, dict) else {}
+        if not (isinstance(stored, dict) and stored.get("key") == self.key):
+            return
+        st = os.fstat(self.data_fd)
+        if not (isinstance(stored.get("data"), list) and len(stored["data"]) == 2
+                and stored["data"][0] == st.st_ino and stored["data"][1] <= st.st_size):
+            return  # another data file, or one cut short: nothing in it can be trusted
+        files, judgements = stored.get("files"), stored.get("judged")
+        self.files = files if isinstance(files, dict) else {}
+        self.judgements = judgements if isinstance(judgements, dict) else {}
+        self.data_size = st.st_size
 
-    def get(self, display: str, digest: str) -> list[Document] | None:
-        documents = self.files.get(digest)
-        if documents is None:
+    def manifests(self, display: str, digest: str) -> list[Manifest] | None:
+        """The manifests of the file with this content, their specs read on first use; None
+        when it is not cached, or not as written."""
+        entry = self.files.get(digest)
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[3], list)):
             return None
+        offset, length, crc, heads = entry
+        documents: dict[int, Any] = {}
+
+        def body(index: int) -> tuple[dict, dict]:
+            if not documents:
+                documents.update((i, data) for i, _, data in marshal.loads(self._blob(digest)))
+            data = documents[index]
+            return data.get("spec") or {}, data["metadata"].get("labels") or {}
+
         try:
-            return [Document(display, index, line, data) for index, line, data in documents]
+            return [Manifest.deferred(kind, name, display, index, line, f"{digest}:{index}",
+                                      Refs(*refs), partial(body, index))
+                    for index, line, kind, name, refs in heads]
         except (TypeError, ValueError):  # not as written: parse the file again
             return None
+
+    def _blob(self, digest: str) -> bytes:
+        if digest in self.added:
+            return self.added[digest]
+        offset, length, crc, _ = self.files[digest]
+        try:
+            blob = os.pread(self.data_fd, length, offset)
+        except (OSError, TypeError, OverflowError):
+            blob = b""
+        if len(blob) != length or zlib.crc32(blob) != crc:
+            self.discard()
+            raise SposError(f"the manifest cache {self.data_path} was damaged and has been "
+                            "removed: run the command again")
+        return blob
 
     def put(self, digest: str, documents: list[Document]) -> None:
         if self.path is None:
             return
-        self.files[digest] = [[d.index, d.line, d.data] for d in documents]
+        heads = []
+        for d in documents:
+            data = d.data
+            if (isinstance(data, dict) and isinstance(data.get("metadata"), dict)
+                    and data.get("kind") in KINDS and isinstance(data["metadata"].get("name"), str)):
+                kind = data["kind"]
+                heads.append([d.index, d.line, kind, data["metadata"]["name"],
+                              tuple(Refs.of(kind, data.get("spec") or {}))])
+        blob = marshal.dumps([[d.index, d.line, d.data] for d in documents])
+        self.added[digest] = blob
+        self.files[digest] = [None, len(blob), zlib.crc32(blob), heads]
         self.dirty = True
 
+    def judged(self, digest: str, judge: str) -> bool:
+        return self.judgements.get(digest) == judge
+
+    def mark_judged(self, digest: str, judge: str) -> None:
+        if self.path is not None and digest in self.files and self.judgements.get(digest) != judge:
+            self.judgements[digest] = judge
+            self.dirty = True
+
     def save(self, keep: set[str]) -> None:
+        """Append what was added, and write the index; best effort."""
         if self.path is None:
             return
         stale = set(self.files) - keep
@@ -754,18 +912,63 @@ class _Cache:
             return
         for digest in stale:
             del self.files[digest]
-        payload = marshal.dumps({"key": self.key, "files": self.files})
+            self.added.pop(digest, None)
+        self.judgements = {d: j for d, j in self.judgements.items() if d in self.files}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            live = sum(entry[1] for entry in self.files.values())
+            if self.data_fd is not None and self.data_size <= 2 * live + (1 << 20):
+                fd, ino, size = self._append()
+            else:
+                fd, ino, size = self._rewrite()
+            os.close(fd)
+            payload = marshal.dumps({"key": self.key, "data": [ino, size], "files": self.files,
+                                     "judged": self.judgements})
             temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
             temp.write_bytes(payload)
             os.replace(temp, self.path)
-        except OSError:
+        except (OSError, SposError):
             pass
+
+    def _append(self) -> tuple[int, int, int]:
+        """Add the new entries at the end of the data file (O_APPEND: other writers' entries
+        stay whole); the index is written after, so it never names what is not there."""
+        fd = os.open(self.data_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if os.fstat(fd).st_ino != os.fstat(self.data_fd).st_ino:
+            os.close(fd)
+            return self._rewrite()
+        for digest, blob in self.added.items():
+            os.write(fd, blob)
+            self.files[digest][0] = os.lseek(fd, 0, os.SEEK_CUR) - len(blob)
+        st = os.fstat(fd)
+        return fd, st.st_ino, st.st_size
+
+    def _rewrite(self) -> tuple[int, int, int]:
+        """A new data file holding only the entries in use, in place of the old one."""
+        blobs = [(digest, self.added.get(digest) or self._blob(digest)) for digest in self.files]
+        temp = self.data_path.with_name(f".{self.data_path.name}.{os.getpid()}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        offset = 0
+        for digest, blob in blobs:
+            os.write(fd, blob)
+            self.files[digest][0] = offset
+            offset += len(blob)
+        os.replace(temp, self.data_path)
+        st = os.fstat(fd)
+        return fd, st.st_ino, st.st_size
+
+    def discard(self) -> None:
+        """Forget everything and remove both files (the next load checks every file again)."""
+        self.files, self.judgements, self.added = {}, {}, {}
+        for path in (self.path, self.data_path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def _cache_key() -> str:
-    digest = hashlib.sha256(f"{_CACHE_FORMAT}:{__version__}:{sys.version}".encode())
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}:{__version__}:{sys.version}:{Refs._fields}".encode())
     for path in sorted(schema_dir().glob("*.schema.json")):
         digest.update(path.read_bytes())
     return digest.hexdigest()

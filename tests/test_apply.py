@@ -23,6 +23,7 @@ from reconciler.state import ApplyLock
 STATE = "var/lib/systemprompt-os"
 INVENTORY = f"{STATE}/inventory.json"
 MANIFEST_CACHE = f"{STATE}/cache/manifests.marshal"
+MANIFEST_DATA = f"{STATE}/cache/manifests.data"
 LOCK = f"{STATE}/apply.lock"
 HEADER = ("# spos:file entries for agent {}. Lines below a '# spos:managed' marker belong to spos; "
           "all other lines are left as they are.")
@@ -83,7 +84,7 @@ def test_a_second_apply_changes_nothing_and_rewrites_no_file(spos, manifests, de
     before, after = without(before, LOCK), without(files_under(device_root), LOCK)
     assert {path: after[path] for path in before} == before, "a file or directory was rewritten"
     # The one thing allowed to appear: spos's own manifest cache, once spos has state here.
-    assert set(after) - set(before) <= {f"{STATE}/cache", MANIFEST_CACHE}
+    assert set(after) - set(before) <= {f"{STATE}/cache", MANIFEST_CACHE, MANIFEST_DATA}
 
 
 def test_apply_rewrites_only_the_changed_resources(spos, manifests, applied):
@@ -99,6 +100,7 @@ def test_apply_rewrites_only_the_changed_resources(spos, manifests, applied):
     assert sorted(path for path in before if after[path] != before[path]) == sorted([
         "etc/cron.d/spos-backup-001",
         f"{STATE}/agents/monitor-001/agent.json",
+        f"{STATE}/cache/manifests.data",
         f"{STATE}/cache/manifests.marshal",
         f"{STATE}/cache/plan.marshal",
         INVENTORY,

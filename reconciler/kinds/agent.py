@@ -136,8 +136,8 @@ class AgentKind:
         capabilities, quotas = manifests.of_kind("Capability"), manifests.of_kind("Quota")
         return {
             f"agent/{agent.name}": tuple(m for m in (
-                agent, capabilities.get(agent.spec.get("capability")),
-                quotas.get(agent.spec.get("quota"))) if m is not None)
+                agent, capabilities.get(agent.refs.capability),
+                quotas.get(agent.refs.quota)) if m is not None)
             for agent in manifests.of_kind("Agent").values()
         }
 

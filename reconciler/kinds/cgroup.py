@@ -37,7 +37,7 @@ class CgroupKind:
         quotas = manifests.of_kind("Quota")
         return {
             f"cgroup/{agent.name}": tuple(
-                m for m in (agent, quotas.get(agent.spec.get("quota"))) if m is not None)
+                m for m in (agent, quotas.get(agent.refs.quota)) if m is not None)
             for agent in manifests.of_kind("Agent").values()
         }
 

@@ -66,8 +66,8 @@ class CronKind:
         """Resource id -> every manifest its rendering reads (render.py relies on this). Pure."""
         agents = manifests.of_kind("Agent")
         return {
-            f"cron/{schedule.name}": (schedule, agents[schedule.spec["agent"]])
-            for schedule in manifests.of_kind("Schedule").values() if "cron" in schedule.spec
+            f"cron/{schedule.name}": (schedule, agents[schedule.refs.agent])
+            for schedule in manifests.of_kind("Schedule").values() if schedule.refs.cron
         }
 
     @staticmethod
@@ -85,9 +85,9 @@ class CronKind:
         """One resource per cron Schedule, but those whose id is in `skip`. Pure."""
         agents = manifests.of_kind("Agent")
         for schedule in manifests.of_kind("Schedule").values():
-            spec = schedule.spec
-            if "cron" not in spec or f"cron/{schedule.name}" in skip:
+            if not schedule.refs.cron or f"cron/{schedule.name}" in skip:
                 continue
+            spec = schedule.spec
             user = agents[spec["agent"]].spec.get("user", "root")
             yield Resource(
                 id=f"cron/{schedule.name}",

@@ -288,12 +288,12 @@ class TimerKind:
         capabilities, quotas = manifests.of_kind("Capability"), manifests.of_kind("Quota")
         found = {}
         for schedule in manifests.of_kind("Schedule").values():
-            if "timer" not in schedule.spec:
+            if not schedule.refs.timer:
                 continue
-            agent = agents[schedule.spec["agent"]]
+            agent = agents[schedule.refs.agent]
             found[f"timer/{schedule.name}"] = tuple(m for m in (
-                schedule, agent, capabilities.get(agent.spec.get("capability")),
-                quotas.get(agent.spec.get("quota"))) if m is not None)
+                schedule, agent, capabilities.get(agent.refs.capability),
+                quotas.get(agent.refs.quota)) if m is not None)
         return found
 
     @staticmethod
@@ -312,7 +312,7 @@ class TimerKind:
         capabilities, quotas = manifests.of_kind("Capability"), manifests.of_kind("Quota")
         for schedule in manifests.of_kind("Schedule").values():
             rid = f"timer/{schedule.name}"
-            if "timer" not in schedule.spec or rid in skip:
+            if not schedule.refs.timer or rid in skip:
                 continue
             agent = agents[schedule.spec["agent"]]
             capability = capabilities.get(agent.spec.get("capability"))
