@@ -115,7 +115,10 @@ def _run(args) -> int:
         gc.unfreeze()
 
 
-def _parser() -> "argparse.ArgumentParser":
+def _parser(argv: list[str] | None = None) -> "argparse.ArgumentParser":
+    """The command line parser. Only the command `argv` names is built (all of them when it
+    names none, or one spos does not have, so that help and errors list every command):
+    building all some 30 parsers costs about 19 ms, more than a small plan spends planning."""
     import argparse
 
     # --root is accepted before or after any command word. The option is shared between the
@@ -132,7 +135,26 @@ def _parser() -> "argparse.ArgumentParser":
         description="Converge this device to the agents, schedules and limits declared in git.",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    wanted = _command_word(sys.argv[1:] if argv is None else argv)
+    for word, add in _COMMANDS.items():
+        if wanted not in _COMMANDS or wanted == word:
+            add(commands, common)
+    return parser
 
+
+def _command_word(argv: list[str]) -> str | None:
+    """The command word of `argv`: its first word, after any --root option. None when anything
+    else comes first (`-h`, an abbreviation): the caller then builds every command."""
+    words = iter(argv)
+    for word in words:
+        if word == "--root":
+            next(words, None)
+        elif not word.startswith("--root="):
+            return None if word.startswith("-") else word
+    return None
+
+
+def _add_validate(commands, common) -> None:
     validate = commands.add_parser(
         "validate", parents=[common], help="check manifests: schemas, references, policies",
         description="Check every manifest under DIR. Prints each problem as FILE:LINE:COL; "
@@ -142,6 +164,8 @@ def _parser() -> "argparse.ArgumentParser":
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
     validate.set_defaults(handler=_validate)
 
+
+def _add_plan(commands, common) -> None:
     plan = commands.add_parser(
         "plan", parents=[common], help="show what apply would change",
         description="Compare the manifests with the device and show the changes apply would make.",
@@ -158,6 +182,8 @@ def _parser() -> "argparse.ArgumentParser":
     _device_labels_arg(plan)
     plan.set_defaults(handler=_plan)
 
+
+def _add_apply(commands, common) -> None:
     apply = commands.add_parser(
         "apply", parents=[common], help="make the device match the manifests (or a saved plan)",
         description="Apply a saved plan exactly, or plan DIR and apply it after confirmation.",
@@ -172,6 +198,8 @@ def _parser() -> "argparse.ArgumentParser":
     _device_labels_arg(apply)
     apply.set_defaults(handler=_apply)
 
+
+def _add_action(commands, common) -> None:
     action = commands.add_parser("action", parents=[common], help="work with actions (runs of tasks)")
     action_commands = action.add_subparsers(title="action commands", metavar="COMMAND")
     run = action_commands.add_parser(
@@ -282,6 +310,8 @@ def _parser() -> "argparse.ArgumentParser":
                        help="one JSON object a line: run events and output lines")
     watch.set_defaults(handler=_action_watch)
 
+
+def _add_executor(commands, common) -> None:
     executor = commands.add_parser(
         "executor", parents=[common], help="the daemon that runs queued actions",
         description="Run queued actions in their sandboxes until stopped. SIGTERM drains: no new "
@@ -299,6 +329,8 @@ def _parser() -> "argparse.ArgumentParser":
     _executor_args(executor)
     executor.set_defaults(handler=_executor)
 
+
+def _add_triggers(commands, common) -> None:
     triggers = commands.add_parser(
         "triggers", parents=[common], help="the daemon that turns events into queued actions",
         description="Watch for every registered trigger's events (files, webhooks, serial "
@@ -312,6 +344,8 @@ def _parser() -> "argparse.ArgumentParser":
                           help="look for changed registrations this often (default 500ms)")
     triggers.set_defaults(handler=_triggers)
 
+
+def _add_sync(commands, common) -> None:
     sync = commands.add_parser(
         "sync", parents=[common], help="pull the manifests repository and converge to it, once",
         description="Fetch BRANCH of the repository, verify it, validate, plan and apply it. A "
@@ -322,6 +356,8 @@ def _parser() -> "argparse.ArgumentParser":
     sync.add_argument("--json", action="store_true", help="print the result as JSON")
     sync.set_defaults(handler=_sync)
 
+
+def _add_daemon(commands, common) -> None:
     daemon = commands.add_parser(
         "daemon", parents=[common], help="sync on an interval, repair drift, run the executor and triggers",
         description="The device's always-on agent: sync every INTERVAL (plus up to JITTER), put "
@@ -340,6 +376,8 @@ def _parser() -> "argparse.ArgumentParser":
                         help="after SIGTERM, wait this long for the children to stop (default 30s)")
     daemon.set_defaults(handler=_daemon)
 
+
+def _add_install(commands, common) -> None:
     install = commands.add_parser(
         "install", parents=[common], help="run spos daemon at boot (systemd unit or cron fallback)",
         description="Write /etc/systemd/system/spos.service (where systemd is the init system) "
@@ -356,6 +394,8 @@ def _parser() -> "argparse.ArgumentParser":
     install.add_argument("--dry-run", action="store_true", help="show the files; change nothing")
     install.set_defaults(handler=_install)
 
+
+def _add_status(commands, common) -> None:
     status = commands.add_parser(
         "status", parents=[common], help="the applied revision, the last sync, drift, daemons",
         description="What the device runs and how its loops are doing: the applied revision and "
@@ -365,6 +405,8 @@ def _parser() -> "argparse.ArgumentParser":
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_status)
 
+
+def _add_metrics(commands, common) -> None:
     metrics = commands.add_parser(
         "metrics", parents=[common], help="Prometheus metrics: runs, durations, queue, triggers, syncs",
         description="Print the device's metrics in the Prometheus text format, serve them over "
@@ -378,6 +420,8 @@ def _parser() -> "argparse.ArgumentParser":
     metrics.add_argument("--once", action="store_true", help="with --textfile: write it once and exit")
     metrics.set_defaults(handler=_metrics)
 
+
+def _add_schedule(commands, common) -> None:
     schedule = commands.add_parser("schedule", parents=[common], help="what the Schedules will do")
     schedule_commands = schedule.add_subparsers(title="schedule commands", metavar="COMMAND")
     schedule_next = schedule_commands.add_parser(
@@ -400,6 +444,8 @@ def _parser() -> "argparse.ArgumentParser":
     schedule_suggest.add_argument("--json", action="store_true")
     schedule_suggest.set_defaults(handler=_schedule_suggest)
 
+
+def _add_why(commands, common) -> None:
     why = commands.add_parser(
         "why", parents=[common], help="where a run came from: source, revision, config, limits, lineage",
         description="The provenance of run RUN_ID: the schedule, trigger or command that started "
@@ -410,6 +456,8 @@ def _parser() -> "argparse.ArgumentParser":
     why.add_argument("--json", action="store_true")
     why.set_defaults(handler=_why)
 
+
+def _add_trigger(commands, common) -> None:
     trigger = commands.add_parser("trigger", parents=[common], help="inspect and test triggers")
     trigger_commands = trigger.add_subparsers(title="trigger commands", metavar="COMMAND")
     trigger_list = trigger_commands.add_parser(
@@ -426,7 +474,25 @@ def _parser() -> "argparse.ArgumentParser":
     trigger_test.add_argument("--dry-run", action="store_true", help="show what would be queued; queue nothing")
     trigger_test.add_argument("--json", action="store_true")
     trigger_test.set_defaults(handler=_trigger_test)
-    return parser
+
+
+_COMMANDS = {
+    "validate": _add_validate,
+    "plan": _add_plan,
+    "apply": _add_apply,
+    "action": _add_action,
+    "executor": _add_executor,
+    "triggers": _add_triggers,
+    "sync": _add_sync,
+    "daemon": _add_daemon,
+    "install": _add_install,
+    "status": _add_status,
+    "metrics": _add_metrics,
+    "schedule": _add_schedule,
+    "why": _add_why,
+    "trigger": _add_trigger,
+}
+"""Each top-level command word and what adds its parser, in the order help lists them."""
 
 
 def _schedule_args(parser: "argparse.ArgumentParser") -> None:

@@ -17,6 +17,27 @@ def test_root_is_kept_wherever_it_is_given():
     assert parse(["plan", "--root", "/r"]).root == "/r"
 
 
+def test_the_parser_built_for_one_command_reads_it_as_the_whole_parser_does():
+    """Only the named command's parser is built; what it parses must not depend on that."""
+    from reconciler.cli import _COMMANDS
+
+    samples = [
+        ["validate", "agents.d", "--json"], ["--root", "/r", "plan", "d", "--detailed-exitcode"],
+        ["apply", "plan.json", "--auto-approve"], ["--root=/r", "action", "run", "--agent", "a",
+                                                   "--task", "t", "--priority", "5"],
+        ["action", "list", "--state", "failed"], ["executor", "--once"], ["triggers"],
+        ["sync", "--repo", "r"], ["daemon", "--repo", "r"], ["install", "--repo", "r", "--dry-run"],
+        ["status"],
+        ["metrics"], ["schedule", "next", "d"], ["why", "r1"], ["trigger", "list", "--json"],
+    ]
+    assert {words[0] if not words[0].startswith("--root") else words[2 - ("=" in words[0])]
+            for words in samples} == set(_COMMANDS)
+    whole = _parser([])
+    for argv in samples:
+        lazy = vars(_parser(argv).parse_args(argv))
+        assert lazy == vars(whole.parse_args(argv)), argv
+
+
 def test_no_command_prints_usage_and_fails(spos):
     result = spos()
     assert result.code == 1
