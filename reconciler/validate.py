@@ -115,7 +115,7 @@ class _Run:
 
     def read_file(self, path: str, role: str) -> None:
         display, digest = self.known.get(path, (None, None))
-        cached = self.cache.manifests(display, digest) if digest else None
+        cached = self.cache.manifests(display, digest, path) if digest else None
         raw = None
         if cached is None:
             display = display_name(path, self.cwd)
@@ -125,7 +125,7 @@ class _Run:
                 self.diagnostics.append(Diagnostic(display, 1, 1, unreadable))
                 return
             digest = hashlib.sha256(raw).hexdigest()
-            cached = self.cache.manifests(display, digest)
+            cached = self.cache.manifests(display, digest, path)
         self.paths[display] = path
         self.file_hashes[display] = digest
         self.roles[display] = role
@@ -805,7 +805,9 @@ class _Cache:
     documents, and appends one entry; the data file is rewritten without the entries no file
     uses only once they are most of it. A spec is read from the data file when first used
     (`Manifest.deferred`). The index names the data file's inode and the length it had, and
-    each entry its CRC: a data file replaced, cut short or damaged is never read as valid.
+    each entry its CRC: a data file replaced or cut short is not used, and a damaged entry is
+    never read as valid: the file it stands for is read again (it must still have the content
+    the entry was for), and both files are removed, for the next load to rebuild.
 
     Stored with `marshal` (plain data only; its format belongs to this Python version, which
     is part of the key): for 10,000 agents it is written ten times faster than as JSON. A
@@ -821,6 +823,7 @@ class _Cache:
         self.data_fd: int | None = None
         self.data_size = 0
         self.dirty = False
+        self.damaged = False
         if self.path is None:
             return
         try:
@@ -843,9 +846,10 @@ class _Cache:
         self.judgements = judgements if isinstance(judgements, dict) else {}
         self.data_size = st.st_size
 
-    def manifests(self, display: str, digest: str) -> list[Manifest] | None:
+    def manifests(self, display: str, digest: str, path: str) -> list[Manifest] | None:
         """The manifests of the file with this content, their specs read on first use; None
-        when it is not cached, or not as written."""
+        when it is not cached, or not as written. `path` is the file itself, read again should
+        its entry in the data file turn out damaged."""
         entry = self.files.get(digest)
         if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[3], list)):
             return None
@@ -854,7 +858,7 @@ class _Cache:
 
         def body(index: int) -> tuple[dict, dict]:
             if not documents:
-                documents.update((i, data) for i, _, data in marshal.loads(self._blob(digest)))
+                documents.update(self._documents(display, digest, path))
             data = documents[index]
             return data.get("spec") or {}, data["metadata"].get("labels") or {}
 
@@ -865,19 +869,37 @@ class _Cache:
         except (TypeError, ValueError):  # not as written: parse the file again
             return None
 
-    def _blob(self, digest: str) -> bytes:
+    def _documents(self, display: str, digest: str, path: str) -> dict[int, Any]:
+        """Index -> data of each document of a cached file: from the data file, or, when its
+        entry is damaged, from the file again (which must still have this content)."""
+        blob = self._blob(digest)
+        if blob is not None:
+            try:
+                return {index: data for index, _, data in marshal.loads(blob)}
+            except (ValueError, EOFError, TypeError):
+                pass
+        self.damaged = True  # rebuilt by the next load; this one reads the file itself
+        for stale in (self.path, self.data_path):
+            _remove_quietly(stale)
+        raw, unreadable = read_bounded(path)
+        if unreadable or hashlib.sha256(raw).hexdigest() != digest:
+            raise SposError(f"{display} changed while spos was reading the manifests (and the "
+                            "manifest cache was damaged): run the command again")
+        documents, problems = parse(raw.decode("utf-8"), display)
+        if problems:
+            raise SposError(f"{display}: {problems[0].summary}")
+        return {document.index: document.data for document in documents}
+
+    def _blob(self, digest: str) -> bytes | None:
+        """A cached file's documents, marshalled; None when its entry is damaged."""
         if digest in self.added:
             return self.added[digest]
         offset, length, crc, _ = self.files[digest]
         try:
             blob = os.pread(self.data_fd, length, offset)
         except (OSError, TypeError, OverflowError):
-            blob = b""
-        if len(blob) != length or zlib.crc32(blob) != crc:
-            self.discard()
-            raise SposError(f"the manifest cache {self.data_path} was damaged and has been "
-                            "removed: run the command again")
-        return blob
+            return None
+        return blob if len(blob) == length and zlib.crc32(blob) == crc else None
 
     def put(self, digest: str, documents: list[Document]) -> None:
         if self.path is None:
@@ -905,7 +927,7 @@ class _Cache:
 
     def save(self, keep: set[str]) -> None:
         """Append what was added, and write the index; best effort."""
-        if self.path is None:
+        if self.path is None or self.damaged:
             return
         stale = set(self.files) - keep
         if not self.dirty and not stale:
@@ -927,7 +949,7 @@ class _Cache:
             temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
             temp.write_bytes(payload)
             os.replace(temp, self.path)
-        except (OSError, SposError):
+        except OSError:
             pass
 
     def _append(self) -> tuple[int, int, int]:
@@ -946,6 +968,9 @@ class _Cache:
     def _rewrite(self) -> tuple[int, int, int]:
         """A new data file holding only the entries in use, in place of the old one."""
         blobs = [(digest, self.added.get(digest) or self._blob(digest)) for digest in self.files]
+        if any(blob is None for _, blob in blobs):
+            self.damaged = True
+            raise OSError("the manifest cache's data file is damaged")
         temp = self.data_path.with_name(f".{self.data_path.name}.{os.getpid()}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         offset = 0
@@ -957,14 +982,12 @@ class _Cache:
         st = os.fstat(fd)
         return fd, st.st_ino, st.st_size
 
-    def discard(self) -> None:
-        """Forget everything and remove both files (the next load checks every file again)."""
-        self.files, self.judgements, self.added = {}, {}, {}
-        for path in (self.path, self.data_path):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+
+def _remove_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _cache_key() -> str:

@@ -217,3 +217,69 @@ def test_an_edit_to_one_agent_renders_that_agent_alone(spos, manifests, applied,
     result = spos("plan", manifests, "--root", applied)
     assert "~   agent/monitor-001  (manifest changed)" in result.out
     assert compiled == ["monitor-001"]
+
+
+CACHE_INDEX = f"{STATE}/cache/manifests.marshal"
+CACHE_DATA = f"{STATE}/cache/manifests.data"
+
+
+def _edit_monitor(manifests: Path) -> None:
+    path = manifests / "monitor-001.yaml"
+    path.write_text(path.read_text().replace("priority: 90", "priority: 95", 1))
+
+
+def test_a_damaged_document_cache_gives_the_same_plan_and_is_rebuilt(spos, manifests, applied):
+    _edit_monitor(manifests)
+    data = applied / CACHE_DATA
+    expected = plan_json(spos, manifests, applied)  # the cache now holds the edited file too
+    # Damage every entry in place, same size and inode: only the entries' CRCs can tell.
+    damaged = bytes(b ^ 0x5A for b in data.read_bytes())
+    data.write_bytes(damaged)
+
+    # The edited agent is rendered from the shared Capability and Quota, whose documents
+    # are read from the data file: they come from profiles.yaml itself instead.
+    assert plan_json(spos, manifests, applied) == expected
+    assert not data.exists() or data.read_bytes() != damaged
+    assert plan_json(spos, manifests, applied) == expected
+    assert data.is_file() and (applied / CACHE_INDEX).is_file()
+
+
+def test_a_short_or_replaced_data_file_is_not_used(spos, manifests, applied):
+    _edit_monitor(manifests)
+    expected = plan_json(spos, manifests, applied)
+    data = applied / CACHE_DATA
+    whole = data.read_bytes()
+    data.write_bytes(whole[: len(whole) // 2])  # cut short: the index names the longer length
+    assert plan_json(spos, manifests, applied) == expected
+    data.unlink()
+    data.write_bytes(whole)  # the same bytes in another inode: not the file the index names
+    assert plan_json(spos, manifests, applied) == expected
+
+
+def test_a_one_file_edit_decodes_only_the_documents_it_needs(spos, manifests, applied, monkeypatch):
+    """Documents of unchanged files stay in the data file unless rendering reads them."""
+    import marshal
+
+    import reconciler.validate
+
+    decoded = []
+    real = marshal.loads
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(marshal, name)
+
+        @staticmethod
+        def loads(blob):
+            decoded.append(len(blob))
+            return real(blob)
+
+    monkeypatch.setattr(reconciler.validate, "marshal", Counting())
+    _edit_monitor(manifests)
+    result = spos("plan", manifests, "--root", applied, "--json")
+    assert result.code == 0, result.err
+    policies = len(list((manifests.parent / "policies").glob("*.yaml")))
+    files = len(list(manifests.glob("*.yaml"))) + policies
+    # The index, the policies (which judge the edited file) and profiles.yaml (the edited
+    # agent's Capability and Quota); the edited file itself is parsed, not decoded.
+    assert len(decoded) == 1 + policies + 1 < files, decoded
