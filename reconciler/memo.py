@@ -117,7 +117,8 @@ class PlanMemo:
         cannot be written only costs the next plan time."""
         if self.path is None or not self.dirty:
             return
-        values = {name: entry for name, entry in self.values.items() if name in self.seen}
+        values = self.values if self.values.keys() <= self.seen else {
+            name: entry for name, entry in self.values.items() if name in self.seen}
         payload = {"format": _FORMAT, "key": self.key, "values": values, "desired": self.desired}
         temp = f"{self.path}.{os.getpid()}.tmp"
         try:
@@ -159,23 +160,25 @@ def _well_formed_desired(desired) -> dict | None:
     return desired
 
 
-def fingerprint(manifest_dir: str, policy_dir: str | None,
-                memo: PlanMemo) -> tuple[str | None, dict[str, tuple[str, str]]]:
+def fingerprint(manifest_dir: str, policy_dir: str | None, memo: PlanMemo
+                ) -> tuple[str | None, dict[str, tuple[str, str]], dict[str, list[str]]]:
     """The digest `validate.load` gives these directories, reading only the files whose content
     hash `memo` does not know, and {path: (display name, content hash)} of the files, for
-    `load`. Digest None when a file cannot be read the way `load` reads it: `load` then says
-    why. Files are hashed, never parsed: the digest names their contents."""
+    `load`, and the files found in each directory (for `load` not to walk them again). Digest
+    None when a file cannot be read the way `load` reads it: `load` then says why. Files are
+    hashed, never parsed: the digest names their contents."""
     cwd = os.path.realpath(os.getcwd())
-    hashes, known = {}, {}
+    hashes, known, listed = {}, {}, {}
     for directory in (manifest_dir, policy_dir):
         if directory is None:
             continue
         if not os.path.isdir(directory):
-            return None, known
+            return None, known, {}
         # os.walk does not enter linked directories, so below the resolved top only a file
         # itself can be a link.
         top, real_top = os.path.normpath(directory), os.path.realpath(directory)
-        for path in discover(directory):
+        listed[directory] = paths = discover(directory)
+        for path in paths:
             try:
                 st = os.lstat(path)
                 if stat.S_ISLNK(st.st_mode):
@@ -183,21 +186,21 @@ def fingerprint(manifest_dir: str, policy_dir: str | None,
                 else:
                     real = real_top + path[len(top):]
             except OSError:
-                return None, known
+                return None, known, {}
             if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
-                return None, known
+                return None, known, {}
             name = f"manifest:{real}"
             digest = memo.lookup(name, (st,))
             if digest is None:
                 raw, unreadable = read_bounded(path)
                 if unreadable:
-                    return None, known
+                    return None, known, {}
                 digest = hashlib.sha256(raw).hexdigest()
                 memo.remember(name, (st,), digest)
             display = display_name(path, cwd, real)
             hashes[display] = digest
             known[path] = (display, digest)
-    return content_digest(hashes), known
+    return content_digest(hashes), known, listed
 
 
 def code_fingerprint() -> str:

@@ -75,12 +75,12 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
     memo = PlanMemo(memo_file(device, create=request.creating_state), _memo_key(request, facts))
     with GitRevision(request.path, known=request.revision) as revision:
         request.stage(f"Loading manifests from {request.path}...")
-        digest, files = fingerprint(request.path, request.policy_dir, memo)
+        digest, files, listed = fingerprint(request.path, request.policy_dir, memo)
         remembered = memo.desired_for(digest) if digest else None
         if remembered is not None:
-            desired, notices, declared = _recalled(request, device, facts, remembered, files)
+            desired, notices, declared = _recalled(request, device, facts, remembered, files, listed)
         else:
-            desired, notices, declared, digest = _rendered(request, device, facts, memo, files)
+            desired, notices, declared, digest = _rendered(request, device, facts, memo, files, listed)
         inventory = read_inventory(device)["resources"]
         if not declared and inventory and not request.allow_empty:
             raise UsageError(
@@ -113,7 +113,7 @@ def _cgroup_notices(device: Device) -> list[str]:
     return []
 
 
-def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=None):
+def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=None, listed=None):
     """Load and check the manifests in full; render what their contents did not render to
     before (by input_keys); remember the result."""
     from reconciler.render import input_keys, kind_inputs, notices, render
@@ -121,7 +121,7 @@ def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=No
     from reconciler.validate import load
 
     manifests = load(request.path, request.policy_dir,
-                     cache_file(device, create=request.creating_state), known=known,
+                     cache_file(device, create=request.creating_state), known=known, listed=listed,
                      stage=request.detail, advance=request.advance)
     inputs = kind_inputs(manifests)
     keys = input_keys(manifests, inputs)
@@ -134,7 +134,7 @@ def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=No
     return desired, said, declared, manifests.digest
 
 
-def _recalled(request: PlanRequest, device: Device, facts: Facts, known, files):
+def _recalled(request: PlanRequest, device: Device, facts: Facts, known, files, listed):
     """The desired state remembered for these exact manifest contents: each resource by its
     digest, rendered on its own only if the plan needs its attributes (the manifests are then
     loaded once, their specs read only where rendering needs them)."""
@@ -149,7 +149,8 @@ def _recalled(request: PlanRequest, device: Device, facts: Facts, known, files):
         from reconciler.validate import load
 
         if not loaded:
-            manifests = load(request.path, request.policy_dir, cache_file(device), known=files)
+            manifests = load(request.path, request.policy_dir, cache_file(device), known=files,
+                             listed=listed)
             loaded.append(for_device(manifests, facts))
         return render_one(loaded[0], facts, BY_NAME[kind_name], rid)
 

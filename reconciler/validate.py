@@ -48,6 +48,7 @@ def load(
     policy_dir: str | os.PathLike | None = None,
     cache_file: str | os.PathLike | None = None,
     known: dict[str, tuple[str, str]] | None = None,
+    listed: dict[str, list[str]] | None = None,
     stage: Callable[..., None] | None = None,
     advance: Callable[[], None] | None = None,
 ) -> ManifestSet:
@@ -57,14 +58,15 @@ def load(
     of per-document checks by content hash; it is best effort and never required. `known` maps
     a file's path (as discovered) to its display name and content hash, just taken by
     `memo.fingerprint`: such a file is not read again when the cache holds its documents.
+    `listed` maps a directory (as given) to the files `memo.fingerprint` found in it.
     `stage(text, total)` is told each step as it starts (`total`: how many files it checks, or
     None) and `advance()` each file checked, for a long load to show its progress.
     """
-    run = _Run(cache_file, known or {}, stage or (lambda text, total=None: None),
+    run = _Run(cache_file, known or {}, listed or {}, stage or (lambda text, total=None: None),
                advance or (lambda: None))
-    run.read_directory(Path(manifest_dir), role="manifests")
+    run.read_directory(manifest_dir, role="manifests")
     if policy_dir is not None:  # named but missing is a problem: no guardrails would apply
-        run.read_directory(Path(policy_dir), role="policies")
+        run.read_directory(policy_dir, role="policies")
     run.check_calendars()
     run.stage("Checking across documents...", None)
     run.check_across_documents()
@@ -84,8 +86,9 @@ def schema_dir() -> Path:
 class _Run:
     """The state of one load: files seen, manifests accepted, problems found."""
 
-    def __init__(self, cache_file, known: dict[str, tuple[str, str]], stage, advance):
-        self.known = known
+    def __init__(self, cache_file, known: dict[str, tuple[str, str]],
+                 listed: dict[str, list[str]], stage, advance):
+        self.known, self.listed = known, listed
         self.stage, self.advance = stage, advance
         self.diagnostics: list[Diagnostic] = []
         self.manifests: list[Manifest] = []
@@ -100,13 +103,14 @@ class _Run:
         self.notes: list[str] = []
         self.cwd = os.path.realpath(os.getcwd())
 
-    def read_directory(self, directory: Path, role: str) -> None:
+    def read_directory(self, given: str | os.PathLike, role: str) -> None:
+        directory = Path(given)
         if not directory.is_dir():
             summary = (f"expected the {role} directory, got a file" if directory.exists()
                        else f"{role} directory does not exist")
             self.diagnostics.append(Diagnostic(str(directory), 1, 1, summary))
             return
-        paths = discover(directory)
+        paths = self.listed.get(os.fspath(given)) or discover(directory)
         noun = {"manifests": "manifest", "policies": "policy"}.get(role, role)
         self.stage(f"Checking {len(paths)} {noun} file{'' if len(paths) == 1 else 's'}...", len(paths))
         for path in paths:
