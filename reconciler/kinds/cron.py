@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Collection, Iterable
 from reconciler import cronexpr
 from reconciler.errors import UnsafePathError
 from reconciler.manifest import Manifest, ManifestSet
-from reconciler.resource import Change, Facts, Resource
+from reconciler.resource import Change, Facts, Resource, digest
 
 if TYPE_CHECKING:
     from reconciler.device import Device
@@ -110,7 +110,7 @@ class CronKind:
         twice because of a stray copy. With a `memo`, a file with the stat it had when last
         read is not read again.
         """
-        copies: dict[str, list[tuple[str, str, str]]] = {}
+        copies: dict[str, list[tuple[str, str, str, str]]] = {}
         for name in device.listdir(CRON_DIR):
             if not name.startswith(FILE_PREFIX):
                 continue
@@ -118,25 +118,29 @@ class CronKind:
             st = device.stat(path)
             if st is None:
                 continue
+            mode = format(st.st_mode & 0o7777, "04o")
+            # {id: [line, digest of the line as found here]}: the digest is remembered too, so
+            # an unchanged file costs a plan no JSON encoding (chmod moves the change time).
             entries = memo.lookup(f"cron:{name}", (st,)) if memo is not None else None
-            if entries is None:
+            if not _well_formed(entries):
                 text = device.read_text(path)
                 if text is None:
                     continue
-                entries = parse_entries(text)
+                entries = {rid: [line, digest({"file": path, "mode": mode, "line": line})]
+                           for rid, line in parse_entries(text).items()}
                 if memo is not None:
                     memo.remember(f"cron:{name}", (st,), entries)
-            mode = format(st.st_mode & 0o7777, "04o")
-            for rid, line in entries.items():
-                copies.setdefault(rid, []).append((path, mode, line))
+            for rid, (line, found_digest) in entries.items():
+                copies.setdefault(rid, []).append((path, mode, line, found_digest))
         found = {}
         for rid, entries in copies.items():
             entries.sort(key=lambda entry: entry[0] != file_for(_agent_of(entry[2])))
-            path, mode, line = entries[0]
+            path, mode, line, found_digest = entries[0]
             attrs = {"file": path, "mode": mode, "line": line}
             if len(entries) > 1:
                 attrs["duplicates"] = sorted(entry[0] for entry in entries[1:])
-            found[rid] = Resource(rid, self.name, attrs)
+                found_digest = None
+            found[rid] = Resource(rid, self.name, attrs, digest=found_digest)
         return found
 
     def apply(self, device: "Device", changes: list[Change]) -> Iterable[tuple[Change, str | None]]:
@@ -240,3 +244,10 @@ def edit(text: str | None, changes: dict[str, str | None], agent: str) -> str | 
 
 
 KIND = CronKind()
+
+
+def _well_formed(entries) -> bool:
+    """Whether remembered entries are as observe() writes them (a damaged memo costs a read)."""
+    return isinstance(entries, dict) and all(
+        isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+        and isinstance(value[1], str) for value in entries.values())
