@@ -511,6 +511,147 @@ def test_a_task_without_checkpoints_restarts_from_its_first_step(device):
     assert device.lines("count") == ["one", "two", "one", "two"]
 
 
+WRITES_HELPER = """
+import json, os, sys
+from reconciler.device import Device
+from reconciler.executor.dispatch import Executor, Settings
+from reconciler.executor.sandbox import Sandbox
+
+root = sys.argv[1]
+writes, syncs = [], []
+write_atomic, fsync = Device.write_atomic, os.fsync
+
+def logged(self, path, data, mode=0o644):
+    record = json.loads(data)
+    writes.append([path.split("/")[-2], record.get("state"), sorted(
+        key for key in ("startedAt", "executor", "configDigest", "stepsDone") if key in record)])
+    return write_atomic(self, path, data, mode)
+
+def counted(fd):
+    syncs.append(fd)
+    return fsync(fd)
+
+Device.write_atomic, os.fsync = logged, counted
+Executor(Device(root), Sandbox(root=root), Settings(cleanup_interval=0)).serve(once=True)
+print(json.dumps({"writes": writes, "fsyncs": len(syncs)}))
+"""
+"""`spos executor --once` in-process, without its retention pass: every record it writes
+(bucket, state, which of the start's fields it holds), and how many fsyncs."""
+
+CRASH_HELPER = """
+import os, sys
+from reconciler.device import Device
+from reconciler.executor.dispatch import Executor
+from reconciler.executor.runs import RunStore
+from reconciler.executor.sandbox import Sandbox
+
+def die(store, run, state):
+    os._exit(9)  # as if killed (or the power went) just before the run's end was written
+
+RunStore.finish = die
+root = sys.argv[1]
+Executor(Device(root), Sandbox(root=root)).serve(once=True)
+"""
+"""An executor that dies once a run's last step has ended, before its end is recorded."""
+
+
+def in_process(helper: str, device) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", helper, str(device.root)], cwd=REPO,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+
+
+def test_a_run_is_recorded_durably_once_as_it_starts_and_once_as_it_ends(device):
+    device.apply({"steps": {"timeout": "20s", "steps": [
+        {"name": "one", "command": sh("true")}, {"name": "two", "command": sh("true")}]}})
+    device.enqueue("steps")
+    device.once()  # the first run of a config also keeps a copy of it (configs/)
+    run_id = device.enqueue("steps")
+
+    result = in_process(WRITES_HELPER, device)
+
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    start = ["configDigest", "executor", "startedAt"]
+    assert seen["writes"] == [
+        ["active", "active", start],  # the claim, its owner and the attempt's start: one write
+        ["active", "active", [*start, "stepsDone"]],  # step one done: a rerun starts at two
+        ["completed", "completed", [*start, "stepsDone"]],  # step two, with the run's end
+    ], seen
+    assert seen["fsyncs"] == 2 * 3, seen  # each: the file, then its directory
+    record = device.record(run_id)
+    assert record["state"] == "completed" and record["stepsDone"] == ["one", "two"], record
+
+
+def test_an_executor_dying_before_a_runs_end_is_recorded_reruns_only_its_last_step(device):
+    device.apply({"steps": {"timeout": "20s", "steps": [
+        {"name": "one", "command": sh("echo one >> $SPOS_OUTPUT_DIR/count")},
+        {"name": "two", "command": sh("echo two >> $SPOS_OUTPUT_DIR/count")},
+    ]}})
+    run_id = device.enqueue("steps")
+
+    died = in_process(CRASH_HELPER, device)
+    assert died.returncode == 9, died.stderr
+    left = device.record(run_id)
+    assert left["state"] == "active" and left["stepsDone"] == ["one"], left
+    assert not run_cgroup_dirs(device.agent, run_id)  # emptied and removed before the end
+
+    device.once()
+
+    record = device.record(run_id)
+    assert record["state"] == "completed" and record["attempt"] == 2, record
+    assert [a["state"] for a in record["attempts"]] == ["interrupted", "completed"]
+    assert record["attempts"][0]["startedAt"] and record["attempts"][0]["configDigest"]
+    assert device.lines("count") == ["one", "two", "two"]
+    assert record["stepsDone"] == ["one", "two"]
+
+
+def test_a_record_left_in_active_beside_its_final_copy_is_dropped_not_rerun(device):
+    """The removal of the active copy is not synced to disk: after a power loss it may be
+    back next to the final record. Recovery keeps the final one."""
+    device.apply({"t": {"command": sh("echo ran >> $SPOS_OUTPUT_DIR/ran")}})
+    run_id = device.enqueue("t")
+    device.once()
+    final = next((device.agent_dir() / "completed").glob(f"*-{run_id}.json"))
+    stale = json.loads(final.read_text())
+    stale.update(state="active", executor={"pid": 1, "bootId": "an-earlier-boot", "startTicks": 1})
+    for key in ("endedAt", "exitCode", "durationSeconds", "usage"):
+        stale.pop(key, None)
+    stale["attempts"] = []
+    (device.agent_dir() / "active" / final.name).write_text(json.dumps(stale))
+
+    device.once()
+
+    assert not list((device.agent_dir() / "active").iterdir())
+    assert device.record(run_id)["state"] == "completed"
+    assert device.lines("ran") == ["ran"]
+
+
+def test_a_run_whose_directories_were_removed_makes_them_again(device):
+    device.apply({"t": {"command": sh("echo ran > $SPOS_OUTPUT_DIR/ran; pwd > $SPOS_OUTPUT_DIR/pwd")}})
+    run_id = device.enqueue("t")
+    for name in ("tmp", "checkpoints", "output", "logs", "active", "completed", "configs"):
+        path = device.agent_dir() / name
+        if path.is_dir():
+            subprocess.run(["rm", "-rf", str(path)], check=True)
+    device.once()
+    assert device.record(run_id)["state"] == "completed"
+    assert device.lines("ran") == ["ran"]
+    assert "run completed" in device.log(run_id)
+
+
+def test_a_runs_leftover_processes_are_gone_when_it_is_recorded(device):
+    """The action exits at once, leaving a SIGTERM-ignoring process in a session of its own:
+    everything in the run's pid namespace ends with it, and the run is recorded only once its
+    cgroup is empty (and removed)."""
+    device.apply({"t": {"command": sh('(trap "" TERM; setsid sleep 86408 &); echo left')}})
+    run_id = device.enqueue("t")
+    device.once()
+    record = device.record(run_id)
+    assert record["state"] == "completed" and record["exitCode"] == 0, record
+    assert not survivors({}, "86408")
+    assert not run_cgroup_dirs(device.agent, run_id)
+
+
 def test_a_failed_step_ends_the_run_unless_it_may_fail(device):
     device.apply({
         "lenient": {"steps": [

@@ -552,6 +552,76 @@ def test_usage_reports_cpu_and_memory(sandboxed):
     assert all(usage[k] is None or usage[k] >= 0 for k in ("readBytes", "writeBytes"))
 
 
+def test_every_process_of_a_run_is_in_its_cgroup_in_every_hierarchy(sandboxed):
+    """The forked child joins by moving its one thread (v1 `tasks`), which moves the whole
+    process: bubblewrap, its init, the action and the action's children are all inside."""
+    spec = sandboxed.spec(sh("sleep 60 & exec sleep 61"))
+    run, _ = sandboxed.start(spec)
+    procs = CGROUP_ROOT / "pids" / spec.cgroup_name / "cgroup.procs"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(procs.read_text().split()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pids = set(procs.read_text().split())
+    try:
+        assert len(pids) == 4, pids  # bwrap, its init, sleep 61 (the action), sleep 60
+        for directory in cgroup_dirs(spec.cgroup_name):
+            assert set((directory / "cgroup.procs").read_text().split()) == pids, directory
+            assert set((directory / "tasks").read_text().split()) == pids, directory
+        for pid in pids:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            for line in lines:
+                _, controllers, path = line.split(":", 2)
+                if set(controllers.split(",")) & {"memory", "pids", "cpu", "cpuacct", "freezer",
+                                                   "devices", "blkio"}:
+                    assert path == f"/{spec.cgroup_name}", (pid, line)
+    finally:
+        run.kill_all()
+
+
+def test_after_a_normal_exit_the_cgroup_empties_without_killing(sandboxed, monkeypatch):
+    """bubblewrap reports the exit while its namespace's init is still on its way out:
+    `settle` waits for it on pidfds (here with a generous bound) instead of killing."""
+    from reconciler.executor import sandbox as sandbox_module
+
+    monkeypatch.setattr(sandbox_module, "_SETTLE_SECONDS", 10.0)
+    for _ in range(5):
+        spec = sandboxed.spec(["/bin/true"])
+        run, _ = sandboxed.start(spec)
+        killed = []
+        run.kill_all = lambda: killed.append(True)
+        assert run.wait(timeout=WAIT_SECONDS) == 0
+        began = time.monotonic()
+        run.settle()
+        assert time.monotonic() - began < 2
+        assert not killed
+        for directory in cgroup_dirs(spec.cgroup_name):
+            assert (directory / "cgroup.procs").read_text().split() == [], directory
+        run.cleanup()
+        assert not [d for d in cgroup_dirs(spec.cgroup_name) if d.exists()]
+
+
+def test_waiting_for_a_cgroup_to_empty_is_bounded_and_does_not_spin(sandboxed):
+    spec = sandboxed.spec(["/usr/bin/sleep", "60"])
+    run, _ = sandboxed.start(spec)
+    cgroup = run._cgroup
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(cgroup.pids()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cpu, began = time.thread_time(), time.monotonic()
+    assert not cgroup.empties_within(0.5)
+    assert 0.5 <= time.monotonic() - began < 2
+    assert time.thread_time() - cpu < 0.1  # slept on pidfds, not polling
+    fds = run.leftovers()
+    try:
+        assert len(fds) == 3  # bwrap, its init, the action
+    finally:
+        for fd in fds:
+            os.close(fd)
+    run.kill_all()
+    assert run.wait(timeout=WAIT_SECONDS) == -signal.SIGKILL
+    assert cgroup.empties_within(0) and run.leftovers() == []
+
+
 def test_cleanup_removes_the_runs_cgroup(sandboxed):
     spec = sandboxed.spec(["/bin/true"])
     run, _ = sandboxed.start(spec)

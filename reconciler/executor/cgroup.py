@@ -22,6 +22,7 @@ import errno
 import functools
 import os
 import re
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ class Cgroups:
         self.root = Path(root)
         self.version = _detect_version(self.root)
         self.hierarchies = _v1_hierarchies(self.root) if self.version == 1 else {}
+        # Where each v1 hierarchy really is: co-mounted controllers (cpu,cpuacct) share one
+        # tree, so a run's cgroup is one directory there. Resolved once, not for every run.
+        self._real = {c: os.path.realpath(path) for c, path in self.hierarchies.items()}
 
     def describe(self) -> str:
         if self.version == 2:
@@ -115,9 +119,8 @@ class Cgroups:
             raise CgroupError(f"no cgroup file system at {self.root}")
         run = self.existing(name)
         try:
-            for directory in run.directories:
-                directory.mkdir(parents=True, exist_ok=True)
-            if run.pids():
+            fresh = all([_make_cgroup(directory) for directory in run.directories])
+            if not fresh and run.pids():  # a cgroup made here a moment ago is empty
                 raise CgroupError(f"cgroup {name} already holds processes")
             if self.version == 1:
                 run.unenforced = _limit_v1(self.hierarchies, run, limits, devices)
@@ -135,33 +138,48 @@ class Cgroups:
         """The run cgroup of this name, whether or not it exists (for reaping leftovers)."""
         check_name(name)
         if self.version == 2:
-            return RunCgroup(name, 2, {"unified": self.root / name})
-        return RunCgroup(name, 1, {c: path / name for c, path in self.hierarchies.items()})
+            return RunCgroup(name, 2, {"unified": f"{self.root}/{name}"})
+        dirs = {c: f"{path}/{name}" for c, path in self.hierarchies.items()}
+        unique: dict[str, str] = {}
+        for controller, directory in dirs.items():
+            unique.setdefault(self._real[controller], directory)
+        return RunCgroup(name, 1, dirs, list(unique.values()))
 
     def _v2_available(self) -> list[str]:
         return _read(self.root / "cgroup.controllers").split()
 
 
 class RunCgroup:
-    """One run's cgroup: joined before the action starts, read for usage, killed, removed."""
+    """One run's cgroup: joined before the action starts, read for usage, killed, removed.
+    Paths are strings: a run's start and end touch these files dozens of times."""
 
-    def __init__(self, name: str, version: int, dirs: dict[str, Path]):
+    def __init__(self, name: str, version: int, dirs: dict[str, str],
+                 directories: list[str] | None = None):
         self.name = name
         self.version = version
-        self.dirs = dirs
+        self.dirs = {controller: str(path) for controller, path in dirs.items()}
         self.unenforced: tuple[str, ...] = ()
-        unique: dict[str, Path] = {}  # co-mounted v1 controllers share one directory
-        for path in dirs.values():
-            unique.setdefault(os.path.realpath(path.parent) + "/" + path.name, path)
-        self.directories = list(unique.values())
+        if directories is None:  # co-mounted v1 controllers share one directory
+            unique: dict[str, str] = {}
+            for path in self.dirs.values():
+                parent, _, leaf = path.rpartition("/")
+                unique.setdefault(os.path.realpath(parent) + "/" + leaf, path)
+            directories = list(unique.values())
+        self.directories = directories
 
     def open_join_fds(self) -> list[int]:
-        """Write-only fds of every `cgroup.procs`: a forked child writes `0` to each to join
-        before it executes anything (close-on-exec, so nothing after that inherits them)."""
+        """Write-only fds a forked child writes `0` to, to join before it executes anything
+        (close-on-exec, so nothing after that inherits them). On v1 these are the `tasks`
+        files: the child has a single thread, so moving that thread moves the whole process,
+        and the kernel (6.0 and later) moves a thread that moves itself without the global
+        threadgroup lock, whose write side waits for an RCU grace period (10-15 ms here, per
+        hierarchy after a quiet moment; `cgroup.procs` always takes it). On v2, the leaf's
+        `cgroup.procs`."""
+        joined = "tasks" if self.version == 1 else "cgroup.procs"
         fds: list[int] = []
         try:
             for directory in self.directories:
-                fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+                fds.append(os.open(f"{directory}/{joined}", os.O_WRONLY | os.O_CLOEXEC))
         except OSError:
             for fd in fds:
                 os.close(fd)
@@ -173,13 +191,13 @@ class RunCgroup:
         found: set[int] = set()
         for directory in self.directories:
             try:
-                found.update(int(line) for line in _read(directory / "cgroup.procs").split())
+                found.update(map(int, _read_bytes(f"{directory}/cgroup.procs").split()))
             except FileNotFoundError:
                 continue
         return found
 
     def exists(self) -> bool:
-        return any(directory.is_dir() for directory in self.directories)
+        return any(os.path.isdir(directory) for directory in self.directories)
 
     def kill_all(self) -> None:
         """SIGKILL every process in the cgroup, including ones that double-forked or ignore
@@ -187,10 +205,10 @@ class RunCgroup:
         can fork while the list is read, kill every pid, thaw."""
         if not self.exists():
             return
-        kill_file = self.dirs["unified"] / "cgroup.kill" if self.version == 2 else None
+        kill_file = f"{self.dirs['unified']}/cgroup.kill" if self.version == 2 else None
         deadline = time.monotonic() + _KILL_WAIT_SECONDS
         while self.pids() and time.monotonic() < deadline:
-            if kill_file is not None and kill_file.exists():
+            if kill_file is not None and os.path.exists(kill_file):
                 _write(kill_file, "1")
             elif "freezer" in self.dirs:
                 self._kill_frozen(self.dirs["freezer"], deadline)
@@ -203,13 +221,35 @@ class RunCgroup:
 
     def empties_within(self, seconds: float) -> bool:
         """Whether the cgroup is (or becomes, within `seconds`) empty by itself: after a normal
-        exit, bubblewrap's pid-namespace init may still be on its way out."""
+        exit, bubblewrap's pid-namespace init may still be on its way out (tearing down its
+        mounts takes a few milliseconds). Waits on pidfds of what is left, so it wakes as the
+        last one leaves, without polling; a process leaves its cgroup before its pidfd says
+        it exited."""
         deadline = time.monotonic() + seconds
-        while self.pids():
-            if time.monotonic() >= deadline:
+        while True:
+            pids = self.pids()
+            if not pids:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            time.sleep(0.001)
-        return True
+            _wait_for_exits(pids, remaining)
+
+    def pidfds(self) -> list[int]:
+        """pidfds of the processes in the cgroup (close-on-exec; the caller closes them), to
+        learn without polling when they are gone: a process leaves its cgroup before its pidfd
+        becomes readable. Empty when the cgroup is empty, or when pidfds cannot be opened."""
+        fds: list[int] = []
+        for pid in self.pids():
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+            except OSError:
+                for fd in fds:
+                    os.close(fd)
+                return []
+        return fds
 
     def signal_all(self, signum: int, *, spare: set[int] = frozenset()) -> None:
         """Send `signum` to every process in the cgroup except `spare`."""
@@ -225,21 +265,30 @@ class RunCgroup:
     def oom_killed(self) -> bool:
         """Did the kernel's OOM killer kill a process of this cgroup (memory limit reached)?"""
         if self.version == 2:
-            events = _keyed(self.dirs["unified"] / "memory.events")
+            events = _keyed(f"{self.dirs['unified']}/memory.events")
         else:
-            events = _keyed(self.dirs["memory"] / "memory.oom_control") if "memory" in self.dirs else {}
+            events = _keyed(f"{self.dirs['memory']}/memory.oom_control") if "memory" in self.dirs else {}
         return int(events.get("oom_kill", 0)) > 0
 
     def remove(self) -> None:
-        """Remove the run's directories (only the leaf: parents belong to the agent). Processes
-        still inside are killed first; a cgroup busy for a moment after its last exit is retried."""
-        if self.pids():
-            self.kill_all()
+        """Remove the run's directories (only the leaf: parents belong to the agent). The
+        kernel refuses to remove a cgroup with processes (EBUSY): then they are killed first;
+        a cgroup busy for a moment after its last exit is retried."""
         for directory in self.directories:
+            try:
+                os.rmdir(directory)
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise CgroupError(f"cannot remove cgroup {directory}: {exc}") from exc
+            if self.pids():
+                self.kill_all()
             _rmdir_when_free(directory)
 
-    def _kill_frozen(self, freezer: Path, deadline: float) -> None:
-        state = freezer / "freezer.state"
+    def _kill_frozen(self, freezer: str, deadline: float) -> None:
+        state = f"{freezer}/freezer.state"
         _write(state, "FROZEN")
         try:
             while _read(state).strip() != "FROZEN" and time.monotonic() < deadline:
@@ -266,22 +315,22 @@ def _limit_v1(hierarchies: dict[str, Path], run: RunCgroup, limits: Limits,
     unenforced: list[str] = []
     if limits.memory_bytes is not None:
         memory = _required(run, "memory", "memory limit")
-        _write(memory / "memory.limit_in_bytes", str(limits.memory_bytes))
-        if (memory / "memory.memsw.limit_in_bytes").exists():
-            _write(memory / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+        _write(f"{memory}/memory.limit_in_bytes", str(limits.memory_bytes))
+        if os.path.exists(f"{memory}/memory.memsw.limit_in_bytes"):
+            _write(f"{memory}/memory.memsw.limit_in_bytes", str(limits.memory_bytes))
     if limits.cpu_percent is not None:
         cpu = _required(run, "cpu", "CPU limit")
-        _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-        _write(cpu / "cpu.cfs_quota_us", str(cpu_quota_us(limits.cpu_percent)))
+        _write(f"{cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+        _write(f"{cpu}/cpu.cfs_quota_us", str(cpu_quota_us(limits.cpu_percent)))
     if limits.tasks_max is not None:
-        _write(_required(run, "pids", "tasks limit") / "pids.max", str(limits.tasks_max))
+        _write(f"{_required(run, 'pids', 'tasks limit')}/pids.max", str(limits.tasks_max))
     if limits.io_weight is not None:
         unenforced += _io_weight_v1(run.dirs.get("blkio"), limits.io_weight)
     if "devices" in run.dirs:
         devices_dir = run.dirs["devices"]
-        _write(devices_dir / "devices.deny", "a")
-        for rule in (*(DeviceRule(*d) for d in STANDARD_DEVICES), *devices):
-            _write(devices_dir / "devices.allow", rule.v1_line())
+        _write(f"{devices_dir}/devices.deny", "a")
+        _write(f"{devices_dir}/devices.allow",
+               *(rule.v1_line() for rule in (*(DeviceRule(*d) for d in STANDARD_DEVICES), *devices)))
     else:
         unenforced.append("device list (no devices cgroup; only the sandbox's own /dev applies)")
     return tuple(unenforced)
@@ -296,22 +345,22 @@ def _limit_v2(root: Path, name: str, limits: Limits) -> tuple[str, ...]:
     if limits.io_weight is not None:
         wanted.add("io")
     enabled = _enable_down(root, name, wanted)
-    leaf = root / name
+    leaf = f"{root}/{name}"
     unenforced = ["device list (cgroup v2 needs an eBPF program; only the sandbox's own /dev applies)"]
     if limits.memory_bytes is not None:
         _need(enabled, "memory", "memory limit", root)
-        _write(leaf / "memory.max", str(limits.memory_bytes))
-        if (leaf / "memory.swap.max").exists():
-            _write(leaf / "memory.swap.max", "0")
+        _write(f"{leaf}/memory.max", str(limits.memory_bytes))
+        if os.path.exists(f"{leaf}/memory.swap.max"):
+            _write(f"{leaf}/memory.swap.max", "0")
     if limits.cpu_percent is not None:
         _need(enabled, "cpu", "CPU limit", root)
-        _write(leaf / "cpu.max", f"{cpu_quota_us(limits.cpu_percent)} {CPU_PERIOD_US}")
+        _write(f"{leaf}/cpu.max", f"{cpu_quota_us(limits.cpu_percent)} {CPU_PERIOD_US}")
     if limits.tasks_max is not None:
         _need(enabled, "pids", "tasks limit", root)
-        _write(leaf / "pids.max", str(limits.tasks_max))
+        _write(f"{leaf}/pids.max", str(limits.tasks_max))
     if limits.io_weight is not None:
-        if "io" in enabled and (leaf / "io.weight").exists():
-            _write(leaf / "io.weight", io_weight(limits.io_weight, "io.weight"))
+        if "io" in enabled and os.path.exists(f"{leaf}/io.weight"):
+            _write(f"{leaf}/io.weight", io_weight(limits.io_weight, "io.weight"))
             if not _bfq_in_use() and "enable=1" not in _read_or_empty(root / "io.cost.qos"):
                 unenforced.append(_WEIGHT_IDLE)
         else:
@@ -334,7 +383,7 @@ def _enable_down(root: Path, name: str, wanted: set[str]) -> set[str]:
     return enabled
 
 
-def _required(run: RunCgroup, controller: str, what: str) -> Path:
+def _required(run: RunCgroup, controller: str, what: str) -> str:
     if controller not in run.dirs:
         raise CgroupError(f"a {what} was asked for, but there is no {controller} cgroup hierarchy")
     return run.dirs[controller]
@@ -346,14 +395,14 @@ def _need(enabled: set[str], controller: str, what: str, root: Path) -> None:
                           f"available under {root}")
 
 
-def _io_weight_v1(blkio: Path | None, weight: int) -> list[str]:
+def _io_weight_v1(blkio: str | None, weight: int) -> list[str]:
     """Write the weight where v1 has one: CFQ's blkio.weight or BFQ's blkio.bfq.weight (scaled
     as cgroupfs.io_weight says). Returns what is not enforced."""
-    if blkio is not None and (blkio / "blkio.weight").exists():
-        _write(blkio / "blkio.weight", io_weight(weight, "blkio.weight"))
+    if blkio is not None and os.path.exists(f"{blkio}/blkio.weight"):
+        _write(f"{blkio}/blkio.weight", io_weight(weight, "blkio.weight"))
         return []
-    if blkio is not None and (blkio / "blkio.bfq.weight").exists():
-        _write(blkio / "blkio.bfq.weight", io_weight(weight, "blkio.bfq.weight"))
+    if blkio is not None and os.path.exists(f"{blkio}/blkio.bfq.weight"):
+        _write(f"{blkio}/blkio.bfq.weight", io_weight(weight, "blkio.bfq.weight"))
         return [] if _bfq_in_use() else [_WEIGHT_IDLE]
     return ["io weight (no blkio weight file)"]
 
@@ -371,9 +420,9 @@ def _read_or_empty(path: Path) -> str:
         return ""
 
 
-def _usage_v1(dirs: dict[str, Path]) -> dict:
-    cpu_ns = _int_or_none(dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in dirs else None
-    peak = _int_or_none(dirs["memory"] / "memory.max_usage_in_bytes") if "memory" in dirs else None
+def _usage_v1(dirs: dict[str, str]) -> dict:
+    cpu_ns = _int_or_none(f"{dirs['cpuacct']}/cpuacct.usage") if "cpuacct" in dirs else None
+    peak = _int_or_none(f"{dirs['memory']}/memory.max_usage_in_bytes") if "memory" in dirs else None
     read_bytes = write_bytes = None
     blkio = dirs.get("blkio")
     stats = _first_existing(blkio, ("blkio.throttle.io_service_bytes_recursive",
@@ -393,28 +442,74 @@ def _usage_v1(dirs: dict[str, Path]) -> dict:
     }
 
 
-def _usage_v2(directory: Path) -> dict:
-    cpu_usec = _keyed(directory / "cpu.stat").get("usage_usec")
+def _usage_v2(directory: str) -> dict:
+    cpu_usec = _keyed(f"{directory}/cpu.stat").get("usage_usec")
     read_bytes = write_bytes = None
-    if (directory / "io.stat").exists():
+    if os.path.exists(f"{directory}/io.stat"):
         read_bytes = write_bytes = 0
-        for line in _read(directory / "io.stat").splitlines():
+        for line in _read(f"{directory}/io.stat").splitlines():
             fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
             read_bytes += int(fields.get("rbytes", 0))
             write_bytes += int(fields.get("wbytes", 0))
     return {
         "cpuSeconds": None if cpu_usec is None else int(cpu_usec) / 1e6,
-        "peakMemoryBytes": _int_or_none(directory / "memory.peak"),
+        "peakMemoryBytes": _int_or_none(f"{directory}/memory.peak"),
         "readBytes": read_bytes,
         "writeBytes": write_bytes,
     }
 
 
-def _rmdir_when_free(directory: Path) -> None:
+def _make_cgroup(directory: str) -> bool:
+    """Create a run's cgroup directory and missing parents; True when this call made it (a
+    new cgroup is empty), False when it was there already (a leftover of the same name)."""
+    try:
+        os.mkdir(directory)
+        return True
+    except FileExistsError:
+        if not os.path.isdir(directory):
+            raise
+        return False
+    except FileNotFoundError:
+        os.makedirs(directory, exist_ok=True)
+        return True
+
+
+def _wait_for_exits(pids: set[int], timeout: float) -> None:
+    """Wait (at most `timeout` seconds) until every process in `pids` has exited, on their
+    pidfds. A pid that is gone already counts as exited; where pidfds cannot be opened, a
+    short sleep stands in, so that the caller's loop never spins."""
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+            except OSError:
+                time.sleep(min(timeout, 0.001))
+                return
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        pending = len(fds)
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for fd, _ in poller.poll(remaining * 1000):
+                poller.unregister(fd)
+                pending -= 1
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _rmdir_when_free(directory: str) -> None:
     deadline = time.monotonic() + _REMOVE_WAIT_SECONDS
     while True:
         try:
-            directory.rmdir()
+            os.rmdir(directory)
             return
         except FileNotFoundError:
             return
@@ -432,13 +527,13 @@ def _kill(pids: set[int], signum: int) -> None:
             pass
 
 
-def _first_existing(directory: Path | None, names: tuple[str, ...]) -> Path | None:
+def _first_existing(directory: str | None, names: tuple[str, ...]) -> str | None:
     if directory is None:
         return None
-    return next((directory / n for n in names if (directory / n).exists()), None)
+    return next((f"{directory}/{n}" for n in names if os.path.exists(f"{directory}/{n}")), None)
 
 
-def _keyed(path: Path) -> dict[str, str]:
+def _keyed(path: str) -> dict[str, str]:
     """`key value` lines (memory.events, cpu.stat, memory.oom_control) as a dict."""
     try:
         return dict(line.split(None, 1) for line in _read(path).splitlines() if " " in line)
@@ -446,22 +541,36 @@ def _keyed(path: Path) -> dict[str, str]:
         return {}
 
 
-def _int_or_none(path: Path) -> int | None:
+def _int_or_none(path: str) -> int | None:
     try:
-        return int(_read(path).strip())
+        return int(_read_bytes(path).strip())
     except (FileNotFoundError, ValueError):
         return None
 
 
-def _read(path: Path) -> str:
-    with open(path, encoding="ascii") as handle:
-        return handle.read()
+def _read(path: str | Path) -> str:
+    return _read_bytes(path).decode("ascii")
 
 
-def _write(path: Path, value: str) -> None:
-    """One write(2) per value: cgroup files take one value per write."""
+def _read_bytes(path: str | Path) -> bytes:
+    """A cgroup file's content, without the text layer (they are read many times per run)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _write(path: str | Path, *values: str) -> None:
+    """One write(2) per value, on one open file: cgroup files take one value per write."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        os.write(fd, value.encode("ascii"))
+        for value in values:
+            os.write(fd, value.encode("ascii"))
     finally:
         os.close(fd)

@@ -43,11 +43,15 @@ DEFAULT_RETRY_CAP = 300.0
 STORAGE_RETRY = 2.0
 """Seconds between tries of a write the state file system refused: a claim, the end of a run."""
 CANCEL_CHECK = 1.0
-"""With runs active, cancel requests are looked for at least this often, so that one reaches
-its run when no wake-up did (`spos action execute` reads no wake pipe)."""
+"""With runs active, cancel requests are looked for after every wake-up (a request comes with
+one) and at least this often, so that one reaches its run when no wake-up did (`spos action
+execute` reads no wake pipe). Not on every turn of the loop: a run's output wakes it often."""
 REPLACE_RECHECK = 0.25
 """How often a queued run of a Replace (or Queue) task looks again whether the runs it replaces
 (or waits for) in other processes have ended."""
+SETTLE_WAIT = 0.05
+"""After a step's main process exited, how long the loop waits (doing other work meanwhile)
+for the rest of its cgroup to exit by itself before `SandboxedRun.settle` kills it."""
 
 
 @dataclass
@@ -77,6 +81,8 @@ class Executor:
         self.wake_inode: tuple[int, int] | None = None
         self.signal_pipe: tuple[int, int] | None = None
         self.next_rescan = 0.0
+        self.next_cancel_check = 0.0
+        self.queue_changed = True  # the queue is looked at only after something changed it
         self.retry_due: float | None = None
         self.unrecorded: dict[str, tuple[Run, str]] = {}  # ended runs whose end is still to be written
         self.storage_retry_at: float | None = None
@@ -89,6 +95,7 @@ class Executor:
         self._install_signal_handlers()
         self._open_wake_pipe()
         self.recover()
+        self.queue_changed = True  # what was queued while no executor listened
         cleanup = PeriodicCleanup(self.device, self.settings.cleanup_interval)
         try:
             while True:
@@ -189,7 +196,7 @@ class Executor:
         if self.storage_retry_at is not None:
             deadlines.append(self.storage_retry_at)
         if self.active:
-            deadlines.append(now + CANCEL_CHECK)
+            deadlines.append(self.next_cancel_check)
         timeout = max(0.0, min(deadlines) - now)
         return min(timeout, 0.5) if once else timeout
 
@@ -211,23 +218,37 @@ class Executor:
                 self._read_progress(active)
             elif kind == "exit":
                 self._step_exited(active)
+            elif kind == "settled":
+                self._leftover_exited(active, key.fd)
 
     # -- claiming ---------------------------------------------------------------------------
 
     def dispatch(self) -> bool:
-        """Start every eligible queued run the limits allow. True when one started."""
+        """Start every eligible queued run the limits allow. True when one started.
+
+        The queue is looked at only when what it may start can have changed: a wake-up (an
+        enqueue, a cancel), a run's end (a free slot), a retry or a recheck falling due, a
+        storage retry, the periodic rescan. Not on every turn of the loop, which wakes for
+        every chunk of a run's output: listing every agent's queue then cost as much as the
+        agents are many."""
         now_mono = time.monotonic()
         if now_mono >= self.next_rescan:
             self.next_rescan = now_mono + self.settings.rescan
             self._check_wake_pipe()
             self._collect_cancel_requests()
             self._collect_strays()
+            self.queue_changed = True
         if self.storage_retry_at is not None and now_mono >= self.storage_retry_at:
             self.storage_retry_at = None
             self._record_pending()
-        self.retry_due = None
-        if len(self.active) >= self.settings.max_parallel:
+            self.queue_changed = True
+        if self.retry_due is not None and now_mono >= self.retry_due:
+            self.retry_due = None  # looked at now, or at the next end when no slot is free
+            self.queue_changed = True
+        if not self.queue_changed or len(self.active) >= self.settings.max_parallel:
             return False  # the end of a run wakes the loop, and the queue is looked at again
+        self.queue_changed = False
+        self.retry_due = None
         started = False
         for agent, name in self._queued():
             if len(self.active) >= self.settings.max_parallel:
@@ -294,9 +315,9 @@ class Executor:
             if running or elsewhere:
                 self._replace(run, running, elsewhere)
                 return False
-        if not self._claim(run):
+        if not self._claim(run, self._attempt_start(run, raw, task)):
             return False
-        self._start(run, config, raw, task)
+        self._start(run, config, raw, task, recorded=True)
         return True
 
     def _active_elsewhere(self, agent: str, task: str) -> list[Run]:
@@ -321,17 +342,18 @@ class Executor:
             due = time.monotonic() + REPLACE_RECHECK
             self.retry_due = due if self.retry_due is None else min(self.retry_due, due)
 
-    def _claim(self, run: Run) -> bool:
+    def _claim(self, run: Run, start: dict | None = None) -> bool:
         """Claim a queued run, set room aside for recording its end, and record this executor
         as its owner, under the claim lock that `recover` takes too. False when another
         executor was faster, or when the state file system has no room (the run stays queued
-        and is tried again)."""
+        and is tried again). `start`, the fields of the attempt about to start
+        (`_attempt_start`), goes into the same write: one durable record per start."""
         before = dict(run.record)
         with self.store.locked():
             try:
                 if not self.store.claim(run):
                     return False
-                run.record.update(state="active", executor=self.identity)
+                run.record.update({"state": "active", "executor": self.identity, **(start or {})})
                 self.store.reserve(run)
                 self.store.save(run)
             except OSError as exc:
@@ -380,9 +402,22 @@ class Executor:
 
     # -- starting and supervising ---------------------------------------------------------
 
-    def _start(self, run: Run, config: dict, raw: bytes, task: dict) -> None:
-        """Start the run's next attempt under `config`, read from the bytes `raw`, whose digest
-        (and what is applied on the device) the attempt records as what it ran under."""
+    def _attempt_start(self, run: Run, raw: bytes, task: dict) -> dict:
+        """The fields that say an attempt of `run` started under the config read from the
+        bytes `raw`: when, in which executor, and what it runs under (its digest, and what is
+        applied on the device). Without checkpoints every attempt starts at the first step."""
+        fields = {"state": "active", "startedAt": now_iso(), "executor": self.identity,
+                  "reason": "", "attempts": run.record.get("attempts") or [],
+                  **self.provenance.start(run.agent, raw)}
+        if task.get("checkpoint") is None:
+            fields["stepsDone"] = []
+        return fields
+
+    def _start(self, run: Run, config: dict, raw: bytes, task: dict, recorded: bool = False) -> None:
+        """Start the run's next attempt under `config`, read from the bytes `raw`. `recorded`:
+        the claim already wrote the attempt's start (`_attempt_start`) with the run's owner;
+        otherwise (`action execute`, which owns its run from the start) it is written here.
+        Either way the record says the attempt started before its sandbox is spawned."""
         record = run.record
         attempt = record.get("attempt", 1)
         quota = config.get("quota") or {}
@@ -393,10 +428,9 @@ class Executor:
             deadline=time.monotonic() + float(task.get("timeoutSeconds") or 3600),
         )
         self.active[run.id] = active
-        record.update(state="active", startedAt=now_iso(), executor=self.identity, reason="",
-                      **self.provenance.start(run.agent, raw))
-        record.setdefault("attempts", [])
-        failure = _refused(self._prepare, active)
+        if not recorded:
+            record.update(self._attempt_start(run, raw, task))
+        failure = _refused(self._prepare, active, not recorded)
         problem = active.storage_problem() or (failure and failure.strerror) \
             or self._over_storage_quota(run.agent, quota)
         if problem:
@@ -406,19 +440,18 @@ class Executor:
         log.note(f"attempt {attempt} of run {run.id} ({run.agent}/{record.get('task')}) started")
         self._next_step(active)
 
-    def _prepare(self, active: ActiveRun) -> None:
-        """The run's directories, its log, and its record saying it started."""
+    def _prepare(self, active: ActiveRun, save: bool) -> None:
+        """The run's directories, its log, and (`save`) its record saying it started."""
         run = active.run
         dirs = run_dirs(run.agent, run.id)
-        for key in ("checkpoint", "tmp", "output"):
-            self.device.makedirs(dirs[key], mode=0o750)
-        self.device.makedirs(dirs["log"].rsplit("/", 1)[0], mode=0o750)
-        active.log.open()
         if active.task.get("checkpoint") is None:  # checkpoints off: every attempt starts afresh
-            run.record["stepsDone"] = []
             _remove_tree(self.device, dirs["checkpoint"])
-            self.device.makedirs(dirs["checkpoint"], mode=0o750)
-        self._save(active)
+        for key in ("checkpoint", "tmp", "output"):
+            _make_dir(self.device, dirs[key])
+        _make_dir(self.device, dirs["log"].rsplit("/", 1)[0])
+        active.log.open()
+        if save:
+            self._save(active)
 
     def _next_step(self, active: ActiveRun) -> None:
         remaining = active.remaining_steps()
@@ -461,7 +494,7 @@ class Executor:
         capability = config.get("capability") or {"allowed": {}, "denied": {}}
         allowed, denied = capability.get("allowed") or {}, capability.get("denied") or {}
         quota = config.get("quota") or {}
-        checkpoint_host = self.device.path(dirs["checkpoint"])
+        checkpoint_host = self.device.host(dirs["checkpoint"])
         env = {
             "PATH": DEFAULT_PATH,
             "HOME": dirs["tmp"],
@@ -475,10 +508,11 @@ class Executor:
             "SPOS_CHECKPOINT_DIR": dirs["checkpoint"],
             "SPOS_OUTPUT_DIR": dirs["output"],
         }
-        if any(checkpoint_host.iterdir()):
-            env["SPOS_RESUME"] = "1"
+        with os.scandir(checkpoint_host) as entries:
+            if any(entries):
+                env["SPOS_RESUME"] = "1"
         env.update(trigger_env(run.record.get("source") or {}, dirs["tmp"],
-                               self.device.path(dirs["tmp"])))
+                               self.device.host(dirs["tmp"])))
         host_network, egress = network.setup_for(allowed.get("network"), denied.get("network"))
         for note in egress.notes if egress else ():
             active.log.write(f"--- spos: {note}\n".encode())
@@ -533,6 +567,9 @@ class Executor:
             active.progress_fd = -1
 
     def _step_exited(self, active: ActiveRun) -> None:
+        """The step's main process (bubblewrap) exited. Its end is handled once the rest of its
+        cgroup is gone too: bubblewrap's namespace init is usually still exiting, which the
+        loop waits for on pidfds (`settled` events) while it serves other runs."""
         process = active.process
         code = process.wait()
         self._unregister(process.pidfd)
@@ -547,7 +584,36 @@ class Executor:
                 self._unregister(fd)
                 os.close(fd)
                 setattr(active, fd_name, -1)
-        process.kill_all()
+        active.exit_code = code
+        active.settling = process.leftovers()
+        if not active.settling:
+            self._step_ended(active)
+            return
+        active.settle_deadline = time.monotonic() + SETTLE_WAIT
+        for fd in active.settling:
+            self.selector.register(fd, selectors.EVENT_READ, ("settled", active))
+
+    def _leftover_exited(self, active: ActiveRun, fd: int) -> None:
+        self._unregister(fd)
+        os.close(fd)
+        active.settling.remove(fd)
+        if not active.settling:
+            self._step_ended(active)
+
+    def _stop_settling(self, active: ActiveRun) -> None:
+        for fd in active.settling:
+            self._unregister(fd)
+            os.close(fd)
+        active.settling = []
+
+    def _step_ended(self, active: ActiveRun) -> None:
+        """The step exited and its cgroup emptied (or the wait for it ran out: `settle` kills
+        what is left): record its usage and go on with the next step or the run's end."""
+        process, code = active.process, active.exit_code
+        if active.settling:  # the wait ran out: what is left is killed, not waited for again
+            self._stop_settling(active)
+            process.kill_all()
+        process.settle()
         _merge_usage(active.usage, process.usage())
         oom = process.oom_killed()
         setup_error = process.setup_error()
@@ -556,7 +622,8 @@ class Executor:
         active.log.note(f"step {step.name} exited with {code}" + (" (out of memory)" if oom else ""))
         if not active.ending and (code == 0 or step.continue_on_error):
             active.run.record.setdefault("stepsDone", []).append(step.name)
-            self._save(active)
+            if active.remaining_steps():  # the last step is recorded with the run's end
+                self._save(active)
         problem = None if active.ending else active.storage_problem()
         if problem:
             active.ending, active.reason = "failed", problem
@@ -580,6 +647,10 @@ class Executor:
         for active in list(self.active.values()):
             if active.process is None:
                 continue
+            if active.settling:  # its step exited: neither a timeout nor a cancel applies now
+                if now >= active.settle_deadline:
+                    self._step_ended(active)
+                continue
             if active.terminated_at is not None:
                 if now >= active.terminated_at + self.settings.grace:
                     active.process.kill_all()
@@ -592,7 +663,8 @@ class Executor:
             reason = active.expired(now)
             if reason:
                 self._terminate(active, "timeout", reason)
-        self._collect_cancel_requests()
+        if now >= self.next_cancel_check:
+            self._collect_cancel_requests()
 
     def _over_storage_quota(self, agent: str, quota: dict) -> str | None:
         """Why `agent` is over its temp or output storage quota, or None. Measured at most once
@@ -617,12 +689,13 @@ class Executor:
         active.process.terminate()
 
     def _cancel(self, active: ActiveRun, reason: str) -> None:
-        if active.ending is None:
+        if active.ending is None and not active.settling:
             self._terminate(active, "cancelled", reason)
 
     def _stop_run(self, active: ActiveRun, reason: str) -> None:
         """The executor is going away with this run still active: end its processes and leave
         the run in active/, so the next executor reruns it (at-least-once)."""
+        self._stop_settling(active)
         if active.process is not None:
             active.process.terminate()
             try:
@@ -638,6 +711,7 @@ class Executor:
 
     def _end(self, active: ActiveRun, code: int | None) -> None:
         del self.active[active.id]
+        self.queue_changed = True  # a slot is free
         run, record = active.run, active.run.record
         elapsed = time.monotonic() - active.started
         attempt = record.get("attempt", 1)
@@ -803,8 +877,9 @@ class Executor:
     def _collect_cancel_requests(self) -> None:
         """Act on cancel requests for runs active here. A request stays until the run's end
         is recorded, so that recovery still honours it if this executor dies meanwhile."""
+        self.next_cancel_check = time.monotonic() + CANCEL_CHECK
         for active in list(self.active.values()):
-            if active.ending is None:
+            if active.ending is None and not active.settling:
                 request = cancel.requested(self.store, active.run)
                 if request:
                     self._cancel(active, request)
@@ -861,6 +936,8 @@ class Executor:
     def _drain_wake(self) -> None:
         while _read_available(self.wake_fd):
             pass
+        self.queue_changed = True
+        self.next_cancel_check = 0.0  # a cancel request comes with a wake-up: look at once
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -936,10 +1013,19 @@ def _read_available(fd: int) -> bytes | None:
 
 
 def _remove_tree(device: Device, device_path: str) -> None:
-    """Remove a run's own directory without following symlinks."""
-    host = device.path(device_path)
-    if not os.path.isdir(host) or os.path.islink(host):
+    """Remove a run's own directory without following symlinks. Usually it is empty (or
+    missing): one rmdir, which never follows a link; the walk only when it holds files."""
+    host = device.host(device_path)
+    try:
+        os.rmdir(host)
         return
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        return  # not a directory: nothing of the run's to remove
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
     for current, dirs, files in os.walk(host, topdown=False):
         for name in files:
             os.unlink(os.path.join(current, name))
@@ -950,6 +1036,22 @@ def _remove_tree(device: Device, device_path: str) -> None:
             else:
                 os.rmdir(path)
     os.rmdir(host)
+
+
+def _make_dir(device: Device, device_path: str) -> None:
+    """Create a run's directory (mode 0750) whose parent, the agent's directory, usually
+    exists: one mkdir, and a walk from the root (Device.makedirs) only when the parent is
+    missing. The path is resolved without following links either way."""
+    st = device.stat(device_path)
+    if st is None:
+        try:
+            os.mkdir(device.host(device_path), 0o750)
+            return
+        except OSError:  # no parent, or made meanwhile: the walk makes or checks it
+            pass
+    elif stat.S_ISDIR(st.st_mode):
+        return
+    device.makedirs(device_path, mode=0o750)  # refuses what is not a directory
 
 
 def _name_of(store: RunStore, agent: str, bucket: str, run_id: str) -> str:

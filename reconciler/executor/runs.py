@@ -162,7 +162,7 @@ class RunStore:
         owner happen under it, and so does recovery: a run claimed a moment ago is never
         mistaken for one whose executor died. So do a cancel request and the recording of a
         run's end: a request is either seen by the run's owner or finds the run ended."""
-        path = self.device.path(f"{AGENTS_DIR}/.claims.lock")
+        path = self.device.host(f"{AGENTS_DIR}/.claims.lock")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:  # a read-only file system still locks
@@ -264,26 +264,43 @@ class RunStore:
                 raise
 
     def _relocate(self, run: Run, bucket: str) -> None:
-        """Write the updated record into `bucket`, then drop the old copy. A crash in between
-        leaves two copies; the executor's recovery keeps the one in the later bucket."""
+        """Write the updated record into `bucket` (durably: fsync of the file and of the
+        directory), then drop the old copy. The removal is not fsynced: a crash, even a power
+        loss, before it reaches the disk leaves two copies, and the executor's recovery keeps
+        the one in the later bucket, as for a crash between the two steps."""
         target = Run(run.agent, bucket, run.name, run.record)
-        self.device.makedirs(f"{AGENTS_DIR}/{run.agent}/{bucket}", mode=0o750)
-        self.save(target)
+        try:
+            self.save(target)
+        except FileNotFoundError:  # the bucket is made when first needed
+            self.device.makedirs(self._bucket(run.agent, bucket), mode=0o750)
+            self.save(target)
         if bucket != run.bucket:
-            self.device.remove(run.path)
+            try:
+                os.unlink(self.device.host(run.path))
+            except FileNotFoundError:
+                pass
         run.bucket = bucket
 
     def move(self, run: Run, bucket: str) -> bool:
         """Rename the run's file into `bucket`; False when it was no longer where `run` says."""
-        source = self.device.path(run.path)
-        self.device.makedirs(f"{AGENTS_DIR}/{run.agent}/{bucket}", mode=0o750)
-        target = self.device.path(f"{AGENTS_DIR}/{run.agent}/{bucket}/{run.name}")
+        source = self.device.host(run.path)
+        target = self.device.host(f"{self._bucket(run.agent, bucket)}/{run.name}")
         try:
             os.rename(source, target)
         except FileNotFoundError:
-            return False
+            if self.device.is_dir(self._bucket(run.agent, bucket)):
+                return False
+            self.device.makedirs(self._bucket(run.agent, bucket), mode=0o750)
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                return False
         run.bucket = bucket
         return True
+
+    @staticmethod
+    def _bucket(agent: str, bucket: str) -> str:
+        return f"{AGENTS_DIR}/{agent}/{bucket}"
 
 
 def _shape_problem(record) -> str | None:

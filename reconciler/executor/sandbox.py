@@ -55,8 +55,9 @@ PRIVATE_TMPFS = ("/tmp", "/run")
 _SIGNAL_EXIT_BASE = 128  # bubblewrap reports a death by signal N as exit 128+N, like a shell
 _MAX_SIGNAL = 64
 _MAX_FD = 1 << 20
-_SETTLE_SECONDS = 0.02  # after a normal exit, how long the cgroup may take to empty by itself
+_SETTLE_SECONDS = 0.05  # after a normal exit, how long the cgroup may take to empty by itself
 _LAUNCHER = Path(__file__).with_name("_launch.py")
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 class SandboxError(SposError):
@@ -273,6 +274,7 @@ class SandboxedRun:
         self.pid = process.pid
         self.pidfd = process.pidfd
         self.unenforced: tuple[str, ...] = cgroup.unenforced
+        self._settled = False
         self._cleaned = False
 
     def poll(self) -> int | None:
@@ -297,6 +299,27 @@ class SandboxedRun:
             self._cgroup.kill_all()
         except CgroupError as exc:
             raise SandboxError(str(exc), retryable=True) from exc
+
+    def settle(self) -> None:
+        """Once the main process exited: wait until the run's cgroup is empty, killing what
+        is left. bubblewrap reports the action's exit while its pid namespace's init is still
+        exiting (tearing down the namespace's mounts takes a few milliseconds), and everything
+        else in the namespace dies with that init; so the cgroup is given _SETTLE_SECONDS to
+        empty by itself, watched on pidfds, before every process in it is killed
+        (`kill_all`). Idempotent; `cleanup()` does it too."""
+        if self._settled:
+            return
+        if self._process.poll() is None or not self._cgroup.empties_within(_SETTLE_SECONDS):
+            self.kill_all()
+        self._settled = True
+
+    def leftovers(self) -> list[int]:
+        """Once the main process was reaped: pidfds of the processes still in the run's cgroup
+        (bubblewrap's init on its way out), for a caller that waits for them in its own event
+        loop (each becomes readable as its process exits) and calls `settle()` after, which then
+        finds the cgroup empty. The caller closes them. Empty when nothing is left, or when
+        pidfds are not available (then `settle()` waits itself)."""
+        return self._cgroup.pidfds()
 
     def usage(self) -> dict:
         """{"cpuSeconds", "peakMemoryBytes", "readBytes", "writeBytes", "networkSentBytes",
@@ -335,8 +358,7 @@ class SandboxedRun:
         """Kill anything left, reap, remove the run's cgroup, close the fds. Idempotent."""
         if self._cleaned:
             return
-        if self._process.poll() is None or not self._cgroup.empties_within(_SETTLE_SECONDS):
-            self.kill_all()
+        self.settle()
         self._process.wait()
         self.setup_error()
         try:
@@ -466,7 +488,7 @@ class MountPlan:
 
     def _under_root(self, path: str) -> str:
         try:
-            return str(self.device.path(path))
+            return self.device.host(path)
         except SposError as exc:
             raise SandboxError(f"refusing sandbox path {path}: {exc}") from exc
 
@@ -669,8 +691,9 @@ class _NetworkGate:
 
 class _Child:
     """bubblewrap's process: forked, placed in the run's cgroup, then executed, with the
-    caller going on right after the fork. (subprocess.Popen would wait for the exec, and the
-    first write to a fresh v1 memory cgroup waits for an RCU grace period, ~10-15 ms here.)
+    caller going on right after the fork. (subprocess.Popen would wait for the exec; and where
+    joining is slow, through v2's `cgroup.procs` or on a kernel before 6.0, the wait for an RCU
+    grace period, ~10-15 ms here, stays in the child: RunCgroup.open_join_fds.)
     A failure between fork and exec is written to `error_fd` and the child exits 126."""
 
     def __init__(self, pid: int):
@@ -805,7 +828,10 @@ def _open_without_links(root: str, device_path: str) -> int:
 def _args_fd(args: list[str]) -> int:
     """A sealed-off memory file holding `args`, NUL-terminated, read from the start."""
     fd = os.memfd_create("spos-sandbox-args", os.MFD_CLOEXEC)
-    os.write(fd, b"".join(os.fsencode(arg) + b"\0" for arg in args))
+    data = "".join(f"{arg}\0" for arg in args).encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode each
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 

@@ -56,7 +56,7 @@ class LogWriter:
     failure: OSError | None = None
 
     def open(self) -> None:
-        host = self.device.path(self.path)
+        host = self.device.host(self.path)
         self.fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         self.size = os.fstat(self.fd).st_size
 
@@ -142,6 +142,11 @@ class ActiveRun:
     last_saved: float = 0.0
     progress_buffer: bytes = b""
     usage: dict = field(default_factory=dict)
+    # Between a step's exit and its end: pidfds of what is left in its cgroup (bubblewrap's
+    # namespace init on its way out), the step's exit code, and until when to wait for them.
+    settling: list[int] = field(default_factory=list)
+    exit_code: int | None = None
+    settle_deadline: float = 0.0
 
     @property
     def id(self) -> str:
@@ -152,6 +157,8 @@ class ActiveRun:
         return [s for s in self.steps if s.name not in done]
 
     def next_deadline(self, grace: float) -> float:
+        if self.settling:
+            return self.settle_deadline
         if self.terminated_at is not None:
             return self.terminated_at + grace
         if self.storage_problem():
