@@ -40,7 +40,7 @@ from reconciler.source import (
 )
 
 SCHEMA_FILES = {kind: f"{kind.lower()}.schema.json" for kind in KINDS}
-_CACHE_FORMAT = 6  # 6: an index of kinds, names and refs; documents in a data file
+_CACHE_FORMAT = 7  # 7: an index of kinds, names and refs; documents in a tokened data file
 
 
 def load(
@@ -808,8 +808,8 @@ class _Cache:
     Loading a repository in which one file changed decodes the index and that one file's
     documents, and appends one entry; the data file is rewritten without the entries no file
     uses only once they are most of it. A spec is read from the data file when first used
-    (`Manifest.deferred`). The index names the data file's inode and the length it had, and
-    each entry its CRC: a data file replaced or cut short is not used, and a damaged entry is
+    (`Manifest.deferred`). The index names the data file's token (random, written at its start)
+    and the length it had, and each entry its CRC: a data file replaced or cut short is not used, and a damaged entry is
     never read as valid: the file it stands for is read again (it must still have the content
     the entry was for), and both files are removed, for the next load to rebuild.
 
@@ -826,6 +826,7 @@ class _Cache:
         self.added: dict[str, bytes] = {}
         self.data_fd: int | None = None
         self.data_size = 0
+        self.token = b""
         self.dirty = False
         self.damaged = False
         if self.path is None:
@@ -842,9 +843,11 @@ class _Cache:
         if not (isinstance(stored, dict) and stored.get("key") == self.key):
             return
         st = os.fstat(self.data_fd)
+        token = os.pread(self.data_fd, _TOKEN_BYTES, 0)
         if not (isinstance(stored.get("data"), list) and len(stored["data"]) == 2
-                and stored["data"][0] == st.st_ino and stored["data"][1] <= st.st_size):
+                and stored["data"][0] == token and stored["data"][1] <= st.st_size):
             return  # another data file, or one cut short: nothing in it can be trusted
+        self.token = token
         files, judgements = stored.get("files"), stored.get("judged")
         self.files = files if isinstance(files, dict) else {}
         self.judgements = judgements if isinstance(judgements, dict) else {}
@@ -944,11 +947,11 @@ class _Cache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             live = sum(entry[1] for entry in self.files.values())
             if self.data_fd is not None and self.data_size <= 2 * live + (1 << 20):
-                fd, ino, size = self._append()
+                fd, size = self._append()
             else:
-                fd, ino, size = self._rewrite()
+                fd, size = self._rewrite()
             os.close(fd)
-            payload = marshal.dumps({"key": self.key, "data": [ino, size], "files": self.files,
+            payload = marshal.dumps({"key": self.key, "data": [self.token, size], "files": self.files,
                                      "judged": self.judgements})
             temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
             temp.write_bytes(payload)
@@ -956,35 +959,40 @@ class _Cache:
         except OSError:
             pass
 
-    def _append(self) -> tuple[int, int, int]:
+    def _append(self) -> tuple[int, int]:
         """Add the new entries at the end of the data file (O_APPEND: other writers' entries
         stay whole); the index is written after, so it never names what is not there."""
-        fd = os.open(self.data_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
-        if os.fstat(fd).st_ino != os.fstat(self.data_fd).st_ino:
+        fd = os.open(self.data_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if os.pread(fd, _TOKEN_BYTES, 0) != self.token:  # compacted by another load meanwhile
             os.close(fd)
             return self._rewrite()
         for digest, blob in self.added.items():
             os.write(fd, blob)
             self.files[digest][0] = os.lseek(fd, 0, os.SEEK_CUR) - len(blob)
-        st = os.fstat(fd)
-        return fd, st.st_ino, st.st_size
+        return fd, os.fstat(fd).st_size
 
-    def _rewrite(self) -> tuple[int, int, int]:
-        """A new data file holding only the entries in use, in place of the old one."""
+    def _rewrite(self) -> tuple[int, int]:
+        """A new data file holding only the entries in use, in place of the old one. It starts
+        with a random token, which its index names: an index is never read against another
+        data file, even one that got the same inode."""
         blobs = [(digest, self.added.get(digest) or self._blob(digest)) for digest in self.files]
         if any(blob is None for _, blob in blobs):
             self.damaged = True
             raise OSError("the manifest cache's data file is damaged")
         temp = self.data_path.with_name(f".{self.data_path.name}.{os.getpid()}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        offset = 0
+        self.token = os.urandom(_TOKEN_BYTES)
+        os.write(fd, self.token)
+        offset = _TOKEN_BYTES
         for digest, blob in blobs:
             os.write(fd, blob)
             self.files[digest][0] = offset
             offset += len(blob)
         os.replace(temp, self.data_path)
-        st = os.fstat(fd)
-        return fd, st.st_ino, st.st_size
+        return fd, os.fstat(fd).st_size
+
+
+_TOKEN_BYTES = 16
 
 
 def _remove_quietly(path) -> None:
