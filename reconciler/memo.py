@@ -34,6 +34,7 @@ import marshal
 import os
 import stat
 import time
+from contextlib import suppress
 
 from reconciler.source import (
     MAX_FILE_BYTES, content_digest, discover, display_name, read_bounded, schemas_path,
@@ -128,16 +129,11 @@ class PlanMemo:
             os.replace(temp, self.path)
             forerunner = os.path.join(os.path.dirname(self.path), "plan.json")  # the JSON memo
             if forerunner != self.path:
-                _remove_quietly(forerunner)
+                with suppress(OSError):
+                    os.unlink(forerunner)
         except OSError:
-            _remove_quietly(temp)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+            with suppress(OSError):
+                os.unlink(temp)
 
 
 def _well_formed_values(values) -> dict[str, list]:

@@ -246,8 +246,3 @@ class GitRevision:
             process.communicate()
         self.processes = []
 
-
-def git_revision(path: str) -> str | None:
-    """The commit the manifests come from, with `-dirty` when they differ from it."""
-    with GitRevision(path) as revision:
-        return revision.result()

@@ -27,6 +27,7 @@ import re
 import sys
 import weakref
 import zlib
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
@@ -887,7 +888,8 @@ class _Cache:
                 pass
         self.damaged = True  # rebuilt by the next load; this one reads the file itself
         for stale in (self.path, self.data_path):
-            _remove_quietly(stale)
+            with suppress(OSError):
+                os.unlink(stale)
         raw, unreadable = read_bounded(path)
         if unreadable or hashlib.sha256(raw).hexdigest() != digest:
             raise SposError(f"{display} changed while spos was reading the manifests (and the "
@@ -993,13 +995,6 @@ class _Cache:
 
 
 _TOKEN_BYTES = 16
-
-
-def _remove_quietly(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _cache_key() -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from sandboxes import sandbox_missing
-from test_executor import Device, sh, wait_for, when
+from test_executor import Device, device, sh, wait_for, when  # noqa: F401 (device: a fixture)
 from test_gitsync import Upstream
 
 from reconciler.device import Device as Root
@@ -51,14 +51,6 @@ def why_text(root: Path, run_id: str) -> str:
 def copies(device: Device) -> list[str]:
     directory = device.agent_dir() / "configs"
     return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-
-
-@pytest.fixture
-def device(device_root, tmp_path, spos):
-    dev = Device(device_root, tmp_path, spos)
-    yield dev
-    leftovers = dev.close()
-    assert not leftovers, f"run cgroups left behind: {leftovers}"
 
 
 # -- what the executor records ----------------------------------------------------------------
