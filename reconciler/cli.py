@@ -1171,6 +1171,7 @@ def _executor(args) -> int:
         cleanup_interval=_duration("--cleanup-interval", args.cleanup_interval),
     )
     print(f"spos executor: serving {executor.device.root} (pid {os.getpid()})", file=sys.stderr)
+    print(f"spos executor: sandbox: {executor.sandbox.available()[1]}", file=sys.stderr)
     executor.serve(once=args.once)
     return EXIT_OK
 

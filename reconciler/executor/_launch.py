@@ -15,6 +15,9 @@ namespaces, with no capabilities and no_new_privs set. This program then, in ord
 4. writes `exec` to the setup pipe (close-on-exec) and executes the action with exactly its
    environment. On failure it writes the reason there instead and exits 126 (127: not found).
 
+`launch.c` is the same program compiled, which the sandbox prefers when the installation has
+it: the two take the same arguments and must keep the same behaviour.
+
 It imports nothing but built-in modules (`_ctypes` for the three Landlock system calls, which the
 standard library does not wrap), so it starts as fast as Python can. Its only argument is an fd
 holding the real arguments, NUL-terminated (so the action's environment is in no command line):
@@ -36,9 +39,12 @@ class SetupError(Exception):
 
 
 def main(args_fd):
-    args = read_args(args_fd)
-    setup_fd = int(args[0])
+    setup_fd = -1
     try:
+        args = read_args(args_fd)
+        if not args or not args[0].isdigit():
+            raise SetupError("launcher arguments are malformed")
+        setup_fd = int(args[0])
         uid, gid = int(args[1]), int(args[2])
         groups = [int(g) for g in args[3].split(",") if g]
         keep = {int(fd) for fd in args[4].split(",") if fd}
@@ -63,6 +69,8 @@ def main(args_fd):
                              127 if exc.errno == 2 else 126) from None
     except SetupError as exc:
         fail(setup_fd, str(exc), exc.code)
+    except (ValueError, IndexError):
+        fail(setup_fd, "launcher arguments are malformed", 126)
     except Exception as exc:  # anything else is a launcher bug: still fail visibly
         fail(setup_fd, f"launcher error: {exc!r}", 126)
 
@@ -181,7 +189,7 @@ def reset_signals():
 
 def fail(setup_fd, message, code):
     text = f"spos sandbox: {message}\n".encode(errors="replace")
-    for fd in (setup_fd, 2):
+    for fd in (setup_fd, 2) if setup_fd >= 0 else (2,):
         try:
             posix.write(fd, text)
         except OSError:

@@ -1,0 +1,333 @@
+/*
+ * spos-launch: the in-sandbox launcher, compiled. It does exactly what _launch.py does, with
+ * the same arguments and the same messages, in a fraction of the time: Python's own start-up
+ * is most of the cost of a sandboxed run's start. The protocol, the order of the steps and the
+ * reasons for that order are described in _launch.py; the two must stay interchangeable
+ * (tests/test_sandbox.py runs the launcher contract against both).
+ *
+ * Built by setup.py (reconciler/executor/_build.py) as a static executable named after the
+ * digest of this file, so a stale build is never used. Linux only; needs nothing beyond libc.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Landlock's system calls and rule types (linux/landlock.h), spelled out so that old kernel
+ * headers still build this; the numbers are the same on every architecture that has them. */
+#define SYS_LANDLOCK_CREATE_RULESET 444
+#define SYS_LANDLOCK_ADD_RULE 445
+#define SYS_LANDLOCK_RESTRICT_SELF 446
+#define SYS_CLOSE_RANGE 436
+#define RULE_PATH_BENEATH 1
+#define RULE_NET_PORT 2
+
+struct ruleset_attr {
+    uint64_t handled_access_fs;
+    uint64_t handled_access_net;
+    uint64_t scoped;
+};
+
+struct __attribute__((packed)) path_beneath_attr {
+    uint64_t allowed_access;
+    int32_t parent_fd;
+};
+
+struct net_port_attr {
+    uint64_t allowed_access;
+    uint64_t port;
+};
+
+static int setup_fd = -1;
+
+static void write_all(int fd, const char *data, size_t length) {
+    while (length > 0) {
+        ssize_t written = write(fd, data, length);
+        if (written < 0 && errno == EINTR)
+            continue;
+        if (written <= 0)
+            return;
+        data += written;
+        length -= (size_t)written;
+    }
+}
+
+/* Report a setup failure on the setup pipe (which the executor reads) and on stderr (the run's
+ * log), then exit: 127 when the program is missing, 126 for everything else, like a shell. */
+static void __attribute__((noreturn, format(printf, 2, 3))) fail(int code, const char *format, ...) {
+    char message[4096];
+    int length = snprintf(message, sizeof message, "spos sandbox: ");
+    va_list args;
+    va_start(args, format);
+    length += vsnprintf(message + length, sizeof message - (size_t)length - 1, format, args);
+    va_end(args);
+    if (length > (int)sizeof message - 2)
+        length = (int)sizeof message - 2;
+    message[length++] = '\n';
+    if (setup_fd >= 0)
+        write_all(setup_fd, message, (size_t)length);
+    write_all(2, message, (size_t)length);
+    _exit(code);
+}
+
+struct args {
+    char **items;
+    size_t count;
+    size_t next;
+};
+
+/* NUL-terminated arguments from an fd (a memfd: nothing in any command line); text after the
+ * last NUL is ignored. */
+static struct args read_args(int fd) {
+    size_t size = 0, capacity = 1 << 16;
+    char *buffer = malloc(capacity);
+    for (;;) {
+        if (buffer == NULL)
+            fail(126, "launcher error: out of memory");
+        if (size == capacity) {
+            capacity *= 2;
+            buffer = realloc(buffer, capacity);
+            continue;
+        }
+        ssize_t got = read(fd, buffer + size, capacity - size);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0)
+            fail(126, "launcher error: cannot read its arguments: %s", strerror(errno));
+        if (got == 0)
+            break;
+        size += (size_t)got;
+    }
+    close(fd);
+    struct args args = {NULL, 0, 0};
+    for (size_t i = 0; i < size; i++)
+        args.count += buffer[i] == '\0';
+    args.items = calloc(args.count + 1, sizeof(char *));
+    if (args.items == NULL)
+        fail(126, "launcher error: out of memory");
+    char *start = buffer;
+    for (size_t i = 0, n = 0; i < size; i++) {
+        if (buffer[i] == '\0') {
+            args.items[n++] = start;
+            start = buffer + i + 1;
+        }
+    }
+    return args;
+}
+
+static char *next_arg(struct args *args) {
+    if (args->next >= args->count)
+        fail(126, "launcher arguments are malformed");
+    return args->items[args->next++];
+}
+
+static unsigned long long next_number(struct args *args) {
+    const char *text = next_arg(args);
+    char *end;
+    errno = 0;
+    unsigned long long value = strtoull(text, &end, 10);
+    if (errno != 0 || end == text || *end != '\0' || text[0] == '-')
+        fail(126, "launcher arguments are malformed: %s is not a number", text);
+    return value;
+}
+
+/* A comma-separated list of numbers, maybe empty; returns how many were stored. */
+static size_t parse_list(const char *text, unsigned long long *values, size_t capacity) {
+    size_t count = 0;
+    while (*text != '\0') {
+        char *end;
+        errno = 0;
+        unsigned long long value = strtoull(text, &end, 10);
+        if (errno != 0 || end == text || (*end != ',' && *end != '\0') || count == capacity)
+            fail(126, "launcher arguments are malformed: bad list %s", text);
+        values[count++] = value;
+        text = *end == ',' ? end + 1 : end;
+    }
+    return count;
+}
+
+static void add_path_rule(int ruleset, uint64_t rights, const char *path, uint64_t file_rights) {
+    int fd = open(path, O_PATH | O_CLOEXEC);
+    if (fd < 0)
+        return; /* not in this sandbox (or hidden): nothing to allow */
+    struct stat status;
+    if (fstat(fd, &status) == 0 && !S_ISDIR(status.st_mode))
+        rights &= file_rights;
+    if (rights != 0) {
+        struct path_beneath_attr rule = {rights, fd};
+        if (syscall(SYS_LANDLOCK_ADD_RULE, ruleset, RULE_PATH_BENEATH, &rule, 0) < 0)
+            fail(126, "landlock_add_rule(%s) failed: %s", path, strerror(errno));
+    }
+    close(fd);
+}
+
+/* Restrict this process (and so the action) with Landlock, from the arguments
+ * ABI HANDLED_FS HANDLED_NET SCOPED FILE_RIGHTS N (RIGHTS PATH)*N M (RIGHTS PORT)*M. */
+static void restrict_self(struct args *args) {
+    unsigned long long abi = next_number(args);
+    struct ruleset_attr attr = {0, 0, 0};
+    attr.handled_access_fs = next_number(args);
+    attr.handled_access_net = next_number(args);
+    attr.scoped = next_number(args);
+    uint64_t file_rights = next_number(args);
+    unsigned long long paths = next_number(args);
+    size_t path_at = args->next;
+    if (paths > args->count || args->next + 2 * paths > args->count)
+        fail(126, "launcher arguments are malformed");
+    args->next += 2 * paths;
+    unsigned long long ports = next_number(args);
+    size_t port_at = args->next;
+    if (ports > args->count || args->next + 2 * ports > args->count)
+        fail(126, "launcher arguments are malformed");
+    args->next += 2 * ports;
+    if (abi == 0)
+        return;
+    size_t size = abi >= 6 ? 24 : abi >= 4 ? 16 : 8;
+    int ruleset = (int)syscall(SYS_LANDLOCK_CREATE_RULESET, &attr, size, 0);
+    if (ruleset < 0)
+        fail(126, "landlock_create_ruleset failed: %s", strerror(errno));
+    struct args rules = *args;
+    rules.next = path_at;
+    for (unsigned long long i = 0; i < paths; i++) {
+        uint64_t rights = next_number(&rules);
+        add_path_rule(ruleset, rights, next_arg(&rules), file_rights);
+    }
+    rules.next = port_at;
+    for (unsigned long long i = 0; i < ports; i++) {
+        struct net_port_attr rule;
+        rule.allowed_access = next_number(&rules);
+        rule.port = next_number(&rules);
+        if (syscall(SYS_LANDLOCK_ADD_RULE, ruleset, RULE_NET_PORT, &rule, 0) < 0)
+            fail(126, "landlock_add_rule(port %llu) failed: %s", (unsigned long long)rule.port,
+                 strerror(errno));
+    }
+    if (syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) < 0)
+        fail(126, "landlock_restrict_self failed: %s", strerror(errno));
+    close(ruleset);
+}
+
+/* Switch to the run's user; every capability must be gone afterwards. */
+static void become(uid_t uid, gid_t gid, const unsigned long long *groups, size_t count) {
+    gid_t list[256];
+    for (size_t i = 0; i < count; i++)
+        list[i] = (gid_t)groups[i];
+    if (setgroups(count, list) < 0)
+        fail(126, "launcher error: setgroups failed: %s", strerror(errno));
+    if (setresgid(gid, gid, gid) < 0)
+        fail(126, "launcher error: setresgid(%u) failed: %s", gid, strerror(errno));
+    if (setresuid(uid, uid, uid) < 0)
+        fail(126, "launcher error: setresuid(%u) failed: %s", uid, strerror(errno));
+    FILE *status = fopen("/proc/self/status", "re");
+    if (status == NULL)
+        fail(126, "launcher error: cannot read /proc/self/status: %s", strerror(errno));
+    char line[256], left[256] = "";
+    while (fgets(line, sizeof line, status) != NULL) {
+        if (strncmp(line, "CapPrm:", 7) != 0 && strncmp(line, "CapEff:", 7) != 0 &&
+            strncmp(line, "CapAmb:", 7) != 0)
+            continue;
+        if (strtoull(line + 7, NULL, 16) != 0) {
+            line[strcspn(line, "\n")] = '\0';
+            strncat(left, line, sizeof left - strlen(left) - 2);
+            strcat(left, " ");
+        }
+    }
+    fclose(status);
+    if (left[0] != '\0')
+        fail(126, "capabilities left after switching to uid %u: %s", uid, left);
+}
+
+static int compare_fds(const void *a, const void *b) {
+    unsigned long long x = *(const unsigned long long *)a, y = *(const unsigned long long *)b;
+    return (x > y) - (x < y);
+}
+
+static void close_range_or_each(unsigned int low, unsigned int high) {
+    if (syscall(SYS_CLOSE_RANGE, low, high, 0) == 0)
+        return;
+    for (unsigned int fd = low; fd <= high && fd < (1u << 20); fd++)
+        close((int)fd);
+}
+
+/* Close every fd but 0-2 and `keep` (sorted in place). */
+static void close_fds_except(unsigned long long *keep, size_t count) {
+    qsort(keep, count, sizeof *keep, compare_fds);
+    unsigned int low = 3;
+    for (size_t i = 0; i < count; i++) {
+        if (keep[i] < low)
+            continue;
+        if (keep[i] > low)
+            close_range_or_each(low, (unsigned int)keep[i] - 1);
+        low = (unsigned int)keep[i] + 1;
+    }
+    close_range_or_each(low, ~0u);
+}
+
+/* An ignored signal survives exec, and so does a blocked one: the action starts with neither. */
+static void reset_signals(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = SIG_DFL;
+    for (int signum = 1; signum < NSIG; signum++)
+        sigaction(signum, &action, NULL); /* SIGKILL, SIGSTOP and the libc-reserved ones refuse */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2)
+        fail(126, "usage: spos-launch ARGS_FD");
+    char *end;
+    long args_fd = strtol(argv[1], &end, 10);
+    if (*end != '\0' || args_fd < 0)
+        fail(126, "usage: spos-launch ARGS_FD");
+    struct args args = read_args((int)args_fd);
+    setup_fd = (int)next_number(&args);
+    uid_t uid = (uid_t)next_number(&args);
+    gid_t gid = (gid_t)next_number(&args);
+    unsigned long long groups[256], keep[256];
+    size_t group_count = parse_list(next_arg(&args), groups, 256);
+    size_t keep_count = parse_list(next_arg(&args), keep, 255);
+    size_t landlock_at = args.next;
+    /* Skip over the Landlock arguments to check the rest before changing anything. */
+    struct args probe = args;
+    for (int i = 0; i < 5; i++)
+        next_number(&probe);
+    unsigned long long paths = next_number(&probe);
+    if (paths > probe.count)
+        fail(126, "launcher arguments are malformed");
+    probe.next += 2 * paths;
+    unsigned long long ports = next_number(&probe);
+    if (ports > probe.count)
+        fail(126, "launcher arguments are malformed");
+    probe.next += 2 * ports;
+    unsigned long long env_count = next_number(&probe);
+    if (env_count > probe.count || probe.next + env_count >= probe.count ||
+        strcmp(probe.items[probe.next + env_count], "--") != 0 ||
+        probe.next + env_count + 1 >= probe.count)
+        fail(126, "launcher arguments are malformed");
+    char **env = probe.items + probe.next;
+    env[env_count] = NULL; /* the "--" */
+    char **action = probe.items + probe.next + env_count + 1;
+
+    args.next = landlock_at;
+    restrict_self(&args);
+    if (uid != 0)
+        become(uid, gid, groups, group_count);
+    keep[keep_count++] = (unsigned long long)setup_fd;
+    close_fds_except(keep, keep_count);
+    reset_signals();
+    fcntl(setup_fd, F_SETFD, FD_CLOEXEC);
+    write_all(setup_fd, "exec\n", 5);
+    execve(action[0], action, env);
+    fail(errno == ENOENT ? 127 : 126, "cannot execute %s: %s", action[0], strerror(errno));
+}
