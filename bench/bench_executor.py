@@ -40,6 +40,7 @@ Standard library only. Progress goes to stderr, the table to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -693,6 +694,27 @@ def machine_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[0] - before[0]) / total if total else 0.0
 
 
+@contextlib.contextmanager
+def state_mount_point():
+    """Every device has /var/lib/systemprompt-os, where a sandbox binds a run's directories. A
+    machine without it makes each run under a temporary root rebuild all of /var/lib in a tmpfs
+    (one read-only bind per entry: about 10 ms per run here) to get a mount point, a cost no
+    device pays. So the empty directory is made for the benchmark's duration, when missing,
+    and removed after if it is still empty. Yields whether it was made."""
+    path = Path("/", STATE)
+    made = not os.path.lexists(path)
+    if made:
+        path.mkdir(mode=0o755)
+    try:
+        yield made
+    finally:
+        if made:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+
+
 def remove_agent_cgroups(agents: tuple[str, ...]) -> None:
     """The executor leaves each agent's parent cgroup (`spos/<agent>`) in place; remove the
     benchmark's empty ones from every hierarchy."""
@@ -805,12 +827,29 @@ def snapshot_revision(rev: str, into: Path) -> dict:
         raise SystemExit(f"--rev {rev}: {done.stderr.decode(errors='replace').strip()}")
     with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
         archive.extractall(into, filter="data")
+    build_script = into / "reconciler" / "executor" / "_build.py"
+    if build_script.exists():  # what installing that commit would compile: its launcher
+        subprocess.run([sys.executable, str(build_script)], stdout=subprocess.DEVNULL)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev],
                             capture_output=True, text=True).stdout.strip()
     return {"commit": commit, "dirty_files": 0, "revision": rev}
 
 
-def environment(args, spos: list[str], code: dict) -> dict:
+def launcher_of(code_root: str) -> str:
+    """Which launcher the sandbox of the code under `code_root` starts actions with."""
+    import importlib.util
+
+    build = Path(code_root, "reconciler", "executor", "_build.py")
+    if not build.exists():
+        return "Python launcher"
+    spec = importlib.util.spec_from_file_location("bench_launcher_build", build)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found = module.compiled_launcher()
+    return f"compiled launcher {Path(found).name}" if found else "Python launcher (none compiled)"
+
+
+def environment(args, spos: list[str], code: dict, code_root: str) -> dict:
     bwrap = shutil.which("bwrap")
     version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip() \
         if bwrap else "no bubblewrap"
@@ -820,6 +859,7 @@ def environment(args, spos: list[str], code: dict) -> dict:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "bubblewrap": version,
+        "launcher": launcher_of(code_root),
         "spos_command": shlex.join(spos),
         "code": code,
         "workdir": where,
@@ -829,17 +869,24 @@ def environment(args, spos: list[str], code: dict) -> dict:
     }
 
 
+def made_note(env_info: dict) -> str:
+    return (f" (and an empty /{STATE} on the host for the duration, as on a device)"
+            if env_info.get("made_state_dir") else "")
+
+
 def report(args, env_info: dict, result: dict) -> None:
     payload = save_results(args, env_info, {"result": result})
     out = sys.stderr if args.json == "-" else sys.stdout
     stamp = result.get("stamp", {})
     lines = [
         f"spos executor benchmark, {env_info['date']}: {env_info['cpus']} CPUs, Python "
-        f"{env_info['python']}, kernel {env_info['kernel']}, {env_info['bubblewrap']}",
+        f"{env_info['python']}, kernel {env_info['kernel']}, {env_info['bubblewrap']}, "
+        f"{env_info.get('launcher', 'Python launcher')}",
         code_line(env_info),
         f"action: {shlex.join(stamp.get('argv', []))} ({stamp.get('kind', '?')}), prints "
         "CLOCK_REALTIME first; temporary device root in "
-        f"{env_info['workdir']}; executor defaults (--max-parallel 4, --max-per-agent 2)",
+        f"{env_info['workdir']}{made_note(env_info)}; executor defaults (--max-parallel 4, "
+        "--max-per-agent 2)",
         f"latency: {args.runs} runs per path after a warm-up, paths interleaved, {args.gap:g} s "
         f"apart; throughput: {args.queued} queued x {args.repeat}; idle windows {args.idle:g} s",
         load_line(env_info, "min is the steadier figure"),
@@ -891,8 +938,11 @@ def main() -> int:
             code = snapshot_code(code_dir) if code_dir else describe_code()
         code["snapshot"] = code_dir is not None
         runner = Runner(spos, str(code_dir) if code_dir else None)
-        env_info = environment(args, spos, code)
-        result = ExecutorBench(args, runner, spos, str(code_dir) if code_dir else package_parent()).run()
+        code_root = str(code_dir) if code_dir else package_parent()
+        env_info = environment(args, spos, code, code_root)
+        with state_mount_point() as made:
+            env_info["made_state_dir"] = made
+            result = ExecutorBench(args, runner, spos, code_root).run()
         runner.close()
         report(args, env_info, result)
     finally:

@@ -85,7 +85,7 @@ from typing import Callable, NamedTuple
 
 from bench_executor import (
     AGENTS, STAMP, STATE, Daemon, Helper, build_stamp, environment, fmt_ms, iso_epoch, log_notes,
-    parse_stamp, percentile, remove_agent_cgroups, verdict,
+    made_note, parse_stamp, percentile, remove_agent_cgroups, state_mount_point, verdict,
 )
 from bench_reconcile import (
     Failed, Runner, code_line, default_spos, describe_code, load_line, log,
@@ -835,10 +835,12 @@ def report(args, env_info: dict, result: dict) -> None:
     stamp = result.get("stamp", {})
     lines = [
         f"spos trigger benchmark, {env_info['date']}: {env_info['cpus']} CPUs, Python "
-        f"{env_info['python']}, kernel {env_info['kernel']}, {env_info['bubblewrap']}",
+        f"{env_info['python']}, kernel {env_info['kernel']}, {env_info['bubblewrap']}, "
+        f"{env_info.get('launcher', 'Python launcher')}",
         code_line(env_info),
         f"action: {shlex.join(stamp.get('argv', []))} ({stamp.get('kind', '?')}), prints "
-        f"CLOCK_REALTIME first; temporary device root in {env_info['workdir']}",
+        f"CLOCK_REALTIME first; temporary device root in {env_info['workdir']}"
+        f"{made_note(env_info)}",
         f"triggers: filesystem {DROP_DIR} [close_write], webhook {HOOK_PATH} (HMAC-SHA256); "
         "no debounce or settle; daemon and executor with their defaults",
         f"{args.samples} samples per path after a warm-up round, paths interleaved, each after the "
@@ -887,8 +889,11 @@ def main() -> int:
         code = snapshot_code(code_dir) if code_dir else describe_code()
         code["snapshot"] = code_dir is not None
         runner = Runner(spos, str(code_dir) if code_dir else None)
-        env_info = environment(args, spos, code)
-        result = TriggerBench(args, runner, spos, str(code_dir) if code_dir else package_parent()).run()
+        code_root = str(code_dir) if code_dir else package_parent()
+        env_info = environment(args, spos, code, code_root)
+        with state_mount_point() as made:
+            env_info["made_state_dir"] = made
+            result = TriggerBench(args, runner, spos, code_root).run()
         report(args, env_info, result)
     except KeyboardInterrupt:
         log("interrupted; every process and the temporary root were cleaned up")
