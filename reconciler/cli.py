@@ -321,6 +321,9 @@ def _add_executor(commands, common) -> None:
     executor.add_argument("--max-parallel", type=int, default=4, metavar="N", help="runs at once (default 4)")
     executor.add_argument("--max-per-agent", type=int, default=2, metavar="N",
                           help="runs of one agent at once (default 2)")
+    executor.add_argument("--prepared", type=int, default=4, metavar="N",
+                          help="keep a sandbox set up ahead for each of up to N recently active "
+                               "agents, so their next run starts sooner (default 4; 0: none)")
     executor.add_argument("--rescan", default="30s", metavar="DURATION",
                           help="look at the queue this often even without a wake-up (default 30s)")
     executor.add_argument("--cleanup-interval", default="1h", metavar="DURATION",
@@ -1163,10 +1166,16 @@ def _make_executor(args, **settings):
 
 
 def _executor(args) -> int:
+    from reconciler.errors import UsageError
+
+    for option, least in (("max_parallel", 1), ("max_per_agent", 1), ("prepared", 0)):
+        if getattr(args, option) < least:
+            raise UsageError(f"--{option.replace('_', '-')}: give at least {least}")
     executor = _make_executor(
         args,
         max_parallel=args.max_parallel,
         max_per_agent=args.max_per_agent,
+        prepared=args.prepared,
         rescan=_duration("--rescan", args.rescan),
         cleanup_interval=_duration("--cleanup-interval", args.cleanup_interval),
     )

@@ -10,6 +10,7 @@ Needs root, bubblewrap and cgroups: otherwise every test is skipped with the rea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -784,3 +785,98 @@ def test_spawn_cost_is_measured(sandboxed, capsys):
 
 def _ms(samples: list[float]) -> str:
     return f"{statistics.median(samples) * 1000:.1f} ms"
+
+
+# -- prepared sandboxes -------------------------------------------------------------------------
+
+def _run_spec(sandboxed, device_root, run_id: str, argv, **fields) -> SandboxSpec:
+    """A spec like the executor's: the run's own tmp and checkpoint directories are per-run."""
+    tmp, checkpoint = f"{AGENT_DIR}/tmp/{run_id}", f"{AGENT_DIR}/checkpoints/{run_id}"
+    for path in (tmp, checkpoint):
+        (device_root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    return sandboxed.spec(argv, env={"PATH": "/usr/bin:/bin", "SPOS_RUN_ID": run_id}, cwd=tmp,
+                          write=(OUTPUT, checkpoint, tmp), per_run=(checkpoint, tmp),
+                          cgroup_name=f"{PARENT}/{run_id}", **fields)
+
+
+@pytest.fixture
+def prepared(sandbox, sandboxed, device_root, tmp_path):
+    """Prepare a sandbox from the spec of an earlier run `r-first`; closed at the end."""
+    made = []
+
+    def prepare(**fields):
+        output = open(tmp_path / f"prepared-{len(made)}", "w+b")
+        earlier = _run_spec(sandboxed, device_root, "r-first", ["/bin/true"], **fields)
+        slot = sandbox.prepare(earlier, f"{PARENT}/warm-{uuid.uuid4().hex[:8]}",
+                               stdout=output.fileno(), stderr=output.fileno())
+        made.append(slot)
+        return slot, output
+
+    yield prepare
+    for slot in made:
+        slot.close()
+
+
+@BOTH_LAUNCHERS
+def test_a_prepared_sandbox_runs_a_later_run_confined_to_its_own_directories(
+        prepared, sandboxed, device_root):
+    slot, output = prepared()
+    (device_root / AGENT_DIR.lstrip("/") / "tmp/r-first/secret").write_text("first run's")
+    script = ("pwd; echo id=$SPOS_RUN_ID; echo mine > mine && echo wrote=$?; "
+              f"cat {AGENT_DIR}/tmp/r-first/secret; echo read_sibling=$?; "
+              f"touch {AGENT_DIR}/tmp/r-first/x; echo write_sibling=$?; "
+              f"ls {AGENT_DIR}/tmp; echo list_parent=$?; cat /proc/self/cgroup | grep pids")
+    spec = _run_spec(sandboxed, device_root, "r-second", sh(script))
+    time.sleep(0.2)  # let the prepared sandbox reach its launcher's read()
+    run = slot.start(spec)
+    sandboxed.runs.append(run)
+    assert run.wait(timeout=WAIT_SECONDS) == 0 and run.setup_error() is None
+    output.seek(0)
+    out = output.read().decode()
+    assert f"{AGENT_DIR}/tmp/r-second\nid=r-second\nwrote=0" in out, out
+    assert "read_sibling=1" in out and "write_sibling=1" in out and "list_parent=2" in out, out
+    assert (device_root / AGENT_DIR.lstrip("/") / "tmp/r-second/mine").read_text() == "mine\n"
+    assert not (device_root / AGENT_DIR.lstrip("/") / "tmp/r-first/x").exists()
+    assert (CGROUP_ROOT / "pids" / PARENT / "r-second").is_dir()  # the run's name now
+    assert not list((CGROUP_ROOT / "pids" / PARENT).glob("warm-*"))
+    run.cleanup()
+    assert not (CGROUP_ROOT / "pids" / PARENT / "r-second").exists()
+
+
+def test_a_prepared_sandbox_refuses_a_run_of_another_shape(prepared, sandboxed, device_root):
+    slot, _ = prepared()
+    other = _run_spec(sandboxed, device_root, "r-other", ["/bin/true"], execute=(SH,))
+    assert not slot.matches(other)
+    with pytest.raises(SandboxError, match="differs"):
+        slot.start(other)
+    pids = {int(p) for p in (CGROUP_ROOT / "pids" / slot._cgroup.name / "cgroup.procs")
+            .read_text().split()}
+    slot.close()
+    assert not list((CGROUP_ROOT / "pids" / PARENT).glob("warm-*"))
+    assert not _still_running(pids)
+
+
+def test_a_prepared_sandbox_that_ended_is_refused_and_closes_cleanly(prepared, sandboxed,
+                                                                     device_root):
+    slot, _ = prepared()
+    procs = CGROUP_ROOT / "pids" / slot._cgroup.name / "cgroup.procs"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(procs.read_text().split()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)  # bubblewrap, its init and the waiting launcher
+    slot._cgroup.kill_all()
+    spec = _run_spec(sandboxed, device_root, "r-late", ["/bin/true"])
+    with pytest.raises(SandboxError) as refused:
+        slot.start(spec)
+    assert refused.value.retryable
+    slot.close()
+    assert not [d for d in (CGROUP_ROOT / "pids" / PARENT).iterdir() if d.is_dir()]
+
+
+def test_what_cannot_be_prepared_says_why(sandbox, sandboxed, device_root):
+    spec = _run_spec(sandboxed, device_root, "r-x", ["/bin/true"])
+    assert sandbox.unpreparable(spec) is None
+    assert "per-run" in sandbox.unpreparable(dataclasses.replace(spec, per_run=()))
+    sandbox.landlock_abi = 0
+    assert "Landlock" in sandbox.unpreparable(spec)
+    with pytest.raises(SandboxError, match="Landlock"):
+        sandbox.prepare(spec, f"{PARENT}/warm-x", stdout=1, stderr=2)

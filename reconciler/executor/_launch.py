@@ -3,6 +3,8 @@
 Bubblewrap runs `python3 -I -S -c <this file's text> ARGS -- ACTION-ARGV` inside the new
 namespaces, with no capabilities and no_new_privs set. This program then, in order:
 
+0. enters the run's working directory (while still root, so any directory bubblewrap could
+   mount is enterable);
 1. restricts itself with Landlock (the ruleset built by `landlock.py`), so the action and all its
    descendants can only read, write and execute what the rules allow; a ruleset that cannot be
    applied in full is a setup failure, never a silent fallback. This happens first, as root,
@@ -18,10 +20,12 @@ namespaces, with no capabilities and no_new_privs set. This program then, in ord
 `launch.c` is the same program compiled, which the sandbox prefers when the installation has
 it: the two take the same arguments and must keep the same behaviour.
 
-It imports nothing but built-in modules (`_ctypes` for the three Landlock system calls, which the
+The fd may be a pipe that stays empty for a while: a prepared sandbox (sandbox.py) is set up
+before its run is known, and its launcher waits here, in read(), until the run's arguments
+come. It imports nothing but built-in modules (`_ctypes` for the three Landlock system calls, which the
 standard library does not wrap), so it starts as fast as Python can. Its only argument is an fd
 holding the real arguments, NUL-terminated (so the action's environment is in no command line):
-SETUP_FD UID GID GROUPS KEEP_FDS, then the Landlock arguments (`Ruleset.launcher_args`), then
+SETUP_FD UID GID GROUPS KEEP_FDS CWD, then the Landlock arguments (`Ruleset.launcher_args`), then
 N_ENV and N `KEY=VALUE` items, `--`, and the action's argv.
 """
 
@@ -48,12 +52,17 @@ def main(args_fd):
         uid, gid = int(args[1]), int(args[2])
         groups = [int(g) for g in args[3].split(",") if g]
         keep = {int(fd) for fd in args[4].split(",") if fd}
-        rules, rest = parse_landlock(args[5:])
+        cwd = args[5]
+        rules, rest = parse_landlock(args[6:])
         env_count = int(rest[0])
         env = dict(item.split("=", 1) for item in rest[1:1 + env_count])
         if rest[1 + env_count] != "--" or len(rest) < 3 + env_count:
             raise SetupError("launcher arguments are malformed")
         argv = rest[2 + env_count:]
+        try:
+            posix.chdir(cwd)
+        except OSError as exc:
+            raise SetupError(f"cannot enter working directory {cwd}: {exc.strerror}") from None
         if rules[0] > 0:
             restrict(*rules)
         if uid != 0:

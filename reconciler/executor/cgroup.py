@@ -18,9 +18,11 @@ applied is listed in `RunCgroup.unenforced`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
+import posixpath
 import re
 import select
 import signal
@@ -133,6 +135,42 @@ class Cgroups:
             run.remove()
             raise
         return run
+
+    def children(self, name: str) -> list[str]:
+        """The names of the child cgroups of `name`, in any hierarchy."""
+        found: set[str] = set()
+        for directory in self.existing(name).directories:
+            try:
+                with os.scandir(directory) as entries:
+                    found.update(e.name for e in entries if e.is_dir(follow_symlinks=False))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return sorted(found)
+
+    def rename(self, run: RunCgroup, name: str) -> RunCgroup:
+        """Give `run`'s cgroup another name under the same parent, in every hierarchy, with its
+        processes in it (a prepared sandbox's cgroup becomes its run's). An empty leftover of
+        that name is removed first; one with processes is an error. All or nothing."""
+        target = self.existing(name)
+        if run.directories and posixpath.dirname(run.directories[0]) != \
+                posixpath.dirname(target.directories[0]):
+            raise CgroupError(f"cannot rename cgroup {run.name} to {name}: another parent")
+        if target.exists():
+            if target.pids():
+                raise CgroupError(f"cgroup {name} already holds processes")
+            target.remove()
+        done: list[tuple[str, str]] = []
+        try:
+            for old, new in zip(run.directories, target.directories):
+                os.rename(old, new)
+                done.append((old, new))
+        except OSError as exc:
+            for old, new in reversed(done):
+                with contextlib.suppress(OSError):
+                    os.rename(new, old)
+            raise CgroupError(f"cannot rename cgroup {run.name} to {name}: {exc}") from exc
+        target.unenforced = run.unenforced
+        return target
 
     def existing(self, name: str) -> RunCgroup:
         """The run cgroup of this name, whether or not it exists (for reaping leftovers)."""

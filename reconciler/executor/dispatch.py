@@ -27,12 +27,13 @@ import stat
 import time
 from dataclasses import dataclass
 
-from reconciler import STATE_DIR
+from reconciler import AGENT_CONFIG, AGENTS_DIR, STATE_DIR
 from reconciler.device import Device
-from reconciler.executor import cancel, network, provenance, storage
+from reconciler.executor import cancel, network, prepared, provenance, storage
 from reconciler.executor.config import ConfigError, read_agent_config, task_config
 from reconciler.executor.enqueue import WAKE_PIPE, enqueue, trigger_env
 from reconciler.executor.owner import alive, identity
+from reconciler.executor.prepared import PreparedPool
 from reconciler.executor.retention import PeriodicCleanup
 from reconciler.executor.runs import RUN_FILE, CorruptRecord, Run, RunStore, storage_failure
 from reconciler.executor.supervise import (
@@ -63,6 +64,8 @@ class Settings:
     save_interval: float = 1.0
     cleanup_interval: float = 3600.0  # retention passes (retention.py); 0: none
     storage_interval: float = 5.0  # how often an agent's storage is measured while it runs
+    prepared: int = 4  # sandboxes kept prepared for recently active agents (prepared.py); 0: none
+    prepared_idle: float = 600.0  # an unused prepared sandbox is closed after this
 
 
 class Executor:
@@ -86,6 +89,7 @@ class Executor:
         self.retry_due: float | None = None
         self.unrecorded: dict[str, tuple[Run, str]] = {}  # ended runs whose end is still to be written
         self.storage_retry_at: float | None = None
+        self.prepared: PreparedPool | None = None  # serve() keeps sandboxes prepared
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -94,6 +98,9 @@ class Executor:
         `once`, return as soon as nothing is queued and nothing is running."""
         self._install_signal_handlers()
         self._open_wake_pipe()
+        if not once and self.settings.prepared > 0:
+            self.prepared = PreparedPool(self.sandbox, self.device.cgroups.parent,
+                                         self.settings.prepared, self.settings.prepared_idle)
         self.recover()
         self.queue_changed = True  # what was queued while no executor listened
         cleanup = PeriodicCleanup(self.device, self.settings.cleanup_interval)
@@ -108,13 +115,27 @@ class Executor:
                         once and not self.active and not started_any and not self._queued_anything()):
                     self._record_pending()  # a last try; what is left, the next executor recovers
                     return
+                if self.prepared is not None:
+                    self._keep_prepared()
                 self._wait(self._timeout(once))
                 self._enforce_deadlines()
         finally:
             for active in list(self.active.values()):
                 self._stop_run(active, "executor stopped")
+            if self.prepared is not None:
+                self.prepared.close()
             self._close_wake_pipe()
             self._close_signal_pipe()
+
+    def _keep_prepared(self) -> None:
+        """Between events: close prepared sandboxes unused for too long, and, when no queued
+        run is waiting for a turn of the loop, prepare one (the loop comes back at once while
+        more are due). Never while stopping."""
+        self.prepared.expire(time.monotonic())
+        if self.stopping:
+            self.prepared.close()
+        elif not self.queue_changed:
+            self.prepared.fill(self._idle)
 
     def execute(self, run_id: str, agent: str, timeout: float | None = None) -> dict:
         """Run one run this process already owns (in active/) in the foreground, retries
@@ -197,6 +218,12 @@ class Executor:
             deadlines.append(self.storage_retry_at)
         if self.active:
             deadlines.append(self.next_cancel_check)
+        if self.prepared is not None:
+            if not self.stopping and not self.queue_changed and self.prepared.pending(self._idle):
+                deadlines.append(now)  # _keep_prepared prepares the next one at once
+            expiry = self.prepared.next_expiry()
+            if expiry is not None:
+                deadlines.append(expiry)
         timeout = max(0.0, min(deadlines) - now)
         return min(timeout, 0.5) if once else timeout
 
@@ -237,6 +264,8 @@ class Executor:
             self._check_wake_pipe()
             self._collect_cancel_requests()
             self._collect_strays()
+            if self.prepared is not None:
+                self.prepared.retain(self._applied)
             self.queue_changed = True
         if self.storage_retry_at is not None and now_mono >= self.storage_retry_at:
             self.storage_retry_at = None
@@ -463,28 +492,49 @@ class Executor:
         active.step_deadline = time.monotonic() + step.timeout if step.timeout else None
         try:
             spec = self._spec(active, step)
-            output_read, output_write = os.pipe()
-            progress_read, progress_write = os.pipe()
-            try:
-                spec.env["SPOS_PROGRESS_FD"] = str(progress_write)
-                active.process = self.sandbox.spawn(
-                    spec, stdout=output_write, stderr=output_write, pass_fds=(progress_write,),
-                )
-            finally:
-                os.close(output_write)
-                os.close(progress_write)
+            active.process, output_read, progress_read, ready = self._spawn(active.run.agent, spec)
         except Exception as exc:  # a run that cannot start fails visibly; the executor goes on
             active.reason = f"could not start step {step.name!r}: {exc}"
             active.log.note(active.reason)
             self._end(active, None)
             return
-        active.log.note(f"step {step.name} started: {' '.join(step.argv)}")
+        if self.prepared is not None:
+            self.prepared.want(active.run.agent, spec)
+        active.log.note(f"step {step.name} started: {' '.join(step.argv)}"
+                        + (" (prepared sandbox)" if ready else ""))
         active.output_fd, active.progress_fd = output_read, progress_read
         for fd in (output_read, progress_read):
             os.set_blocking(fd, False)
         self.selector.register(output_read, selectors.EVENT_READ, ("output", active))
         self.selector.register(progress_read, selectors.EVENT_READ, ("progress", active))
         self.selector.register(active.process.pidfd, selectors.EVENT_READ, ("exit", active))
+
+    def _spawn(self, agent: str, spec):
+        """Start `spec` in the agent's prepared sandbox when it has one that fits, else in a
+        new one. Returns (the run, its output and progress pipes' read ends, prepared?)."""
+        from reconciler.executor.sandbox import SandboxError
+
+        slot = self.prepared.take(agent, spec) if self.prepared is not None else None
+        if slot is not None:
+            spec.env["SPOS_PROGRESS_FD"] = str(slot.progress_number)
+            try:
+                return slot.sandbox.start(spec), slot.output_fd, slot.progress_fd, True
+            except SandboxError:
+                slot.close()  # it ended, or cannot take this run: start afresh
+        output_read, output_write = os.pipe()
+        progress_read, progress_write = os.pipe()
+        try:
+            spec.env["SPOS_PROGRESS_FD"] = str(progress_write)
+            process = self.sandbox.spawn(spec, stdout=output_write, stderr=output_write,
+                                         pass_fds=(progress_write,))
+        except BaseException:
+            os.close(output_read)
+            os.close(progress_read)
+            raise
+        finally:
+            os.close(output_write)
+            os.close(progress_write)
+        return process, output_read, progress_read, False
 
     def _spec(self, active: ActiveRun, step):
         from reconciler.executor.sandbox import Limits, SandboxSpec
@@ -522,6 +572,7 @@ class Executor:
             cwd=task.get("workdir") or dirs["tmp"],
             read=tuple(allowed.get("read") or ()),
             write=(*(allowed.get("write") or ()), dirs["checkpoint"], dirs["tmp"], dirs["output"]),
+            per_run=(dirs["checkpoint"], dirs["tmp"]),
             execute=tuple(allowed.get("execute") or ()),
             denied=tuple(sorted({*(denied.get("read") or ()), *(denied.get("write") or ()),
                                  *(denied.get("execute") or ())})),
@@ -819,8 +870,10 @@ class Executor:
         """Runs left in active/ by an executor that is gone are queued again (attempt counted,
         checkpoint kept), or end as cancelled when a cancel request for them was waiting. A run
         whose record also reached a final bucket keeps that one. Stray requests and reserves
-        are removed."""
+        are removed, and so are the cgroups of sandboxes that executors which are gone had
+        prepared."""
         for agent in self.store.agents():
+            prepared.sweep(self.sandbox, self.device.cgroups.parent, agent)
             if self.store.names(agent, "active") or self.store.strays(agent):
                 with self.store.locked():
                     self._recover_agent(agent)
@@ -940,6 +993,12 @@ class Executor:
         self.next_cancel_check = 0.0  # a cancel request comes with a wake-up: look at once
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _idle(self, agent: str) -> bool:
+        return self._agent_running(agent) == 0
+
+    def _applied(self, agent: str) -> bool:
+        return self.device.exists(f"{AGENTS_DIR}/{agent}/{AGENT_CONFIG}")
 
     def _agent_running(self, agent: str) -> int:
         return sum(1 for a in self.active.values() if a.run.agent == agent)

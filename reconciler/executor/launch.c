@@ -297,6 +297,7 @@ int main(int argc, char **argv) {
     unsigned long long groups[256], keep[256];
     size_t group_count = parse_list(next_arg(&args), groups, 256);
     size_t keep_count = parse_list(next_arg(&args), keep, 255);
+    const char *cwd = next_arg(&args);
     size_t landlock_at = args.next;
     /* Skip over the Landlock arguments to check the rest before changing anything. */
     struct args probe = args;
@@ -319,6 +320,8 @@ int main(int argc, char **argv) {
     env[env_count] = NULL; /* the "--" */
     char **action = probe.items + probe.next + env_count + 1;
 
+    if (chdir(cwd) < 0)
+        fail(126, "cannot enter working directory %s: %s", cwd, strerror(errno));
     args.next = landlock_at;
     restrict_self(&args);
     if (uid != 0)

@@ -92,6 +92,10 @@ class SandboxSpec:
     user: str = "root"
     # TCP ports the run may connect to (None: any). Landlock ABI 4; only with network=True.
     connect_ports: tuple[int, ...] | None = None
+    # Writable paths of this run alone (its tmp and checkpoint directories). A prepared sandbox
+    # (`Sandbox.prepare`) binds their parent directories instead, and Landlock keeps the run
+    # to its own: runs that differ only in these, argv, env, cwd and cgroup_name share a shape.
+    per_run: tuple[str, ...] = ()
 
 
 class Sandbox:
@@ -120,18 +124,59 @@ class Sandbox:
         own numbers (as with subprocess.Popen); every other fd but 0-2 is closed."""
         _check_spec(spec)
         self._check_launcher_visible(spec.denied)
-        uid, gid, groups = _identity(spec.user)
+        identity = _identity(spec.user)
         plan = MountPlan(self.device, spec)
         ruleset = self._ruleset(spec, plan)
+        cgroup = self._cgroup(spec, plan)
+        process, setup_read, link, _, _ = self._start(
+            spec, plan, cgroup, identity, dict(stdin=stdin, stdout=stdout, stderr=stderr),
+            tuple(pass_fds), ruleset)
+        return SandboxedRun(process, cgroup, setup_read, link=link, own_network=not spec.network)
+
+    def unpreparable(self, spec: SandboxSpec) -> str | None:
+        """Why runs of `spec`'s shape cannot get a prepared sandbox; None when they can."""
+        if not spec.per_run:
+            return "the spec names no per-run paths"
+        if not self.landlock_abi:
+            return "without Landlock a run could reach its siblings' directories"
+        if spec.egress is not None:
+            return "a filtered network is linked to one run's sandbox"
+        if any(path not in spec.write for path in spec.per_run):
+            return "a per-run path is not writable"
+        return None
+
+    def prepare(self, spec: SandboxSpec, cgroup_name: str, *, stdin=subprocess.DEVNULL,
+                stdout: int, stderr: int, pass_fds: tuple[int, ...] = ()) -> PreparedSandbox:
+        """Set up, ahead of time, a sandbox for a later run of `spec`'s shape: its cgroup (named
+        `cgroup_name` until the run takes it), bubblewrap's view with the parent directories of
+        `spec.per_run` bound, and the launcher waiting for the run's arguments. `spec` is any
+        run of that shape (the last one, say); its argv, env, cwd and per-run paths are not
+        used. The fds are the later run's, as with `spawn`. Refused (SandboxError) for the
+        cases `unpreparable` names."""
+        why = self.unpreparable(spec)
+        if why:
+            raise SandboxError(f"cannot prepare a sandbox: {why}")
+        _check_spec(dataclasses.replace(spec, cgroup_name=cgroup_name))
+        self._check_launcher_visible(spec.denied)
+        shape = _shape_of(spec)
+        identity = _identity(shape.user)
+        plan = MountPlan(self.device, shape)
+        prepared = dataclasses.replace(shape, cgroup_name=cgroup_name)
+        cgroup = self._cgroup(prepared, plan)
+        process, setup_read, _, args_write, setup_write = self._start(
+            prepared, plan, cgroup, identity, dict(stdin=stdin, stdout=stdout, stderr=stderr),
+            tuple(pass_fds), None)
+        return PreparedSandbox(self, shape, plan, identity, process, cgroup, setup_read,
+                               args_write, tuple(pass_fds), setup_write)
+
+    def _cgroup(self, spec: SandboxSpec, plan: MountPlan) -> RunCgroup:
         limits = spec.limits
         if limits.tasks_max is not None:
             limits = dataclasses.replace(limits, tasks_max=limits.tasks_max + BWRAP_HELPERS)
         try:
-            cgroup = self.cgroups.create(spec.cgroup_name, limits, plan.device_rules)
+            return self.cgroups.create(spec.cgroup_name, limits, plan.device_rules)
         except CgroupError as exc:
             raise SandboxError(str(exc)) from exc
-        return self._start(spec, plan, ruleset, cgroup, (uid, gid, groups),
-                           dict(stdin=stdin, stdout=stdout, stderr=stderr), tuple(pass_fds))
 
     def reap(self, cgroup_name: str) -> bool:
         """After an executor died: kill whatever is left in one of its runs' cgroups and remove
@@ -160,9 +205,13 @@ class Sandbox:
                 raise SandboxError(f"denied path {path} hides {self.python}, which the sandbox "
                                    "uses to start the action")
 
-    def _start(self, spec, plan, ruleset, cgroup, identity, stdio, pass_fds) -> SandboxedRun:
+    def _start(self, spec, plan, cgroup, identity, stdio, pass_fds, ruleset):
+        """Fork bubblewrap into `cgroup`. With a `ruleset` the launcher's arguments go with it
+        (a memfd); without (a prepared sandbox) the launcher waits on a pipe, whose write end
+        is returned. Returns (process, the setup pipe's read end, the network link, the args
+        pipe's write end or -1, the number the setup pipe's write end had in the child)."""
         opened: list[int] = []
-        setup_read = -1
+        setup_read = args_write = -1
         gate = None
         try:
             stdio_fds = _stdio_fds(stdio, opened)
@@ -173,7 +222,12 @@ class Sandbox:
             hide_fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in plan.hidden_files]
             opened += hide_fds
             source_fds = plan.open_sources(opened)
-            launcher_fd = _args_fd(self._launcher_args(spec, ruleset, identity, setup_write, pass_fds))
+            if ruleset is not None:
+                launcher_fd = _args_fd(self._launcher_args(spec, ruleset, identity, setup_write,
+                                                           pass_fds))
+            else:
+                launcher_fd, args_write = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(args_write, False)  # start() writes once; never wait on it
             opened.append(launcher_fd)
             gate = _NetworkGate() if spec.egress is not None else None
             bwrap_fd = _args_fd([
@@ -191,8 +245,9 @@ class Sandbox:
             )
             link = gate.open_after_linking(process, spec.egress) if gate is not None else None
         except BaseException as exc:
-            if setup_read >= 0:
-                os.close(setup_read)
+            for fd in (setup_read, args_write):
+                if fd >= 0:
+                    os.close(fd)
             if gate is not None:
                 gate.close()
             cgroup.remove()
@@ -202,7 +257,7 @@ class Sandbox:
         finally:
             for fd in opened:
                 os.close(fd)
-        return SandboxedRun(process, cgroup, setup_read, link=link, own_network=not spec.network)
+        return process, setup_read, link, args_write, setup_write
 
     @staticmethod
     def _bwrap_args(spec, plan, identity, hide_fds, source_fds, launcher) -> list[str]:
@@ -216,8 +271,7 @@ class Sandbox:
             *(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if uid != 0 else []),
             *plan.arguments(hide_fds, source_fds, network=spec.network or spec.egress is not None,
                             launcher=launcher),
-            "--chdir", spec.cwd,
-        ]
+        ]  # no --chdir: the launcher enters spec.cwd (which a prepared sandbox learns late)
 
     @staticmethod
     def _launcher_args(spec, ruleset, identity, setup_fd, pass_fds) -> list[str]:
@@ -226,7 +280,7 @@ class Sandbox:
         env_items = [f"{key}={value}" for key, value in spec.env.items()]
         return [
             str(setup_fd), str(uid), str(gid), ",".join(map(str, groups)),
-            ",".join(map(str, pass_fds)), *ruleset.launcher_args(),
+            ",".join(map(str, pass_fds)), spec.cwd, *ruleset.launcher_args(),
             str(len(env_items)), *env_items, "--", *spec.argv,
         ]
 
@@ -239,7 +293,7 @@ class Sandbox:
             )
         return landlock.ruleset_for(
             self.landlock_abi, read=spec.read, write=spec.write,
-            execute=(*spec.execute, *plan.implicit_executables),
+            execute=(*spec.execute, *plan.implicit_executables(spec.argv[0])),
             devices=tuple(bind.dest for bind in plan.device_binds), connect_ports=connect_ports,
         )
 
@@ -388,6 +442,80 @@ class SandboxedRun:
         self._cleaned = True
 
 
+class PreparedSandbox:
+    """A sandbox set up before its run is known (`Sandbox.prepare`): bubblewrap has built the
+    view, and the launcher waits in read() for its arguments. `start(spec)` gives it a run of
+    the same shape and returns that run's SandboxedRun, which then owns everything; `close()`
+    ends an unused one. A prepared sandbox is used once."""
+
+    def __init__(self, sandbox: Sandbox, shape: SandboxSpec, plan: MountPlan, identity,
+                 process: _Child, cgroup: RunCgroup, setup_fd: int, args_fd: int,
+                 pass_fds: tuple[int, ...], setup_fd_in_child: int):
+        self._sandbox = sandbox
+        self.shape = shape
+        self._plan = plan
+        self._identity = identity
+        self._process = process
+        self._cgroup = cgroup
+        self._setup_fd = setup_fd
+        self._args_fd = args_fd
+        self.pass_fds = pass_fds
+        # The setup pipe's write end as the launcher knows it: its number in the executor when
+        # bubblewrap was forked (closed here since; the child kept it).
+        self._setup_fd_in_child = setup_fd_in_child
+        self.pid = process.pid
+        self.pidfd = process.pidfd
+        self._done = False
+
+    def matches(self, spec: SandboxSpec) -> bool:
+        return not self._done and _shape_of(spec) == self.shape
+
+    def start(self, spec: SandboxSpec) -> SandboxedRun:
+        """Run `spec` here: the cgroup takes the run's name, the launcher gets the run's
+        arguments (Landlock rules for exactly its paths, its environment, cwd and argv).
+        SandboxError when it cannot (another shape, the sandbox ended): the caller then
+        closes this one and spawns the run afresh. `pass_fds` are those given to prepare."""
+        if not self.matches(spec):
+            raise SandboxError("the run's sandbox differs from the prepared one")
+        _check_spec(spec)
+        for path in (spec.cwd, *spec.per_run):
+            if self._plan.kind_in_view(path) != "dir":
+                raise SandboxError(f"{path} does not exist in the prepared sandbox")
+        if self._process.poll() is not None:
+            raise SandboxError("the prepared sandbox has ended", retryable=True)
+        ruleset = self._sandbox._ruleset(spec, self._plan)
+        data = "".join(f"{arg}\0" for arg in self._sandbox._launcher_args(
+            spec, ruleset, self._identity, self._setup_fd_in_child, self.pass_fds))
+        data = data.encode(_FS_ENCODING, _FS_ERRORS)
+        try:
+            self._cgroup = self._sandbox.cgroups.rename(self._cgroup, spec.cgroup_name)
+        except CgroupError as exc:
+            raise SandboxError(str(exc), retryable=True) from exc
+        try:
+            if os.write(self._args_fd, data) != len(data):
+                raise SandboxError("the run's arguments do not fit the prepared sandbox's pipe")
+        except OSError as exc:  # EAGAIN (too large), EPIPE (the launcher is gone)
+            raise SandboxError(f"cannot hand the run to the prepared sandbox: {exc}",
+                               retryable=True) from exc
+        finally:
+            os.close(self._args_fd)
+            self._args_fd = -1
+        self._done = True
+        return SandboxedRun(self._process, self._cgroup, self._setup_fd,
+                            own_network=not spec.network)
+
+    def close(self) -> None:
+        """End an unused prepared sandbox: kill it, remove its cgroup, close its fds. A no-op
+        once `start` handed it to a run. Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        if self._args_fd >= 0:
+            os.close(self._args_fd)
+            self._args_fd = -1
+        SandboxedRun(self._process, self._cgroup, self._setup_fd).cleanup()
+
+
 @dataclass(frozen=True)
 class _Bind:
     option: str   # --ro-bind, --bind or --dev-bind
@@ -411,7 +539,6 @@ class MountPlan:
         self.synthesized = self._synthesize(
             [*PRIVATE_TMPFS, *(b.dest for b in (*self.binds, *self.device_binds))])
         self.hidden_dirs, self.hidden_files = self._hidden(spec.denied)
-        self.implicit_executables = self._implicit_executables(spec.argv[0])
         if self.kind_in_view(spec.cwd) != "dir":
             raise SandboxError(f"working directory {spec.cwd} does not exist in the sandbox")
 
@@ -555,7 +682,7 @@ class MountPlan:
                 files.append(path)
         return dirs, files
 
-    def _implicit_executables(self, program: str) -> tuple[str, ...]:
+    def implicit_executables(self, program: str) -> tuple[str, ...]:
         """argv[0], and the interpreter on its `#!` line when it is a script."""
         head = _head_of_regular_file(self._backing(program) or program)
         words = head[2:].split() if head.startswith(b"#!") else []
@@ -617,6 +744,14 @@ def _resolver_binds() -> list[str]:
     """/etc/resolv.conf often points into /run, which is a private tmpfs: bring its target."""
     target = os.path.realpath("/etc/resolv.conf")
     return ["--ro-bind-try", target, target] if _is_within(target, "/run") else []
+
+
+def _shape_of(spec: SandboxSpec) -> SandboxSpec:
+    """What a prepared sandbox is built from: the spec without what is the run's own."""
+    per_run = set(spec.per_run)
+    write = tuple(dict.fromkeys(posixpath.dirname(p) if p in per_run else p for p in spec.write))
+    return dataclasses.replace(spec, argv=[], env={}, cwd="/", cgroup_name="", per_run=(),
+                               write=write)
 
 
 def _check_spec(spec: SandboxSpec) -> None:

@@ -1,0 +1,97 @@
+"""The executor's prepared sandboxes, end to end: an agent's next run starts in a sandbox set
+up ahead, behaves exactly as in a fresh one, and nothing of a prepared sandbox outlives the
+executor (stopped, or killed and followed by another)."""
+
+from __future__ import annotations
+
+import pytest
+from sandboxes import sandbox_missing
+from test_executor import Device, device, run_cgroup_dirs, sh, wait_for  # noqa: F401 (device: a fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+_SKIP = sandbox_missing()
+if _SKIP:
+    pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.skip(reason=_SKIP)]
+
+REPORT = ('echo "run=$SPOS_RUN_ID cwd=$(pwd) checkpoint=$SPOS_CHECKPOINT_DIR" '
+          '>> $SPOS_OUTPUT_DIR/seen; touch $SPOS_CHECKPOINT_DIR/mark $TMPDIR/mark')
+
+
+def prepared_cgroups(device: Device) -> list:
+    return [p for d in run_cgroup_dirs(device.agent) for p in d.glob("warm-*")]
+
+
+def run_and_wait(device: Device, task: str = "report") -> tuple[str, dict]:
+    run_id = device.enqueue(task)
+    return run_id, device.wait_state(run_id, "completed", "failed")
+
+
+def test_an_agents_next_run_starts_in_a_prepared_sandbox_like_in_a_fresh_one(device):
+    device.apply({"report": {"command": sh(REPORT), "timeout": "30s", "concurrency": "Allow"}})
+    daemon = device.daemon()
+    device.wait_ready(daemon)
+    first, record = run_and_wait(device)
+    assert record["state"] == "completed", device.log(first)
+    assert "(prepared sandbox)" not in device.log(first)
+    wait_for(lambda: prepared_cgroups(device), "a sandbox prepared for the agent's next run")
+
+    second, record = run_and_wait(device)
+    assert record["state"] == "completed", device.log(second)  # its touches worked too
+    assert "(prepared sandbox)" in device.log(second)
+    agent_dir = f"/var/lib/systemprompt-os/agents/{device.agent}"
+    assert device.output("seen").read_text().splitlines() == [
+        f"run={run} cwd={agent_dir}/tmp/{run} checkpoint={agent_dir}/checkpoints/{run}"
+        for run in (first, second)]
+    assert record["usage"]["cpuSeconds"] > 0  # counted in the run's cgroup, as ever
+    assert not run_cgroup_dirs(device.agent, second)  # removed at the end, under the run's name
+
+    assert daemon.stop() == 0
+    assert not prepared_cgroups(device)  # the executor closed the one prepared meanwhile
+
+
+def test_a_run_whose_capability_changed_does_not_use_the_old_prepared_sandbox(device):
+    task = {"report": {"command": sh("touch /srv/shared/$SPOS_RUN_ID"), "timeout": "30s",
+                       "concurrency": "Allow"}}
+    device.apply(task)
+    (device.root / "srv/shared").mkdir(parents=True)
+    daemon = device.daemon()
+    device.wait_ready(daemon)
+    first, record = run_and_wait(device)
+    assert record["state"] == "failed"  # /srv/shared is not writable under the first capability
+    wait_for(lambda: prepared_cgroups(device), "a sandbox prepared for the agent's next run")
+
+    manifests = device.tmp_path / "agents.d" / "agents.yaml"
+    manifests.write_text(manifests.read_text().replace(
+        '"execute": ["/bin", "/usr/bin"]', '"execute": ["/bin", "/usr/bin"], "write": ["/srv/shared"]'))
+    assert device.spos("apply", manifests.parent, "--root", device.root, "--auto-approve").code == 0
+
+    second, record = run_and_wait(device)
+    assert record["state"] == "completed", device.log(second)
+    assert "(prepared sandbox)" not in device.log(second)
+    assert (device.root / "srv/shared" / second).exists()
+    assert daemon.stop() == 0
+
+
+def test_prepared_sandboxes_of_a_killed_executor_are_removed_by_the_next(device):
+    device.apply({"report": {"command": sh(REPORT), "timeout": "30s", "concurrency": "Allow"}})
+    daemon = device.daemon()
+    device.wait_ready(daemon)
+    run_and_wait(device)
+    left = wait_for(lambda: prepared_cgroups(device), "a sandbox prepared for the next run")
+    daemon.process.kill()
+    daemon.process.wait(5)
+    assert all(p.exists() for p in left)  # its processes died with the executor; not its cgroup
+
+    device.once()
+    assert not prepared_cgroups(device)
+
+
+def test_no_sandbox_is_prepared_with_prepared_0(device):
+    device.apply({"report": {"command": sh(REPORT), "timeout": "30s", "concurrency": "Allow"}})
+    daemon = device.daemon("--prepared", "0")
+    device.wait_ready(daemon)
+    for _ in range(2):
+        run_id, record = run_and_wait(device)
+        assert record["state"] == "completed" and "(prepared" not in device.log(run_id)
+    assert not prepared_cgroups(device)
+    assert daemon.stop() == 0
