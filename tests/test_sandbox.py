@@ -817,7 +817,6 @@ def prepared(sandbox, sandboxed, device_root, tmp_path):
         slot.close()
 
 
-@BOTH_LAUNCHERS
 def test_a_prepared_sandbox_runs_a_later_run_confined_to_its_own_directories(
         prepared, sandboxed, device_root):
     slot, output = prepared()
@@ -834,7 +833,10 @@ def test_a_prepared_sandbox_runs_a_later_run_confined_to_its_own_directories(
     output.seek(0)
     out = output.read().decode()
     assert f"{AGENT_DIR}/tmp/r-second\nid=r-second\nwrote=0" in out, out
+    # Its siblings are not even there, as in a sandbox set up for the run: the parent is a
+    # read-only tmpfs holding only the run's own directory (and Landlock refuses listing it).
     assert "read_sibling=1" in out and "write_sibling=1" in out and "list_parent=2" in out, out
+    assert out.count("No such file or directory") == 2, out
     assert (device_root / AGENT_DIR.lstrip("/") / "tmp/r-second/mine").read_text() == "mine\n"
     assert not (device_root / AGENT_DIR.lstrip("/") / "tmp/r-first/x").exists()
     assert (CGROUP_ROOT / "pids" / PARENT / "r-second").is_dir()  # the run's name now
@@ -874,9 +876,32 @@ def test_a_prepared_sandbox_that_ended_is_refused_and_closes_cleanly(prepared, s
 
 def test_what_cannot_be_prepared_says_why(sandbox, sandboxed, device_root):
     spec = _run_spec(sandboxed, device_root, "r-x", ["/bin/true"])
-    assert sandbox.unpreparable(spec) is None
+    if sandbox.launcher:
+        assert sandbox.unpreparable(spec) is None
     assert "per-run" in sandbox.unpreparable(dataclasses.replace(spec, per_run=()))
-    sandbox.landlock_abi = 0
-    assert "Landlock" in sandbox.unpreparable(spec)
-    with pytest.raises(SandboxError, match="Landlock"):
+    sandbox.launcher = None  # _launch.py cannot mount the run's directories
+    assert "compiled launcher" in sandbox.unpreparable(spec)
+    with pytest.raises(SandboxError, match="compiled launcher"):
         sandbox.prepare(spec, f"{PARENT}/warm-x", stdout=1, stderr=2)
+
+
+def test_a_run_in_a_prepared_sandbox_has_no_capability_left(prepared, sandboxed, device_root):
+    """The launcher mounted the run's directories with capabilities bubblewrap left it for
+    that; the run itself has none, in any set, exactly as in a sandbox set up for it."""
+    wanted = "NoNewPrivs|CapInh|CapEff|CapPrm|CapBnd|CapAmb"
+    script = f"grep -E '^({wanted}):' /proc/self/status; grep -c spos-stage /proc/self/mountinfo"
+    code, fresh_out, _ = sandboxed(sh(script))
+    slot, output = prepared()
+    run = slot.start(_run_spec(sandboxed, device_root, "r-caps", sh(script)))
+    sandboxed.runs.append(run)
+    assert run.wait(timeout=WAIT_SECONDS) == 1  # grep -c found no stage: exit 1
+    output.seek(0)
+    prepared_out = output.read().decode()
+    fields = dict(line.split(":\t") for line in prepared_out.strip().splitlines()[:-1])
+    fresh = dict(line.split(":\t") for line in fresh_out.strip().splitlines()[:-1])
+    assert all(int(fields[cap], 16) == 0 for cap in ("CapInh", "CapEff", "CapPrm", "CapAmb"))
+    assert {k: v for k, v in fields.items() if k != "CapBnd"} == \
+        {k: v for k, v in fresh.items() if k != "CapBnd"}
+    # The bounding set is emptied too (bubblewrap leaves it to no_new_privs in a fresh one).
+    assert int(fields["CapBnd"], 16) == 0 and fields["NoNewPrivs"] == "1"
+    assert prepared_out.strip().endswith("\n0")

@@ -25,7 +25,8 @@ before its run is known, and its launcher waits here, in read(), until the run's
 come. It imports nothing but built-in modules (`_ctypes` for the three Landlock system calls, which the
 standard library does not wrap), so it starts as fast as Python can. Its only argument is an fd
 holding the real arguments, NUL-terminated (so the action's environment is in no command line):
-SETUP_FD UID GID GROUPS KEEP_FDS CWD, then the Landlock arguments (`Ruleset.launcher_args`), then
+COUNT (of the arguments after it), SETUP_FD UID GID GROUPS KEEP_FDS CWD, MOUNTS (0 here; a
+prepared sandbox's run directories, which only launch.c mounts), then the Landlock arguments (`Ruleset.launcher_args`), then
 N_ENV and N `KEY=VALUE` items, `--`, and the action's argv.
 """
 
@@ -46,6 +47,9 @@ def main(args_fd):
     setup_fd = -1
     try:
         args = read_args(args_fd)
+        if not args or not args[0].isdigit() or int(args[0]) != len(args) - 1:
+            raise SetupError("launcher arguments are malformed: not the number they announce")
+        args = args[1:]
         if not args or not args[0].isdigit():
             raise SetupError("launcher arguments are malformed")
         setup_fd = int(args[0])
@@ -53,9 +57,14 @@ def main(args_fd):
         groups = [int(g) for g in args[3].split(",") if g]
         keep = {int(fd) for fd in args[4].split(",") if fd}
         cwd = args[5]
-        rules, rest = parse_landlock(args[6:])
+        if args[6] != "0":  # a prepared sandbox's mounts: launch.c's mount_run_directories
+            raise SetupError("a prepared sandbox needs the compiled launcher")
+        rules, rest = parse_landlock(args[7:])
         env_count = int(rest[0])
-        env = dict(item.split("=", 1) for item in rest[1:1 + env_count])
+        items = rest[1:1 + env_count]
+        if any("=" not in item or item.startswith("=") for item in items):
+            raise SetupError("launcher arguments are malformed: an environment item is not NAME=VALUE")
+        env = dict(item.split("=", 1) for item in items)
         if rest[1 + env_count] != "--" or len(rest) < 3 + env_count:
             raise SetupError("launcher arguments are malformed")
         argv = rest[2 + env_count:]
@@ -85,7 +94,8 @@ def main(args_fd):
 
 
 def read_args(fd):
-    """NUL-terminated arguments from an fd (a memfd: nothing in any command line)."""
+    """NUL-terminated arguments from an fd (a memfd, or a pipe: nothing in any command line);
+    the first one counts the others, so arguments cut short are refused."""
     chunks = []
     while True:
         chunk = posix.read(fd, 1 << 16)
@@ -189,11 +199,14 @@ def close_fds_except(keep):
 
 
 def reset_signals():
-    """Python ignores SIGPIPE and SIGXFSZ at start-up; an ignored signal survives exec."""
+    """An ignored signal survives exec: Python ignores SIGPIPE and SIGXFSZ at start-up, and the
+    executor may have been started ignoring others (SIGHUP under nohup). None stays ignored."""
     import _signal
 
-    for signum in (_signal.SIGPIPE, _signal.SIGXFSZ):
-        _signal.signal(signum, _signal.SIG_DFL)
+    for signum in _signal.valid_signals():
+        if signum not in (_signal.SIGKILL, _signal.SIGSTOP) and \
+                _signal.getsignal(signum) == _signal.SIG_IGN:
+            _signal.signal(signum, _signal.SIG_DFL)
 
 
 def fail(setup_fd, message, code):

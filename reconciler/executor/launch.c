@@ -1,9 +1,11 @@
 /*
- * spos-launch: the in-sandbox launcher, compiled. It does exactly what _launch.py does, with
- * the same arguments and the same messages, in a fraction of the time: Python's own start-up
- * is most of the cost of a sandboxed run's start. The protocol, the order of the steps and the
- * reasons for that order are described in _launch.py; the two must stay interchangeable
- * (tests/test_sandbox.py runs the launcher contract against both).
+ * spos-launch: the in-sandbox launcher, compiled. It does what _launch.py does, with the same
+ * arguments and the same messages, in a fraction of the time: Python's own start-up is most of
+ * the cost of a sandboxed run's start. The protocol, the order of the steps and the reasons for
+ * that order are described in _launch.py; for a sandbox set up for its run the two are
+ * interchangeable (tests/test_sandbox.py runs the launcher contract against both). Only this
+ * one also serves a prepared sandbox: it mounts the run's own directories first
+ * (mount_run_directories), with the capabilities bubblewrap left it for that, then drops them.
  *
  * Built by setup.py (reconciler/executor/_build.py) as a static executable named after the
  * digest of this file, so a stale build is never used. Linux only; needs nothing beyond libc.
@@ -18,6 +20,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/capability.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -85,8 +90,8 @@ struct args {
     size_t next;
 };
 
-/* NUL-terminated arguments from an fd (a memfd: nothing in any command line); text after the
- * last NUL is ignored. */
+/* NUL-terminated arguments from an fd (a memfd, or a pipe for a prepared sandbox: nothing in
+ * any command line). The first one counts the rest, so arguments cut short are refused. */
 static struct args read_args(int fd) {
     size_t size = 0, capacity = 1 << 16;
     char *buffer = malloc(capacity);
@@ -121,6 +126,12 @@ static struct args read_args(int fd) {
             start = buffer + i + 1;
         }
     }
+    char *declared_end;
+    errno = 0;
+    unsigned long long declared = args.count ? strtoull(args.items[0], &declared_end, 10) : 0;
+    if (args.count == 0 || errno != 0 || *declared_end != '\0' || declared != args.count - 1)
+        fail(126, "launcher arguments are malformed: not the number they announce");
+    args.next = 1;
     return args;
 }
 
@@ -140,14 +151,22 @@ static unsigned long long next_number(struct args *args) {
     return value;
 }
 
-/* A comma-separated list of numbers, maybe empty; returns how many were stored. */
-static size_t parse_list(const char *text, unsigned long long *values, size_t capacity) {
+/* A comma-separated list of numbers, maybe empty, into a new array (one spare slot at the
+ * end); returns how many were stored. */
+static size_t parse_list(const char *text, unsigned long long **out) {
+    size_t capacity = 2;
+    for (const char *c = text; *c != '\0'; c++)
+        capacity += *c == ',';
+    unsigned long long *values = calloc(capacity, sizeof *values);
+    if (values == NULL)
+        fail(126, "launcher error: out of memory");
+    *out = values;
     size_t count = 0;
     while (*text != '\0') {
         char *end;
         errno = 0;
         unsigned long long value = strtoull(text, &end, 10);
-        if (errno != 0 || end == text || (*end != ',' && *end != '\0') || count == capacity)
+        if (errno != 0 || end == text || (*end != ',' && *end != '\0') || count + 1 >= capacity)
             fail(126, "launcher arguments are malformed: bad list %s", text);
         values[count++] = value;
         text = *end == ',' ? end + 1 : end;
@@ -217,7 +236,9 @@ static void restrict_self(struct args *args) {
 
 /* Switch to the run's user; every capability must be gone afterwards. */
 static void become(uid_t uid, gid_t gid, const unsigned long long *groups, size_t count) {
-    gid_t list[256];
+    gid_t *list = calloc(count + 1, sizeof *list);
+    if (list == NULL)
+        fail(126, "launcher error: out of memory");
     for (size_t i = 0; i < count; i++)
         list[i] = (gid_t)groups[i];
     if (setgroups(count, list) < 0)
@@ -243,6 +264,65 @@ static void become(uid_t uid, gid_t gid, const unsigned long long *groups, size_
     fclose(status);
     if (left[0] != '\0')
         fail(126, "capabilities left after switching to uid %u: %s", uid, left);
+}
+
+/* A prepared sandbox's last step before its run (sandbox.py, PreparedSandbox): from the
+ * arguments N (STAGE NAME TARGET)*N, bind STAGE/NAME (the run's own directory, reached through
+ * its parent directory bound at STAGE) at TARGET (a directory made in the tmpfs that stands for
+ * that parent), detach every STAGE so nothing else of the parents stays in reach, make those
+ * tmpfs read-only, then give up every capability bubblewrap left for this (CAP_SYS_ADMIN and
+ * CAP_SETPCAP; CAP_SETUID and CAP_SETGID stay for `become` when the run is not root's). */
+static void mount_run_directories(struct args *args, uid_t uid) {
+    unsigned long long count = next_number(args);
+    if (count == 0)
+        return;
+    if (count > args->count || args->next + 3 * count > args->count)
+        fail(126, "launcher arguments are malformed");
+    size_t at = args->next;
+    for (unsigned long long i = 0; i < count; i++) {
+        const char *stage = next_arg(args), *name = next_arg(args), *target = next_arg(args);
+        char source[4096];
+        if (strchr(name, '/') != NULL || name[0] == '.' ||
+            snprintf(source, sizeof source, "%s/%s", stage, name) >= (int)sizeof source)
+            fail(126, "launcher arguments are malformed: bad run directory %s", name);
+        if (mkdir(target, 0750) < 0 && errno != EEXIST)
+            fail(126, "cannot make %s: %s", target, strerror(errno));
+        if (mount(source, target, NULL, MS_BIND | MS_REC, NULL) < 0)
+            fail(126, "cannot bind %s: %s", target, strerror(errno));
+        if (mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, NULL) < 0)
+            fail(126, "cannot remount %s: %s", target, strerror(errno));
+    }
+    args->next = at;
+    for (unsigned long long i = 0; i < count; i++) {
+        const char *stage = next_arg(args);
+        next_arg(args);
+        const char *target = next_arg(args);
+        if (umount2(stage, MNT_DETACH) < 0 && errno != EINVAL) /* EINVAL: detached already */
+            fail(126, "cannot detach %s: %s", stage, strerror(errno));
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%s", target);
+        char *slash = strrchr(parent, '/');
+        if (slash != NULL && slash != parent)
+            *slash = '\0';
+        if (mount(NULL, parent, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0 &&
+            errno != EINVAL)
+            fail(126, "cannot make %s read-only: %s", parent, strerror(errno));
+    }
+    for (int cap = 0; cap <= 63; cap++) {
+        if (uid != 0 && (cap == CAP_SETUID || cap == CAP_SETGID))
+            continue;
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+            fail(126, "cannot drop capability %d: %s", cap, strerror(errno));
+    }
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (uid != 0) {
+        data[0].effective = data[0].permitted = (1u << CAP_SETUID) | (1u << CAP_SETGID);
+    }
+    if (syscall(SYS_capset, &header, data) < 0)
+        fail(126, "cannot drop capabilities: %s", strerror(errno));
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
 }
 
 static int compare_fds(const void *a, const void *b) {
@@ -292,15 +372,23 @@ int main(int argc, char **argv) {
         fail(126, "usage: spos-launch ARGS_FD");
     struct args args = read_args((int)args_fd);
     setup_fd = (int)next_number(&args);
-    uid_t uid = (uid_t)next_number(&args);
-    gid_t gid = (gid_t)next_number(&args);
-    unsigned long long groups[256], keep[256];
-    size_t group_count = parse_list(next_arg(&args), groups, 256);
-    size_t keep_count = parse_list(next_arg(&args), keep, 255);
+    unsigned long long uid_number = next_number(&args), gid_number = next_number(&args);
+    if (uid_number >= (uid_t)-1 || gid_number >= (gid_t)-1)
+        fail(126, "launcher arguments are malformed: no such uid or gid");
+    uid_t uid = (uid_t)uid_number;
+    gid_t gid = (gid_t)gid_number;
+    unsigned long long *groups, *keep;
+    size_t group_count = parse_list(next_arg(&args), &groups);
+    size_t keep_count = parse_list(next_arg(&args), &keep);
     const char *cwd = next_arg(&args);
-    size_t landlock_at = args.next;
-    /* Skip over the Landlock arguments to check the rest before changing anything. */
+    size_t mounts_at = args.next;
+    /* Skip over the mount and Landlock arguments to check the rest before changing anything. */
     struct args probe = args;
+    unsigned long long mounts = next_number(&probe);
+    if (mounts > probe.count)
+        fail(126, "launcher arguments are malformed");
+    probe.next += 3 * mounts;
+    size_t landlock_at = probe.next;
     for (int i = 0; i < 5; i++)
         next_number(&probe);
     unsigned long long paths = next_number(&probe);
@@ -317,9 +405,14 @@ int main(int argc, char **argv) {
         probe.next + env_count + 1 >= probe.count)
         fail(126, "launcher arguments are malformed");
     char **env = probe.items + probe.next;
+    for (unsigned long long i = 0; i < env_count; i++)
+        if (strchr(env[i], '=') == NULL || env[i][0] == '=')
+            fail(126, "launcher arguments are malformed: %s is not NAME=VALUE", env[i]);
     env[env_count] = NULL; /* the "--" */
     char **action = probe.items + probe.next + env_count + 1;
 
+    args.next = mounts_at;
+    mount_run_directories(&args, uid);
     if (chdir(cwd) < 0)
         fail(126, "cannot enter working directory %s: %s", cwd, strerror(errno));
     args.next = landlock_at;

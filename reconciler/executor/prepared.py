@@ -45,8 +45,13 @@ class Slot:
     expires: float
 
     def close(self) -> None:
+        """Never raises: a prepared sandbox that cannot be cleaned up now (a process stuck in
+        the kernel) leaves its cgroup, which the next executor removes (`sweep`); the
+        executor's own work goes on."""
         try:
             self.sandbox.close()
+        except (SandboxError, OSError):
+            pass
         finally:
             for fd in (self.output_fd, self.progress_fd):
                 os.close(fd)
@@ -60,6 +65,8 @@ class PreparedPool:
         self.idle = idle
         self.slots: dict[str, Slot] = {}
         self.wanted: dict[str, SandboxSpec] = {}  # agent -> its latest run's spec, oldest first
+        self.last_run: dict[str, int] = {}  # agent -> when its latest run started (a counter)
+        self._runs = 0
         owner = identity()
         self._owner = f"{owner['pid']}-{owner['startTicks']}"
 
@@ -78,19 +85,24 @@ class PreparedPool:
             return
         self.wanted.pop(agent, None)
         self.wanted[agent] = spec
+        self._runs += 1
+        self.last_run[agent] = self._runs
 
     def pending(self, idle) -> bool:
         """Whether `fill(idle)` has work to do."""
         return self._next(idle) is not None
 
     def fill(self, idle) -> Slot | None:
-        """Prepare one sandbox, within the limit: for the most recently active agent that has
-        none and for which `idle(agent)` is true (no run of it is active, so a prepared
-        sandbox never takes from its runs' share of the agent's cgroup). One that cannot be
-        prepared is not tried again until that agent's next run starts."""
+        """Prepare one sandbox: for the most recently active agent that has none and for
+        which `idle(agent)` is true (no run of it is active, so a prepared sandbox never takes
+        from its runs' share of the agent's cgroup). At the limit, the sandbox of the least
+        recently active agent makes room, if that agent ran before this one. One that cannot
+        be prepared is not tried again until that agent's next run starts."""
         agent = self._next(idle)
         if agent is None:
             return None
+        if len(self.slots) >= self.limit:  # the least recently active agent's makes room
+            self.slots.pop(self._least_recent()).close()
         spec = self.wanted.pop(agent)
         output_read, output_write = os.pipe2(os.O_CLOEXEC)
         progress_read, progress_write = os.pipe2(os.O_CLOEXEC)
@@ -111,9 +123,16 @@ class PreparedPool:
         return slot
 
     def _next(self, idle) -> str | None:
-        if len(self.slots) >= self.limit:
+        agent = next((a for a in reversed(self.wanted) if a not in self.slots and idle(a)), None)
+        if agent is None or self.limit <= 0:
             return None
-        return next((a for a in reversed(self.wanted) if a not in self.slots and idle(a)), None)
+        if len(self.slots) >= self.limit and \
+                self.last_run.get(self._least_recent(), 0) >= self.last_run.get(agent, 0):
+            return None
+        return agent
+
+    def _least_recent(self) -> str:
+        return min(self.slots, key=lambda a: self.last_run.get(a, 0))
 
     def next_expiry(self) -> float | None:
         return min((slot.expires for slot in self.slots.values()), default=None)
@@ -131,9 +150,12 @@ class PreparedPool:
             self.slots.pop(agent).close()
         for agent in [a for a in self.wanted if not keep(a)]:
             del self.wanted[agent]
+        for agent in [a for a in self.last_run if not keep(a)]:
+            del self.last_run[agent]
 
     def close(self) -> None:
         self.wanted.clear()
+        self.last_run.clear()
         while self.slots:
             _, slot = self.slots.popitem()
             slot.close()

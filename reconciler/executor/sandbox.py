@@ -22,6 +22,7 @@ temporary root has no `/usr`). With root `/` these binds are identities.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -60,6 +61,9 @@ _SETTLE_SECONDS = 0.05  # after a normal exit, how long the cgroup may take to e
 _LAUNCHER = Path(__file__).with_name("_launch.py")
 # Where the compiled launcher is bound: in the private, read-only /run, seen by no other process.
 LAUNCHER_IN_SANDBOX = "/run/spos-launch"
+# Where a prepared sandbox's launcher finds the parents of the run's own directories, until it
+# has mounted those and detached these (launch.c, mount_run_directories).
+STAGE_DIR = "/run/spos-stage"
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
@@ -137,8 +141,8 @@ class Sandbox:
         """Why runs of `spec`'s shape cannot get a prepared sandbox; None when they can."""
         if not spec.per_run:
             return "the spec names no per-run paths"
-        if not self.landlock_abi:
-            return "without Landlock a run could reach its siblings' directories"
+        if not self.launcher:
+            return "only the compiled launcher mounts a run's directories into a prepared sandbox"
         if spec.egress is not None:
             return "a filtered network is linked to one run's sandbox"
         if any(path not in spec.write for path in spec.per_run):
@@ -148,11 +152,12 @@ class Sandbox:
     def prepare(self, spec: SandboxSpec, cgroup_name: str, *, stdin=subprocess.DEVNULL,
                 stdout: int, stderr: int, pass_fds: tuple[int, ...] = ()) -> PreparedSandbox:
         """Set up, ahead of time, a sandbox for a later run of `spec`'s shape: its cgroup (named
-        `cgroup_name` until the run takes it), bubblewrap's view with the parent directories of
-        `spec.per_run` bound, and the launcher waiting for the run's arguments. `spec` is any
-        run of that shape (the last one, say); its argv, env, cwd and per-run paths are not
-        used. The fds are the later run's, as with `spawn`. Refused (SandboxError) for the
-        cases `unpreparable` names."""
+        `cgroup_name` until the run takes it), bubblewrap's view, and the launcher waiting for
+        the run's arguments. The parents of `spec.per_run` are seen as empty tmpfs; the launcher
+        alone reaches the real ones (at STAGE_DIR), to mount the run's own directories there
+        when the run comes and detach the rest. `spec` is any run of that shape (the last one,
+        say); its argv, env, cwd and per-run paths are not used. The fds are the later run's,
+        as with `spawn`. Refused (SandboxError) for the cases `unpreparable` names."""
         why = self.unpreparable(spec)
         if why:
             raise SandboxError(f"cannot prepare a sandbox: {why}")
@@ -160,14 +165,15 @@ class Sandbox:
         self._check_launcher_visible(spec.denied)
         shape = _shape_of(spec)
         identity = _identity(shape.user)
-        plan = MountPlan(self.device, shape)
+        plan = MountPlan(self.device, shape, staged=shape.per_run)
+        parents = tuple(_identity_of(self.device, parent) for parent in shape.per_run)
         prepared = dataclasses.replace(shape, cgroup_name=cgroup_name)
         cgroup = self._cgroup(prepared, plan)
         process, setup_read, _, args_write, setup_write = self._start(
             prepared, plan, cgroup, identity, dict(stdin=stdin, stdout=stdout, stderr=stderr),
             tuple(pass_fds), None)
         return PreparedSandbox(self, shape, plan, identity, process, cgroup, setup_read,
-                               args_write, tuple(pass_fds), setup_write)
+                               args_write, tuple(pass_fds), setup_write, parents)
 
     def _cgroup(self, spec: SandboxSpec, plan: MountPlan) -> RunCgroup:
         limits = spec.limits
@@ -264,25 +270,31 @@ class Sandbox:
         """bubblewrap's options; they reach it through an fd (`--args`), like the launcher's
         arguments, so no command line that every local user can read shows the spec."""
         uid = identity[0]
+        # A prepared sandbox's launcher mounts the run's directories, then drops these too.
+        mounting = ["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP"] if plan.staged else []
         return [
             "--die-with-parent", "--new-session", *NAMESPACE_OPTIONS,
             *([] if spec.network else ["--unshare-net"]),
             "--cap-drop", "ALL",
             *(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if uid != 0 else []),
+            *mounting,
             *plan.arguments(hide_fds, source_fds, network=spec.network or spec.egress is not None,
                             launcher=launcher),
         ]  # no --chdir: the launcher enters spec.cwd (which a prepared sandbox learns late)
 
     @staticmethod
-    def _launcher_args(spec, ruleset, identity, setup_fd, pass_fds) -> list[str]:
-        """The launcher's arguments (layout in _launch.py), also handed over through an fd."""
+    def _launcher_args(spec, ruleset, identity, setup_fd, pass_fds, mounts=()) -> list[str]:
+        """The launcher's arguments (layout in _launch.py), also handed over through an fd.
+        `mounts`: a prepared sandbox's (stage, name, target) run directories."""
         uid, gid, groups = identity
         env_items = [f"{key}={value}" for key, value in spec.env.items()]
-        return [
+        body = [
             str(setup_fd), str(uid), str(gid), ",".join(map(str, groups)),
-            ",".join(map(str, pass_fds)), spec.cwd, *ruleset.launcher_args(),
-            str(len(env_items)), *env_items, "--", *spec.argv,
+            ",".join(map(str, pass_fds)), spec.cwd,
+            str(len(mounts)), *(part for mount in mounts for part in mount),
+            *ruleset.launcher_args(), str(len(env_items)), *env_items, "--", *spec.argv,
         ]
+        return [str(len(body)), *body]
 
     def _ruleset(self, spec: SandboxSpec, plan: MountPlan) -> landlock.Ruleset:
         connect_ports = spec.connect_ports if spec.network else None
@@ -450,7 +462,8 @@ class PreparedSandbox:
 
     def __init__(self, sandbox: Sandbox, shape: SandboxSpec, plan: MountPlan, identity,
                  process: _Child, cgroup: RunCgroup, setup_fd: int, args_fd: int,
-                 pass_fds: tuple[int, ...], setup_fd_in_child: int):
+                 pass_fds: tuple[int, ...], setup_fd_in_child: int,
+                 parents: tuple[tuple[int, int] | None, ...]):
         self._sandbox = sandbox
         self.shape = shape
         self._plan = plan
@@ -463,6 +476,7 @@ class PreparedSandbox:
         # The setup pipe's write end as the launcher knows it: its number in the executor when
         # bubblewrap was forked (closed here since; the child kept it).
         self._setup_fd_in_child = setup_fd_in_child
+        self._parents = parents  # (device, inode) of each staged parent when it was bound
         self.pid = process.pid
         self.pidfd = process.pidfd
         self._done = False
@@ -472,34 +486,56 @@ class PreparedSandbox:
 
     def start(self, spec: SandboxSpec) -> SandboxedRun:
         """Run `spec` here: the cgroup takes the run's name, the launcher gets the run's
-        arguments (Landlock rules for exactly its paths, its environment, cwd and argv).
-        SandboxError when it cannot (another shape, the sandbox ended): the caller then
-        closes this one and spawns the run afresh. `pass_fds` are those given to prepare."""
+        arguments (its own directories to mount, Landlock rules for exactly its paths, its
+        environment, cwd and argv). SandboxError when it cannot (another shape, the sandbox
+        ended, a parent directory replaced since, arguments too large for the pipe), before
+        anything of the run started: the caller then closes this one and spawns the run
+        afresh. `pass_fds` are those given to prepare."""
         if not self.matches(spec):
             raise SandboxError("the run's sandbox differs from the prepared one")
         _check_spec(spec)
-        for path in (spec.cwd, *spec.per_run):
-            if self._plan.kind_in_view(path) != "dir":
-                raise SandboxError(f"{path} does not exist in the prepared sandbox")
+        device = self._sandbox.device
+        mounts = []
+        for path in spec.per_run:
+            index = self.shape.per_run.index(posixpath.dirname(path))
+            if _identity_of(device, posixpath.dirname(path)) != self._parents[index]:
+                raise SandboxError(f"{posixpath.dirname(path)} was replaced since the sandbox "
+                                   "was prepared", retryable=True)
+            if _identity_of(device, path) is None:
+                raise SandboxError(f"{path} does not exist")
+            mounts.append((f"{STAGE_DIR}/{index}", posixpath.basename(path), path))
+        if not any(_is_within(spec.cwd, path) for path in spec.per_run) \
+                and self._plan.kind_in_view(spec.cwd) != "dir":
+            raise SandboxError(f"working directory {spec.cwd} does not exist in the sandbox")
         if self._process.poll() is not None:
             raise SandboxError("the prepared sandbox has ended", retryable=True)
         ruleset = self._sandbox._ruleset(spec, self._plan)
         data = "".join(f"{arg}\0" for arg in self._sandbox._launcher_args(
-            spec, ruleset, self._identity, self._setup_fd_in_child, self.pass_fds))
+            spec, ruleset, self._identity, self._setup_fd_in_child, self.pass_fds, mounts))
         data = data.encode(_FS_ENCODING, _FS_ERRORS)
+        if len(data) > _pipe_capacity(self._args_fd, len(data)):
+            raise SandboxError("the run's arguments are too large for a prepared sandbox",
+                               retryable=True)
         try:
             self._cgroup = self._sandbox.cgroups.rename(self._cgroup, spec.cgroup_name)
         except CgroupError as exc:
             raise SandboxError(str(exc), retryable=True) from exc
         try:
-            if os.write(self._args_fd, data) != len(data):
-                raise SandboxError("the run's arguments do not fit the prepared sandbox's pipe")
-        except OSError as exc:  # EAGAIN (too large), EPIPE (the launcher is gone)
-            raise SandboxError(f"cannot hand the run to the prepared sandbox: {exc}",
-                               retryable=True) from exc
-        finally:
+            written = os.write(self._args_fd, data)  # into an empty pipe that holds it all
+        except OSError as exc:  # EPIPE: the launcher is gone
+            written, failure = 0, exc
+        else:
+            failure = None
+        if written != len(data):
+            # The count in front makes a cut copy malformed anyway; no part of it may run.
+            with contextlib.suppress(CgroupError):
+                self._cgroup.kill_all()
             os.close(self._args_fd)
             self._args_fd = -1
+            raise SandboxError(f"cannot hand the run to the prepared sandbox: {failure or 'short write'}",
+                               retryable=True)
+        os.close(self._args_fd)
+        self._args_fd = -1
         self._done = True
         return SandboxedRun(self._process, self._cgroup, self._setup_fd,
                             own_network=not spec.network)
@@ -510,10 +546,27 @@ class PreparedSandbox:
         if self._done:
             return
         self._done = True
+        # The forked child may not even have joined the cgroup yet (it does so itself): kill
+        # and reap it first, so nothing can join after the cgroup was emptied. What bubblewrap
+        # started is in the cgroup already; cleanup() kills that.
+        if self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            self._process.wait()
         if self._args_fd >= 0:
             os.close(self._args_fd)
             self._args_fd = -1
         SandboxedRun(self._process, self._cgroup, self._setup_fd).cleanup()
+
+
+def _pipe_capacity(fd: int, wanted: int) -> int:
+    """The pipe's capacity, raised towards `wanted` when that is more (up to the system's
+    pipe-max-size)."""
+    capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    if wanted > capacity:
+        with contextlib.suppress(OSError):
+            capacity = fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, wanted)
+    return capacity
 
 
 @dataclass(frozen=True)
@@ -531,13 +584,16 @@ class MountPlan:
     made by replacing the deepest existing directory above it with a tmpfs holding read-only
     binds of that directory's entries, then remounting that tmpfs read-only."""
 
-    def __init__(self, device: Device, spec: SandboxSpec):
+    def __init__(self, device: Device, spec: SandboxSpec, staged: tuple[str, ...] = ()):
         self.device = device
         self.host_root = device.root == Path("/")
         self.binds = self._path_binds(spec)
         self.device_binds, self.device_rules = self._device_binds(spec.devices)
+        # A prepared sandbox's per-run parents: each bound read-write at STAGE_DIR/<i> for the
+        # launcher, and seen as an empty tmpfs where it mounts the run's own directory.
+        self.staged = staged
         self.synthesized = self._synthesize(
-            [*PRIVATE_TMPFS, *(b.dest for b in (*self.binds, *self.device_binds))])
+            [*PRIVATE_TMPFS, *staged, *(b.dest for b in (*self.binds, *self.device_binds))])
         self.hidden_dirs, self.hidden_files = self._hidden(spec.denied)
         if self.kind_in_view(spec.cwd) != "dir":
             raise SandboxError(f"working directory {spec.cwd} does not exist in the sandbox")
@@ -547,8 +603,8 @@ class MountPlan:
         following any link: what gets mounted is what was checked, even if someone swaps a
         directory for a symlink meanwhile. Each fd is appended to `opened` (the caller closes)."""
         fds = []
-        for bind in self.binds:
-            fds.append(_open_without_links(str(self.device.root), bind.dest))
+        for path in (*(bind.dest for bind in self.binds), *self.staged):
+            fds.append(_open_without_links(str(self.device.root), path))
             opened.append(fds[-1])
         return fds
 
@@ -571,6 +627,10 @@ class MountPlan:
             args += _resolver_binds()
         for directory in self.created_dirs:  # bubblewrap would make them 0700
             args += ["--perms", "0755", "--dir", directory]
+        for directory in self.staged:
+            args += ["--perms", "0755", "--tmpfs", directory]
+        for index, fd in enumerate(source_fds[len(self.binds):]):
+            args += ["--bind-fd", str(fd), f"{STAGE_DIR}/{index}"]
         for bind, fd in zip(self.binds, source_fds):
             args += [f"{bind.option}-fd", str(fd), bind.dest]
         for bind in self.device_binds:
@@ -747,11 +807,22 @@ def _resolver_binds() -> list[str]:
 
 
 def _shape_of(spec: SandboxSpec) -> SandboxSpec:
-    """What a prepared sandbox is built from: the spec without what is the run's own."""
+    """What a prepared sandbox is built from: the spec without what is the run's own; its
+    `per_run` holds the parents of the run's own directories instead."""
     per_run = set(spec.per_run)
-    write = tuple(dict.fromkeys(posixpath.dirname(p) if p in per_run else p for p in spec.write))
-    return dataclasses.replace(spec, argv=[], env={}, cwd="/", cgroup_name="", per_run=(),
-                               write=write)
+    return dataclasses.replace(
+        spec, argv=[], env={}, cwd="/", cgroup_name="",
+        write=tuple(p for p in spec.write if p not in per_run),
+        per_run=tuple(dict.fromkeys(posixpath.dirname(p) for p in spec.per_run)))
+
+
+def _identity_of(device: Device, path: str) -> tuple[int, int] | None:
+    """(device, inode) of a directory under the root, None when it is missing."""
+    try:
+        st = os.stat(device.host(path))
+    except (OSError, SposError):
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _check_spec(spec: SandboxSpec) -> None:
@@ -856,10 +927,15 @@ class _Child:
     @classmethod
     def start(cls, argv: list[str], *, stdio: list[int | None], keep: tuple[int, ...],
               join_fds: list[int], nice: int | None, error_fd: int) -> _Child:
+        # Ignored signals survive exec (Python ignores SIGPIPE and SIGXFSZ, nohup SIGHUP...):
+        # listed here, set back to default in the child.
+        ignored = [s for s in signal.valid_signals()
+                   if s not in (signal.SIGKILL, signal.SIGSTOP)
+                   and signal.getsignal(s) == signal.SIG_IGN]
         pid = os.fork()
         if pid == 0:
             try:
-                _enter_child(stdio, keep, join_fds, nice)
+                _enter_child(stdio, keep, join_fds, nice, ignored)
                 os.execve(argv[0], argv, {})
             except BaseException as exc:  # in the child: report, never return into the caller
                 _report_and_exit(error_fd, f"cannot start bubblewrap: {exc}")
@@ -891,7 +967,7 @@ class _Child:
 
 
 def _enter_child(stdio: list[int | None], keep: tuple[int, ...], join_fds: list[int],
-                 nice: int | None) -> None:
+                 nice: int | None, ignored: list[int]) -> None:
     """In the forked child, before bubblewrap is executed: join the run's cgroup (so nothing of
     the run is ever outside it), take the nice level, set up fds 0-2, keep only `keep` open,
     default signal handling. Only system calls on values prepared by the parent."""
@@ -911,7 +987,7 @@ def _enter_child(stdio: list[int | None], keep: tuple[int, ...], join_fds: list[
         low = fd + 1
     os.closerange(low, _MAX_FD)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+    for signum in ignored:
         signal.signal(signum, signal.SIG_DFL)
 
 
