@@ -118,11 +118,19 @@ def parse_landlock(args):
 
 
 def become(uid, gid, groups):
+    # bubblewrap leaves CAP_SETUID and CAP_SETGID inheritable too: keep them effective and
+    # permitted only, for the switch below (capset(2): version 3 header, two data triples).
+    capset, errno_of = libc_function("capset")
+    keep = ((1 << 6) | (1 << 7)).to_bytes(4, sys.byteorder)  # CAP_SETGID, CAP_SETUID
+    header = (0x20080522).to_bytes(4, sys.byteorder) + bytes(4)
+    if capset(header, keep + keep + bytes(4) + bytes(12)) != 0:
+        raise SetupError(f"capset failed: {posix.strerror(errno_of())}")
     posix.setgroups(groups)
     posix.setresgid(gid, gid, gid)
     posix.setresuid(uid, uid, uid)
     with open("/proc/self/status") as status:
-        caps = [line.split()[1] for line in status if line.startswith(("CapPrm", "CapEff", "CapAmb"))]
+        caps = [line.split()[1] for line in status
+                if line.startswith(("CapPrm", "CapEff", "CapAmb", "CapInh"))]
     if any(int(value, 16) for value in caps):
         raise SetupError(f"capabilities left after switching to uid {uid}: {caps}")
 
@@ -169,6 +177,11 @@ def add_path_rule(syscall, errno_of, ruleset, rights, path, file_rights):
 
 def libc_syscall():
     """libc's syscall(2) through the bare `_ctypes` module (importing `ctypes` costs ~6 ms)."""
+    return libc_function("syscall")
+
+
+def libc_function(name):
+    """A libc function taking ints and buffers and returning a C long, and the errno getter."""
     import _ctypes
 
     class Long(_ctypes._SimpleCData):
@@ -181,7 +194,7 @@ def libc_syscall():
     class Libc:
         _handle = _ctypes.dlopen(None)
 
-    function = Function(("syscall", Libc))
+    function = Function((name, Libc))
 
     def syscall(*args):
         return function(*(Long(a) if isinstance(a, int) else a for a in args))

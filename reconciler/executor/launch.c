@@ -21,9 +21,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/capability.h>
+#include <linux/magic.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -241,6 +244,13 @@ static void become(uid_t uid, gid_t gid, const unsigned long long *groups, size_
         fail(126, "launcher error: out of memory");
     for (size_t i = 0; i < count; i++)
         list[i] = (gid_t)groups[i];
+    /* bubblewrap leaves CAP_SETUID and CAP_SETGID inheritable too: clear that set first. */
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &header, data) == 0) {
+        data[0].inheritable = data[1].inheritable = 0;
+        syscall(SYS_capset, &header, data);
+    }
     if (setgroups(count, list) < 0)
         fail(126, "launcher error: setgroups failed: %s", strerror(errno));
     if (setresgid(gid, gid, gid) < 0)
@@ -253,7 +263,7 @@ static void become(uid_t uid, gid_t gid, const unsigned long long *groups, size_
     char line[256], left[256] = "";
     while (fgets(line, sizeof line, status) != NULL) {
         if (strncmp(line, "CapPrm:", 7) != 0 && strncmp(line, "CapEff:", 7) != 0 &&
-            strncmp(line, "CapAmb:", 7) != 0)
+            strncmp(line, "CapAmb:", 7) != 0 && strncmp(line, "CapInh:", 7) != 0)
             continue;
         if (strtoull(line + 7, NULL, 16) != 0) {
             line[strcspn(line, "\n")] = '\0';
@@ -272,24 +282,95 @@ static void become(uid_t uid, gid_t gid, const unsigned long long *groups, size_
  * that parent), detach every STAGE so nothing else of the parents stays in reach, make those
  * tmpfs read-only, then give up every capability bubblewrap left for this (CAP_SYS_ADMIN and
  * CAP_SETPCAP; CAP_SETUID and CAP_SETGID stay for `become` when the run is not root's). */
+static int valid_run_name(const char *name) {
+    if (name[0] == '\0' || strlen(name) > 255)
+        return 0;
+    for (const char *c = name; *c != '\0'; c++)
+        if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+              *c == '_' || *c == '-'))
+            return 0;
+    return 1;
+}
+
+/* The parent of a target, which must be a tmpfs mount of its own (the one bubblewrap made for
+ * it): never anything of the host's. */
+static void parent_of(const char *target, char *parent, size_t size) {
+    if (snprintf(parent, size, "%s", target) >= (int)size)
+        fail(126, "launcher arguments are malformed: %s is too long", target);
+    char *slash = strrchr(parent, '/');
+    if (slash == NULL || slash == parent)
+        fail(126, "launcher arguments are malformed: %s has no parent", target);
+    *slash = '\0';
+    struct statfs fs;
+    if (statfs(parent, &fs) < 0 || fs.f_type != TMPFS_MAGIC)
+        fail(126, "%s is not the prepared sandbox's tmpfs", parent);
+}
+
+static int has_capability(int cap) {
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &header, data) < 0)
+        return 1; /* cannot tell: act as if it had */
+    return (data[cap / 32].permitted >> (cap % 32)) & 1;
+}
+
+/* Give up every capability bubblewrap left for mounting, in every set, bounding set included;
+ * CAP_SETUID and CAP_SETGID stay (effective and permitted only) when `become` needs them. */
+static void drop_mount_capabilities(uid_t uid) {
+    for (int cap = 0; cap <= 63; cap++) {
+        if (uid != 0 && (cap == CAP_SETUID || cap == CAP_SETGID))
+            continue;
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+            fail(126, "cannot drop capability %d: %s", cap, strerror(errno));
+    }
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (uid != 0)
+        data[0].effective = data[0].permitted = (1u << CAP_SETUID) | (1u << CAP_SETGID);
+    if (syscall(SYS_capset, &header, data) < 0)
+        fail(126, "cannot drop capabilities: %s", strerror(errno));
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    if (has_capability(CAP_SYS_ADMIN) || has_capability(CAP_SETPCAP))
+        fail(126, "capabilities left after mounting the run's directories");
+}
+
 static void mount_run_directories(struct args *args, uid_t uid) {
     unsigned long long count = next_number(args);
-    if (count == 0)
-        return;
     if (count > args->count || args->next + 3 * count > args->count)
         fail(126, "launcher arguments are malformed");
     size_t at = args->next;
     for (unsigned long long i = 0; i < count; i++) {
         const char *stage = next_arg(args), *name = next_arg(args), *target = next_arg(args);
-        char source[4096];
-        if (strchr(name, '/') != NULL || name[0] == '.' ||
-            snprintf(source, sizeof source, "%s/%s", stage, name) >= (int)sizeof source)
+        if (!valid_run_name(name))
             fail(126, "launcher arguments are malformed: bad run directory %s", name);
+        char parent[4096];
+        parent_of(target, parent, sizeof parent);
+        /* The run's directory itself, never through a link, on the stage's file system. */
+        int stage_fd = open(stage, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (stage_fd < 0)
+            fail(126, "cannot open %s: %s", stage, strerror(errno));
+        int fd = openat(stage_fd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        struct stat stage_status, status;
+        if (fd < 0 || fstat(stage_fd, &stage_status) < 0 || fstat(fd, &status) < 0 ||
+            status.st_dev != stage_status.st_dev)
+            fail(126, "the run's directory %s/%s is not a directory of its own", stage, name);
+        close(stage_fd);
+        char source[64];
+        snprintf(source, sizeof source, "/proc/self/fd/%d", fd);
         if (mkdir(target, 0750) < 0 && errno != EEXIST)
             fail(126, "cannot make %s: %s", target, strerror(errno));
-        if (mount(source, target, NULL, MS_BIND | MS_REC, NULL) < 0)
+        if (mount(source, target, NULL, MS_BIND, NULL) < 0)
             fail(126, "cannot bind %s: %s", target, strerror(errno));
-        if (mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, NULL) < 0)
+        close(fd);
+        /* Keep what the stage's mount had (nosuid, nodev; read-only if it was). */
+        struct statvfs mounted;
+        if (statvfs(target, &mounted) < 0)
+            fail(126, "cannot look at %s: %s", target, strerror(errno));
+        unsigned long flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV;
+        if (mounted.f_flag & ST_RDONLY)
+            flags |= MS_RDONLY;
+        if (mount(NULL, target, NULL, flags, NULL) < 0)
             fail(126, "cannot remount %s: %s", target, strerror(errno));
     }
     args->next = at;
@@ -300,29 +381,15 @@ static void mount_run_directories(struct args *args, uid_t uid) {
         if (umount2(stage, MNT_DETACH) < 0 && errno != EINVAL) /* EINVAL: detached already */
             fail(126, "cannot detach %s: %s", stage, strerror(errno));
         char parent[4096];
-        snprintf(parent, sizeof parent, "%s", target);
-        char *slash = strrchr(parent, '/');
-        if (slash != NULL && slash != parent)
-            *slash = '\0';
-        if (mount(NULL, parent, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0 &&
-            errno != EINVAL)
+        parent_of(target, parent, sizeof parent);
+        /* This mount only (MS_BIND): a remount without it would change the file system. */
+        if (mount(NULL, parent, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV,
+                  NULL) < 0)
             fail(126, "cannot make %s read-only: %s", parent, strerror(errno));
     }
-    for (int cap = 0; cap <= 63; cap++) {
-        if (uid != 0 && (cap == CAP_SETUID || cap == CAP_SETGID))
-            continue;
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
-            fail(126, "cannot drop capability %d: %s", cap, strerror(errno));
-    }
-    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[2];
-    memset(data, 0, sizeof data);
-    if (uid != 0) {
-        data[0].effective = data[0].permitted = (1u << CAP_SETUID) | (1u << CAP_SETGID);
-    }
-    if (syscall(SYS_capset, &header, data) < 0)
-        fail(126, "cannot drop capabilities: %s", strerror(errno));
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    /* Whatever was asked, no capability for mounting ever reaches the action. */
+    if (has_capability(CAP_SYS_ADMIN) || has_capability(CAP_SETPCAP))
+        drop_mount_capabilities(uid);
 }
 
 static int compare_fds(const void *a, const void *b) {

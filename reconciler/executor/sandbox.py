@@ -29,6 +29,7 @@ import fcntl
 import os
 import posixpath
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -61,6 +62,8 @@ _SETTLE_SECONDS = 0.05  # after a normal exit, how long the cgroup may take to e
 _LAUNCHER = Path(__file__).with_name("_launch.py")
 # Where the compiled launcher is bound: in the private, read-only /run, seen by no other process.
 LAUNCHER_IN_SANDBOX = "/run/spos-launch"
+# What a prepared sandbox's launcher accepts as the name of a run's directory (a run id).
+_RUN_NAME = re.compile(r"[0-9A-Za-z_-]{1,255}")
 # Where a prepared sandbox's launcher finds the parents of the run's own directories, until it
 # has mounted those and detached these (launch.c, mount_run_directories).
 STAGE_DIR = "/run/spos-stage"
@@ -147,6 +150,16 @@ class Sandbox:
             return "a filtered network is linked to one run's sandbox"
         if any(path not in spec.write for path in spec.per_run):
             return "a per-run path is not writable"
+        if any(not _RUN_NAME.fullmatch(posixpath.basename(path)) for path in spec.per_run):
+            return "a per-run path is not a run's directory"
+        parents = {posixpath.dirname(path) for path in spec.per_run}
+        others = [p for p in (*spec.write, *spec.read, *spec.execute, *spec.denied, *spec.devices)
+                  if p not in spec.per_run]
+        for parent in parents:
+            for path in others:
+                if _is_within(parent, path) or _is_within(path, parent):
+                    return (f"{path} overlaps {parent}, which a prepared sandbox replaces "
+                            "until the run's directories are mounted")
         return None
 
     def prepare(self, spec: SandboxSpec, cgroup_name: str, *, stdin=subprocess.DEVNULL,
@@ -494,6 +507,9 @@ class PreparedSandbox:
         if not self.matches(spec):
             raise SandboxError("the run's sandbox differs from the prepared one")
         _check_spec(spec)
+        why = self._sandbox.unpreparable(spec)
+        if why:
+            raise SandboxError(f"cannot run in a prepared sandbox: {why}")
         device = self._sandbox.device
         mounts = []
         for path in spec.per_run:
@@ -829,7 +845,7 @@ def _check_spec(spec: SandboxSpec) -> None:
     if not spec.argv or not spec.argv[0].startswith("/"):
         raise SandboxError(f"argv[0] must be an absolute path: {spec.argv!r}")
     for path in (spec.cwd, spec.argv[0], *spec.read, *spec.write, *spec.execute, *spec.denied,
-                 *spec.devices):
+                 *spec.devices, *spec.per_run):
         if not path.startswith("/") or path.startswith("//") or posixpath.normpath(path) != path \
                 or "\0" in path:
             raise SandboxError(f"sandbox paths must be absolute and normalised: {path!r}")
