@@ -512,15 +512,13 @@ class Executor:
     def _spawn(self, agent: str, spec):
         """Start `spec` in the agent's prepared sandbox when it has one that fits, else in a
         new one. Returns (the run, its output and progress pipes' read ends, prepared?)."""
-        from reconciler.executor.sandbox import SandboxError
-
         slot = self.prepared.take(agent, spec) if self.prepared is not None else None
         if slot is not None:
             spec.env["SPOS_PROGRESS_FD"] = str(slot.progress_number)
             try:
                 return slot.sandbox.start(spec), slot.output_fd, slot.progress_fd, True
-            except SandboxError:
-                slot.close()  # it ended, or cannot take this run: start afresh
+            except Exception:  # it ended, or cannot take this run: start afresh (start()
+                slot.close()   # hands nothing of the run over when it raises)
         output_read, output_write = os.pipe()
         progress_read, progress_write = os.pipe()
         try:

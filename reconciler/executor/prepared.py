@@ -110,7 +110,7 @@ class PreparedPool:
             prepared = self.sandbox.prepare(
                 spec, f"{self.cgroup_parent}/{agent}/{PREFIX}{self._owner}-{os.urandom(4).hex()}",
                 stdout=output_write, stderr=output_write, pass_fds=(progress_write,))
-        except (SandboxError, OSError):
+        except Exception:  # an optimisation only: whatever went wrong, runs start afresh
             os.close(output_read)
             os.close(progress_read)
             return None
