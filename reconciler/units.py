@@ -1,44 +1,103 @@
-"""The quantities manifests are written in: durations, byte sizes, CPU percentages. Pure."""
+"""The quantities manifests are written in: durations, byte sizes, CPU percentages. Pure.
+
+Read by hand rather than with `re`: a crontab line's `spos action run --deadline 10m` parses a
+duration every minute, and importing `re` would cost it more than the rest of the parse and the
+enqueue together. The grammar is what the schemas' patterns say; digits are what `\\d` matches
+(any Unicode decimal digit) and, as with `$`, one newline may end the text
+(tests/test_units.py holds these readers to those regular expressions).
+"""
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
-
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
-_DURATION = re.compile(r"^(?:\d+(?:ms|s|m|h|d))+$")
 _DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_SIZE = re.compile(r"^(\d+)(K|M|G|T|Ki|Mi|Gi|Ti)?$")
 _SIZE_FACTOR = {
-    None: 1,
+    "": 1,
     "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
 }
-_PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
+_CACHE_LIMIT = 1024
+_seconds: dict[str, int | float] = {}
+_sizes: dict[str, int] = {}
+_percents: dict[str, float] = {}
 
 
-@lru_cache(maxsize=1024)
 def seconds(text: str) -> int | float:
     """`"1h30m"` -> 5400, `"1500ms"` -> 1.5. Raises ValueError for anything else."""
-    if not _DURATION.match(text):
+    known = _seconds.get(text)
+    if known is not None:
+        return known
+    if not isinstance(text, str):
+        raise TypeError(f"a duration is text, not {type(text).__name__}")
+    milliseconds = _duration_ms(text)
+    if milliseconds is None:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 5m, 2h, 1h30m, 7d)")
-    milliseconds = sum(int(n) * _DURATION_MS[unit] for n, unit in _DURATION_PART.findall(text))
-    return milliseconds // 1000 if milliseconds % 1000 == 0 else milliseconds / 1000
+    value = milliseconds // 1000 if milliseconds % 1000 == 0 else milliseconds / 1000
+    return _remember(_seconds, text, value)
 
 
-@lru_cache(maxsize=1024)
 def size_bytes(text: str) -> int:
     """`"2G"` -> 2_000_000_000, `"1Gi"` -> 1_073_741_824."""
-    match = _SIZE.match(str(text))
-    if not match:
+    text = str(text)
+    known = _sizes.get(text)
+    if known is not None:
+        return known
+    body = _without_final_newline(text)
+    digits, unit = _leading_digits(body)
+    if not digits or unit not in _SIZE_FACTOR:
         raise ValueError(f"not a size: {text!r} (use e.g. 512M, 2G, 1Gi)")
-    return int(match.group(1)) * _SIZE_FACTOR[match.group(2)]
+    return _remember(_sizes, text, int(digits) * _SIZE_FACTOR[unit])
 
 
-@lru_cache(maxsize=1024)
 def percent(text: str) -> float:
     """`"150%"` -> 150.0 (one and a half CPUs)."""
-    match = _PERCENT.match(str(text))
-    if not match:
+    text = str(text)
+    known = _percents.get(text)
+    if known is not None:
+        return known
+    body = _without_final_newline(text)
+    number = body[:-1]
+    whole, dot, fraction = number.partition(".")
+    if (not body.endswith("%") or not _all_digits(whole)
+            or (dot and not _all_digits(fraction))):
         raise ValueError(f"not a percentage: {text!r} (use e.g. 50%)")
-    return float(match.group(1))
+    return _remember(_percents, text, float(number))
+
+
+def _duration_ms(text: str) -> int | None:
+    """The sum of the `<digits><unit>` parts that make up all of `text`, or None."""
+    body = _without_final_newline(text)
+    if not body:
+        return None
+    total = 0
+    while body:
+        digits, body = _leading_digits(body)
+        if not digits:
+            return None
+        unit = "ms" if body.startswith("ms") else body[:1]
+        if unit not in _DURATION_MS:
+            return None
+        total += int(digits) * _DURATION_MS[unit]
+        body = body[len(unit):]
+    return total
+
+
+def _leading_digits(text: str) -> tuple[str, str]:
+    index = 0
+    while index < len(text) and text[index].isdecimal():
+        index += 1
+    return text[:index], text[index:]
+
+
+def _all_digits(text: str) -> bool:
+    return bool(text) and text.isdecimal()
+
+
+def _without_final_newline(text: str) -> str:
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _remember(cache: dict, text: str, value):
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[text] = value
+    return value
