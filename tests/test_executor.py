@@ -1252,6 +1252,23 @@ def test_enqueueing_an_unknown_agent_or_task_is_refused(device, spos):
     assert result.code == 1 and "'nobody' is not applied" in result.err
 
 
+@pytest.mark.parametrize("now", [0.0, 1.0005, 1795746584.4834995, 1795746584.4835005,
+                                 1795746599.9999996, 1795746584.0009999, 4102444799.999])
+@pytest.mark.parametrize("deadline", [None, 0.0, 600.0, 0.0004, 86399.9996])
+def test_queue_times_are_what_datetime_writes(now, deadline):
+    """enqueuedAt and notAfter are written without importing datetime (cron's start-up), and
+    read back by everything that parses them with it: the same text, to the millisecond."""
+    from datetime import datetime, timedelta, timezone
+
+    from reconciler.executor.enqueue import _microseconds, utc_timestamp
+
+    enqueued = datetime.fromtimestamp(now, timezone.utc)
+    assert utc_timestamp(_microseconds(now)) == enqueued.isoformat(timespec="milliseconds")
+    if deadline is not None:
+        expected = (enqueued + timedelta(seconds=deadline)).isoformat(timespec="milliseconds")
+        assert utc_timestamp(_microseconds(now) + _microseconds(deadline)) == expected
+
+
 def test_action_execute_exits_with_the_actions_exit_code(device):
     device.apply({"ok": {"command": sh("echo fine")}, "bad": {"command": sh("exit 7")}})
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-from reconciler import AGENT_CONFIG, AGENTS_DIR
+from reconciler import AGENT_CONFIG, AGENTS_DIR, leanjson
 from reconciler.device import Device
 from reconciler.errors import SposError
 
@@ -27,7 +25,7 @@ def read_agent_config(device: Device, agent: str) -> tuple[dict, bytes]:
     if raw is None:
         raise ConfigError(f"agent {agent!r} is not applied on this device (no {path})")
     try:
-        config = json.loads(raw.decode("utf-8", errors="replace"))
+        config = leanjson.loads(raw.decode("utf-8", errors="replace"))
     except ValueError:
         raise ConfigError(f"{path} is not valid JSON; run spos apply to repair it") from None
     if not isinstance(config, dict):
