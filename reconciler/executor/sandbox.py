@@ -945,9 +945,7 @@ class _Child:
               join_fds: list[int], nice: int | None, error_fd: int) -> _Child:
         # Ignored signals survive exec (Python ignores SIGPIPE and SIGXFSZ, nohup SIGHUP...):
         # listed here, set back to default in the child.
-        ignored = [s for s in signal.valid_signals()
-                   if s not in (signal.SIGKILL, signal.SIGSTOP)
-                   and signal.getsignal(s) == signal.SIG_IGN]
+        ignored = _ignored_signals()
         pid = os.fork()
         if pid == 0:
             try:
@@ -980,6 +978,17 @@ class _Child:
             raise SandboxError(f"process {self.pid} was reaped by someone else") from exc
         if pid:
             self.returncode = os.waitstatus_to_exitcode(status)
+
+
+def _ignored_signals() -> list[int]:
+    """The signals this process ignores (never SIGKILL or SIGSTOP), as plain numbers: asked of
+    `_signal` directly, since `signal`'s wrappers make an enum of every number, which cost a
+    spawn more than the asking (the executor spawns for every run)."""
+    import _signal
+
+    return [number for number in _signal.valid_signals()
+            if number not in (_signal.SIGKILL, _signal.SIGSTOP)
+            and _signal.getsignal(number) == _signal.SIG_IGN]
 
 
 def _enter_child(stdio: list[int | None], keep: tuple[int, ...], join_fds: list[int],
