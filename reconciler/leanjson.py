@@ -31,7 +31,6 @@ class _Context:
     parse_float = float
     parse_int = int
     parse_constant = _CONSTANTS.__getitem__
-    memo: dict = {}
 
 
 _scan = _make_scanner(_Context()) if _make_scanner is not None else None
