@@ -38,7 +38,7 @@ _scan = _make_scanner(_Context()) if _make_scanner is not None else None
 
 def loads(text: str):
     """`json.loads(text)` for a str: the same values, a ValueError for the same inputs."""
-    if _scan is None:  # pragma: no cover
+    if _scan is None:
         import json
 
         return json.loads(text)
@@ -59,7 +59,7 @@ def loads(text: str):
 def dumps(value) -> str:
     """`json.dumps(value, indent=2)` for plain data (dict with str keys, list, tuple, str, int,
     float, bool, None); TypeError for anything else."""
-    if _quote is None:  # pragma: no cover
+    if _quote is None:
         import json
 
         return json.dumps(value, indent=2)

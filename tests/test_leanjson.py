@@ -73,3 +73,14 @@ def test_refuses_what_json_refuses_with_a_value_error(text):
     with pytest.raises(ValueError) as refused:
         leanjson.loads(text)
     assert str(refused.value) == str(expected.value)
+
+
+def test_without_the_accelerator_it_is_json_itself(monkeypatch):
+    """On a Python without CPython's `_json`, the module hands over to `json`."""
+    monkeypatch.setattr(leanjson, "_scan", None)
+    monkeypatch.setattr(leanjson, "_quote", None)
+    record = VALUES[2]
+    assert leanjson.dumps(record) == json.dumps(record, indent=2)
+    assert leanjson.loads(json.dumps(record)) == record
+    with pytest.raises(ValueError):
+        leanjson.loads("{")
