@@ -89,17 +89,23 @@ def test_each_contract_bites(tmp_path, contract, edits):
     assert "1 broken" in result.stdout
 
 
+def _applied_probe(tmp_path: Path, spos) -> Path:
+    """A device root with the light probe agent applied."""
+    manifests = tmp_path / "agents.d"
+    manifests.mkdir()
+    (manifests / "light-probe.yaml").write_text(PROBE_MANIFEST)
+    root = tmp_path / "device"
+    assert spos("apply", manifests, "--root", root, "--auto-approve").code == 0
+    return root
+
+
 @pytest.mark.parametrize("extra", [
     [],
     ["--deadline", "4m", "--cron", "*/1 * * * *", "--cron-tz", "Europe/Berlin", "--priority", "70"],
 ], ids=["plain", "deadline-and-time-zone"])
 def test_action_run_imports_no_third_party_package(tmp_path, spos, extra):
     """What cron runs every minute, run the way cron runs it (`python -m reconciler`)."""
-    manifests = tmp_path / "agents.d"
-    manifests.mkdir()
-    (manifests / "light-probe.yaml").write_text(PROBE_MANIFEST)
-    root = tmp_path / "device"
-    assert spos("apply", manifests, "--root", root, "--auto-approve").code == 0
+    root = _applied_probe(tmp_path, spos)
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "reconciler", "--root", str(root),
          "action", "run", "--agent", "light-probe", "--task", "tick", *extra],
@@ -124,11 +130,7 @@ SLOW_STDLIB = {"json", "re", "enum", "datetime", "functools", "collections", "ty
 def test_the_crontab_line_enqueues_without_the_slow_standard_library(tmp_path, spos):
     """The line cron runs every minute, exactly as spos renders it (lean entry point, -I -S, a
     deadline): it parses, reads the agent config and writes the queue record without them."""
-    manifests = tmp_path / "agents.d"
-    manifests.mkdir()
-    (manifests / "light-probe.yaml").write_text(PROBE_MANIFEST)
-    root = tmp_path / "device"
-    assert spos("apply", manifests, "--root", root, "--auto-approve").code == 0
+    root = _applied_probe(tmp_path, spos)
     result = subprocess.run(
         [sys.executable, "-I", "-S", "-X", "importtime", str(REPO / "reconciler" / "_cron.py"),
          "--root", str(root), "action", "run", "--agent", "light-probe", "--task", "tick",
