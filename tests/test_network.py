@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sandboxes import reap_cgroups
 
 from reconciler.executor.network import Egress, ruleset, setup_for
 from reconciler.executor.sandbox import Sandbox, SandboxSpec
@@ -131,11 +132,7 @@ def _cgroups():
     yield
     if _why_not():
         return
-    sandbox = Sandbox(cgroup_root=str(CGROUP_ROOT))
-    for name in {d.name for d in CGROUP_ROOT.glob(f"*/{PARENT}/*") if d.is_dir()}:
-        sandbox.reap(f"{PARENT}/{name}")
-    for directory in CGROUP_ROOT.glob(f"*/{PARENT}"):
-        directory.rmdir()
+    reap_cgroups(PARENT, str(CGROUP_ROOT))
 
 
 def probe(tmp_path, egress: Egress | None, targets, *, host_network=False, extra=()):

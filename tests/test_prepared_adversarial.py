@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sandboxes import sandbox_missing
+from sandboxes import reap_cgroups, sandbox_missing
 from test_executor import Device, device, run_cgroup_dirs, sh, wait_for  # noqa: F401 (device: a fixture)
-from test_sandbox import BOTH_LAUNCHERS, CGROUP_ROOT, PYTHON, SH, launcher  # noqa: F401 (launcher: a fixture)
+from test_sandbox import BOTH_LAUNCHERS, CGROUP_ROOT, PYTHON, SH, launcher, sandbox_with  # noqa: F401 (launcher: a fixture)
 
 from reconciler.executor import prepared as prepared_module
 from reconciler.executor.prepared import PreparedPool
@@ -44,11 +44,7 @@ EXECUTABLES = (SH, PYTHON, "/usr/bin/touch", "/usr/bin/id", "/usr/bin/env", "/us
 def _parent_cgroup():
     """Remove the session's cgroups, those a failed test left behind included."""
     yield
-    sandbox = Sandbox(cgroup_root=str(CGROUP_ROOT))
-    for name in {d.name for d in CGROUP_ROOT.glob(f"*/{PARENT}/*") if d.is_dir()}:
-        sandbox.reap(f"{PARENT}/{name}")
-    for directory in CGROUP_ROOT.glob(f"*/{PARENT}"):
-        directory.rmdir()
+    reap_cgroups(PARENT, str(CGROUP_ROOT))
 
 
 @pytest.fixture
@@ -60,12 +56,7 @@ def box_root(tmp_path) -> Path:
 
 @pytest.fixture
 def box(box_root, launcher) -> Sandbox:
-    sandbox = Sandbox(root=str(box_root), cgroup_root=str(CGROUP_ROOT))
-    if launcher == "python":
-        sandbox.launcher = None
-    elif launcher == "compiled" and not sandbox.launcher:
-        pytest.skip("this installation has no compiled launcher (no C compiler when installed)")
-    return sandbox
+    return sandbox_with(box_root, launcher)
 
 
 class Runs:

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sandboxes import reap_cgroups
 
 from reconciler.executor.sandbox import Limits, Sandbox, SandboxError, SandboxSpec
 
@@ -58,12 +59,7 @@ if _SKIP:
 def _parent_cgroup():
     """Remove the session's cgroups, runs a failed test left behind included."""
     yield
-    sandbox = Sandbox(cgroup_root=str(CGROUP_ROOT))
-    leftovers = {d.name for d in CGROUP_ROOT.glob(f"*/{PARENT}/*") if d.is_dir()}
-    for name in leftovers:
-        sandbox.reap(f"{PARENT}/{name}")
-    for directory in CGROUP_ROOT.glob(f"*/{PARENT}"):
-        directory.rmdir()
+    reap_cgroups(PARENT, str(CGROUP_ROOT))
 
 
 @pytest.fixture
@@ -81,14 +77,19 @@ def launcher(request) -> str:
     return getattr(request, "param", "installed")
 
 
-@pytest.fixture
-def sandbox(device_root, launcher) -> Sandbox:
-    sandbox = Sandbox(root=str(device_root), cgroup_root=str(CGROUP_ROOT))
+def sandbox_with(root: Path, launcher: str) -> Sandbox:
+    """A sandbox for the device at `root` using `launcher` (the `launcher` fixture's value)."""
+    sandbox = Sandbox(root=str(root), cgroup_root=str(CGROUP_ROOT))
     if launcher == "python":
         sandbox.launcher = None
     elif launcher == "compiled" and not sandbox.launcher:
         pytest.skip("this installation has no compiled launcher (no C compiler when installed)")
     return sandbox
+
+
+@pytest.fixture
+def sandbox(device_root, launcher) -> Sandbox:
+    return sandbox_with(device_root, launcher)
 
 
 # The launcher's contract (Landlock, user, fds, signals, environment, exec errors), checked
