@@ -161,9 +161,14 @@ def build_stamp(work: Path, target: Path) -> dict:
     return {"argv": [bash, "-c", 'echo "stamp $EPOCHREALTIME"'], "kind": "bash $EPOCHREALTIME"}
 
 
-def manifests(argv: list[str]) -> str:
+def idle_agents(count: int) -> tuple[str, ...]:
+    return tuple(f"bench-executor-idle-{index:05d}" for index in range(1, count + 1))
+
+
+def manifests(argv: list[str], idle: int = 0) -> str:
     """One Quota, one Capability (execute the stamp's directory, no network) and an agent per
-    name, each with the task `stamp` (concurrency Allow: queued runs are not skipped)."""
+    name, each with the task `stamp` (concurrency Allow: queued runs are not skipped); then
+    `idle` agents with the same task that nothing enqueues (a device with many agents)."""
     command = json.dumps(argv)
     docs = ["""\
 apiVersion: spos/v1
@@ -185,7 +190,7 @@ spec:
     execute: [{os.path.dirname(STAMP)}]
     network: [none]
 """]
-    for agent in (LATENCY_AGENT, *THROUGHPUT_AGENTS):
+    for agent in (LATENCY_AGENT, *THROUGHPUT_AGENTS, *idle_agents(idle)):
         docs.append(f"""\
 apiVersion: spos/v1
 kind: Agent
@@ -337,7 +342,7 @@ class ExecutorBench:
                 self.daemon.stop()
             if self.helper is not None:
                 self.helper.close()
-            remove_agent_cgroups((LATENCY_AGENT, *THROUGHPUT_AGENTS))
+            remove_agent_cgroups((LATENCY_AGENT, *THROUGHPUT_AGENTS, *idle_agents(self.args.agents)))
             if not self.args.keep:
                 shutil.rmtree(self.work, ignore_errors=True)
         return self.result
@@ -345,11 +350,14 @@ class ExecutorBench:
     def setup(self) -> None:
         self.stamp = build_stamp(self.work, self.root / STAMP.lstrip("/"))
         (self.repo / "agents.d").mkdir(parents=True)
-        (self.repo / "agents.d" / "bench.yaml").write_text(manifests(self.stamp["argv"]))
+        (self.repo / "agents.d" / "bench.yaml").write_text(
+            manifests(self.stamp["argv"], self.args.agents))
         applied = self.runner.run([*self.spos, "--root", str(self.root), "apply", "--auto-approve",
                                    "agents.d"], self.repo)
-        if "Apply complete: 5 changed, 0 failed." not in applied["stdout"]:
-            raise Failed(f"the first apply did not create the five agents:\n{applied['stdout'][-2000:]}")
+        expected = 5 + self.args.agents
+        if f"Apply complete: {expected} changed, 0 failed." not in applied["stdout"]:
+            raise Failed(f"the first apply did not create the {expected} agents:\n"
+                         f"{applied['stdout'][-2000:]}")
         self.result["stamp"] = self.stamp
         self.helper = Helper(self.code_path, self.root, self.runner.lean_env)
         log(f"device root {self.root}: five agents applied; action {shlex.join(self.stamp['argv'])} "
@@ -886,7 +894,8 @@ def report(args, env_info: dict, result: dict) -> None:
         f"action: {shlex.join(stamp.get('argv', []))} ({stamp.get('kind', '?')}), prints "
         "CLOCK_REALTIME first; temporary device root in "
         f"{env_info['workdir']}{made_note(env_info)}; executor defaults (--max-parallel 4, "
-        "--max-per-agent 2)",
+        "--max-per-agent 2)" + (f"; {args.agents} more agents applied that never run"
+                                if args.agents else ""),
         f"latency: {args.runs} runs per path after a warm-up, paths interleaved, {args.gap:g} s "
         f"apart; throughput: {args.queued} queued x {args.repeat}; idle windows {args.idle:g} s",
         load_line(env_info, "min is the steadier figure"),
@@ -912,6 +921,8 @@ def main() -> int:
                         help="throughput measurements (default 3)")
     parser.add_argument("--idle", type=float, default=10, metavar="SECONDS",
                         help="length of each idle window (default 10)")
+    parser.add_argument("--agents", type=int, default=0, metavar="N",
+                        help="also apply N agents that nothing enqueues (a device with many agents)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': stdout)")
     parser.add_argument("--spos", metavar="CMD",
                         help="how to start spos (default: the spos script beside this python)")

@@ -21,6 +21,7 @@ from reconciler.errors import UnsafePathError
 
 TYPE_CHECKING = False  # typing itself costs cron's every-minute enqueue ~10 ms to import
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from reconciler.systemctl import Systemctl
@@ -182,8 +183,11 @@ class Device:
                 if not stat.S_ISDIR(os.lstat(host).st_mode):
                     raise UnsafePathError(f"{partial} exists and is not a directory") from None
 
-    def write_atomic(self, device_path: str, data: bytes, mode: int = 0o644) -> None:
-        """Replace the file's content atomically; the parent directory must exist."""
+    def write_atomic(self, device_path: str, data: bytes, mode: int = 0o644,
+                     renamed: Callable[[], None] | None = None) -> None:
+        """Replace the file's content atomically; the parent directory must exist. `renamed`
+        is called once the new content is in place under its name, before the directory is
+        fsynced (the call returns only after that)."""
         host = self.host(device_path)
         st = self.stat(device_path)
         if st is not None and not stat.S_ISREG(st.st_mode):
@@ -207,6 +211,8 @@ class Device:
         except BaseException:
             os.unlink(temp)
             raise
+        if renamed is not None:
+            renamed()
         self._fsync_dir(directory)
 
     def remove(self, device_path: str) -> bool:

@@ -412,6 +412,86 @@ def test_a_deleted_or_replaced_wake_pipe_only_delays_work(device):
     assert daemon.stop() == 0
 
 
+def test_an_enqueue_wakes_the_executor_with_the_agents_name_once_the_record_is_in_place(device):
+    """The message names the agent, so a woken executor lists that agent's queue alone (not
+    every agent's on a device with hundreds); it is written once the record has its name."""
+    from reconciler.device import Device as Root
+    from reconciler.executor import enqueue as enqueueing
+
+    device.apply({"t": {"command": sh("true")}})
+    pipe = device.wake_pipe()
+    os.mkfifo(pipe, 0o600)
+    reader = os.open(pipe, os.O_RDWR | os.O_NONBLOCK)
+    queue = device.agent_dir() / "queue"
+    seen = []
+    wake = enqueueing.wake
+
+    def looking(root, agent=None):
+        seen.append(sorted(p.name for p in queue.iterdir() if not p.name.startswith(".")))
+        wake(root, agent)
+
+    try:
+        enqueueing.wake = looking
+        record = enqueueing.enqueue(Root(str(device.root)), device.agent, "t")
+        message = os.read(reader, 4096)
+    finally:
+        enqueueing.wake = wake
+        os.close(reader)
+    assert message == device.agent.encode() + b"\n"
+    assert len(seen) == 1 and len(seen[0]) == 1 and record["id"] in seen[0][0], seen
+
+
+@pytest.mark.parametrize("data, agents", [
+    (b"", set()),
+    (b"research-001\n", {"research-001"}),
+    (b"a\nb_2\na\n", {"a", "b_2"}),
+    (b"!", None),  # names no agent (retention's nudge, an older spos)
+    (b"a\n!", None),
+    (b"a\n!!b\n", None),
+    (b"../etc\n", None),  # anyone may write the pipe: what is not a name is no name
+    (b"A\n", None),
+    (b"-a\n", None),
+    (b"x" * 64 + b"\n", None),
+    (b"\xff\n", None),
+    (b"\n", None),
+    (b"a\n" * 16384, None),  # a drain this long may have followed a full pipe
+])
+def test_wake_messages_name_agents_or_ask_for_every_queue(data, agents):
+    from reconciler.executor.enqueue import wake_message, woken_agents
+
+    assert woken_agents(data) == agents
+    assert woken_agents(wake_message("research-001") + wake_message("a")) == {"research-001", "a"}
+    assert woken_agents(wake_message(None)) is None
+
+
+def test_a_wake_up_naming_no_agent_has_every_queue_looked_at(device):
+    """A run queued without a wake-up for its agent waits for the rescan, or for a wake-up
+    that names no agent (or one that cannot be read as a name): then every queue is listed."""
+    from reconciler.device import Device as Root
+    from reconciler.executor import enqueue as enqueueing
+
+    other = device.other()
+    device.apply({"t": {"command": sh("true"), "concurrency": "Allow"}},
+                 others={other: {"t": {"command": sh("true"), "concurrency": "Allow"}}})
+    daemon = device.daemon("--rescan", "60s")
+    device.wait_ready(daemon)
+    wake = enqueueing.wake
+    for message in (b"!", b"../" + other.encode() + b"\n"):
+        try:
+            enqueueing.wake = lambda root, agent=None: None
+            quiet = enqueueing.enqueue(Root(str(device.root)), other, "t")["id"]
+        finally:
+            enqueueing.wake = wake
+        device.wait_state(device.enqueue("t"), "completed", timeout=5)  # names its own agent
+        assert device.record(quiet)["state"] == "queued"
+
+        fd = os.open(device.wake_pipe(), os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, message)
+        os.close(fd)
+        device.wait_state(quiet, "completed", timeout=5)
+    assert daemon.stop() == 0
+
+
 def test_two_executors_never_run_the_same_claim(device):
     device.apply({"t": {"command": sh("echo $SPOS_RUN_ID >> $SPOS_OUTPUT_DIR/ran; sleep 0.1"),
                         "concurrency": "Allow"}})

@@ -65,7 +65,7 @@ def ask(store: RunStore, run: Run, reason: str) -> bool:
                    "reason": reason, "requestedAt": now_iso()}
         store.device.write_atomic(store.sidecar(current, "cancel"),
                                   (json.dumps(request) + "\n").encode(), mode=0o644)
-        wake(store.device)
+        wake(store.device, run.agent)
     return True
 
 

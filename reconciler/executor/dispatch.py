@@ -1,7 +1,7 @@
 """The executor's loop: claim queued runs, supervise them, record how they ended.
 
-One thread, one `selectors` loop. It sleeps until something happens: a byte on the wake pipe
-(`spos action run` writes one after enqueueing), output or progress from a run, a run's
+One thread, one `selectors` loop. It sleeps until something happens: a message on the wake
+pipe (`spos action run` writes the agent's name after enqueueing), output or progress from a run, a run's
 process exiting (pidfd), or the next deadline (a timeout, the end of a grace period, a retry
 becoming due). A periodic rescan (default 30 s) catches whatever a lost wake-up missed, so a
 deleted wake pipe or an executor that was down only delays work. Idle, it uses no CPU.
@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 from reconciler import AGENT_CONFIG, AGENTS_DIR, STATE_DIR
 from reconciler.device import Device
+from reconciler.errors import SposError
 from reconciler.executor import cancel, network, prepared, provenance, storage
 from reconciler.executor.config import ConfigError, read_agent_config, task_config
-from reconciler.executor.enqueue import WAKE_PIPE, enqueue, trigger_env
+from reconciler.executor.enqueue import WAKE_PIPE, enqueue, trigger_env, woken_agents
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
 from reconciler.executor.retention import PeriodicCleanup
@@ -86,6 +87,12 @@ class Executor:
         self.next_rescan = 0.0
         self.next_cancel_check = 0.0
         self.queue_changed = True  # the queue is looked at only after something changed it
+        # What is queued, as last listed: agent -> queue file names. Only the queues that a
+        # wake-up names are listed again (all of them on the rescan), not every agent's for
+        # every enqueue: that cost as much as the device has agents.
+        self.queued: dict[str, set[str]] = {}
+        self.list_all = True
+        self.list_agents: set[str] = set()
         self.retry_due: float | None = None
         self.unrecorded: dict[str, tuple[Run, str]] = {}  # ended runs whose end is still to be written
         self.storage_retry_at: float | None = None
@@ -266,11 +273,11 @@ class Executor:
             self._collect_strays()
             if self.prepared is not None:
                 self.prepared.retain(self._applied)
-            self.queue_changed = True
+            self.queue_changed = self.list_all = True
         if self.storage_retry_at is not None and now_mono >= self.storage_retry_at:
             self.storage_retry_at = None
             self._record_pending()
-            self.queue_changed = True
+            self.queue_changed = self.list_all = True
         if self.retry_due is not None and now_mono >= self.retry_due:
             self.retry_due = None  # looked at now, or at the next end when no slot is free
             self.queue_changed = True
@@ -278,6 +285,7 @@ class Executor:
             return False  # the end of a run wakes the loop, and the queue is looked at again
         self.queue_changed = False
         self.retry_due = None
+        self._list_queues()
         started = False
         for agent, name in self._queued():
             if len(self.active) >= self.settings.max_parallel:
@@ -289,21 +297,52 @@ class Executor:
                 started |= self._consider(run)
         return started
 
+    def _list_queues(self) -> None:
+        """List again the queues that changed (every agent's after a wake-up that named none,
+        on the rescan and at start)."""
+        if self.list_all:
+            self.list_all = False
+            self.list_agents.clear()
+            self.queued = {}
+            for agent in self.store.agents():
+                self._list_queue(agent)
+        while self.list_agents:
+            self._list_queue(self.list_agents.pop())
+
+    def _list_queue(self, agent: str) -> None:
+        try:
+            names = set(self.store.names(agent, "queue"))
+        except (OSError, SposError):
+            names = set()  # not an agent's directory (any local user may write the pipe)
+        if names:
+            self.queued[agent] = names
+        else:
+            self.queued.pop(agent, None)
+
     def _queued(self) -> list[tuple[str, str]]:
         """(agent, file name) of every queued run, in queue order (names sort by priority,
         then time). Records are read only when a run is considered: the loop wakes on every
         chunk of output and every exit, and reading a long queue each time made draining it
         quadratic."""
-        queued = [(name, agent) for agent in self.store.agents()
-                  for name in self.store.names(agent, "queue")]
+        queued = [(name, agent) for agent, names in self.queued.items() for name in names]
         return [(agent, name) for name, agent in sorted(queued)]
+
+    def _unqueued(self, agent: str, name: str) -> None:
+        """The run's file left the queue (claimed here or elsewhere, cancelled, set aside)."""
+        names = self.queued.get(agent)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self.queued[agent]
 
     def _load_queued(self, agent: str, name: str) -> Run | None:
         try:
             return self.store.load(agent, "queue", name)
         except FileNotFoundError:
+            self._unqueued(agent, name)
             return None  # claimed or cancelled meanwhile
         except CorruptRecord as exc:
+            self._unqueued(agent, name)
             self._set_aside(agent, "queue", name, str(exc))
             return None
 
@@ -377,10 +416,12 @@ class Executor:
         executor was faster, or when the state file system has no room (the run stays queued
         and is tried again). `start`, the fields of the attempt about to start
         (`_attempt_start`), goes into the same write: one durable record per start."""
-        before = dict(run.record)
+        before, name = dict(run.record), run.name
         with self.store.locked():
             try:
-                if not self.store.claim(run):
+                claimed = self.store.claim(run)
+                self._unqueued(run.agent, name)
+                if not claimed:
                     return False
                 run.record.update({"state": "active", "executor": self.identity, **(start or {})})
                 self.store.reserve(run)
@@ -394,6 +435,7 @@ class Executor:
                     self.store.release(run)
                     if _refused(self.store.move, run, "queue"):
                         self.unrecorded[run.id] = (run, "queued")
+                self.list_agents.add(run.agent)
                 self._retry_storage_later()
                 return False
         return True
@@ -827,6 +869,7 @@ class Executor:
         again every STORAGE_RETRY seconds; False then."""
         if state == "queued":
             failure = _refused(self.store.requeue, run)
+            self.list_agents.add(run.agent)
         else:
             failure = _refused(self.store.finish, run, state)
         if failure is None:
@@ -985,8 +1028,14 @@ class Executor:
                 os.close(fd)
 
     def _drain_wake(self) -> None:
-        while _read_available(self.wake_fd):
-            pass
+        messages = b""
+        while chunk := _read_available(self.wake_fd):
+            messages += chunk
+        agents = woken_agents(messages)
+        if agents is None:
+            self.list_all = True
+        else:
+            self.list_agents |= agents
         self.queue_changed = True
         self.next_cancel_check = 0.0  # a cancel request comes with a wake-up: look at once
 

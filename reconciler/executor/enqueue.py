@@ -2,7 +2,8 @@
 
 A queued action is one JSON file in `<state>/agents/<agent>/queue/`, written atomically; its
 name sorts by priority (highest first), then by time. The format is the contract with the
-executor (docs/queue.md). After writing, a byte on the executor's wake pipe starts it at once.
+executor (docs/queue.md). Once the record is in place, a message on the executor's wake pipe
+naming the agent starts it at once.
 This module imports only the device layer and the parts of the standard library that cost
 nothing to import (not `json`, `re` or `datetime`: together they would double the start-up of
 cron's call every minute).
@@ -21,6 +22,13 @@ from reconciler.executor.config import ConfigError, agent_config, task_config
 
 QUEUE_FORMAT = 1
 WAKE_PIPE = f"/{STATE_DIR}/executor.wake"
+WAKE_ANY = b"!"
+"""A wake-up that names no agent: the executor looks at every agent's queue."""
+WAKE_OVERFLOW = 32768
+"""A drain of the wake pipe this long may have followed a full pipe, which refuses writes: the
+executor then looks at every agent's queue, as for a wake-up that names none."""
+_NAME_START = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_NAME_CHARS = _NAME_START | {"-", "_"}
 CONCURRENCY = ("Allow", "Forbid", "Replace", "Queue")
 ATTACHMENTS_DIR = "spos-trigger"
 """Inside a run's tmp directory: the files a trigger hands the run (docs/triggers.md)."""
@@ -84,13 +92,15 @@ def enqueue(
     bucket = f"{AGENTS_DIR}/{agent}/{'active' if claim else 'queue'}"
     if not device.is_dir(bucket):
         device.makedirs(bucket, mode=0o750)
+    # The executor is woken as soon as the record is in place, while its directory is being
+    # fsynced: it claims the run with a durable write of its own. Whoever enqueues still
+    # returns only once the queue file is durable.
     device.write_atomic(
         f"{bucket}/{name}",
         (leanjson.dumps(record) + "\n").encode(),
         mode=0o644,
+        renamed=None if claim else lambda: wake(device, agent),
     )
-    if not claim:
-        wake(device)
     return record
 
 
@@ -121,9 +131,10 @@ def listening(device: Device) -> bool:
     return True
 
 
-def wake(device: Device) -> None:
-    """Nudge a running executor. Never blocks and never fails: with no executor reading,
-    nothing happens, and an executor's periodic rescan finds the work anyway."""
+def wake(device: Device, agent: str | None = None) -> None:
+    """Nudge a running executor: about `agent`'s queue (it lists only that one), or without
+    an agent about everything. Never blocks and never fails: with no executor reading, or a
+    full pipe, nothing happens, and an executor's periodic rescan finds the work anyway."""
     try:
         host = device.host(WAKE_PIPE)
         if not stat.S_ISFIFO(os.lstat(host).st_mode):
@@ -132,11 +143,33 @@ def wake(device: Device) -> None:
     except OSError:
         return
     try:
-        os.write(fd, b"!")
+        os.write(fd, wake_message(agent))
     except OSError:
         pass
     finally:
         os.close(fd)
+
+
+def wake_message(agent: str | None) -> bytes:
+    """What `wake` writes: the agent's name and a newline (one write, shorter than PIPE_BUF, so
+    never interleaved with another), or WAKE_ANY."""
+    return WAKE_ANY if agent is None else agent.encode("utf-8", "replace") + b"\n"
+
+
+def woken_agents(data: bytes) -> set[str] | None:
+    """The agents whose queues the wake messages in `data` (one drain of the pipe) name; None
+    when the executor must look at every queue: a message names no agent (WAKE_ANY, or
+    anything that is not an agent's name), or the drain was long enough that the pipe may
+    have been full and refused some."""
+    if len(data) >= WAKE_OVERFLOW or not data.endswith(b"\n") and data:
+        return None
+    agents: set[str] = set()
+    for line in data.split(b"\n")[:-1]:
+        name = line.decode("ascii", "replace")
+        if not (0 < len(name) <= 63 and name[0] in _NAME_START and _NAME_CHARS.issuperset(name)):
+            return None
+        agents.add(name)
+    return agents
 
 
 def _attach(device: Device, agent: str, run_id: str, attachments: dict[str, bytes]) -> None:
