@@ -342,7 +342,7 @@ class ExecutorBench:
                 self.daemon.stop()
             if self.helper is not None:
                 self.helper.close()
-            remove_agent_cgroups((LATENCY_AGENT, *THROUGHPUT_AGENTS, *idle_agents(self.args.agents)))
+            self.runner.remove_cgroups(self.root)
             if not self.args.keep:
                 shutil.rmtree(self.work, ignore_errors=True)
         return self.result
@@ -719,19 +719,6 @@ def state_mount_point():
         if made:
             try:
                 path.rmdir()
-            except OSError:
-                pass
-
-
-def remove_agent_cgroups(agents: tuple[str, ...]) -> None:
-    """The executor leaves each agent's parent cgroup (`spos/<agent>`) in place; remove the
-    benchmark's empty ones from every hierarchy."""
-    base = Path("/sys/fs/cgroup")
-    hierarchies = [base] + [p for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
-    for hierarchy in hierarchies:
-        for agent in agents:
-            try:
-                (hierarchy / "spos" / agent).rmdir()
             except OSError:
                 pass
 

@@ -352,6 +352,8 @@ spawner, the floor is below any Python process."""
 class Runner:
     """Starts spos processes with a fixed environment and measures each one."""
 
+    CGROUPS = Path("/sys/fs/cgroup")
+
     def __init__(self, spos: list[str], code_path: str | None):
         env = dict(os.environ)
         for name in ("PYTHONDONTWRITEBYTECODE", "PYTHONPROFILEIMPORTTIME", "PYTHONTRACEMALLOC",
@@ -371,6 +373,25 @@ class Runner:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
 
+
+    def remove_cgroups(self, root: Path) -> None:
+        """Remove the cgroups spos made for the device at `root` (a parent of its own, as for
+        every root but `/`, with the agents' and runs' below), deepest first, in every
+        hierarchy: a benchmark leaves none behind on the machine (one still holding a process
+        stays). The parent's name comes from the code under test."""
+        named = subprocess.run(
+            [sys.executable, "-S", "-c", "import sys; from reconciler.cgroupfs import parent_for; "
+             "print(parent_for(sys.argv[1]))", str(root)],
+            env=self.lean_env, capture_output=True, text=True)
+        parent = named.stdout.strip()
+        if named.returncode != 0 or not parent.startswith("spos-"):
+            return
+        for top in [self.CGROUPS / parent, *self.CGROUPS.glob(f"*/{parent}")]:
+            for directory, _, _ in os.walk(top, topdown=False):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass
     def close(self) -> None:
         self.spawner.stdin.close()
         self.spawner.wait(timeout=30)
@@ -488,6 +509,7 @@ class SizeBench:
             self.result["error"] = str(exc)
             log(f"[{self.agents}] FAILED: {exc}")
         finally:
+            self.runner.remove_cgroups(self.root)
             if not self.args.keep:
                 shutil.rmtree(self.work, ignore_errors=True)
         return self.result

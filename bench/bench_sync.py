@@ -216,6 +216,7 @@ class SyncBench:
             self.result["error"] = str(exc)
             log(f"[{self.agents}] FAILED: {exc}")
         finally:
+            self.runner.remove_cgroups(self.root)
             if not self.args.keep:
                 shutil.rmtree(self.work, ignore_errors=True)
         return self.result

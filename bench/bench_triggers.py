@@ -85,7 +85,7 @@ from typing import Callable, NamedTuple
 
 from bench_executor import (
     AGENTS, STAMP, STATE, Daemon, Helper, build_stamp, environment, fmt_ms, iso_epoch, log_notes,
-    made_note, parse_stamp, percentile, remove_agent_cgroups, state_mount_point, verdict,
+    made_note, parse_stamp, percentile, state_mount_point, verdict,
 )
 from bench_reconcile import (
     Failed, Runner, code_line, default_spos, describe_code, load_line, log,
@@ -419,7 +419,7 @@ class TriggerBench:
                     daemon.stop()
                 except ChildProcessError:
                     pass  # already reaped
-        remove_agent_cgroups((AGENT,))
+        self.runner.remove_cgroups(self.root)
         if not self.args.keep:
             shutil.rmtree(self.work, ignore_errors=True)
         else:

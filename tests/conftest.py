@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.cgroupfs import parent_for
 from reconciler.cli import main
 from reconciler.systemctl import SystemctlError
 
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "agents.d"
 POLICIES = REPO / "policies"
 SPOS_COMMAND = "/usr/local/bin/spos"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @dataclass
@@ -34,10 +36,24 @@ def _pinned_spos_command(monkeypatch):
 
 
 @pytest.fixture
-def device_root(tmp_path) -> Path:
+def device_root(tmp_path):
+    """A fresh device root. Afterwards, the cgroups spos made for it (its own parent, as for
+    any root but `/`, with the agents' and runs' below) are removed, so that tests leave no
+    cgroups on the machine; one that still holds a process stays."""
     root = tmp_path / "device"
     root.mkdir()
-    return root
+    yield root
+    remove_cgroup_tree(parent_for(str(root)))
+
+
+def remove_cgroup_tree(parent: str) -> None:
+    """Remove `parent` and every cgroup below it, deepest first, in every hierarchy."""
+    for top in [CGROUP_ROOT / parent, *CGROUP_ROOT.glob(f"*/{parent}")]:
+        for directory, _, _ in os.walk(top, topdown=False):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
 
 
 @pytest.fixture
