@@ -666,8 +666,8 @@ def breakdown(samples: list[dict]) -> dict:
         if "enqueue_call_s" in sample:
             points["enqueue() returned"] = origin + sample["enqueue_call_s"]
         points.update({
-            "claimed and recorded": sample["notes"].get("claimed"),
-            "spawn() returned": sample["notes"].get("spawned"),
+            "claimed": sample["notes"].get("claimed"),
+            "spawned": sample["notes"].get("spawned"),
             "action running": sample["stamp"],
             "exit seen": sample["notes"].get("exited"),
             "run recorded": sample["ended_at"],

@@ -762,8 +762,8 @@ def breakdown(samples: list[dict]) -> dict:
             "record in queue/": sample["in_queue"],
             "enqueue() returned": sample.get("returned"),
             "202 received": sample.get("answered"),
-            "claimed and recorded": sample["notes"].get("claimed"),
-            "spawn() returned": sample["notes"].get("spawned"),
+            "claimed": sample["notes"].get("claimed"),
+            "spawned": sample["notes"].get("spawned"),
             "action running": sample["stamp"],
             "run recorded": sample["ended_at"],
         }

@@ -188,6 +188,13 @@ class Device:
         """Replace the file's content atomically; the parent directory must exist. `renamed`
         is called once the new content is in place under its name, before the directory is
         fsynced (the call returns only after that)."""
+        self.write_staged(device_path, data, mode).commit(renamed)
+
+    def write_staged(self, device_path: str, data: bytes, mode: int = 0o644) -> StagedWrite:
+        """The first half of write_atomic: the new content written beside the file, in a
+        temporary file that is neither durable nor in place until `commit()`. The file
+        keeps its old content meanwhile; `abort()` drops the new one. A failure to write
+        raises here and leaves nothing behind."""
         host = self.host(device_path)
         st = self.stat(device_path)
         if st is not None and not stat.S_ISREG(st.st_mode):
@@ -200,20 +207,11 @@ class Device:
             while view:
                 view = view[os.write(fd, view):]
             os.fchmod(fd, mode)
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(temp)
             raise
-        os.close(fd)
-        try:
-            os.rename(temp, host)
-        except BaseException:
-            os.unlink(temp)
-            raise
-        if renamed is not None:
-            renamed()
-        self._fsync_dir(directory)
+        return StagedWrite(fd, temp, host)
 
     def remove(self, device_path: str) -> bool:
         """Delete a file (never a directory); False when it was already gone."""
@@ -254,6 +252,47 @@ class Device:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class StagedWrite:
+    """A file's new content, written but not yet durable or in place (Device.write_staged)."""
+
+    def __init__(self, fd: int, temp: str, host: str):
+        self._fd, self._temp, self._host = fd, temp, host
+
+    @property
+    def pending(self) -> bool:
+        return self._fd >= 0
+
+    def commit(self, renamed: Callable[[], None] | None = None) -> None:
+        """fsync the new content, rename it over the file, fsync the directory (`renamed` is
+        called between the last two). On failure the file keeps its old content and the new
+        one is dropped."""
+        fd, self._fd = self._fd, -1
+        try:
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self._temp)
+            raise
+        os.close(fd)
+        try:
+            os.rename(self._temp, self._host)
+        except BaseException:
+            os.unlink(self._temp)
+            raise
+        if renamed is not None:
+            renamed()
+        Device._fsync_dir(os.path.dirname(self._host))
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            try:
+                os.unlink(self._temp)
+            except FileNotFoundError:
+                pass
 
 
 class CgroupTree:

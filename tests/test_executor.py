@@ -599,19 +599,19 @@ from reconciler.executor.sandbox import Sandbox
 
 root = sys.argv[1]
 writes, syncs = [], []
-write_atomic, fsync = Device.write_atomic, os.fsync
+write_staged, fsync = Device.write_staged, os.fsync
 
 def logged(self, path, data, mode=0o644):
     record = json.loads(data)
     writes.append([path.split("/")[-2], record.get("state"), sorted(
         key for key in ("startedAt", "executor", "configDigest", "stepsDone") if key in record)])
-    return write_atomic(self, path, data, mode)
+    return write_staged(self, path, data, mode)
 
 def counted(fd):
     syncs.append(fd)
     return fsync(fd)
 
-Device.write_atomic, os.fsync = logged, counted
+Device.write_staged, os.fsync = logged, counted
 Executor(Device(root), Sandbox(root=root), Settings(cleanup_interval=0)).serve(once=True)
 print(json.dumps({"writes": writes, "fsyncs": len(syncs)}))
 """
@@ -633,6 +633,56 @@ root = sys.argv[1]
 Executor(Device(root), Sandbox(root=root)).serve(once=True)
 """
 """An executor that dies once a run's last step has ended, before its end is recorded."""
+
+CLAIM_CRASH_HELPER = """
+import os, sys
+from reconciler.device import Device
+from reconciler.executor.dispatch import Executor
+from reconciler.executor.runs import RunStore
+from reconciler.executor.sandbox import Sandbox
+
+stage = RunStore.stage
+
+def staged_then_die(store, run):
+    staged = stage(store, run)
+    # killed (or the power went) once the sandbox had the run, before its claim was durable
+    staged.commit = lambda renamed=None: os._exit(9)
+    return staged
+
+RunStore.stage = staged_then_die
+root = sys.argv[1]
+Executor(Device(root), Sandbox(root=root)).serve(once=True)
+"""
+"""An executor that dies while the record of a claim it made is still being written."""
+
+CLAIM_REFUSED_HELPER = """
+import errno, os, sys
+from reconciler.device import Device
+from reconciler.executor.dispatch import Executor
+from reconciler.executor.runs import RunStore
+from reconciler.executor.sandbox import Sandbox
+
+stage = RunStore.stage
+refused = []
+
+def staged_then_refused(store, run):
+    staged = stage(store, run)
+    if refused:
+        return staged
+    refused.append(run.id)
+
+    def commit(renamed=None):  # the disk fails as the claim is made durable
+        staged.abort()
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    staged.commit = commit
+    return staged
+
+RunStore.stage = staged_then_refused
+root = sys.argv[1]
+Executor(Device(root), Sandbox(root=root)).serve(once=True)
+"""
+"""An executor whose state file system refuses to make the first claim's record durable."""
 
 
 def in_process(helper: str, device) -> subprocess.CompletedProcess:
@@ -660,6 +710,43 @@ def test_a_run_is_recorded_durably_once_as_it_starts_and_once_as_it_ends(device)
     assert seen["fsyncs"] == 2 * 3, seen  # each: the file, then its directory
     record = device.record(run_id)
     assert record["state"] == "completed" and record["stepsDone"] == ["one", "two"], record
+
+
+def test_an_executor_dying_before_its_claim_is_durable_reruns_the_run_with_the_attempt_counted(device):
+    device.apply({"t": {"timeout": "20s", "command": sh("echo ran >> $SPOS_OUTPUT_DIR/count")}})
+    run_id = device.enqueue("t")
+
+    died = in_process(CLAIM_CRASH_HELPER, device)
+    assert died.returncode == 9, died.stderr
+    left = device.record(run_id)
+    # In active/ (the claim's rename), holding the record as it was queued: no owner, no start.
+    assert left["state"] == "active" and left["attempt"] == 1, left
+    assert left.get("executor") is None and left.get("startedAt") is None, left
+    assert list((device.agent_dir() / "active").glob("*.json"))
+
+    device.once()
+
+    record = device.record(run_id)
+    assert record["state"] == "completed" and record["attempt"] == 2, record
+    assert [a["state"] for a in record["attempts"]] == ["interrupted", "completed"], record
+    assert 1 <= device.lines("count").count("ran") <= 2  # at least once
+    assert not list((device.agent_dir() / "active").iterdir())
+    assert not run_cgroup_dirs(device.agent, run_id)
+
+
+def test_a_claim_the_disk_refuses_to_make_durable_fails_its_run_and_others_go_on(device):
+    device.apply({"t": {"timeout": "20s", "command": sh("sleep 0.3"), "concurrency": "Allow"}})
+    refused = device.enqueue("t")
+    other = device.enqueue("t", "--priority", "10")
+
+    result = in_process(CLAIM_REFUSED_HELPER, device)
+
+    assert result.returncode == 0, result.stderr
+    record = device.record(refused)
+    assert record["state"] == "failed", record
+    assert "its record could not be written: Input/output error" in record["reason"], record
+    assert device.record(other)["state"] == "completed"
+    assert not list((device.agent_dir() / "active").iterdir())
 
 
 def test_an_executor_dying_before_a_runs_end_is_recorded_reruns_only_its_last_step(device):

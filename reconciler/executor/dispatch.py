@@ -383,9 +383,10 @@ class Executor:
             if running or elsewhere:
                 self._replace(run, running, elsewhere)
                 return False
-        if not self._claim(run, self._attempt_start(run, raw, task)):
+        claim = self._claim(run, self._attempt_start(run, raw, task), stage=True)
+        if claim is None:
             return False
-        self._start(run, config, raw, task, recorded=True)
+        self._start(run, config, raw, task, recorded=True, claim=claim)
         return True
 
     def _active_elsewhere(self, agent: str, task: str) -> list[Run]:
@@ -410,35 +411,62 @@ class Executor:
             due = time.monotonic() + REPLACE_RECHECK
             self.retry_due = due if self.retry_due is None else min(self.retry_due, due)
 
-    def _claim(self, run: Run, start: dict | None = None) -> bool:
+    def _claim(self, run: Run, start: dict | None = None, stage: bool = False):
         """Claim a queued run, set room aside for recording its end, and record this executor
-        as its owner, under the claim lock that `recover` takes too. False when another
-        executor was faster, or when the state file system has no room (the run stays queued
-        and is tried again). `start`, the fields of the attempt about to start
-        (`_attempt_start`), goes into the same write: one durable record per start."""
+        as its owner, under the claim lock that `recover` takes too. False (None with `stage`)
+        when another executor was faster, or when the state file system has no room (the run
+        stays queued and is tried again). `start`, the fields of the attempt about to start
+        (`_attempt_start`), goes into the same write: one durable record per start.
+
+        With `stage`, that record is written but not yet durable or in place: it is returned,
+        the claim lock stays held, and `_commit_claim` finishes both once the run's sandbox
+        has its arguments, so the action starts while the record is fsynced. Until then the
+        run's file in active/ holds the record as it was queued, which is what a crash leaves
+        (docs/executor.md, "Delivery")."""
         before, name = dict(run.record), run.name
-        with self.store.locked():
-            try:
-                claimed = self.store.claim(run)
-                self._unqueued(run.agent, name)
-                if not claimed:
-                    return False
-                run.record.update({"state": "active", "executor": self.identity, **(start or {})})
-                self.store.reserve(run)
-                self.store.save(run)
-            except OSError as exc:
-                if not storage_failure(exc):
-                    raise
-                run.record.clear()
-                run.record.update(before)
-                if run.bucket == "active":  # its file still holds the queued record: move it back
-                    self.store.release(run)
-                    if _refused(self.store.move, run, "queue"):
-                        self.unrecorded[run.id] = (run, "queued")
-                self.list_agents.add(run.agent)
-                self._retry_storage_later()
-                return False
+        staged = None
+        self.store.lock()
+        try:
+            claimed = self.store.claim(run)
+            self._unqueued(run.agent, name)
+            if not claimed:
+                return None if stage else False
+            run.record.update({"state": "active", "executor": self.identity, **(start or {})})
+            self.store.reserve(run)
+            if stage:
+                staged = self.store.stage(run)
+                return staged
+            self.store.save(run)
+        except OSError as exc:
+            if not storage_failure(exc):
+                raise
+            run.record.clear()
+            run.record.update(before)
+            if run.bucket == "active":  # its file still holds the queued record: move it back
+                self.store.release(run)
+                if _refused(self.store.move, run, "queue"):
+                    self.unrecorded[run.id] = (run, "queued")
+            self.list_agents.add(run.agent)
+            self._retry_storage_later()
+            return None if stage else False
+        finally:
+            if staged is None:
+                self.store.unlock()
         return True
+
+    def _commit_claim(self, active: ActiveRun) -> None:
+        """Make the staged claim of `active` its record, durably, and give the claim lock
+        back. A state file system that refuses fails the run (ActiveRun.storage_problem),
+        whose file in active/ still holds the record as queued until its end is written."""
+        staged, active.claim = active.claim, None
+        if staged is None:
+            return
+        try:
+            staged.commit()
+        except OSError as exc:
+            active.record_failure = active.record_failure or exc
+        finally:
+            self.store.unlock()
 
     def _end_unstarted(self, run: Run, state: str, reason: str) -> bool:
         if not self._claim(run):
@@ -484,11 +512,13 @@ class Executor:
             fields["stepsDone"] = []
         return fields
 
-    def _start(self, run: Run, config: dict, raw: bytes, task: dict, recorded: bool = False) -> None:
+    def _start(self, run: Run, config: dict, raw: bytes, task: dict, recorded: bool = False,
+               claim=None) -> None:
         """Start the run's next attempt under `config`, read from the bytes `raw`. `recorded`:
         the claim already wrote the attempt's start (`_attempt_start`) with the run's owner;
-        otherwise (`action execute`, which owns its run from the start) it is written here.
-        Either way the record says the attempt started before its sandbox is spawned."""
+        otherwise (`action execute`, which owns its run from the start) it is written here,
+        before the sandbox is spawned. `claim`: that write, staged (`_claim`), committed as
+        soon as the first step's sandbox has its arguments."""
         record = run.record
         attempt = record.get("attempt", 1)
         quota = config.get("quota") or {}
@@ -496,7 +526,7 @@ class Executor:
                         (quota.get("storageBytes") or {}).get("log") or DEFAULT_LOG_BYTES)
         active = ActiveRun(
             run=run, task=task, config=config, log=log, steps=steps_of(task),
-            deadline=time.monotonic() + float(task.get("timeoutSeconds") or 3600),
+            deadline=time.monotonic() + float(task.get("timeoutSeconds") or 3600), claim=claim,
         )
         self.active[run.id] = active
         if not recorded:
@@ -540,6 +570,7 @@ class Executor:
             active.log.note(active.reason)
             self._end(active, None)
             return
+        self._commit_claim(active)  # while the sandbox starts the action
         if self.prepared is not None:
             self.prepared.want(active.run.agent, spec)
         active.log.note(f"step {step.name} started: {' '.join(step.argv)}"
@@ -786,6 +817,7 @@ class Executor:
     def _stop_run(self, active: ActiveRun, reason: str) -> None:
         """The executor is going away with this run still active: end its processes and leave
         the run in active/, so the next executor reruns it (at-least-once)."""
+        self._commit_claim(active)
         self._stop_settling(active)
         if active.process is not None:
             active.process.terminate()
@@ -801,6 +833,7 @@ class Executor:
     # -- ending -----------------------------------------------------------------------------
 
     def _end(self, active: ActiveRun, code: int | None) -> None:
+        self._commit_claim(active)  # a run that could not start: its end follows its claim
         del self.active[active.id]
         self.queue_changed = True  # a slot is free
         run, record = active.run, active.run.record
@@ -855,6 +888,7 @@ class Executor:
         """Rewrite a running run's record. When the state file system refuses, the run's
         reserve is given up for one more try; failing again, the run fails for it (see
         ActiveRun.storage_problem)."""
+        self._commit_claim(active)  # never overtaken by a later write
         failure = _refused(self.store.save, active.run)
         if failure and self.store.release(active.run):
             failure = _refused(self.store.save, active.run)

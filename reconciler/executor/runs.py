@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Iterator
 
 from reconciler import AGENTS_DIR
-from reconciler.device import Device
+from reconciler.device import Device, StagedWrite
 
 BUCKETS = ("queue", "active", "completed", "failed")
 TERMINAL_BUCKET = {
@@ -53,6 +53,21 @@ RESERVE_BYTES = 64 * 1024
 plenty to spare for a directory that has to grow."""
 
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether `name` is a temporary file of Device.write_staged (`.<file>.spos-tmp-<pid>`)
+    whose process is gone. A live one (or a pid taken again since) is left alone."""
+    _, marker, pid = name.rpartition(".spos-tmp-")
+    if not marker or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def storage_failure(exc: BaseException) -> bool:
@@ -93,6 +108,8 @@ class RunStore:
 
     def __init__(self, device: Device):
         self.device = device
+        self._lock_fd = -1
+        self._lock_depth = 0
 
     def agents(self) -> list[str]:
         return [name for name in self.device.listdir(AGENTS_DIR) if not name.startswith(".")]
@@ -148,8 +165,13 @@ class RunStore:
 
     def save(self, run: Run) -> None:
         """Rewrite the record in place, atomically."""
+        self.stage(run).commit()
+
+    def stage(self, run: Run) -> StagedWrite:
+        """The record's new content written beside it: `commit()` makes it the record,
+        durably (what `save` does at once); until then the file keeps its old content."""
         data = (json.dumps(run.record, indent=2, sort_keys=True) + "\n").encode()
-        self.device.write_atomic(run.path, data, mode=0o644)
+        return self.device.write_staged(run.path, data, mode=0o644)
 
     def claim(self, run: Run) -> bool:
         """Move a queued run to active; False when another executor was faster. Executors
@@ -161,18 +183,37 @@ class RunStore:
         """The claim lock (flock on `agents/.claims.lock`). A claim and the recording of its
         owner happen under it, and so does recovery: a run claimed a moment ago is never
         mistaken for one whose executor died. So do a cancel request and the recording of a
-        run's end: a request is either seen by the run's owner or finds the run ended."""
-        path = self.device.host(f"{AGENTS_DIR}/.claims.lock")
+        run's end: a request is either seen by the run's owner or finds the run ended.
+        Taken again while this store holds it (`lock()`, an enclosing `locked()`), it is
+        held until the outermost release."""
+        self.lock()
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as exc:  # a read-only file system still locks
-            if exc.errno != errno.EROFS:
-                raise
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
+            self.unlock()
+
+    def lock(self) -> None:
+        """Take the claim lock, or count one more hold of it; `unlock()` gives one back."""
+        if self._lock_depth == 0:
+            path = self.device.host(f"{AGENTS_DIR}/.claims.lock")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as exc:  # a read-only file system still locks
+                if exc.errno != errno.EROFS:
+                    raise
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._lock_fd = fd
+        self._lock_depth += 1
+
+    def unlock(self) -> None:
+        self._lock_depth -= 1
+        if self._lock_depth == 0:
+            fd, self._lock_fd = self._lock_fd, -1
             os.close(fd)
 
     def finish(self, run: Run, state: str) -> None:
@@ -224,15 +265,18 @@ class RunStore:
         return f"{AGENTS_DIR}/{run.agent}/active/{run.name}.{kind}"
 
     def strays(self, agent: str) -> list[str]:
-        """Names of the agent's sidecar files whose record is no longer in active/: the run
+        """Names of the agent's sidecar files whose record is no longer in active/ (the run
         ended or went back to the queue while a request was being written, or its process died
-        between two writes."""
+        between two writes), and of records being written by a process that died meanwhile
+        (an executor killed while its claim was being made durable)."""
         names = self.device.listdir(f"{AGENTS_DIR}/{agent}/active")
         records = {name for name in names if name.endswith(".json")}
         strays = []
         for name in names:
             record, _, kind = name.rpartition(".")
             if kind in SIDECARS and not name.startswith(".") and record not in records:
+                strays.append(name)
+            elif name.startswith(".") and _writer_gone(name):
                 strays.append(name)
         return strays
 

@@ -137,6 +137,7 @@ class ActiveRun:
     ending: str | None = None       # "timeout", "cancelled" or "failed" once the executor decided so
     reason: str = ""
     record_failure: OSError | None = None  # the record could not be written (see storage_problem)
+    claim: object = None  # the claim's record while it is staged (Executor._claim), or None
     started: float = field(default_factory=time.monotonic)
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_saved: float = 0.0
