@@ -13,6 +13,7 @@ bounded. Needs root, bubblewrap and cgroups: otherwise every test is skipped wit
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -492,6 +493,113 @@ def test_a_wake_up_naming_no_agent_has_every_queue_looked_at(device):
     assert daemon.stop() == 0
 
 
+def unserved_executor(root: Path):
+    """An executor whose loop the test turns by hand (no sandbox: nothing is started)."""
+    from reconciler import AGENTS_DIR
+    from reconciler.device import Device as Root
+    from reconciler.executor.dispatch import Executor, Settings
+
+    executor = Executor(Root(str(root)), sandbox=None, settings=Settings(rescan=3600, cleanup_interval=0))
+    executor.device.makedirs(AGENTS_DIR)
+    executor._open_wake_pipe()
+    executor._list_queues()  # the listing at start
+    return executor
+
+
+WAKE_WRITER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK)
+while True:
+    try:
+        os.write(fd, sys.argv[2].encode() * 512)
+    except BlockingIOError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("message", ["!", "a\n"])
+def test_writers_that_keep_the_wake_pipe_full_neither_hold_the_loop_nor_grow_it(device_root, message):
+    """A drain reads a bounded amount (the rest wakes the next turn, between timeouts and exits)
+    and keeps a bounded number of names to list."""
+    executor = unserved_executor(device_root)
+    pipe = executor.device.host("/var/lib/systemprompt-os/executor.wake")
+    writers = [subprocess.Popen([sys.executable, "-c", WAKE_WRITER, pipe, message]) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        longest = 0.0
+        for _ in range(50):
+            began = time.monotonic()
+            executor._drain_wake()
+            longest = max(longest, time.monotonic() - began)
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait()
+    assert longest < 0.1, f"one drain took {longest:.2f}s"
+    assert executor.list_all and not executor.list_agents
+
+
+def test_a_full_wake_pipe_that_was_shrunk_has_every_queue_listed(device_root):
+    """Whoever fills the pipe makes wake-ups be refused; a drain of half its size, as it is
+    now (a writer may shrink it), lists every queue."""
+    executor = unserved_executor(device_root)
+    pipe = executor.device.host("/var/lib/systemprompt-os/executor.wake")
+    writer = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 4096)
+        assert os.write(writer, b"zz\n" * 1364 + b"zzz\n") == 4096
+        executor._drain_wake()
+    finally:
+        os.close(writer)
+    assert executor.list_all
+
+
+NAME_LOOKUP_HELPER = """
+import sys, time
+from reconciler.device import Device
+from reconciler.executor import network
+from reconciler.executor.dispatch import Executor
+from reconciler.executor.sandbox import Sandbox
+
+setup_for = network.setup_for
+
+def slow(allowed, denied, resolve=None):  # a resolver that does not answer at once
+    open(sys.argv[2], "w").close()
+    time.sleep(1.5)
+    return setup_for(allowed, denied, resolve)
+
+network.setup_for = slow
+root = sys.argv[1]
+Executor(Device(root), Sandbox(root=root)).serve(once=True)
+"""
+
+
+def test_the_claim_lock_is_not_held_while_host_names_are_resolved(device, tmp_path):
+    """Cancel requests, other executors and recovery take the claim lock: what may be slow in
+    starting a run (host names in network rules, the storage quota's walk) is done before
+    the claim, outside it."""
+    device.apply({"t": {"timeout": "20s", "command": sh("true"), "concurrency": "Allow"}})
+    first = device.enqueue("t", "--priority", "90")
+    second = device.enqueue("t", "--priority", "10")
+    marker = tmp_path / "resolving"
+    helper = subprocess.Popen([sys.executable, "-c", NAME_LOOKUP_HELPER, str(device.root), str(marker)],
+                              cwd=REPO, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(marker.exists, "the executor to resolve the first run's names")
+        began = time.monotonic()
+        result = device.spos("action", "cancel", second, "--root", device.root)
+        took = time.monotonic() - began
+        assert result.code == 0, result.err
+        assert helper.wait(30) == 0, helper.stderr.read()
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+    assert took < 1.0, f"spos action cancel waited {took:.1f}s for the claim lock"
+    assert device.record(first)["state"] == "completed"
+    assert device.record(second)["state"] == "cancelled"
+
+
 def test_two_executors_never_run_the_same_claim(device):
     device.apply({"t": {"command": sh("echo $SPOS_RUN_ID >> $SPOS_OUTPUT_DIR/ran; sleep 0.1"),
                         "concurrency": "Allow"}})
@@ -667,7 +775,7 @@ refused = []
 
 def staged_then_refused(store, run):
     staged = stage(store, run)
-    if refused:
+    if len(refused) >= int(os.environ["REFUSE"]):
         return staged
     refused.append(run.id)
 
@@ -682,7 +790,8 @@ RunStore.stage = staged_then_refused
 root = sys.argv[1]
 Executor(Device(root), Sandbox(root=root)).serve(once=True)
 """
-"""An executor whose state file system refuses to make the first claim's record durable."""
+"""An executor whose state file system refuses to make the first REFUSE records it stages
+durable (a claim's, and the second try of it)."""
 
 
 def in_process(helper: str, device) -> subprocess.CompletedProcess:
@@ -734,17 +843,23 @@ def test_an_executor_dying_before_its_claim_is_durable_reruns_the_run_with_the_a
     assert not run_cgroup_dirs(device.agent, run_id)
 
 
-def test_a_claim_the_disk_refuses_to_make_durable_fails_its_run_and_others_go_on(device):
+@pytest.mark.parametrize("refusals, state", [(1, "completed"), (2, "failed")])
+def test_a_claim_the_disk_refuses_to_make_durable_is_tried_again_then_fails_its_run(
+        device, monkeypatch, refusals, state):
+    """Refused once, the claim is written again with the run's reserve given up, and the run
+    goes on; refused again, the run is killed and fails for it. Other runs go on."""
     device.apply({"t": {"timeout": "20s", "command": sh("sleep 0.3"), "concurrency": "Allow"}})
     refused = device.enqueue("t")
     other = device.enqueue("t", "--priority", "10")
+    monkeypatch.setenv("REFUSE", str(refusals))
 
     result = in_process(CLAIM_REFUSED_HELPER, device)
 
     assert result.returncode == 0, result.stderr
     record = device.record(refused)
-    assert record["state"] == "failed", record
-    assert "its record could not be written: Input/output error" in record["reason"], record
+    assert record["state"] == state, record
+    if state == "failed":
+        assert "its record could not be written: Input/output error" in record["reason"], record
     assert device.record(other)["state"] == "completed"
     assert not list((device.agent_dir() / "active").iterdir())
 

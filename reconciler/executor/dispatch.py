@@ -19,6 +19,7 @@ next executor's recovery if this one stops first.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import random
 import selectors
@@ -32,7 +33,7 @@ from reconciler.device import Device
 from reconciler.errors import SposError
 from reconciler.executor import cancel, network, prepared, provenance, storage
 from reconciler.executor.config import ConfigError, read_agent_config, task_config
-from reconciler.executor.enqueue import WAKE_PIPE, enqueue, trigger_env, woken_agents
+from reconciler.executor.enqueue import WAKE_OVERFLOW, WAKE_PIPE, enqueue, trigger_env, woken_agents
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
 from reconciler.executor.retention import PeriodicCleanup
@@ -54,6 +55,12 @@ REPLACE_RECHECK = 0.25
 SETTLE_WAIT = 0.05
 """After a step's main process exited, how long the loop waits (doing other work meanwhile)
 for the rest of its cgroup to exit by itself before `SandboxedRun.settle` kills it."""
+WAKE_READS = 4
+"""Reads of the wake pipe per turn of the loop: writers that keep it full cannot hold the loop
+(timeouts, exits) in one drain."""
+WAKE_AGENTS = 256
+"""Agents named by wake-ups and not listed yet (every slot busy) beyond which every queue is
+listed instead."""
 
 
 @dataclass
@@ -67,6 +74,14 @@ class Settings:
     storage_interval: float = 5.0  # how often an agent's storage is measured while it runs
     prepared: int = 4  # sandboxes kept prepared for recently active agents (prepared.py); 0: none
     prepared_idle: float = 600.0  # an unused prepared sandbox is closed after this
+
+
+@dataclass
+class Ahead:
+    """What a run's start needs that is worked out before its claim, outside the claim lock."""
+
+    network: tuple = (False, None)  # (host network?, egress rules), network.setup_for
+    over_quota: str | None = None  # why the agent is over its storage quota
 
 
 class Executor:
@@ -383,10 +398,15 @@ class Executor:
             if running or elsewhere:
                 self._replace(run, running, elsewhere)
                 return False
+        # What may be slow and does not need the claim (host names resolved for network rules,
+        # the agent's storage measured) is done first: the claim lock is held from the claim
+        # until its record is durable, and every other executor, cancel and recovery waits.
+        ahead = Ahead(network=self._network_of(config),
+                      over_quota=self._over_storage_quota(run.agent, config.get("quota") or {}))
         claim = self._claim(run, self._attempt_start(run, raw, task), stage=True)
         if claim is None:
             return False
-        self._start(run, config, raw, task, recorded=True, claim=claim)
+        self._start(run, config, raw, task, recorded=True, claim=claim, ahead=ahead)
         return True
 
     def _active_elsewhere(self, agent: str, task: str) -> list[Run]:
@@ -419,10 +439,11 @@ class Executor:
         (`_attempt_start`), goes into the same write: one durable record per start.
 
         With `stage`, that record is written but not yet durable or in place: it is returned,
-        the claim lock stays held, and `_commit_claim` finishes both once the run's sandbox
-        has its arguments, so the action starts while the record is fsynced. Until then the
-        run's file in active/ holds the record as it was queued, which is what a crash leaves
-        (docs/executor.md, "Delivery")."""
+        the claim lock stays held, and `_commit_claim` finishes both once a prepared sandbox
+        has the run's arguments, so the action starts while the record is fsynced (before
+        anything slow: a fresh sandbox's fork, a leftover checkpoint's removal). Until then
+        the run's file in active/ holds the record as it was queued, which is what a crash
+        leaves (docs/executor.md, "Delivery")."""
         before, name = dict(run.record), run.name
         staged = None
         self.store.lock()
@@ -456,17 +477,39 @@ class Executor:
 
     def _commit_claim(self, active: ActiveRun) -> None:
         """Make the staged claim of `active` its record, durably, and give the claim lock
-        back. A state file system that refuses fails the run (ActiveRun.storage_problem),
-        whose file in active/ still holds the record as queued until its end is written."""
+        back. When the state file system refuses (twice: the second try with the run's
+        reserve given up, as `_save` does), the run's file in active/ still holds the record
+        as queued, without an owner: the lock is then kept until the run's end is recorded
+        (`_release_claim_lock`), so that no executor takes the run for abandoned meanwhile,
+        and the run is killed at once; it fails for its record (ActiveRun.storage_problem)."""
         staged, active.claim = active.claim, None
         if staged is None:
             return
         try:
-            staged.commit()
-        except OSError as exc:
-            active.record_failure = active.record_failure or exc
-        finally:
+            failure = _refused(staged.commit)
+            if failure and self.store.release(active.run):
+                failure = _refused(self.store.save, active.run)
+        except BaseException:
             self.store.unlock()
+            raise
+        if failure is None:
+            self.store.unlock()
+            return
+        active.record_failure = active.record_failure or failure
+        active.holds_claim_lock = True
+        if active.process is not None:
+            active.process.kill_all()
+
+    def _release_claim_lock(self, active: ActiveRun) -> None:
+        if active.holds_claim_lock:
+            active.holds_claim_lock = False
+            self.store.unlock()
+
+    def _network_of(self, config: dict):
+        """(host network?, egress rules) for the agent's Capability: host names resolved now."""
+        capability = config.get("capability") or {}
+        return network.setup_for((capability.get("allowed") or {}).get("network"),
+                                 (capability.get("denied") or {}).get("network"))
 
     def _end_unstarted(self, run: Run, state: str, reason: str) -> bool:
         if not self._claim(run):
@@ -513,12 +556,13 @@ class Executor:
         return fields
 
     def _start(self, run: Run, config: dict, raw: bytes, task: dict, recorded: bool = False,
-               claim=None) -> None:
+               claim=None, ahead: Ahead | None = None) -> None:
         """Start the run's next attempt under `config`, read from the bytes `raw`. `recorded`:
         the claim already wrote the attempt's start (`_attempt_start`) with the run's owner;
         otherwise (`action execute`, which owns its run from the start) it is written here,
         before the sandbox is spawned. `claim`: that write, staged (`_claim`), committed as
-        soon as the first step's sandbox has its arguments."""
+        soon as the first step's sandbox has its arguments. `ahead`: what was worked out
+        before the claim."""
         record = run.record
         attempt = record.get("attempt", 1)
         quota = config.get("quota") or {}
@@ -527,13 +571,14 @@ class Executor:
         active = ActiveRun(
             run=run, task=task, config=config, log=log, steps=steps_of(task),
             deadline=time.monotonic() + float(task.get("timeoutSeconds") or 3600), claim=claim,
+            network=ahead.network if ahead else None,
         )
         self.active[run.id] = active
         if not recorded:
             record.update(self._attempt_start(run, raw, task))
         failure = _refused(self._prepare, active, not recorded)
         problem = active.storage_problem() or (failure and failure.strerror) \
-            or self._over_storage_quota(run.agent, quota)
+            or (ahead.over_quota if ahead else self._over_storage_quota(run.agent, quota))
         if problem:
             active.ending, active.reason = "failed", f"could not start: {problem}"
             self._end(active, None)
@@ -546,7 +591,9 @@ class Executor:
         run = active.run
         dirs = run_dirs(run.agent, run.id)
         if active.task.get("checkpoint") is None:  # checkpoints off: every attempt starts afresh
-            _remove_tree(self.device, dirs["checkpoint"])
+            if self.device.stat(dirs["checkpoint"]) is not None:
+                self._commit_claim(active)  # a removal may take long: not under the claim lock
+                _remove_tree(self.device, dirs["checkpoint"])
         for key in ("checkpoint", "tmp", "output"):
             _make_dir(self.device, dirs[key])
         _make_dir(self.device, dirs["log"].rsplit("/", 1)[0])
@@ -564,7 +611,7 @@ class Executor:
         active.step_deadline = time.monotonic() + step.timeout if step.timeout else None
         try:
             spec = self._spec(active, step)
-            active.process, output_read, progress_read, ready = self._spawn(active.run.agent, spec)
+            active.process, output_read, progress_read, ready = self._spawn(active, spec)
         except Exception as exc:  # a run that cannot start fails visibly; the executor goes on
             active.reason = f"could not start step {step.name!r}: {exc}"
             active.log.note(active.reason)
@@ -582,9 +629,12 @@ class Executor:
         self.selector.register(progress_read, selectors.EVENT_READ, ("progress", active))
         self.selector.register(active.process.pidfd, selectors.EVENT_READ, ("exit", active))
 
-    def _spawn(self, agent: str, spec):
+    def _spawn(self, active: ActiveRun, spec):
         """Start `spec` in the agent's prepared sandbox when it has one that fits, else in a
-        new one. Returns (the run, its output and progress pipes' read ends, prepared?)."""
+        new one (the claim made durable first: a fork's child holds the claim lock's fd until
+        it closes its fds). Returns (the run, its output and progress pipes' read ends,
+        prepared?)."""
+        agent = active.run.agent
         slot = self.prepared.take(agent, spec) if self.prepared is not None else None
         if slot is not None:
             spec.env["SPOS_PROGRESS_FD"] = str(slot.progress_number)
@@ -592,6 +642,7 @@ class Executor:
                 return slot.sandbox.start(spec), slot.output_fd, slot.progress_fd, True
             except Exception:  # it ended, or cannot take this run: start afresh (start()
                 slot.close()   # hands nothing of the run over when it raises)
+        self._commit_claim(active)
         output_read, output_write = os.pipe()
         progress_read, progress_write = os.pipe()
         try:
@@ -634,7 +685,9 @@ class Executor:
                 env["SPOS_RESUME"] = "1"
         env.update(trigger_env(run.record.get("source") or {}, dirs["tmp"],
                                self.device.host(dirs["tmp"])))
-        host_network, egress = network.setup_for(allowed.get("network"), denied.get("network"))
+        host_network, egress = active.network or network.setup_for(allowed.get("network"),
+                                                                   denied.get("network"))
+        active.network = None  # later steps resolve again
         for note in egress.notes if egress else ():
             active.log.write(f"--- spos: {note}\n".encode())
         return SandboxSpec(
@@ -818,6 +871,7 @@ class Executor:
         """The executor is going away with this run still active: end its processes and leave
         the run in active/, so the next executor reruns it (at-least-once)."""
         self._commit_claim(active)
+        self._release_claim_lock(active)
         self._stop_settling(active)
         if active.process is not None:
             active.process.terminate()
@@ -858,25 +912,28 @@ class Executor:
         if final:
             active.reason += " (not retried: the task marks this exit code as non-retryable)"
             record["reason"] = active.reason
-        with self.store.locked():  # a cancel request is seen here, or finds the run ended
-            request = cancel.requested(self.store, run)
-            if request and state in ("failed", "timeout") and not final:
-                final = True
-                active.reason += f" (not retried: {request})"
-                record["reason"] = active.reason
-            if state in ("failed", "timeout") and not final and attempt <= int(retries.get("limit", 0)):
-                delay = _backoff(retries.get("backoff") or {}, attempt)
-                record.update(attempt=attempt + 1, notBefore=_iso(time.time() + delay))
-                active.log.note(f"attempt {attempt} {state}: {active.reason}; retry in {delay:.1f}s")
+        try:
+            with self.store.locked():  # a cancel request is seen here, or finds the run ended
+                request = cancel.requested(self.store, run)
+                if request and state in ("failed", "timeout") and not final:
+                    final = True
+                    active.reason += f" (not retried: {request})"
+                    record["reason"] = active.reason
+                if state in ("failed", "timeout") and not final and attempt <= int(retries.get("limit", 0)):
+                    delay = _backoff(retries.get("backoff") or {}, attempt)
+                    record.update(attempt=attempt + 1, notBefore=_iso(time.time() + delay))
+                    active.log.note(f"attempt {attempt} {state}: {active.reason}; retry in {delay:.1f}s")
+                    active.log.close()
+                    self._record(run, "queued")
+                    return
+                active.log.note(f"run {state}" + (f": {active.reason}" if active.reason else ""))
                 active.log.close()
-                self._record(run, "queued")
-                return
-            active.log.note(f"run {state}" + (f": {active.reason}" if active.reason else ""))
-            active.log.close()
-            _refused(self._remove_run_trees, run, state)  # what is left, retention removes
-            self._follow_up(run, active.task, state)
-            if self._record(run, state):
-                cancel.withdraw(self.store, run)
+                _refused(self._remove_run_trees, run, state)  # what is left, retention removes
+                self._follow_up(run, active.task, state)
+                if self._record(run, state):
+                    cancel.withdraw(self.store, run)
+        finally:
+            self._release_claim_lock(active)  # kept when the claim could not be made durable
 
     def _remove_run_trees(self, run: Run, state: str) -> None:
         """The run's temporary directory, and its checkpoint once it completed."""
@@ -931,6 +988,7 @@ class Executor:
             try:
                 enqueue(self.device, run.agent, name,
                         source={"kind": "hook", "run": run.id, "on": hook})
+                self.list_agents.add(run.agent)  # not only if the wake pipe takes the message
             except ConfigError as exc:
                 run.record.setdefault("followUpErrors", []).append(str(exc))
             except OSError as exc:
@@ -1062,12 +1120,26 @@ class Executor:
                 os.close(fd)
 
     def _drain_wake(self) -> None:
-        messages = b""
-        while chunk := _read_available(self.wake_fd):
-            messages += chunk
-        agents = woken_agents(messages)
-        if agents is None:
+        """Read what the wake pipe holds, at most WAKE_READS reads a turn (what is left wakes
+        the next one), keeping no more than the overflow threshold: half the pipe's size, as
+        it is now (a writer may shrink it)."""
+        try:
+            overflow = min(WAKE_OVERFLOW, fcntl.fcntl(self.wake_fd, fcntl.F_GETPIPE_SZ) // 2)
+        except OSError:
+            overflow = WAKE_OVERFLOW
+        chunks, size = [], 0
+        for _ in range(WAKE_READS):
+            chunk = _read_available(self.wake_fd)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size < overflow:
+                chunks.append(chunk)
+        agents = None if size >= overflow else woken_agents(b"".join(chunks))
+        if agents is None or len(self.list_agents) + len(agents) > WAKE_AGENTS:
             self.list_all = True
+        if self.list_all:
+            self.list_agents.clear()
         else:
             self.list_agents |= agents
         self.queue_changed = True

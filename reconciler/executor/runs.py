@@ -211,6 +211,8 @@ class RunStore:
         self._lock_depth += 1
 
     def unlock(self) -> None:
+        if self._lock_depth <= 0:
+            raise RuntimeError("the claim lock was given back more often than it was taken")
         self._lock_depth -= 1
         if self._lock_depth == 0:
             fd, self._lock_fd = self._lock_fd, -1
