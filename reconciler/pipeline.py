@@ -8,6 +8,7 @@ core (render, plan) and the kinds' observe().
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -77,18 +78,25 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
         request.stage(f"Loading manifests from {request.path}...")
         digest, files, listed = fingerprint(request.path, request.policy_dir, memo)
         remembered = memo.desired_for(digest) if digest else None
+        inventory = read_inventory(device)["resources"]
+        actual = None
         if remembered is not None:
             desired, notices, declared = _recalled(request, device, facts, remembered, files, listed)
         else:
+            with _CachePrimer(request, device, files, listed) as primer:
+                if primer.running:  # the device is observed meanwhile, as last rendered
+                    actual = observe(device, set(memo.rendered()) | set(inventory), memo=memo)
             desired, notices, declared, digest = _rendered(request, device, facts, memo, files, listed)
-        inventory = read_inventory(device)["resources"]
         if not declared and inventory and not request.allow_empty:
             raise UsageError(
                 f"{request.path} holds no manifests: applying it would delete all {len(inventory)} "
                 "resources spos manages here. Pass --allow-empty if that is what you want."
             )
         request.stage("Observing the device...")
-        actual = observe(device, set(desired) | set(inventory), memo=memo)
+        if actual is None:
+            actual = observe(device, set(desired) | set(inventory), memo=memo)
+        elif set(desired) - set(actual):  # new resources: read what is there of them too
+            actual.update(observe(device, set(desired) - set(actual), discover=False, memo=memo))
         request.stage("Planning...")
         result = plan(
             desired, actual, inventory,
@@ -132,6 +140,59 @@ def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=No
     declared = sum(1 for m in manifests.manifests if m.kind != "Policy")
     memo.remember_desired(manifests.digest, desired, keys, said, declared)
     return desired, said, declared, manifests.digest
+
+
+class _CachePrimer:
+    """While the device is observed, a forked child parses and checks the manifest files the
+    manifest cache does not hold (validate.prime_cache), on the other CPU: the YAML parser and
+    the schema validator it imports for them (~45 ms) and the parsing itself are off this
+    process's path, and `load` finds every file cached. Only in a process with one thread, on
+    a device with a manifest cache; a child that fails only costs `load` the work it would
+    have done anyway. Leaving the `with` block waits for the child."""
+
+    def __init__(self, request: PlanRequest, device: Device, files: dict, listed: dict):
+        from reconciler.state import cache_file
+
+        self.pid = 0
+        cache = cache_file(device)
+        if cache is None or not files or not hasattr(os, "fork"):
+            return
+        import threading
+
+        if threading.active_count() > 1:  # a fork copies only this thread: not safe then
+            return
+        policies = set(listed.get(request.policy_dir, ())) if request.policy_dir else set()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the caller
+            code = 1
+            try:
+                from reconciler.validate import prime_cache
+
+                prime_cache(cache, files, policies)
+                code = 0
+            finally:
+                os._exit(code)
+        self.pid = pid
+
+    @property
+    def running(self) -> bool:
+        return self.pid > 0
+
+    def __enter__(self) -> _CachePrimer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pid > 0:
+            if exc[0] is not None:  # interrupted: the child's work is not wanted
+                import signal
+
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
 
 
 def _recalled(request: PlanRequest, device: Device, facts: Facts, known, files, listed):

@@ -51,11 +51,20 @@ def write_inventory(device: Device, resources: dict, revision: str | None, manif
 
 def _one_resource_per_line(payload: dict) -> str:
     """The inventory as JSON that diffs and greps well, one resource per line. Written line by
-    line with the C encoder: `indent=` would use the pure-Python one, ~10x slower."""
+    line with the C encoder: `indent=` would use the pure-Python one, ~10x slower. An entry of
+    the usual shape, a kind and a digest, is put together from its quoted strings, which is
+    what the encoder writes for it at a third of the cost (an apply writes every entry)."""
     head = {key: value for key, value in payload.items() if key != "resources"}
     lines = [f"  {json.dumps(key)}: {json.dumps(value)}," for key, value in head.items()]
     encode = json.JSONEncoder(sort_keys=True).encode  # one encoder, not one per line
-    entries = [f"    {json.dumps(rid)}: {encode(entry)}" for rid, entry in payload["resources"].items()]
+    quote = json.encoder.encode_basestring_ascii
+    entries = [
+        f'    {quote(rid)}: {{"digest": {quote(entry["digest"])}, "kind": {quote(entry["kind"])}}}'
+        if type(entry) is dict and len(entry) == 2 and type(entry.get("digest")) is str
+        and type(entry.get("kind")) is str
+        else f"    {quote(rid)}: {encode(entry)}"
+        for rid, entry in payload["resources"].items()
+    ]
     body = ",\n".join(entries)
     resources = '  "resources": {\n' + body + "\n  }" if entries else '  "resources": {}'
     return "{\n" + "\n".join(lines) + "\n" + resources + "\n}\n"

@@ -79,6 +79,23 @@ def load(
     return manifest_set
 
 
+def prime_cache(cache_file: str | os.PathLike, known: dict[str, tuple[str, str]],
+                policy_paths: set[str] = frozenset()) -> int:
+    """Parse and check, as `load` does file by file, the files of `known` (path -> (display
+    name, content hash), as `memo.fingerprint` gives them) that the cache at `cache_file` does
+    not hold, and cache those that pass: `load` then finds them there and neither parses nor
+    checks them again. Problems are neither reported nor cached (`load` finds them again).
+    Paths in `policy_paths` are read as policies. Returns how many files were read."""
+    run = _Run(cache_file, known, {}, lambda text, total=None: None, lambda: None)
+    missing = [path for path, (_, digest) in known.items() if run.cache.files.get(digest) is None]
+    for path in missing:
+        run.read_file(path, role="policies" if path in policy_paths else "manifests")
+    run.check_calendars()
+    if missing:
+        run.cache.save(keep={digest for _, digest in known.values()})
+    return len(missing)
+
+
 def schema_dir() -> Path:
     """The JSON Schemas: beside the package in a checkout, inside it once installed."""
     return Path(schemas_path())

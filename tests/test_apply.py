@@ -610,3 +610,25 @@ def test_action_run_refuses_unknown_agent_or_task(spos, applied, agent, task, me
     assert result.code == 1
     assert message in result.err
     assert queued(applied, "monitor-001") == []
+
+
+def test_the_inventory_is_one_resource_per_line_as_the_json_encoder_writes_it(device_root):
+    """Usual entries are put together by hand; they read back, and look, exactly as the
+    encoder would write them (sorted keys, ASCII), whatever the strings hold."""
+    from reconciler.state import read_inventory, write_inventory
+
+    resources = {
+        "agent/a": {"kind": "agent", "digest": "sha256:00"},
+        'cron/quo"te\\': {"digest": "sha256:é\u2028\n", "kind": "cron"},
+        "agent/other": {"kind": "agent", "digest": "sha256:01", "extra": [1, None]},
+        "agent/odd": {"kind": "agent", "digest": 5},
+    }
+    device = Device(str(device_root))
+    write_inventory(device, resources, None, "sha256:ab")
+
+    text = (device_root / "var/lib/systemprompt-os/inventory.json").read_text()
+    lines = {line.split(": ", 1)[0].strip(): line for line in text.splitlines()}
+    for rid, entry in resources.items():
+        key = json.dumps(rid)
+        assert lines[key].rstrip(",") == f"    {key}: {json.dumps(entry, sort_keys=True)}"
+    assert read_inventory(device)["resources"] == resources
