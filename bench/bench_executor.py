@@ -62,7 +62,7 @@ from pathlib import Path
 
 from bench_reconcile import (
     REPO, Failed, Runner, code_line, cpu_pressure, default_spos, describe_code, load_line, log,
-    package_parent, save_results, snapshot_code,
+    memory_cgroups, package_parent, save_results, snapshot_code,
 )
 
 STATE = "var/lib/systemprompt-os"
@@ -861,6 +861,7 @@ def environment(args, spos: list[str], code: dict, code_root: str) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "loadavg_start": os.getloadavg(),
         "cpu_pressure_start": cpu_pressure(),
+        "memory_cgroups_start": memory_cgroups(),
     }
 
 

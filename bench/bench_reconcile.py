@@ -764,7 +764,24 @@ def environment(args, spos: list[str], code: dict) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "loadavg_start": os.getloadavg(),
         "cpu_pressure_start": cpu_pressure(),
+        "memory_cgroups_start": memory_cgroups(),
     }
+
+
+def memory_cgroups() -> int | None:
+    """How many memory cgroups the kernel has (/proc/cgroups). Each run's cgroup is removed
+    when the run ends, but one whose page cache is still charged to it lives on, dying, until
+    that is reclaimed; hundreds of them make every cgroup operation slower, and the runs'
+    start with it (`echo 3 > /proc/sys/vm/drop_caches` lets them go)."""
+    try:
+        with open("/proc/cgroups") as handle:
+            for line in handle:
+                fields = line.split()
+                if fields and fields[0] == "memory":
+                    return int(fields[2])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cpu_pressure() -> str:
@@ -820,6 +837,7 @@ def save_results(args, env_info: dict, data: dict) -> str:
     (every benchmark's file has this shape), and return that JSON."""
     env_info["loadavg_end"] = os.getloadavg()
     env_info["cpu_pressure_end"] = cpu_pressure()
+    env_info["memory_cgroups_end"] = memory_cgroups()
     payload = json.dumps({"environment": env_info, **data}, indent=2, default=str)
     if args.json and args.json != "-":
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -840,10 +858,14 @@ def code_line(env_info: dict) -> str:
 
 def load_line(env_info: dict, steadier: str = "min and cpu are the steadier figures") -> str:
     """How busy the machine was, for a report's header."""
+    cgroups = ""
+    if env_info.get("memory_cgroups_start") is not None:
+        cgroups = (f"; memory cgroups {env_info['memory_cgroups_start']} -> "
+                   f"{env_info.get('memory_cgroups_end')} (dying ones included)")
     return (f"load average {env_info['loadavg_start'][0]:.2f} at start, "
             f"{env_info['loadavg_end'][0]:.2f} at end; CPU pressure (some, avg60) "
-            f"{env_info['cpu_pressure_start']} -> {env_info['cpu_pressure_end']}. Competing work "
-            f"inflates wall times; {steadier}.")
+            f"{env_info['cpu_pressure_start']} -> {env_info['cpu_pressure_end']}{cgroups}. "
+            f"Competing work inflates wall times; {steadier}.")
 
 
 def report(args, env_info: dict, floor: dict, results: list[dict], final: bool) -> None:
