@@ -83,9 +83,9 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
         if remembered is not None:
             desired, notices, declared = _recalled(request, device, facts, remembered, files, listed)
         else:
-            with _CachePrimer(request, device, files, listed) as primer:
-                if primer.running:  # the device is observed meanwhile, as last rendered
-                    actual = observe(device, set(memo.rendered()) | set(inventory), memo=memo)
+            with _CachePrimer(request, device, files if digest else {}, listed) as primer:
+                if primer.running:  # the device is observed meanwhile
+                    actual = _observe_ahead(device, set(inventory), memo)
             desired, notices, declared, digest = _rendered(request, device, facts, memo, files, listed)
         if not declared and inventory and not request.allow_empty:
             raise UsageError(
@@ -142,13 +142,27 @@ def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=No
     return desired, said, declared, manifests.digest
 
 
+def _observe_ahead(device: Device, ids: set[str], memo) -> dict | None:
+    """The device as observed before the manifests are loaded: the resources of the inventory
+    (and what discovery finds). None when that fails: the observing after loading then fails
+    (or not) as it always did, after the manifests' own problems are reported."""
+    from reconciler.observe import observe
+
+    try:
+        return observe(device, ids, memo=memo)
+    except Exception:  # noqa: BLE001 - observed again, in order, after loading
+        return None
+
+
 class _CachePrimer:
     """While the device is observed, a forked child parses and checks the manifest files the
     manifest cache does not hold (validate.prime_cache), on the other CPU: the YAML parser and
     the schema validator it imports for them (~45 ms) and the parsing itself are off this
-    process's path, and `load` finds every file cached. Only in a process with one thread, on
-    a device with a manifest cache; a child that fails only costs `load` the work it would
-    have done anyway. Leaving the `with` block waits for the child."""
+    process's path, and `load` finds every file cached. Only in a process with one thread (so
+    not under the progress bar of a command at a terminal), on a device with a manifest cache,
+    for a complete fingerprint; a child that fails only costs `load` the work it would have
+    done anyway. Leaving the `with` block waits for the child, which does no more than `load`
+    would (it is not killed: a cache half saved would be thrown away)."""
 
     def __init__(self, request: PlanRequest, device: Device, files: dict, listed: dict):
         from reconciler.state import cache_file
@@ -157,17 +171,30 @@ class _CachePrimer:
         cache = cache_file(device)
         if cache is None or not files or not hasattr(os, "fork"):
             return
+        import signal
         import threading
 
         if threading.active_count() > 1:  # a fork copies only this thread: not safe then
             return
         policies = set(listed.get(request.policy_dir, ())) if request.policy_dir else set()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+            with contextlib.suppress(Exception):
+                stream.flush()
+        # Until the child has its own signal handling, a signal must not reach a Python handler
+        # in it: one that raised there would unwind the caller's `with` blocks (the apply lock).
+        stopping = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            return
         if pid == 0:  # the child: never returns into the caller
             code = 1
             try:
+                for signum in stopping:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 from reconciler.validate import prime_cache
 
                 prime_cache(cache, files, policies)
@@ -175,6 +202,7 @@ class _CachePrimer:
             finally:
                 os._exit(code)
         self.pid = pid
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     @property
     def running(self) -> bool:
@@ -185,14 +213,9 @@ class _CachePrimer:
 
     def __exit__(self, *exc) -> None:
         if self.pid > 0:
-            if exc[0] is not None:  # interrupted: the child's work is not wanted
-                import signal
-
-                with contextlib.suppress(OSError):
-                    os.kill(self.pid, signal.SIGKILL)
+            pid, self.pid = self.pid, 0
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
-            self.pid = 0
+                os.waitpid(pid, 0)
 
 
 def _recalled(request: PlanRequest, device: Device, facts: Facts, known, files, listed):

@@ -288,13 +288,15 @@ def test_a_one_file_edit_decodes_only_the_documents_it_needs(spos, manifests, ap
 
 
 PARSERS_LOADED = """
-import atexit, sys
+import atexit, os, sys, threading
 from reconciler.cli import main
 
 def loaded():
     names = [m for m in ("ruamel.yaml", "jsonschema_rs") if m in sys.modules]
     print("parsers in this process:", ", ".join(names) or "none", file=sys.stderr)
 
+if os.environ.get("ONE_PROCESS"):  # a second thread: no child is forked (pipeline._CachePrimer)
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
 atexit.register(loaded)
 sys.exit(main(sys.argv[1:]))
 """
@@ -302,28 +304,74 @@ sys.exit(main(sys.argv[1:]))
 imported in the process itself (a forked child exits without running atexit)."""
 
 
-def _plan_noting_parsers(manifests: Path, root: Path, *options: str):
+def _plan_noting_parsers(manifests: Path, root: Path, *options: str, one_process: bool = False):
     import subprocess
     import sys
 
     return subprocess.run(
         [sys.executable, "-c", PARSERS_LOADED, "plan", str(manifests), "--root", str(root), *options],
         capture_output=True, text=True, timeout=60,
-        env={**os.environ, "SPOS_COMMAND": "/usr/local/bin/spos"},
+        env={**os.environ, "SPOS_COMMAND": "/usr/local/bin/spos", "ONE_PROCESS": "1" if one_process else ""},
     )
 
 
-def test_an_edited_file_is_parsed_beside_the_observing_and_the_plan_is_the_same(spos, manifests, applied):
+def test_an_edited_file_is_parsed_beside_the_observing_and_the_plan_is_the_same(manifests, applied, tmp_path):
     """The file the cache does not hold is parsed and checked in a child while the device is
-    observed; the plan itself does neither, and says what a plan in one process says."""
-    _edit_monitor(manifests)
-    result = _plan_noting_parsers(manifests, applied, "--json")
+    observed; the plan itself does neither, and says, to the byte, what a plan that does it
+    all in one process says from the same state."""
+    import shutil
 
-    assert result.returncode == 0, result.stderr
-    assert "parsers in this process: none" in result.stderr
-    changed = {c["id"]: c for c in json.loads(result.stdout)["changes"]}
-    assert set(changed) == {"agent/monitor-001"}, changed
-    assert plan_json(spos, manifests, applied)["changes"] == json.loads(result.stdout)["changes"]
+    _edit_monitor(manifests)
+    state = applied / STATE
+    shutil.copytree(state, tmp_path / "state", symlinks=True)
+    with_child = _plan_noting_parsers(manifests, applied, "--json")
+    shutil.rmtree(state)
+    shutil.copytree(tmp_path / "state", state, symlinks=True)
+    in_one = _plan_noting_parsers(manifests, applied, "--json", one_process=True)
+
+    assert with_child.returncode == in_one.returncode == 0, with_child.stderr + in_one.stderr
+    assert "parsers in this process: none" in with_child.stderr
+    assert "parsers in this process: ruamel.yaml, jsonschema_rs" in in_one.stderr
+    assert {c["id"] for c in json.loads(with_child.stdout)["changes"]} == {"agent/monitor-001"}
+    assert with_child.stdout == in_one.stdout
+
+
+def test_a_broken_manifest_is_reported_before_what_the_device_refuses(manifests, applied):
+    """The device is observed while the manifests are parsed; what observing refuses (here an
+    agent's directory replaced by a link) is still said only after the manifests' problems."""
+    (applied / STATE / "agents" / "monitor-001").rename(applied / "elsewhere")
+    (applied / STATE / "agents" / "monitor-001").symlink_to(applied / "elsewhere")
+    path = manifests / "backup-001.yaml"
+    path.write_text(path.read_text().replace("priority:", "priority: [", 1))
+
+    result = _plan_noting_parsers(manifests, applied)
+
+    assert result.returncode == 1, result.stdout
+    assert "backup-001.yaml:" in result.stderr, result.stderr
+    assert "symlink" not in result.stderr, result.stderr
+
+
+def test_a_plan_with_its_output_closed_still_plans(manifests, applied):
+    """A daemon started with stdout and stderr closed plans as ever (nothing to flush before
+    the child is forked)."""
+    import subprocess
+    import sys
+
+    _edit_monitor(manifests)
+    program = (
+        "import sys\n"
+        "from reconciler.pipeline import PlanRequest, make_plan\n"
+        "sys.stdout = sys.stderr = None\n"
+        "_, plan = make_plan(PlanRequest(path=sys.argv[1], root=sys.argv[2]))\n"
+        "open(sys.argv[3], 'w').write(' '.join(sorted(c.id for c in plan.changes)))\n"
+    )
+    out = applied.parent / "changes.txt"
+    done = subprocess.run([sys.executable, "-c", program, str(manifests), str(applied), str(out)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=60,
+                          env={**os.environ, "SPOS_COMMAND": "/usr/local/bin/spos"})
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == "agent/monitor-001"
 
 
 def test_an_edit_that_breaks_a_file_is_reported_with_its_line_as_ever(manifests, applied):
