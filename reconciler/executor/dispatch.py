@@ -1,10 +1,11 @@
 """The executor's loop: claim queued runs, supervise them, record how they ended.
 
 One thread, one `selectors` loop. It sleeps until something happens: a message on the wake
-pipe (`spos action run` writes the agent's name after enqueueing), output or progress from a run, a run's
-process exiting (pidfd), or the next deadline (a timeout, the end of a grace period, a retry
-becoming due). A periodic rescan (default 30 s) catches whatever a lost wake-up missed, so a
-deleted wake pipe or an executor that was down only delays work. Idle, it uses no CPU.
+pipe (`spos action run` writes the agent's name after enqueueing), output or progress from a
+run, a run's process exiting (pidfd), or the next deadline (a timeout, the end of a grace
+period, a retry becoming due). A periodic rescan (default 30 s) catches whatever a lost wake-up
+missed, so a deleted wake pipe or an executor that was down only delays work. Idle, it uses no
+CPU.
 
 Delivery is at-least-once: a run found in `active/` whose executor is gone is run again, with
 the attempt counted and its checkpoint handed over.
@@ -919,10 +920,13 @@ class Executor:
                     final = True
                     active.reason += f" (not retried: {request})"
                     record["reason"] = active.reason
-                if state in ("failed", "timeout") and not final and attempt <= int(retries.get("limit", 0)):
+                retry = state in ("failed", "timeout") and not final \
+                    and attempt <= int(retries.get("limit", 0))
+                if retry:
                     delay = _backoff(retries.get("backoff") or {}, attempt)
                     record.update(attempt=attempt + 1, notBefore=_iso(time.time() + delay))
-                    active.log.note(f"attempt {attempt} {state}: {active.reason}; retry in {delay:.1f}s")
+                    active.log.note(
+                        f"attempt {attempt} {state}: {active.reason}; retry in {delay:.1f}s")
                     active.log.close()
                     self._record(run, "queued")
                     return

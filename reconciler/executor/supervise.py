@@ -138,7 +138,7 @@ class ActiveRun:
     reason: str = ""
     record_failure: OSError | None = None  # the record could not be written (see storage_problem)
     claim: object = None  # the claim's record while it is staged (Executor._claim), or None
-    holds_claim_lock: bool = False  # its claim could not be made durable: the lock is kept until its end
+    holds_claim_lock: bool = False  # its claim was refused: the lock is kept until its end
     network: tuple | None = None  # the first step's network, worked out before the claim
     started: float = field(default_factory=time.monotonic)
     last_heartbeat: float = field(default_factory=time.monotonic)
