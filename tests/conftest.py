@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cgroupfs import parent_for
+from sandboxes import remove_cgroups_of
+
 from reconciler.cli import main
 from reconciler.systemctl import SystemctlError
 
@@ -18,7 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "agents.d"
 POLICIES = REPO / "policies"
 SPOS_COMMAND = "/usr/local/bin/spos"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @dataclass
@@ -43,17 +43,7 @@ def device_root(tmp_path):
     root = tmp_path / "device"
     root.mkdir()
     yield root
-    remove_cgroup_tree(parent_for(str(root)))
-
-
-def remove_cgroup_tree(parent: str) -> None:
-    """Remove `parent` and every cgroup below it, deepest first, in every hierarchy."""
-    for top in [CGROUP_ROOT / parent, *CGROUP_ROOT.glob(f"*/{parent}")]:
-        for directory, _, _ in os.walk(top, topdown=False):
-            try:
-                os.rmdir(directory)
-            except OSError:
-                pass
+    remove_cgroups_of(root)
 
 
 @pytest.fixture

@@ -1,10 +1,33 @@
-"""Whether this machine can start a sandboxed run, for the tests that run real actions."""
+"""Whether this machine can start a sandboxed run, for the tests that run real actions, and
+removing the cgroups such runs leave."""
 
 from __future__ import annotations
 
 import functools
 import os
 import shutil
+
+
+def remove_cgroup_tree(parent: str, cgroup_root: str = "/sys/fs/cgroup") -> None:
+    """Remove `parent` and every cgroup below it, deepest first, in every hierarchy (one that
+    still holds a process stays)."""
+    from pathlib import Path
+
+    root = Path(cgroup_root)
+    for top in [root / parent, *root.glob(f"*/{parent}")]:
+        for directory, _, _ in os.walk(top, topdown=False):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+
+
+def remove_cgroups_of(device_root) -> None:
+    """Remove the cgroups spos made for the device at `device_root` (a parent of its own, as
+    for any root but `/`, with the agents' and runs' below)."""
+    from reconciler.cgroupfs import parent_for
+
+    remove_cgroup_tree(parent_for(str(device_root)))
 
 
 @functools.cache

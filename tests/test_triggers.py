@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from sandboxes import sandbox_missing
+from sandboxes import remove_cgroups_of, sandbox_missing
 from waiting import wait_for
 
 from reconciler.device import Device
@@ -133,6 +133,7 @@ def site(tmp_path, spos):
     if site.daemon is not None and site.daemon.poll() is None:
         site.daemon.kill()
         site.daemon.wait(5)
+    remove_cgroups_of(site.root)  # `executor --once` made the agent's cgroups
 
 
 def signed(secret: bytes, body: bytes) -> str:
