@@ -200,7 +200,7 @@ class Device:
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise UnsafePathError(f"refusing to replace {device_path}: not a regular file")
         directory, name = os.path.split(host)
-        temp = os.path.join(directory, f".{name}.spos-tmp-{os.getpid()}")
+        temp = os.path.join(directory, temporary_name(name))
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
             view = memoryview(data)
@@ -254,15 +254,25 @@ class Device:
             os.close(fd)
 
 
+_TEMPORARY = ".spos-tmp-"
+
+
+def temporary_name(name: str) -> str:
+    """The name of the file a write of `name` goes to before it is renamed into place."""
+    return f".{name}{_TEMPORARY}{os.getpid()}"
+
+
+def temporary_writer(name: str) -> int | None:
+    """The pid of the process whose write made `name`, if it is such a temporary file."""
+    _, marker, pid = name.rpartition(_TEMPORARY)
+    return int(pid) if marker and name.startswith(".") and pid.isdigit() else None
+
+
 class StagedWrite:
     """A file's new content, written but not yet durable or in place (Device.write_staged)."""
 
     def __init__(self, fd: int, temp: str, host: str):
         self._fd, self._temp, self._host = fd, temp, host
-
-    @property
-    def pending(self) -> bool:
-        return self._fd >= 0
 
     def commit(self, renamed: Callable[[], None] | None = None) -> None:
         """fsync the new content, rename it over the file, fsync the directory (`renamed` is

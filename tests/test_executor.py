@@ -32,6 +32,7 @@ from sandboxes import sandbox_missing
 import waiting
 
 from reconciler.cgroupfs import parent_for
+from reconciler.executor.enqueue import WAKE_PIPE
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -522,7 +523,7 @@ def test_writers_that_keep_the_wake_pipe_full_neither_hold_the_loop_nor_grow_it(
     """A drain reads a bounded amount (the rest wakes the next turn, between timeouts and exits)
     and keeps a bounded number of names to list."""
     executor = unserved_executor(device_root)
-    pipe = executor.device.host("/var/lib/systemprompt-os/executor.wake")
+    pipe = executor.device.host(WAKE_PIPE)
     writers = [subprocess.Popen([sys.executable, "-c", WAKE_WRITER, pipe, message]) for _ in range(2)]
     try:
         time.sleep(0.3)
@@ -543,7 +544,7 @@ def test_a_full_wake_pipe_that_was_shrunk_has_every_queue_listed(device_root):
     """Whoever fills the pipe makes wake-ups be refused; a drain of half its size, as it is
     now (a writer may shrink it), lists every queue."""
     executor = unserved_executor(device_root)
-    pipe = executor.device.host("/var/lib/systemprompt-os/executor.wake")
+    pipe = executor.device.host(WAKE_PIPE)
     writer = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
     try:
         fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 4096)

@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Iterator
 
 from reconciler import AGENTS_DIR
-from reconciler.device import Device, StagedWrite
+from reconciler.device import Device, StagedWrite, temporary_writer
 
 BUCKETS = ("queue", "active", "completed", "failed")
 TERMINAL_BUCKET = {
@@ -56,13 +56,13 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 def _writer_gone(name: str) -> bool:
-    """Whether `name` is a temporary file of Device.write_staged (`.<file>.spos-tmp-<pid>`)
-    whose process is gone. A live one (or a pid taken again since) is left alone."""
-    _, marker, pid = name.rpartition(".spos-tmp-")
-    if not marker or not pid.isdigit():
+    """Whether `name` is a temporary file of Device.write_staged whose process is gone. A live
+    one (or a pid taken again since) is left alone."""
+    pid = temporary_writer(name)
+    if pid is None:
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except OSError:
