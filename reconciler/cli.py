@@ -872,7 +872,6 @@ def _save_plan(path: str, data: dict) -> None:
 
 
 def _apply(args) -> int:
-    from reconciler.apply import apply, apply_locked
     from reconciler.device import Device
     from reconciler.state import ApplyLock
     from reconciler.views import plan_text
@@ -891,6 +890,8 @@ def _apply(args) -> int:
         if not args.json:
             for notice in planned.notices:  # as its plan said: e.g. units written, not activated
                 print(f"Note: {notice}")
+        from reconciler.apply import apply
+
         _feedback(args).stage("Applying...", total=len(planned.changes))
         result = apply(device, planned, lock_timeout=lock_timeout, progress=_progress(args))
         return _report_apply(args, planned, result)
@@ -906,6 +907,8 @@ def _apply(args) -> int:
         if not args.auto_approve and not _confirm():
             print("Apply cancelled; nothing was changed.", file=sys.stderr)
             return EXIT_ERROR
+        from reconciler.apply import apply_locked
+
         _feedback(args).stage("Applying...", total=len(planned.changes))
         result = apply_locked(device, planned, progress=_progress(args))
     return _report_apply(args, planned, result)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from reconciler import AGENTS_DIR
 from reconciler.device import Device
-from reconciler.executor import estimate
 from reconciler.executor.config import ConfigError, agent_config
 from reconciler.executor.runs import RUN_FILE, CorruptRecord, RunStore
 from reconciler.kinds import BY_NAME
@@ -51,6 +50,8 @@ def expectations(device: Device, plan: Plan) -> list[dict]:
         records = histories[agent].get(task, [])
         if not records:
             continue
+        from reconciler.executor import estimate
+
         config = configs[agent] if agent in configs else _applied_config(device, agent)
         task_config = ((config or {}).get("tasks") or {}).get(task) or {}
         quota = (config or {}).get("quota") or {}

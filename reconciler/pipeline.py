@@ -60,8 +60,6 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
     from reconciler import __version__
     from reconciler.labels import device_labels
     from reconciler.memo import PlanMemo, fingerprint
-    from reconciler.observe import observe
-    from reconciler.plan import plan
     from reconciler.state import memo_file, read_inventory
     from reconciler.systemctl import detect
 
@@ -74,19 +72,27 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
                   activate_units=device.systemd is not None,
                   labels=device_labels(device, request.device_labels))
     memo = PlanMemo(memo_file(device, create=request.creating_state), _memo_key(request, facts))
-    with GitRevision(request.path, known=request.revision) as revision:
-        request.stage(f"Loading manifests from {request.path}...")
-        digest, files, listed = fingerprint(request.path, request.policy_dir, memo)
-        remembered = memo.desired_for(digest) if digest else None
+    request.stage(f"Loading manifests from {request.path}...")
+    digest, files, listed = fingerprint(request.path, request.policy_dir, memo)
+    remembered = memo.desired_for(digest) if digest else None
+    # The child starts first: what this process imports and does meanwhile is off its path.
+    primer = _CachePrimer(request, device, files if digest and remembered is None else {}, listed)
+    with primer, GitRevision(request.path, known=request.revision) as revision:
+        from reconciler.observe import observe
+        from reconciler.plan import plan
+
         inventory = read_inventory(device)["resources"]
         actual = None
         if remembered is not None:
             desired, notices, declared = _recalled(request, device, facts, remembered, files, listed)
         else:
-            with _CachePrimer(request, device, files if digest else {}, listed) as primer:
-                if primer.running:  # the device is observed meanwhile
-                    actual = _observe_ahead(device, set(inventory), memo)
-            desired, notices, declared, digest = _rendered(request, device, facts, memo, files, listed)
+            ahead = None
+            if primer.running:  # the device is observed, and cached files read, meanwhile
+                actual = _observe_ahead(device, set(inventory), memo)
+                ahead = _read_ahead(device, files)
+            primer.wait()
+            desired, notices, declared, digest = _rendered(request, device, facts, memo, files,
+                                                           listed, ahead)
         if not declared and inventory and not request.allow_empty:
             raise UsageError(
                 f"{request.path} holds no manifests: applying it would delete all {len(inventory)} "
@@ -121,7 +127,8 @@ def _cgroup_notices(device: Device) -> list[str]:
     return []
 
 
-def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=None, listed=None):
+def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=None, listed=None,
+              ahead=None):
     """Load and check the manifests in full; render what their contents did not render to
     before (by input_keys); remember the result."""
     from reconciler.render import input_keys, kind_inputs, notices, render
@@ -130,7 +137,7 @@ def _rendered(request: PlanRequest, device: Device, facts: Facts, memo, known=No
 
     manifests = load(request.path, request.policy_dir,
                      cache_file(device, create=request.creating_state), known=known, listed=listed,
-                     stage=request.detail, advance=request.advance)
+                     stage=request.detail, advance=request.advance, ahead=ahead)
     inputs = kind_inputs(manifests)
     keys = input_keys(manifests, inputs)
     before = memo.rendered()
@@ -154,15 +161,24 @@ def _observe_ahead(device: Device, ids: set[str], memo) -> dict | None:
         return None
 
 
+def _read_ahead(device: Device, files: dict):
+    """The manifests of the files the cache holds already (validate.ReadAhead)."""
+    from reconciler.state import cache_file
+    from reconciler.validate import ReadAhead
+
+    return ReadAhead(cache_file(device), files)
+
+
 class _CachePrimer:
-    """While the device is observed, a forked child parses and checks the manifest files the
-    manifest cache does not hold (validate.prime_cache), on the other CPU: the YAML parser and
+    """While the device is observed (and the cached files' manifests read), a forked child
+    parses and checks the manifest files the manifest cache does not hold
+    (validate.prime_cache), on the other CPU: the YAML parser and
     the schema validator it imports for them (~45 ms) and the parsing itself are off this
     process's path, and `load` finds every file cached. Only in a process with one thread (so
     not under the progress bar of a command at a terminal), on a device with a manifest cache,
     for a complete fingerprint; a child that fails only costs `load` the work it would have
-    done anyway. Leaving the `with` block waits for the child, which does no more than `load`
-    would (it is not killed: a cache half saved would be thrown away)."""
+    done anyway. `wait()`, and leaving the `with` block, wait for the child, which does no more
+    than `load` would (it is not killed: a cache half saved would be thrown away)."""
 
     def __init__(self, request: PlanRequest, device: Device, files: dict, listed: dict):
         from reconciler.state import cache_file
@@ -212,6 +228,10 @@ class _CachePrimer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.wait()
+
+    def wait(self) -> None:
+        """Wait for the child to end (at once when there is none or it was waited for)."""
         if self.pid > 0:
             pid, self.pid = self.pid, 0
             with contextlib.suppress(ChildProcessError):

@@ -52,6 +52,7 @@ def load(
     listed: dict[str, list[str]] | None = None,
     stage: Callable[..., None] | None = None,
     advance: Callable[[], None] | None = None,
+    ahead: "ReadAhead | None" = None,
 ) -> ManifestSet:
     """Every manifest under `manifest_dir`, checked against the schemas and `policy_dir`.
 
@@ -62,9 +63,10 @@ def load(
     `listed` maps a directory (as given) to the files `memo.fingerprint` found in it.
     `stage(text, total)` is told each step as it starts (`total`: how many files it checks, or
     None) and `advance()` each file checked, for a long load to show its progress.
+    `ahead` holds the manifests of files of `known` read from the cache before (`ReadAhead`).
     """
     run = _Run(cache_file, known or {}, listed or {}, stage or (lambda text, total=None: None),
-               advance or (lambda: None))
+               advance or (lambda: None), ahead.found if ahead is not None else {})
     run.read_directory(manifest_dir, role="manifests")
     if policy_dir is not None:  # named but missing is a problem: no guardrails would apply
         run.read_directory(policy_dir, role="policies")
@@ -96,6 +98,22 @@ def prime_cache(cache_file: str | os.PathLike, known: dict[str, tuple[str, str]]
     return len(missing)
 
 
+class ReadAhead:
+    """The manifests of the files of `known` (as `load` takes it) that the cache holds, read
+    before `load` is called: while another process parses and caches the files it does not
+    hold (`prime_cache`), this one reads the rest. What is read stays valid when that process
+    adds to the cache or compacts it: each manifest reads its spec through the data file as it
+    was opened here."""
+
+    def __init__(self, cache_file: str | os.PathLike, known: dict[str, tuple[str, str]]):
+        cache = _Cache(cache_file)
+        self.found: dict[str, list[Manifest]] = {}
+        for path, (display, digest) in known.items():
+            manifests = cache.manifests(display, digest, path)
+            if manifests is not None:
+                self.found[path] = manifests
+
+
 def schema_dir() -> Path:
     """The JSON Schemas: beside the package in a checkout, inside it once installed."""
     return Path(schemas_path())
@@ -105,8 +123,8 @@ class _Run:
     """The state of one load: files seen, manifests accepted, problems found."""
 
     def __init__(self, cache_file, known: dict[str, tuple[str, str]],
-                 listed: dict[str, list[str]], stage, advance):
-        self.known, self.listed = known, listed
+                 listed: dict[str, list[str]], stage, advance, ahead=None):
+        self.known, self.listed, self.ahead = known, listed, ahead or {}
         self.stage, self.advance = stage, advance
         self.diagnostics: list[Diagnostic] = []
         self.manifests: list[Manifest] = []
@@ -137,7 +155,9 @@ class _Run:
 
     def read_file(self, path: str, role: str) -> None:
         display, digest = self.known.get(path, (None, None))
-        cached = self.cache.manifests(display, digest, path) if digest else None
+        cached = self.ahead.get(path)
+        if cached is None and digest:
+            cached = self.cache.manifests(display, digest, path)
         raw = None
         if cached is None:
             display = display_name(path, self.cwd)

@@ -82,6 +82,28 @@ def test_the_data_file_is_compacted_once_most_of_it_is_unused(index):
     assert after.manifests("big.yaml", big, "/nonexistent") is None
 
 
+def test_manifests_read_ahead_keep_their_specs_when_the_cache_is_compacted_meanwhile(index):
+    """A plan reads the cached files' manifests while a child parses and caches the edited
+    ones (validate.ReadAhead); the child may compact the data file under it."""
+    from reconciler.validate import ReadAhead
+
+    cache = _Cache(index)
+    kept = put(cache, "kept")
+    big = put(cache, "big", padding=3 << 20)
+    cache.save(keep={kept, big})
+    ahead = ReadAhead(index, {"/nonexistent/kept.yaml": ("kept.yaml", kept),
+                              "/nonexistent/new.yaml": ("new.yaml", "not-cached-yet")})
+    assert set(ahead.found) == {"/nonexistent/kept.yaml"}
+
+    child = _Cache(index)  # what the parsing child does, compacting as it saves
+    small = put(child, "small")
+    child.save(keep={kept, small})
+    assert index.with_suffix(".data").stat().st_size < 1 << 16
+
+    [manifest] = ahead.found["/nonexistent/kept.yaml"]
+    assert manifest.spec == agent("kept")["spec"]  # its spec is read only now
+
+
 def test_two_loads_saving_at_once_leave_a_readable_cache(index):
     base = _Cache(index)
     a = put(base, "a")

@@ -9,7 +9,6 @@ actually seen."""
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
@@ -97,6 +96,8 @@ def trend(outcomes: Iterable[Outcome]) -> dict:
     runtimes = [o.seconds for o in ordered if o.state == "completed" and o.seconds is not None]
     slowdown, slower = None, False
     if len(runtimes) >= TREND_RUNS:
+        import statistics  # here, not at the top: only a long enough history needs it
+
         before = statistics.median(runtimes[:-TREND_RECENT])
         recent = statistics.median(runtimes[-TREND_RECENT:])
         slowdown = amount(recent / before) if before > 0 else None  # None past what is believable

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Collection, Iterable
-from urllib.parse import urlsplit
 
 from reconciler import TRIGGERS_DIR, units
 from reconciler.errors import UnsafePathError
@@ -88,6 +87,8 @@ def _condition(spec: dict) -> dict:
 
 
 def _mqtt(spec: dict) -> dict:
+    from urllib.parse import urlsplit  # here: every plan imports this module, few have brokers
+
     broker = urlsplit(spec["broker"])
     tls = broker.scheme == "mqtts"
     return {
