@@ -1313,6 +1313,29 @@ def test_a_cancel_request_outliving_its_executor_is_honoured_at_recovery(device)
     assert "run cancelled" in device.log(run_id)
 
 
+def test_a_record_left_half_written_by_a_killed_enqueuer_is_removed(device):
+    """`spos action run` killed between writing its record and renaming it into queue/ leaves
+    a temporary file: the run was never queued (nothing said it was); the executor removes
+    the file, and one whose writer is alive is left to it."""
+    device.apply({"t": {"command": sh("true"), "concurrency": "Allow"}})
+    queue = device.agent_dir() / "queue"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    name = "050-00000000000000000100-20261127T000000-deadbeef.json"
+    dead = queue / f".{name}.spos-tmp-{gone.pid}"
+    dead.write_text('{"format": 1, "id": "20261127T000000-de')  # cut short
+    alive = queue / f".{name}.spos-tmp-{os.getpid()}"
+    alive.write_text("{}")
+    queued = device.enqueue("t")
+
+    device.once()
+
+    assert device.record(queued)["state"] == "completed"
+    assert not dead.exists()
+    assert alive.exists()
+    assert not list((device.agent_dir() / "failed").iterdir())  # nothing set aside as corrupt
+
+
 def test_stale_cancel_requests_are_removed_and_stop_no_later_run(device):
     device.apply({
         "t": {"command": sh("true"), "concurrency": "Allow"},

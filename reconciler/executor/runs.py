@@ -266,28 +266,31 @@ class RunStore:
         """The device path of a file kept next to the run's active record (SIDECARS)."""
         return f"{AGENTS_DIR}/{run.agent}/active/{run.name}.{kind}"
 
-    def strays(self, agent: str) -> list[str]:
-        """Names of the agent's sidecar files whose record is no longer in active/ (the run
-        ended or went back to the queue while a request was being written, or its process died
-        between two writes), and of records being written by a process that died meanwhile
-        (an executor killed while its claim was being made durable)."""
+    def strays(self, agent: str) -> list[tuple[str, str]]:
+        """(bucket, name) of the agent's sidecar files whose record is no longer in active/
+        (the run ended or went back to the queue while a request was being written, or its
+        process died between two writes), and of records being written by a process that died
+        meanwhile: in active/ an executor killed while its claim was being made durable, in
+        queue/ an enqueuer (`spos action run`, a trigger) killed before its record was in place."""
         names = self.device.listdir(f"{AGENTS_DIR}/{agent}/active")
         records = {name for name in names if name.endswith(".json")}
         strays = []
         for name in names:
             record, _, kind = name.rpartition(".")
             if kind in SIDECARS and not name.startswith(".") and record not in records:
-                strays.append(name)
+                strays.append(("active", name))
             elif name.startswith(".") and _writer_gone(name):
-                strays.append(name)
+                strays.append(("active", name))
+        strays += [("queue", name) for name in self.device.listdir(f"{AGENTS_DIR}/{agent}/queue")
+                   if name.startswith(".") and _writer_gone(name)]
         return strays
 
     def remove_strays(self, agent: str) -> None:
-        """Remove the agent's stray sidecar files. Call it under `locked()`, which claims,
-        cancel requests and the recording of a run's end hold too."""
-        for name in self.strays(agent):
+        """Remove the agent's stray files. Call it under `locked()`, which claims, cancel
+        requests and the recording of a run's end hold too."""
+        for bucket, name in self.strays(agent):
             try:
-                os.unlink(self.device.host(f"{AGENTS_DIR}/{agent}/active/{name}"))
+                os.unlink(self.device.host(f"{AGENTS_DIR}/{agent}/{bucket}/{name}"))
             except FileNotFoundError:
                 continue
             except OSError as exc:
