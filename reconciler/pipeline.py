@@ -72,27 +72,30 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
                   activate_units=device.systemd is not None,
                   labels=device_labels(device, request.device_labels))
     memo = PlanMemo(memo_file(device, create=request.creating_state), _memo_key(request, facts))
-    request.stage(f"Loading manifests from {request.path}...")
-    digest, files, listed = fingerprint(request.path, request.policy_dir, memo)
-    remembered = memo.desired_for(digest) if digest else None
-    # The child starts first: what this process imports and does meanwhile is off its path.
-    primer = _CachePrimer(request, device, files if digest and remembered is None else {}, listed)
-    with primer, GitRevision(request.path, known=request.revision) as revision:
-        from reconciler.observe import observe
-        from reconciler.plan import plan
+    with GitRevision(request.path, known=request.revision) as revision:
+        request.stage(f"Loading manifests from {request.path}...")
+        digest, files, listed = fingerprint(request.path, request.policy_dir, memo)
+        remembered = memo.desired_for(digest) if digest else None
+        # The child starts before the planner is imported: that import is off its path.
+        primer = _CachePrimer(request, device, files if digest and remembered is None else {},
+                              listed)
+        with primer:
+            from reconciler.observe import observe
+            from reconciler.plan import plan
 
-        inventory = read_inventory(device)["resources"]
-        actual = None
-        if remembered is not None:
-            desired, notices, declared = _recalled(request, device, facts, remembered, files, listed)
-        else:
-            ahead = None
-            if primer.running:  # the device is observed, and cached files read, meanwhile
-                actual = _observe_ahead(device, set(inventory), memo)
-                ahead = _read_ahead(device, files)
-            primer.wait()
-            desired, notices, declared, digest = _rendered(request, device, facts, memo, files,
-                                                           listed, ahead)
+            inventory = read_inventory(device)["resources"]
+            actual = None
+            if remembered is not None:
+                desired, notices, declared = _recalled(request, device, facts, remembered, files,
+                                                       listed)
+            else:
+                ahead = None
+                if primer.running:  # the device is observed, and cached files read, meanwhile
+                    actual = _observe_ahead(device, set(inventory), memo)
+                    ahead = _read_ahead(device, files)
+                primer.wait()
+                desired, notices, declared, digest = _rendered(request, device, facts, memo,
+                                                               files, listed, ahead)
         if not declared and inventory and not request.allow_empty:
             raise UsageError(
                 f"{request.path} holds no manifests: applying it would delete all {len(inventory)} "
@@ -218,7 +221,11 @@ class _CachePrimer:
             finally:
                 os._exit(code)
         self.pid = pid
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        try:  # a signal that arrived meanwhile is handled now; its handler may raise
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        except BaseException:
+            self.wait()  # nobody else will: the caller never gets this object
+            raise
 
     @property
     def running(self) -> bool:

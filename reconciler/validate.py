@@ -1019,7 +1019,7 @@ class _Cache:
             self.damaged = True
             raise OSError("the manifest cache's data file is damaged")
         temp = self.data_path.with_name(f".{self.data_path.name}.{os.getpid()}")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         self.token = os.urandom(_TOKEN_BYTES)
         os.write(fd, self.token)
         offset = _TOKEN_BYTES
@@ -1028,6 +1028,12 @@ class _Cache:
             self.files[digest][0] = offset
             offset += len(blob)
         os.replace(temp, self.data_path)
+        # The offsets are the new file's now: specs not read yet must be read from it.
+        if self.data_fd is not None:
+            os.dup2(fd, self.data_fd, inheritable=False)
+        else:
+            self.data_fd = os.dup(fd)
+            weakref.finalize(self, os.close, self.data_fd)
         return fd, os.fstat(fd).st_size
 
 

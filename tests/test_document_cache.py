@@ -82,6 +82,25 @@ def test_the_data_file_is_compacted_once_most_of_it_is_unused(index):
     assert after.manifests("big.yaml", big, "/nonexistent") is None
 
 
+def test_a_spec_not_read_yet_is_read_from_the_data_file_its_own_load_compacted(index):
+    """A load saves the cache before rendering reads the specs it deferred; when that save
+    compacted the data file, those specs come from the new file (not the old one at the new
+    offsets, which would look damaged and throw the whole cache away)."""
+    cache = _Cache(index)
+    big = put(cache, "big", padding=3 << 20)
+    kept = put(cache, "kept")
+    cache.save(keep={kept, big})
+
+    later = _Cache(index)
+    [manifest] = later.manifests("kept.yaml", kept, "/nonexistent/kept.yaml")
+    small = put(later, "small")
+    later.save(keep={kept, small})  # compacts
+    assert index.with_suffix(".data").stat().st_size < 1 << 16
+
+    assert manifest.spec == agent("kept")["spec"]
+    assert index.exists() and _Cache(index).manifests("small.yaml", small, "/nonexistent") is not None
+
+
 def test_manifests_read_ahead_keep_their_specs_when_the_cache_is_compacted_meanwhile(index):
     """A plan reads the cached files' manifests while a child parses and caches the edited
     ones (validate.ReadAhead); the child may compact the data file under it."""
