@@ -344,7 +344,8 @@ def _add_triggers(commands, common) -> None:
     triggers.add_argument("--listen", default="127.0.0.1:9180", metavar="ADDRESS:PORT",
                           help="where webhook triggers are served (default 127.0.0.1:9180)")
     triggers.add_argument("--reload-interval", default="500ms", metavar="DURATION",
-                          help="look for changed registrations this often (default 500ms)")
+                          help="where inotify cannot watch the registrations, look for "
+                               "changed ones this often (default 500ms)")
     triggers.set_defaults(handler=_triggers)
 
 

@@ -70,11 +70,11 @@ class Site:
 
     # -- the daemon ----------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, reload_interval: str = "100ms") -> None:
         self.log = open(self.tmp_path / "triggers.log", "w")
         self.daemon = subprocess.Popen(
             [sys.executable, "-m", "reconciler", "triggers", "--root", str(self.root),
-             "--listen", "127.0.0.1:0", "--reload-interval", "100ms"],
+             "--listen", "127.0.0.1:0", "--reload-interval", reload_interval],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
         )
 
@@ -275,6 +275,53 @@ def test_apply_changing_triggers_reloads_them_and_leaves_the_others_running(site
     site.path("/srv/c/3").write_text("three")
     runs = site.settled_queue(3)
     assert sorted(r["source"]["event"]["name"] for r in runs) == ["1", "2", "3"]
+    assert site.stop() == 0
+
+
+def test_registrations_and_counts_are_followed_without_looking_for_them(site):
+    """Applied registrations reach the daemon through inotify, and a trigger's counts reach its
+    status as they change: with the listing of registrations every hour, all of it happens at
+    once, also after the registrations directory was removed and made again."""
+    for directory in ("/srv/a", "/srv/b"):
+        site.path(directory).mkdir(parents=True)
+    a = {"filesystem": {"path": "/srv/a", "events": ["close_write"]}}
+    b = {"filesystem": {"path": "/srv/b", "events": ["close_write"]}}
+    site.start(reload_interval="1h")  # before anything is applied: no state directory yet
+    wait_for(lambda: site.status().get("triggers") == {}, "the first status", WAIT)
+    site.apply({"a": a})
+    site.wait_armed("a")
+    site.path("/srv/a/1").write_text("one")
+    wait_for(lambda: (site.status()["triggers"]["a"].get("queued") == 1
+                      and site.status()["triggers"]["a"]["events"] == 1), "the counts", WAIT)
+
+    site.apply({"b": b})
+    wait_for(lambda: set(site.status()["triggers"]) == {"b"}, "a removed, b added", WAIT)
+    site.wait_armed("b")
+    shutil.rmtree(site.path(f"/{STATE}/triggers"))
+    wait_for(lambda: site.status()["triggers"] == {}, "b gone with the directory", WAIT)
+    site.apply({"a": a, "b": b})
+    site.wait_armed("a", "b")
+    site.path("/srv/b/2").write_text("two")
+    assert [r["source"]["event"]["name"] for r in site.settled_queue(2)] == ["1", "2"]
+    assert site.stop() == 0
+
+
+def test_an_idle_daemon_does_not_wake(site):
+    """Nothing changing, the daemon's loop sleeps until the status heartbeat (10 s), whatever
+    the listing interval for machines without inotify."""
+    site.path("/srv/in").mkdir(parents=True)
+    site.apply({"in": {"filesystem": {"path": "/srv/in", "events": ["close_write"]}}})
+    site.start(reload_interval="50ms")
+    site.wait_armed("in")
+    time.sleep(0.5)  # the passes that the source's start and first status asked for
+
+    def switches() -> int:
+        status = Path(f"/proc/{site.daemon.pid}/task/{site.daemon.pid}/status").read_text()
+        return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+    before = switches()
+    time.sleep(3)
+    assert switches() - before <= 2, "the loop woke while nothing changed"
     assert site.stop() == 0
 
 

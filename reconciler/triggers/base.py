@@ -135,6 +135,8 @@ class Stoppable:
 
     def __init__(self):
         self.stopping = threading.Event()
+        self.changed: Callable[[], None] = lambda: None
+        """Called after the status changed (the daemon then writes it out)."""
         self._status = Status()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -159,8 +161,11 @@ class Stoppable:
         return self.stopping.wait(max(0.0, seconds))
 
     def set_status(self, state: str, detail: str = "") -> None:
+        status = Status(state, detail)
         with self._lock:
-            self._status = Status(state, detail)
+            same, self._status = self._status == status, status
+        if not same:
+            self.changed()
 
     def status(self) -> Status:
         with self._lock:

@@ -1,16 +1,21 @@
 """`spos triggers`: load the registrations, run a source per trigger, follow changes.
 
-The daemon looks at the registrations directory every `reload_interval` (a listing and one
-stat per file). A registration whose file content changed is stopped and started again; one
-that disappeared is stopped; a new one is started. Every other trigger keeps running through a
-reload: its inotify watches, serial port, broker connection and webhook route stay as they are,
-so no event of an unchanged trigger is dropped. A debounce window open on a trigger that is
-stopped is queued at once, not lost.
+The daemon sleeps until something happens: a registration file written, replaced or removed
+(inotify on the registrations directory, or on the state directory until that one exists), a
+trigger's counts or state changing, a failed source due to be started again, or the status
+heartbeat. Where inotify cannot watch, the registrations are listed every `reload_interval`. A
+registration whose file content changed is stopped and started again; one that disappeared is
+stopped; a new one is started. Every other trigger keeps running through a reload: its inotify
+watches, serial port, broker connection and webhook route stay as they are, so no event of an
+unchanged trigger is dropped. A debounce window open on a trigger that is stopped is queued at
+once, not lost.
 
 The daemon's own state (status, seen delivery ids) lives in `<state>/triggerd/`; the
 registrations are the reconciler's and are only read. The status file is written atomically
-whenever something `spos trigger list` shows has changed, and at least every STATUS_HEARTBEAT
-seconds, so a reader can tell a live daemon from one that died.
+whenever something `spos trigger list` shows has changed (at most every STATUS_PACE seconds
+during a burst of events), and at least every STATUS_HEARTBEAT seconds, so a reader can tell a
+live daemon from one that died. The heartbeat also lists the registrations again, in case an
+inotify event was lost, and rereads what a status reads from outside (a webhook's secret).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import importlib
 import json
 import os
+import select
 import signal
 import threading
 import time
@@ -29,13 +35,16 @@ from reconciler import STATE_DIR, TRIGGERS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
 from reconciler.state import read_json_object
-from reconciler.triggers.base import Context, Registration, Source, Status
+from reconciler.triggers.base import Context, Registration, Source, Status, Stoppable
 from reconciler.triggers.gate import Gate
 
 STATUS_FILE = f"/{STATE_DIR}/triggerd/status.json"
 STATUS_FORMAT = 1
 STATUS_HEARTBEAT = 10.0
 """Seconds between status writes when nothing changed."""
+STATUS_PACE = 0.1
+"""Seconds at least between two passes woken by triggers' counts or states changing: a burst
+of events rewrites the status a few times a second, not once per event."""
 SOURCE_RETRY = 30.0
 """Seconds before a source that failed to start is started again."""
 START_WAIT = 1.0
@@ -80,8 +89,12 @@ class TriggerDaemon:
         self._last_status: str | None = None
         self._listener_tried = 0.0
         self._lock = threading.Lock()
-        self._status_written = 0.0
+        self._status_written = self._status_tried = self._stepped = 0.0
         self._context = Context(host=_below(str(device.root)), metrics=metrics, pending=self._pending)
+        self._watch = _Watch(device)
+        # Written to by nudge() from any thread; never closed while this daemon lives, so a
+        # source thread that nudges late never writes to a descriptor reused for something else.
+        self._nudge_read, self._nudge_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -91,12 +104,14 @@ class TriggerDaemon:
         try:
             while not self.stopping.is_set():
                 self.step()
-                self.stopping.wait(self.reload_interval)
+                self._sleep()
         finally:
             self.shutdown()
+            self._watch.close()
 
     def step(self) -> None:
         """One pass: reload what changed, retry sources that failed, write the status."""
+        self._stepped = time.monotonic()
         files = self._registration_files()
         if files != self._seen_files:
             self._seen_files = files
@@ -106,6 +121,43 @@ class TriggerDaemon:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.nudge()
+
+    def nudge(self) -> None:
+        """Wake the loop: something the status shows changed. Any thread; never blocks."""
+        try:
+            os.write(self._nudge_write, b".")
+        except OSError:  # full: a wake-up is pending already
+            pass
+
+    def _sleep(self) -> None:
+        """Until a registration changes, a trigger's counts or state do, or the next thing
+        falls due (the heartbeat, a retry; the next listing where inotify cannot watch)."""
+        now = time.monotonic()
+        due = max(self._status_written, self._status_tried) + STATUS_HEARTBEAT
+        for running in self.running.values():
+            if running.source is None and not running.starting and running.registration.enabled:
+                due = min(due, running.failed_at + SOURCE_RETRY)
+        if self.listener is None and any(r.registration.type == "webhook" for r in self.running.values()):
+            due = min(due, self._listener_tried + SOURCE_RETRY)
+        watched = self._watch.arm()
+        if watched is None:
+            due = min(due, now + self.reload_interval)
+        poller = select.poll()
+        poller.register(self._nudge_read, select.POLLIN)
+        if watched is not None:
+            poller.register(watched, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(max(0, int((due - now) * 1000) + 1))}
+        if watched is not None and watched in ready:
+            self._watch.drain()
+        if self._nudge_read in ready:
+            try:
+                while os.read(self._nudge_read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            if watched not in ready:  # only counts or states changed: pace the rewrites
+                self.stopping.wait(self._stepped + STATUS_PACE - time.monotonic())
 
     def shutdown(self) -> None:
         for name in list(self.running):
@@ -182,6 +234,7 @@ class TriggerDaemon:
 
     def _start(self, registration: Registration) -> None:
         gate = Gate(self.device, registration)
+        gate.changed = self.nudge
         running = Running(registration, gate, None)
         self.running[registration.name] = running
         self._open(running)
@@ -204,6 +257,8 @@ class TriggerDaemon:
         try:
             module = importlib.import_module(f"reconciler.triggers.{registration.type}")
             source = module.open_source(registration, running.gate, self._context)
+            if isinstance(source, Stoppable):
+                source.changed = self.nudge
             source.start()
         except Exception as exc:  # one trigger that cannot start never stops the others
             self._failed(running, str(exc) or repr(exc))
@@ -212,6 +267,7 @@ class TriggerDaemon:
             running.starting = False
             if not running.stopped:
                 running.source, running.failed = source, ""
+                self.nudge()
                 return
         source.stop()  # it was stopped (a reload, SIGTERM) while it was starting
 
@@ -219,6 +275,7 @@ class TriggerDaemon:
         with self._lock:
             running.source, running.failed, running.failed_at = None, why, time.monotonic()
             running.starting = False
+        self.nudge()
 
     def _retry_failed(self) -> None:
         now = time.monotonic()
@@ -312,12 +369,66 @@ class TriggerDaemon:
         if not final and text == self._last_status and now - self._status_written < STATUS_HEARTBEAT:
             return
         status["updatedAt"] = _iso(time.time())
+        self._status_tried = now
         try:
             self.device.makedirs(STATUS_FILE.rsplit("/", 1)[0], mode=0o755)
             self.device.write_atomic(STATUS_FILE, (json.dumps(status, indent=2, sort_keys=True) + "\n").encode())
         except (OSError, SposError):
             return  # shown as a stale status; the triggers themselves go on
         self._last_status, self._status_written = text, now
+
+
+class _Watch:
+    """inotify on the registrations directory; until that exists, on the state directory, for
+    it to appear. Whatever it reports, the loop lists the registrations again; when the watched
+    directory itself goes (deleted, moved, replaced) or events were lost, the watch is set up
+    afresh before the loop sleeps again. None from `arm()`: nothing can be watched (no
+    inotify, no state directory, a link on the way): the loop lists every reload_interval."""
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.inotify = None
+        self.parent_only = False
+
+    def arm(self) -> int | None:
+        """The fd to wait on, watching afresh if need be."""
+        if self.inotify is not None:
+            return self.inotify.fd
+        from reconciler.triggers import filesystem as fs
+
+        try:
+            directory = self.device.host(TRIGGERS_DIR)
+            inotify = fs.Inotify()
+        except (OSError, SposError, fs.WatchFailed):
+            return None
+        flags = fs.IN_ONLYDIR | fs.IN_DONT_FOLLOW | fs.IN_DELETE_SELF | fs.IN_MOVE_SELF
+        registrations = (fs.IN_CREATE | fs.IN_DELETE | fs.IN_MODIFY | fs.IN_CLOSE_WRITE
+                         | fs.IN_MOVED_FROM | fs.IN_MOVED_TO)
+        try:
+            if inotify.add_watch(directory, registrations | flags) is not None:
+                self.inotify, self.parent_only = inotify, False
+                return inotify.fd
+            appearing = fs.IN_CREATE | fs.IN_MOVED_TO
+            if inotify.add_watch(os.path.dirname(directory), appearing | flags) is not None:
+                self.inotify, self.parent_only = inotify, True
+                return inotify.fd
+        except fs.WatchFailed:
+            pass
+        inotify.close()
+        return None
+
+    def drain(self) -> None:
+        """Read what was reported; drop the watch when it has to be set up afresh."""
+        from reconciler.triggers.filesystem import IN_Q_OVERFLOW, WATCH_GONE
+
+        events = self.inotify.read()
+        if self.parent_only or any(event.mask & (WATCH_GONE | IN_Q_OVERFLOW) for event in events):
+            self.close()
+
+    def close(self) -> None:
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None
 
 
 def _below(root: str):

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from reconciler import AGENTS_DIR, STATE_DIR
 from reconciler.device import Device
@@ -75,14 +76,19 @@ class Gate:
         self._seen = _DeliveryLog(device, registration.name)
         self._mine: dict[str, str | None] = {}  # queue file name -> run id when this trigger's
         self._closed = False
+        self.changed: Callable[[], None] = lambda: None
+        """Called after the counts or the debounce window changed (the daemon writes them out)."""
 
     def __call__(self, event: Event) -> Outcome:
         with self._lock:
             if self._closed:  # a reload or shutdown closed it; the sender should try again
-                return self._count(Outcome("error", detail="the trigger is being restarted"))
-            self.counts.events += 1
-            self.counts.last_event = time.time()
-            return self._count(self._admit(event))
+                outcome = self._count(Outcome("error", detail="the trigger is being restarted"))
+            else:
+                self.counts.events += 1
+                self.counts.last_event = time.time()
+                outcome = self._count(self._admit(event))
+        self.changed()
+        return outcome
 
     def _admit(self, event: Event) -> Outcome:
         registration = self.registration
@@ -115,6 +121,7 @@ class Gate:
             self._window, self._window_count, self._timer = [], 0, None
             if events and not self._closed:
                 self._count(self._fire(events, count))
+        self.changed()
 
     def _fire(self, events: list[Event], count: int) -> Outcome:
         registration, now = self.registration, time.monotonic()
