@@ -29,7 +29,7 @@ from waiting import wait_for
 
 from reconciler.device import Device
 from reconciler.triggers.base import Event, Registration
-from reconciler.triggers.daemon import TriggerDaemon
+from reconciler.triggers.daemon import STATUS_HEARTBEAT, TriggerDaemon
 from reconciler.triggers.gate import Gate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -280,27 +280,42 @@ def test_apply_changing_triggers_reloads_them_and_leaves_the_others_running(site
 
 def test_registrations_and_counts_are_followed_without_looking_for_them(site):
     """Applied registrations reach the daemon through inotify, and a trigger's counts reach its
-    status as they change: with the listing of registrations every hour, all of it happens at
-    once, also after the registrations directory was removed and made again."""
+    status as they change: with the listing of registrations every hour, each step happens well
+    within the status heartbeat (10 s), also before the first apply made the state directory,
+    after the registrations directory was removed and made again, and after the state directory
+    was moved away and made again (which inotify does not report)."""
+    soon = 3  # seconds: well before the heartbeat would list the registrations
     for directory in ("/srv/a", "/srv/b"):
         site.path(directory).mkdir(parents=True)
     a = {"filesystem": {"path": "/srv/a", "events": ["close_write"]}}
     b = {"filesystem": {"path": "/srv/b", "events": ["close_write"]}}
+
+    def armed(*names):
+        triggers = site.status().get("triggers") or {}
+        return set(triggers) == set(names) and all(t["state"] == "armed" for t in triggers.values())
+
     site.start(reload_interval="1h")  # before anything is applied: no state directory yet
     wait_for(lambda: site.status().get("triggers") == {}, "the first status", WAIT)
     site.apply({"a": a})
-    site.wait_armed("a")
+    wait_for(lambda: armed("a"), "a armed", soon)
     site.path("/srv/a/1").write_text("one")
     wait_for(lambda: (site.status()["triggers"]["a"].get("queued") == 1
-                      and site.status()["triggers"]["a"]["events"] == 1), "the counts", WAIT)
+                      and site.status()["triggers"]["a"]["events"] == 1), "the counts", soon)
 
     site.apply({"b": b})
-    wait_for(lambda: set(site.status()["triggers"]) == {"b"}, "a removed, b added", WAIT)
-    site.wait_armed("b")
+    wait_for(lambda: armed("b"), "a removed, b armed", soon)
     shutil.rmtree(site.path(f"/{STATE}/triggers"))
-    wait_for(lambda: site.status()["triggers"] == {}, "b gone with the directory", WAIT)
+    wait_for(lambda: site.status()["triggers"] == {}, "b gone with the directory", soon)
     site.apply({"a": a, "b": b})
-    site.wait_armed("a", "b")
+    wait_for(lambda: armed("a", "b"), "both armed", soon)
+
+    state = site.path(f"/{STATE}")
+    state.rename(state.with_name("moved-away"))
+    shutil.copytree(state.with_name("moved-away"), state, symlinks=True)
+    time.sleep(STATUS_HEARTBEAT + 1)  # the next heartbeat lists the new directory, and watches it
+    site.apply({"b": b})
+    wait_for(lambda: armed("b"), "a removed in the new state directory", soon)
+
     site.path("/srv/b/2").write_text("two")
     assert [r["source"]["event"]["name"] for r in site.settled_queue(2)] == ["1", "2"]
     assert site.stop() == 0

@@ -1,10 +1,10 @@
 """`spos triggers`: load the registrations, run a source per trigger, follow changes.
 
 The daemon sleeps until something happens: a registration file written, replaced or removed
-(inotify on the registrations directory, or on the state directory until that one exists), a
-trigger's counts or state changing, a failed source due to be started again, or the status
-heartbeat. Where inotify cannot watch, the registrations are listed every `reload_interval`. A
-registration whose file content changed is stopped and started again; one that disappeared is
+(inotify on the registrations directory, or on the nearest directory above it until it
+exists), a trigger's counts or state changing, a failed source due to be started again, or the status
+heartbeat. Where inotify cannot watch, the registrations are listed every `reload_interval`.
+A registration whose file content changed is stopped and started again; one that disappeared is
 stopped; a new one is started. Every other trigger keeps running through a reload: its inotify
 watches, serial port, broker connection and webhook route stay as they are, so no event of an
 unchanged trigger is dropped. A debounce window open on a trigger that is stopped is queued at
@@ -42,9 +42,9 @@ STATUS_FILE = f"/{STATE_DIR}/triggerd/status.json"
 STATUS_FORMAT = 1
 STATUS_HEARTBEAT = 10.0
 """Seconds between status writes when nothing changed."""
-STATUS_PACE = 0.1
-"""Seconds at least between two passes woken by triggers' counts or states changing: a burst
-of events rewrites the status a few times a second, not once per event."""
+STATUS_PACE = 0.5
+"""Seconds at least between two status writes woken by triggers' counts or states changing: a
+steady stream of events rewrites the status twice a second, not once per event."""
 SOURCE_RETRY = 30.0
 """Seconds before a source that failed to start is started again."""
 START_WAIT = 1.0
@@ -95,27 +95,37 @@ class TriggerDaemon:
         # Written to by nudge() from any thread; never closed while this daemon lives, so a
         # source thread that nudges late never writes to a descriptor reused for something else.
         self._nudge_read, self._nudge_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._nudge_lock = threading.Lock()
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
         """Until SIGTERM/SIGINT (or `stop()`): follow the registrations, keep status current."""
         self._handle_signals()
+        listing = True
         try:
             while not self.stopping.is_set():
-                self.step()
-                self._sleep()
+                self._watch.arm()  # before listing: a change made after the listing is reported
+                self.step(listing or self._watch.renewed)
+                self._watch.renewed = False
+                listing = self._sleep()
         finally:
             self.shutdown()
             self._watch.close()
+            with self._nudge_lock:
+                for fd in (self._nudge_read, self._nudge_write):
+                    os.close(fd)
+                self._nudge_read = self._nudge_write = -1
 
-    def step(self) -> None:
-        """One pass: reload what changed, retry sources that failed, write the status."""
+    def step(self, listing: bool = True) -> None:
+        """One pass: reload what changed (unless `listing` is False: no registration can have),
+        retry sources that failed, write the status."""
         self._stepped = time.monotonic()
-        files = self._registration_files()
-        if files != self._seen_files:
-            self._seen_files = files
-            self.reload(files)
+        if listing:
+            files = self._registration_files()
+            if files != self._seen_files:
+                self._seen_files = files
+                self.reload(files)
         self._retry_failed()
         self.write_status()
 
@@ -124,23 +134,33 @@ class TriggerDaemon:
         self.nudge()
 
     def nudge(self) -> None:
-        """Wake the loop: something the status shows changed. Any thread; never blocks."""
+        """Wake the loop: something the status shows changed. Any thread, and a signal
+        handler; never blocks (a nudge that finds another one under way leaves it to that)."""
+        if not self._nudge_lock.acquire(blocking=False):
+            return
         try:
-            os.write(self._nudge_write, b".")
+            if self._nudge_write >= 0:
+                os.write(self._nudge_write, b".")
         except OSError:  # full: a wake-up is pending already
             pass
+        finally:
+            self._nudge_lock.release()
 
-    def _sleep(self) -> None:
+    def _sleep(self) -> bool:
         """Until a registration changes, a trigger's counts or state do, or the next thing
-        falls due (the heartbeat, a retry; the next listing where inotify cannot watch)."""
+        falls due (the heartbeat, a retry; the next listing where inotify cannot watch).
+        Returns whether the registrations need listing: not after a wake-up for counts or
+        states alone."""
         now = time.monotonic()
         due = max(self._status_written, self._status_tried) + STATUS_HEARTBEAT
         for running in self.running.values():
-            if running.source is None and not running.starting and running.registration.enabled:
+            if running.source is None and not running.starting:
                 due = min(due, running.failed_at + SOURCE_RETRY)
         if self.listener is None and any(r.registration.type == "webhook" for r in self.running.values()):
             due = min(due, self._listener_tried + SOURCE_RETRY)
         watched = self._watch.arm()
+        if self._watch.renewed:  # watching afresh: what happened meanwhile went unreported
+            return True
         if watched is None:
             due = min(due, now + self.reload_interval)
         poller = select.poll()
@@ -148,16 +168,17 @@ class TriggerDaemon:
         if watched is not None:
             poller.register(watched, select.POLLIN)
         ready = {fd for fd, _ in poller.poll(max(0, int((due - now) * 1000) + 1))}
-        if watched is not None and watched in ready:
-            self._watch.drain()
+        registrations = watched is not None and watched in ready and self._watch.drain()
         if self._nudge_read in ready:
             try:
                 while os.read(self._nudge_read, 4096):
                     pass
             except BlockingIOError:
                 pass
-            if watched not in ready:  # only counts or states changed: pace the rewrites
+            if not registrations and time.monotonic() < due:  # counts or states alone
                 self.stopping.wait(self._stepped + STATUS_PACE - time.monotonic())
+                return watched is not None and _readable(watched) and self._watch.drain()
+        return True
 
     def shutdown(self) -> None:
         for name in list(self.running):
@@ -379,8 +400,8 @@ class TriggerDaemon:
 
 
 class _Watch:
-    """inotify on the registrations directory; until that exists, on the state directory, for
-    it to appear. Whatever it reports, the loop lists the registrations again; when the watched
+    """inotify on the registrations directory; until that exists, on the nearest directory
+    above it, for the next one on the way to appear. Whatever it reports, the loop lists the registrations again; when the watched
     directory itself goes (deleted, moved, replaced) or events were lost, the watch is set up
     afresh before the loop sleeps again. None from `arm()`: nothing can be watched (no
     inotify, no state directory, a link on the way): the loop lists every reload_interval."""
@@ -388,12 +409,23 @@ class _Watch:
     def __init__(self, device: Device):
         self.device = device
         self.inotify = None
-        self.parent_only = False
+        self.awaited: str | None = None  # watching a directory above, for this entry to appear
+        self.renewed = False  # set whenever a watch is set up; the loop then lists at once
+        self.watched: tuple[str, int, int] | None = None  # path, device and inode watched
 
     def arm(self) -> int | None:
-        """The fd to wait on, watching afresh if need be."""
+        """The fd to wait on, watching afresh if need be: also when the watched directory is
+        no longer the one at its path (a directory above it was moved or replaced, which
+        inotify does not report)."""
         if self.inotify is not None:
-            return self.inotify.fd
+            path, dev, ino = self.watched
+            try:
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    return self.inotify.fd
+            except OSError:
+                pass
+            self.close()
         from reconciler.triggers import filesystem as fs
 
         try:
@@ -404,31 +436,52 @@ class _Watch:
         flags = fs.IN_ONLYDIR | fs.IN_DONT_FOLLOW | fs.IN_DELETE_SELF | fs.IN_MOVE_SELF
         registrations = (fs.IN_CREATE | fs.IN_DELETE | fs.IN_MODIFY | fs.IN_CLOSE_WRITE
                          | fs.IN_MOVED_FROM | fs.IN_MOVED_TO)
-        try:
-            if inotify.add_watch(directory, registrations | flags) is not None:
-                self.inotify, self.parent_only = inotify, False
-                return inotify.fd
-            appearing = fs.IN_CREATE | fs.IN_MOVED_TO
-            if inotify.add_watch(os.path.dirname(directory), appearing | flags) is not None:
-                self.inotify, self.parent_only = inotify, True
-                return inotify.fd
-        except fs.WatchFailed:
-            pass
+        appearing = fs.IN_CREATE | fs.IN_MOVED_TO
+        # The registrations directory, else the nearest directory above it (up to the root),
+        # for the next directory on the way to appear.
+        path, awaited, mask = directory, None, registrations
+        top = str(self.device.root)
+        while True:
+            try:
+                st = os.lstat(path)  # before the watch: a later replacement shows as a change
+                if inotify.add_watch(path, mask | flags) is not None:
+                    self.inotify, self.awaited, self.renewed = inotify, awaited, True
+                    self.watched = (path, st.st_dev, st.st_ino)
+                    return inotify.fd
+            except (OSError, fs.WatchFailed):
+                pass
+            if path == top or os.path.dirname(path) == path:
+                break
+            path, awaited, mask = os.path.dirname(path), os.path.basename(path), appearing
         inotify.close()
         return None
 
-    def drain(self) -> None:
-        """Read what was reported; drop the watch when it has to be set up afresh."""
+    def drain(self) -> bool:
+        """Read what was reported: whether it concerns the registrations. The watch is dropped
+        when it has to be set up afresh (its directory gone, events lost, or the registrations
+        directory made where only its parent was watched)."""
         from reconciler.triggers.filesystem import IN_Q_OVERFLOW, WATCH_GONE
 
         events = self.inotify.read()
-        if self.parent_only or any(event.mask & (WATCH_GONE | IN_Q_OVERFLOW) for event in events):
+        if any(event.mask & (WATCH_GONE | IN_Q_OVERFLOW) for event in events):
             self.close()
+            return True
+        if self.awaited is not None:
+            if not any(event.name == self.awaited for event in events):
+                return False  # another entry of the directory above
+            self.close()  # watched afresh, one level nearer (or the registrations themselves)
+        return bool(events)
 
     def close(self) -> None:
         if self.inotify is not None:
             self.inotify.close()
             self.inotify = None
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _below(root: str):
