@@ -2,10 +2,10 @@
 
 The daemon sleeps until something happens: a registration file written, replaced or removed
 (inotify on the registrations directory, or on the nearest directory above it until it
-exists), a trigger's counts or state changing, a failed source due to be started again, or the status
-heartbeat. Where inotify cannot watch, the registrations are listed every `reload_interval`.
-A registration whose file content changed is stopped and started again; one that disappeared is
-stopped; a new one is started. Every other trigger keeps running through a reload: its inotify
+exists), a trigger's counts or state changing, a failed source due to be started again, or
+the status heartbeat. Where inotify cannot watch, the registrations are listed every
+`reload_interval`. A registration whose file content changed is stopped and started again;
+one that disappeared is stopped; a new one is started. Every other trigger keeps running through a reload: its inotify
 watches, serial port, broker connection and webhook route stay as they are, so no event of an
 unchanged trigger is dropped. A debounce window open on a trigger that is stopped is queued at
 once, not lost.
@@ -92,7 +92,7 @@ class TriggerDaemon:
         self._status_written = self._status_tried = self._stepped = 0.0
         self._context = Context(host=_below(str(device.root)), metrics=metrics, pending=self._pending)
         self._watch = _Watch(device)
-        # Written to by nudge() from any thread; never closed while this daemon lives, so a
+        # Written to by nudge() from any thread; closed as run() ends, under _nudge_lock, so a
         # source thread that nudges late never writes to a descriptor reused for something else.
         self._nudge_read, self._nudge_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._nudge_lock = threading.Lock()
