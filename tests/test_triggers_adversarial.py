@@ -554,3 +554,27 @@ def test_serial_bytes_nul_and_an_endless_line_give_passable_env(root, daemon):
     assert long["source"]["event"]["truncated"] == "1"
     for run in runs:
         passable(trigger_env(run["source"], "/run-tmp", str(root.host(f"{AGENTS_DIR}/{AGENT}/tmp/{run['id']}"))))
+
+
+def test_without_inotify_the_registrations_are_listed_every_reload_interval(root, monkeypatch):
+    """Where inotify cannot watch (no instance left, the watch limit reached), the daemon
+    looks at the registrations every `reload_interval` instead, and still runs them."""
+    from reconciler.triggers import filesystem
+
+    def refused(*_):
+        raise filesystem.WatchFailed("inotify watch limit reached")
+
+    monkeypatch.setattr(filesystem.Inotify, "add_watch", refused)
+    running = TriggerDaemon(root.device, listen=("127.0.0.1", 0), reload_interval=0.1)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: running._seen_files == {}, "the first listing", WAIT)
+        root.register("drop", {"continuous": {"interval": "1h"}})
+        wait_for(lambda: "drop" in running.running, "the registration listed and started", 2)
+        root.host(f"{TRIGGERS_DIR}/drop.json").unlink()
+        wait_for(lambda: not running.running, "the registration gone", 2)
+    finally:
+        running.stop()
+        thread.join(WAIT)
+    assert not thread.is_alive()
