@@ -177,7 +177,8 @@ class TriggerDaemon:
                 pass
             if not registrations and time.monotonic() < due:  # counts or states alone
                 self.stopping.wait(self._stepped + STATUS_PACE - time.monotonic())
-                return watched is not None and _readable(watched) and self._watch.drain()
+                reported = watched is not None and _readable(watched) and self._watch.drain()
+                return reported or time.monotonic() >= due  # or the heartbeat's listing is due
         return True
 
     def shutdown(self) -> None:
