@@ -273,7 +273,7 @@ class Daemon:
         if final:
             status["stoppedAt"] = status["updatedAt"]
         try:
-            self.device.write_atomic(STATUS_FILE, (json.dumps(status, indent=2) + "\n").encode())
+            self.device.replace(STATUS_FILE, (json.dumps(status, indent=2) + "\n").encode())
         except (OSError, SposError):
             return  # `spos status` then shows it as stale; the work goes on
         self._written = (text, now)

@@ -190,6 +190,15 @@ class Device:
         fsynced (the call returns only after that)."""
         self.write_staged(device_path, data, mode).commit(renamed)
 
+    def replace(self, device_path: str, data: bytes, mode: int = 0o644) -> None:
+        """Replace the file's content atomically, without waiting for the disk: for a file that
+        says what a process is doing now and is rewritten every few seconds (a daemon's status
+        heartbeat), where two fsyncs per write would only wear the storage. A reader sees the old
+        content or the new one, never a mix; after a power loss the file may hold an older
+        content, or be empty on a file system that does not order the rename after the data
+        (readers of such files treat that as no status)."""
+        self.write_staged(device_path, data, mode).commit(durable=False)
+
     def write_staged(self, device_path: str, data: bytes, mode: int = 0o644) -> StagedWrite:
         """The first half of write_atomic: the new content written beside the file, in a
         temporary file that is neither durable nor in place until `commit()`. The file
@@ -274,13 +283,14 @@ class StagedWrite:
     def __init__(self, fd: int, temp: str, host: str):
         self._fd, self._temp, self._host = fd, temp, host
 
-    def commit(self, renamed: Callable[[], None] | None = None) -> None:
+    def commit(self, renamed: Callable[[], None] | None = None, durable: bool = True) -> None:
         """fsync the new content, rename it over the file, fsync the directory (`renamed` is
-        called between the last two). On failure the file keeps its old content and the new
-        one is dropped."""
+        called between the last two; without `durable`, neither fsync: Device.replace). On
+        failure the file keeps its old content and the new one is dropped."""
         fd, self._fd = self._fd, -1
         try:
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(self._temp)
@@ -293,7 +303,8 @@ class StagedWrite:
             raise
         if renamed is not None:
             renamed()
-        Device._fsync_dir(os.path.dirname(self._host))
+        if durable:
+            Device._fsync_dir(os.path.dirname(self._host))
 
     def abort(self) -> None:
         if self._fd >= 0:

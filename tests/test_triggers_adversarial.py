@@ -578,3 +578,23 @@ def test_without_inotify_the_registrations_are_listed_every_reload_interval(root
         running.stop()
         thread.join(WAIT)
     assert not thread.is_alive()
+
+
+def test_the_status_heartbeat_is_replaced_whole_without_syncing_the_disk(root, daemon, monkeypatch):
+    """The daemon rewrites its status at least every 10 s for as long as it runs: a whole new
+    file renamed over the old one each time, without the two fsyncs a durable write costs
+    (flash storage on a small device wears by the write)."""
+    from reconciler.triggers.daemon import STATUS_FILE
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    status = root.host(STATUS_FILE)
+    daemon.step()
+    first = status.stat().st_ino
+    daemon.write_status(final=True)
+
+    assert synced == []
+    assert status.stat().st_ino != first  # replaced, not rewritten in place
+    assert json.loads(status.read_text())["stoppedAt"]
+    assert [p.name for p in status.parent.iterdir() if p.name != "deliveries"] == ["status.json"]

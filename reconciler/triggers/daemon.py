@@ -394,7 +394,7 @@ class TriggerDaemon:
         self._status_tried = now
         try:
             self.device.makedirs(STATUS_FILE.rsplit("/", 1)[0], mode=0o755)
-            self.device.write_atomic(STATUS_FILE, (json.dumps(status, indent=2, sort_keys=True) + "\n").encode())
+            self.device.replace(STATUS_FILE, (json.dumps(status, indent=2, sort_keys=True) + "\n").encode())
         except (OSError, SposError):
             return  # shown as a stale status; the triggers themselves go on
         self._last_status, self._status_written = text, now
