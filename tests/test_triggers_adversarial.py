@@ -598,3 +598,42 @@ def test_the_status_heartbeat_is_replaced_whole_without_syncing_the_disk(root, d
     assert status.stat().st_ino != first  # replaced, not rewritten in place
     assert json.loads(status.read_text())["stoppedAt"]
     assert [p.name for p in status.parent.iterdir() if p.name != "deliveries"] == ["status.json"]
+
+
+@pytest.mark.parametrize("inotify", [False, True], ids=["without inotify", "an event lost"])
+def test_a_stream_of_events_does_not_hold_up_the_listing_of_registrations(root, monkeypatch, inotify):
+    """Events keep changing a trigger's counts, so the status is rewritten at every pass; the
+    registrations are still listed every `reload_interval` where inotify cannot watch, and
+    at every heartbeat where it can (in case it missed something)."""
+    from reconciler.triggers import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "STATUS_HEARTBEAT", 2.0)
+    lose = []
+    if inotify:
+        real_drain = daemon_module._Watch.drain
+        monkeypatch.setattr(daemon_module._Watch, "drain",
+                            lambda self: real_drain(self) and not (lose and lose.pop()))
+    else:
+        monkeypatch.setattr(daemon_module._Watch, "arm", lambda self: None)
+    root.register("busy", {"continuous": {"interval": "1h"}})
+    running = TriggerDaemon(root.device, listen=("127.0.0.1", 0), reload_interval=1.0)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    streaming = threading.Event()
+
+    def stream():
+        while not streaming.wait(0.2):
+            running.running["busy"].gate.counts.events += 1  # as a gate does, then nudges
+            running.nudge()
+
+    try:
+        wait_for(lambda: "busy" in running.running, "the first registration started", WAIT)
+        threading.Thread(target=stream, daemon=True).start()
+        time.sleep(0.5)
+        lose.append(True)  # the next inotify report goes missing
+        root.register("late", {"continuous": {"interval": "1h"}})
+        wait_for(lambda: "late" in running.running, "the late registration listed", 4)
+    finally:
+        streaming.set()
+        running.stop()
+        thread.join(WAIT)

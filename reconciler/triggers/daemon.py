@@ -89,7 +89,7 @@ class TriggerDaemon:
         self._last_status: str | None = None
         self._listener_tried = 0.0
         self._lock = threading.Lock()
-        self._status_written = self._status_tried = self._stepped = 0.0
+        self._status_written = self._status_tried = self._stepped = self._listed = 0.0
         self._context = Context(host=_below(str(device.root)), metrics=metrics, pending=self._pending)
         self._watch = _Watch(device)
         # Written to by nudge() from any thread; closed as run() ends, under _nudge_lock, so a
@@ -122,6 +122,7 @@ class TriggerDaemon:
         retry sources that failed, write the status."""
         self._stepped = time.monotonic()
         if listing:
+            self._listed = self._stepped
             files = self._registration_files()
             if files != self._seen_files:
                 self._seen_files = files
@@ -161,8 +162,11 @@ class TriggerDaemon:
         watched = self._watch.arm()
         if self._watch.renewed:  # watching afresh: what happened meanwhile went unreported
             return True
-        if watched is None:
-            due = min(due, now + self.reload_interval)
+        # The next listing, counted from the last one (not from the last status write, which a
+        # stream of events keeps pushing back): at the heartbeat, in case inotify missed
+        # something, or every reload_interval where it cannot watch.
+        listing = self._listed + (STATUS_HEARTBEAT if watched is not None else self.reload_interval)
+        due = min(due, listing)
         poller = select.poll()
         poller.register(self._nudge_read, select.POLLIN)
         if watched is not None:
@@ -178,7 +182,7 @@ class TriggerDaemon:
             if not registrations and time.monotonic() < due:  # counts or states alone
                 self.stopping.wait(self._stepped + STATUS_PACE - time.monotonic())
                 reported = watched is not None and _readable(watched) and self._watch.drain()
-                return reported or time.monotonic() >= due  # or the heartbeat's listing is due
+                return reported or time.monotonic() >= listing
         return True
 
     def shutdown(self) -> None:
