@@ -181,7 +181,7 @@ class TriggerDaemon:
                 pass
             if not registrations and time.monotonic() < due:  # counts or states alone
                 self.stopping.wait(self._stepped + STATUS_PACE - time.monotonic())
-                reported = watched is not None and _readable(watched) and self._watch.drain()
+                reported = self._watch.pending() and self._watch.drain()
                 return reported or time.monotonic() >= listing
         return True
 
@@ -477,16 +477,14 @@ class _Watch:
             self.close()  # watched afresh, one level nearer (or the registrations themselves)
         return bool(events)
 
+    def pending(self) -> bool:
+        """Whether something was reported that `drain()` has not read yet."""
+        return self.inotify is not None and self.inotify.readable(0)
+
     def close(self) -> None:
         if self.inotify is not None:
             self.inotify.close()
             self.inotify = None
-
-
-def _readable(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _below(root: str):
