@@ -704,19 +704,23 @@ def machine_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 @contextlib.contextmanager
 def state_mount_point():
-    """Every device has /var/lib/systemprompt-os, where a sandbox binds a run's directories. A
-    machine without it makes each run under a temporary root rebuild all of /var/lib in a tmpfs
-    (one read-only bind per entry: about 10 ms per run here) to get a mount point, a cost no
-    device pays. So the empty directory is made for the benchmark's duration, when missing,
-    and removed after if it is still empty. Yields whether it was made."""
-    path = Path("/", STATE)
-    made = not os.path.lexists(path)
-    if made:
-        path.mkdir(mode=0o755)
+    """Mount points a device has and a temporary root's runs need on the host. Every device has
+    /var/lib/systemprompt-os, where a sandbox binds a run's directories, and the directory of
+    the programs its agents run (here /opt/spos-bench). A machine without them makes each run
+    under a temporary root rebuild the directory above in a tmpfs (one read-only bind per entry
+    of /var/lib or /opt, each bind also costing bubblewrap a read of the mount table: about 10
+    ms per run for /var/lib here) to get a mount point, a cost no device pays. So the empty
+    directories are made for the benchmark's duration, when missing, and removed after if
+    they are still empty. Yields the ones it made."""
+    made = []
     try:
-        yield made
+        for path in (Path("/", STATE), Path(os.path.dirname(STAMP))):
+            if not os.path.lexists(path):
+                path.mkdir(mode=0o755)
+                made.append(path)
+        yield [str(path) for path in made]
     finally:
-        if made:
+        for path in reversed(made):
             try:
                 path.rmdir()
             except OSError:
@@ -866,8 +870,9 @@ def environment(args, spos: list[str], code: dict, code_root: str) -> dict:
 
 
 def made_note(env_info: dict) -> str:
-    return (f" (and an empty /{STATE} on the host for the duration, as on a device)"
-            if env_info.get("made_state_dir") else "")
+    made = env_info.get("made_mount_points")
+    return (f" (and empty {' and '.join(made)} on the host for the duration, as on a device)"
+            if made else "")
 
 
 def report(args, env_info: dict, result: dict) -> None:
@@ -940,7 +945,7 @@ def main() -> int:
         code_root = str(code_dir) if code_dir else package_parent()
         env_info = environment(args, spos, code, code_root)
         with state_mount_point() as made:
-            env_info["made_state_dir"] = made
+            env_info["made_mount_points"] = made
             result = ExecutorBench(args, runner, spos, code_root).run()
         runner.close()
         report(args, env_info, result)

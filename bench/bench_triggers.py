@@ -892,7 +892,7 @@ def main() -> int:
         code_root = str(code_dir) if code_dir else package_parent()
         env_info = environment(args, spos, code, code_root)
         with state_mount_point() as made:
-            env_info["made_state_dir"] = made
+            env_info["made_mount_points"] = made
             result = TriggerBench(args, runner, spos, code_root).run()
         report(args, env_info, result)
     except KeyboardInterrupt:

@@ -427,6 +427,29 @@ def test_malformed_launcher_arguments_fail_cleanly(sandbox, arguments):
     assert done.stderr.startswith("spos sandbox: launcher arguments are malformed"), done.stderr
 
 
+@pytest.mark.parametrize("launcher", ["compiled"], indirect=True)
+def test_a_child_that_cannot_join_the_runs_cgroup_never_starts_bubblewrap(sandbox, tmp_path):
+    """The compiled launcher's `--enter` mode stands between the executor and bubblewrap:
+    when it cannot put itself into the run's cgroup, nothing of the run may start outside it.
+    It says why on the setup pipe, exits 126 and executes nothing."""
+    marker = tmp_path / "ran"
+    read_end, setup = os.pipe()
+    not_writable = os.open("/dev/null", os.O_RDONLY)  # stands in for a cgroup.procs fd
+    try:
+        done = subprocess.run(
+            [sandbox.launcher, "--enter", str(setup), "-", str(setup), str(not_writable), "--",
+             "/usr/bin/touch", str(marker)],
+            pass_fds=(setup, not_writable), capture_output=True, text=True, timeout=WAIT_SECONDS)
+        os.close(setup)
+        reported = os.read(read_end, 4096).decode()
+    finally:
+        os.close(read_end)
+        os.close(not_writable)
+    assert done.returncode == 126, done
+    assert reported.startswith("spos sandbox: cannot start bubblewrap: cannot join the run's cgroup"), reported
+    assert not marker.exists()
+
+
 # -- fds, devices -------------------------------------------------------------------------------
 
 @BOTH_LAUNCHERS

@@ -632,9 +632,10 @@ class Executor:
 
     def _spawn(self, active: ActiveRun, spec):
         """Start `spec` in the agent's prepared sandbox when it has one that fits, else in a
-        new one (the claim made durable first: a fork's child holds the claim lock's fd until
-        it closes its fds). Returns (the run, its output and progress pipes' read ends,
-        prepared?)."""
+        new one. The claim is made durable after the start (by the caller), while the sandbox
+        starts the action; before it only when the sandbox forks the executor (no compiled
+        launcher), whose copy holds the claim lock's fd until it closes its fds. Returns (the
+        run, its output and progress pipes' read ends, prepared?)."""
         agent = active.run.agent
         slot = self.prepared.take(agent, spec) if self.prepared is not None else None
         if slot is not None:
@@ -643,7 +644,8 @@ class Executor:
                 return slot.sandbox.start(spec), slot.output_fd, slot.progress_fd, True
             except Exception:  # it ended, or cannot take this run: start afresh (start()
                 slot.close()   # hands nothing of the run over when it raises)
-        self._commit_claim(active)
+        if self.sandbox.forks:
+            self._commit_claim(active)
         output_read, output_write = os.pipe()
         progress_read, progress_write = os.pipe()
         try:

@@ -7,6 +7,10 @@
  * one also serves a prepared sandbox: it mounts the run's own directories first
  * (mount_run_directories), with the capabilities bubblewrap left it for that, then drops them.
  *
+ * The same binary has a second job, outside the sandbox (`--enter`, see enter()): the executor
+ * spawns it without forking itself (posix_spawn), and it puts itself into the run's cgroup and
+ * nice level before it executes bubblewrap, which a forked copy of the executor did before.
+ *
  * Built by setup.py (reconciler/executor/_build.py) as a static executable named after the
  * digest of this file, so a stale build is never used. Linux only; needs nothing beyond libc.
  */
@@ -24,6 +28,7 @@
 #include <linux/magic.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
@@ -425,12 +430,60 @@ static void reset_signals(void) {
     action.sa_handler = SIG_DFL;
     for (int signum = 1; signum < NSIG; signum++)
         sigaction(signum, &action, NULL); /* SIGKILL, SIGSTOP and the libc-reserved ones refuse */
+    /* The C library keeps the real-time signals below SIGRTMIN for itself and its sigaction()
+     * refuses them; but a posix_spawn() child starts with them ignored (glibc sets that while
+     * the child runs with every signal blocked), which would reach the action. An all-zero
+     * kernel sigaction is SIG_DFL, with no flags and an empty mask, whatever the field order. */
+    static const unsigned char dfl[64];
+    for (int signum = 32; signum < SIGRTMIN; signum++)
+        syscall(SYS_rt_sigaction, signum, dfl, NULL, (NSIG - 1) / 8);
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
+/* `spos-launch --enter SETUP_FD NICE KEEP JOIN -- PROGRAM ARGS...`, outside the sandbox: what a
+ * forked copy of the executor did before executing bubblewrap, done by a small program the
+ * executor spawns instead (copying the executor's address space for each run, then tearing it
+ * down at the exec, cost more than bubblewrap itself). In order: write to each fd of JOIN (the
+ * run's cgroup.procs files, opened by the executor: this process joins the run's cgroup before
+ * anything of the run exists), take the nice level NICE ("-": none), close every fd but 0-2 and
+ * KEEP, set every signal's handling back to the default and unblock them all, and execute
+ * PROGRAM with an empty environment; fds 0-2 were set by the spawn. A failure is reported on
+ * SETUP_FD, as "cannot start bubblewrap". */
+static int enter(int argc, char **argv) {
+    if (argc < 8 || strcmp(argv[6], "--") != 0)
+        fail(126, "usage: spos-launch --enter SETUP_FD NICE KEEP JOIN -- PROGRAM ARGS...");
+    char *end;
+    long fd = strtol(argv[2], &end, 10);
+    if (*end != '\0' || fd < 0)
+        fail(126, "cannot start bubblewrap: bad setup fd %s", argv[2]);
+    setup_fd = (int)fd;
+    unsigned long long *keep, *join;
+    size_t keep_count = parse_list(argv[4], &keep);
+    size_t join_count = parse_list(argv[5], &join);
+    for (size_t i = 0; i < join_count; i++) {
+        if (write((int)join[i], "0", 1) != 1)
+            fail(126, "cannot start bubblewrap: cannot join the run's cgroup: %s", strerror(errno));
+        close((int)join[i]);
+    }
+    if (strcmp(argv[3], "-") != 0) {
+        long nice = strtol(argv[3], &end, 10);
+        if (*end != '\0' || end == argv[3])
+            fail(126, "cannot start bubblewrap: bad nice level %s", argv[3]);
+        if (setpriority(PRIO_PROCESS, 0, (int)nice) < 0)
+            fail(126, "cannot start bubblewrap: cannot set nice level %ld: %s", nice, strerror(errno));
+    }
+    close_fds_except(keep, keep_count);
+    reset_signals();
+    char *no_environment[] = {NULL};
+    execve(argv[7], argv + 7, no_environment);
+    fail(126, "cannot start bubblewrap: cannot execute %s: %s", argv[7], strerror(errno));
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 2 && strcmp(argv[1], "--enter") == 0)
+        return enter(argc, argv);
     if (argc != 2)
         fail(126, "usage: spos-launch ARGS_FD");
     char *end;

@@ -119,6 +119,12 @@ class Sandbox:
         self._launcher_source = _LAUNCHER.read_text()
         self._availability: tuple[bool, str] | None = None
 
+    @property
+    def forks(self) -> bool:
+        """Whether starting a sandbox forks this process (no compiled launcher): the copy holds
+        this process's fds, locks included, until it has closed them."""
+        return self.launcher is None
+
     def available(self) -> tuple[bool, str]:
         """Whether this machine can sandbox, and what is (and is not) enforced, in words."""
         if self._availability is None:
@@ -261,6 +267,7 @@ class Sandbox:
                 keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, bwrap_fd,
                       *(gate.child_fds() if gate else ())),
                 join_fds=join_fds, nice=spec.limits.nice, error_fd=setup_write,
+                helper=self.launcher,
             )
             link = gate.open_after_linking(process, spec.egress) if gate is not None else None
         except BaseException as exc:
@@ -929,11 +936,17 @@ class _NetworkGate:
 
 
 class _Child:
-    """bubblewrap's process: forked, placed in the run's cgroup, then executed, with the
-    caller going on right after the fork. (subprocess.Popen would wait for the exec; and where
-    joining is slow, through v2's `cgroup.procs` or on a kernel before 6.0, the wait for an RCU
-    grace period, ~10-15 ms here, stays in the child: RunCgroup.open_join_fds.)
-    A failure between fork and exec is written to `error_fd` and the child exits 126."""
+    """bubblewrap's process, placed in the run's cgroup before it executes bubblewrap, with the
+    caller going on as soon as it exists. Where joining is slow, through v2's `cgroup.procs` or
+    on a kernel before 6.0 (the wait for an RCU grace period, ~10-15 ms here), the wait is the
+    child's, never the caller's: RunCgroup.open_join_fds.
+
+    With the compiled launcher, the child is that program's `--enter` mode, started with
+    posix_spawn (a vfork: nothing of the caller is copied); it joins, takes the nice level,
+    closes the other fds and executes bubblewrap. Without it, the caller forks and the copy
+    does the same in Python, which costs a few milliseconds more per run (the copy's page
+    faults, and tearing its address space down at the exec). Either way, a failure before
+    bubblewrap runs is written to `error_fd` and the child exits 126."""
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -942,10 +955,13 @@ class _Child:
 
     @classmethod
     def start(cls, argv: list[str], *, stdio: list[int | None], keep: tuple[int, ...],
-              join_fds: list[int], nice: int | None, error_fd: int) -> _Child:
+              join_fds: list[int], nice: int | None, error_fd: int,
+              helper: str | None = None) -> _Child:
         # Ignored signals survive exec (Python ignores SIGPIPE and SIGXFSZ, nohup SIGHUP...):
         # listed here, set back to default in the child.
         ignored = _ignored_signals()
+        if helper is not None:
+            return cls(_spawn_entering(helper, argv, stdio, keep, join_fds, nice, error_fd, ignored))
         pid = os.fork()
         if pid == 0:
             try:
@@ -989,6 +1005,34 @@ def _ignored_signals() -> list[int]:
     return [number for number in _signal.valid_signals()
             if number not in (_signal.SIGKILL, _signal.SIGSTOP)
             and _signal.getsignal(number) == _signal.SIG_IGN]
+
+
+def _spawn_entering(helper: str, argv: list[str], stdio: list[int | None], keep: tuple[int, ...],
+                    join_fds: list[int], nice: int | None, error_fd: int,
+                    ignored: list[int]) -> int:
+    """posix_spawn `helper --enter` (launch.c), which joins the cgroup through `join_fds`, takes
+    the nice level, keeps only fds 0-2 and `keep`, and executes `argv`. Returns its pid."""
+    copies: list[int] = []
+    try:
+        # A stdio fd below 3 could be overwritten by an earlier dup2: give it a higher number.
+        sources = []
+        for fd in stdio:
+            if fd is not None and fd < 3:
+                copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+                fd = copies[-1]
+            sources.append(fd)
+        actions = [(os.POSIX_SPAWN_DUP2, fd, number)
+                   for number, fd in enumerate(sources) if fd is not None]
+        # dup2 of an fd onto itself clears its close-on-exec flag in the child alone.
+        actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in sorted({*keep, *join_fds}) if fd >= 3]
+        return os.posix_spawn(
+            helper,
+            [helper, "--enter", str(error_fd), "-" if nice is None else str(nice),
+             ",".join(map(str, keep)), ",".join(map(str, join_fds)), "--", *argv],
+            {}, file_actions=actions, setsigmask=(), setsigdef=ignored)
+    finally:
+        for fd in copies:
+            os.close(fd)
 
 
 def _enter_child(stdio: list[int | None], keep: tuple[int, ...], join_fds: list[int],
