@@ -36,26 +36,38 @@ def compiled_launcher(directory: Path | None = None) -> str | None:
 
 def build(into: Path, *, compiler: str | None = None, source: Path = SOURCE) -> tuple[Path | None, str]:
     """Compile `source` into `into`/<binary_name>, statically linked where the C library allows
-    it; remove older builds there. Returns (the path, "") or (None, why not)."""
-    compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+    it; remove older builds there. Returns (the path, "") or (None, why not).
+
+    Without `compiler` or $CC, musl's `musl-gcc` comes first where it is installed: a static
+    program on glibc asks the CPU about its caches at every start (cpuid, which in a virtual
+    machine traps to the hypervisor: ~0.6 ms per start here, against 0.05 ms on musl), and a
+    run starts the launcher twice. Then cc or gcc, static, else dynamic."""
+    if compiler or os.environ.get("CC"):
+        candidates = [(compiler or os.environ["CC"], (["-static"], []))]
+    else:
+        candidates = [(path, links) for path, links in (
+            (shutil.which("musl-gcc"), (["-static"],)),
+            (shutil.which("cc") or shutil.which("gcc"), (["-static"], [])),
+        ) if path]
+    if not candidates:
         return None, "no C compiler (cc, gcc or $CC)"
     target = into / binary_name(source)
     partial = into / f".{target.name}.{os.getpid()}"
-    errors = ""
-    for link in (["-static"], []):  # static: nothing to load inside the sandbox, fastest start
-        done = subprocess.run([compiler, "-O2", "-Wall", *link, "-o", str(partial), str(source)],
-                              capture_output=True, text=True)
-        if done.returncode == 0:
-            os.chmod(partial, 0o755)
-            os.replace(partial, target)
-            for old in into.glob(PREFIX + "*"):
-                if old.name != target.name:
-                    old.unlink(missing_ok=True)
-            return target, ""
-        errors = done.stderr.strip()
+    errors = []
+    for compiler, links in candidates:
+        for link in links:  # static: nothing to load inside the sandbox, fastest start
+            done = subprocess.run([compiler, "-O2", "-Wall", *link, "-o", str(partial), str(source)],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                os.chmod(partial, 0o755)
+                os.replace(partial, target)
+                for old in into.glob(PREFIX + "*"):
+                    if old.name != target.name:
+                        old.unlink(missing_ok=True)
+                return target, ""
+            errors.append(f"{compiler} failed: {done.stderr.strip()}")
     partial.unlink(missing_ok=True)
-    return None, f"{compiler} failed: {errors}"
+    return None, errors[-1]
 
 
 def main() -> int:

@@ -24,8 +24,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <linux/capability.h>
-#include <linux/magic.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -43,6 +41,26 @@
 #define SYS_CLOSE_RANGE 436
 #define RULE_PATH_BENEATH 1
 #define RULE_NET_PORT 2
+
+/* What the launcher needs of linux/capability.h and linux/magic.h, spelled out too: musl's
+ * headers (the C library the launcher is best built with, _build.py) come without the kernel's. */
+#define CAPABILITY_VERSION_3 0x20080522
+#define CAPABILITY_SETGID 6
+#define CAPABILITY_SETUID 7
+#define CAPABILITY_SETPCAP 8
+#define CAPABILITY_SYS_ADMIN 21
+#define TMPFS_FS_MAGIC 0x01021994
+
+struct capability_header {
+    uint32_t version;
+    int pid;
+};
+
+struct capability_data {
+    uint32_t effective;
+    uint32_t permitted;
+    uint32_t inheritable;
+};
 
 struct ruleset_attr {
     uint64_t handled_access_fs;
@@ -250,8 +268,8 @@ static void become(uid_t uid, gid_t gid, const unsigned long long *groups, size_
     for (size_t i = 0; i < count; i++)
         list[i] = (gid_t)groups[i];
     /* bubblewrap leaves CAP_SETUID and CAP_SETGID inheritable too: clear that set first. */
-    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[2];
+    struct capability_header header = {CAPABILITY_VERSION_3, 0};
+    struct capability_data data[2];
     if (syscall(SYS_capget, &header, data) == 0) {
         data[0].inheritable = data[1].inheritable = 0;
         syscall(SYS_capset, &header, data);
@@ -307,13 +325,13 @@ static void parent_of(const char *target, char *parent, size_t size) {
         fail(126, "launcher arguments are malformed: %s has no parent", target);
     *slash = '\0';
     struct statfs fs;
-    if (statfs(parent, &fs) < 0 || fs.f_type != TMPFS_MAGIC)
+    if (statfs(parent, &fs) < 0 || fs.f_type != TMPFS_FS_MAGIC)
         fail(126, "%s is not the prepared sandbox's tmpfs", parent);
 }
 
 static int has_capability(int cap) {
-    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[2];
+    struct capability_header header = {CAPABILITY_VERSION_3, 0};
+    struct capability_data data[2];
     if (syscall(SYS_capget, &header, data) < 0)
         return 1; /* cannot tell: act as if it had */
     return (data[cap / 32].permitted >> (cap % 32)) & 1;
@@ -323,20 +341,20 @@ static int has_capability(int cap) {
  * CAP_SETUID and CAP_SETGID stay (effective and permitted only) when `become` needs them. */
 static void drop_mount_capabilities(uid_t uid) {
     for (int cap = 0; cap <= 63; cap++) {
-        if (uid != 0 && (cap == CAP_SETUID || cap == CAP_SETGID))
+        if (uid != 0 && (cap == CAPABILITY_SETUID || cap == CAPABILITY_SETGID))
             continue;
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
             fail(126, "cannot drop capability %d: %s", cap, strerror(errno));
     }
-    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[2];
+    struct capability_header header = {CAPABILITY_VERSION_3, 0};
+    struct capability_data data[2];
     memset(data, 0, sizeof data);
     if (uid != 0)
-        data[0].effective = data[0].permitted = (1u << CAP_SETUID) | (1u << CAP_SETGID);
+        data[0].effective = data[0].permitted = (1u << CAPABILITY_SETUID) | (1u << CAPABILITY_SETGID);
     if (syscall(SYS_capset, &header, data) < 0)
         fail(126, "cannot drop capabilities: %s", strerror(errno));
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-    if (has_capability(CAP_SYS_ADMIN) || has_capability(CAP_SETPCAP))
+    if (has_capability(CAPABILITY_SYS_ADMIN) || has_capability(CAPABILITY_SETPCAP))
         fail(126, "capabilities left after mounting the run's directories");
 }
 
@@ -393,7 +411,7 @@ static void mount_run_directories(struct args *args, uid_t uid) {
             fail(126, "cannot make %s read-only: %s", parent, strerror(errno));
     }
     /* Whatever was asked, no capability for mounting ever reaches the action. */
-    if (has_capability(CAP_SYS_ADMIN) || has_capability(CAP_SETPCAP))
+    if (has_capability(CAPABILITY_SYS_ADMIN) || has_capability(CAPABILITY_SETPCAP))
         drop_mount_capabilities(uid);
 }
 
