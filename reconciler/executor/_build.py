@@ -67,7 +67,7 @@ def build(into: Path, *, compiler: str | None = None, source: Path = SOURCE) -> 
                 return target, ""
             errors.append(f"{compiler} failed: {done.stderr.strip()}")
     partial.unlink(missing_ok=True)
-    return None, errors[-1]
+    return None, "; ".join(errors)
 
 
 def main() -> int:

@@ -474,7 +474,7 @@ static int enter(int argc, char **argv) {
         fail(126, "usage: spos-launch --enter SETUP_FD NICE KEEP JOIN -- PROGRAM ARGS...");
     char *end;
     long fd = strtol(argv[2], &end, 10);
-    if (*end != '\0' || fd < 0)
+    if (*end != '\0' || end == argv[2] || fd < 0)
         fail(126, "cannot start bubblewrap: bad setup fd %s", argv[2]);
     setup_fd = (int)fd;
     unsigned long long *keep, *join;

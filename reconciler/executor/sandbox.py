@@ -119,12 +119,6 @@ class Sandbox:
         self._launcher_source = _LAUNCHER.read_text()
         self._availability: tuple[bool, str] | None = None
 
-    @property
-    def forks(self) -> bool:
-        """Whether starting a sandbox forks this process (no compiled launcher): the copy holds
-        this process's fds, locks included, until it has closed them."""
-        return self.launcher is None
-
     def available(self) -> tuple[bool, str]:
         """Whether this machine can sandbox, and what is (and is not) enforced, in words."""
         if self._availability is None:
@@ -267,7 +261,7 @@ class Sandbox:
                 keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, bwrap_fd,
                       *(gate.child_fds() if gate else ())),
                 join_fds=join_fds, nice=spec.limits.nice, error_fd=setup_write,
-                helper=self.launcher,
+                helper=self.launcher if _SPAWN_KEEPS_FDS else None,
             )
             link = gate.open_after_linking(process, spec.egress) if gate is not None else None
         except BaseException as exc:
@@ -943,8 +937,9 @@ class _Child:
 
     With the compiled launcher, the child is that program's `--enter` mode, started with
     posix_spawn (a vfork: nothing of the caller is copied); it joins, takes the nice level,
-    closes the other fds and executes bubblewrap. Without it, the caller forks and the copy
-    does the same in Python, which costs a few milliseconds more per run (the copy's page
+    closes the other fds and executes bubblewrap. Without it (or on a C library whose
+    posix_spawn cannot hand over fds by number, `_spawn_keeps_fds`), the caller forks and the
+    copy does the same in Python, which costs a few milliseconds more per run (the copy's page
     faults, and tearing its address space down at the exec). Either way, a failure before
     bubblewrap runs is written to `error_fd` and the child exits 126."""
 
@@ -1005,6 +1000,21 @@ def _ignored_signals() -> list[int]:
     return [number for number in _signal.valid_signals()
             if number not in (_signal.SIGKILL, _signal.SIGSTOP)
             and _signal.getsignal(number) == _signal.SIG_IGN]
+
+
+def _spawn_keeps_fds() -> bool:
+    """Whether posix_spawn's dup2 of an fd onto itself clears its close-on-exec flag, which is
+    how `_spawn_entering` hands the child its fds: glibc does from 2.29 on. With another C
+    library, or an older glibc, the child is forked instead."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except (ValueError, OSError, AttributeError, TypeError):
+        return False
+    return name == "glibc" and (major, minor) >= (2, 29)
+
+
+_SPAWN_KEEPS_FDS = _spawn_keeps_fds()
 
 
 def _spawn_entering(helper: str, argv: list[str], stdio: list[int | None], keep: tuple[int, ...],
