@@ -193,7 +193,8 @@ class Device:
     def replace(self, device_path: str, data: bytes, mode: int = 0o644) -> None:
         """Replace the file's content atomically, without waiting for the disk: for a file that
         says what a process is doing now and is rewritten every few seconds (a daemon's status
-        heartbeat), where two fsyncs per write would only wear the storage. A reader sees the old
+        heartbeat), where two fsyncs per write would only wear the storage, or a copy of what a
+        durable file holds (a run's attachments, written out from its record). A reader sees the old
         content or the new one, never a mix; after a power loss the file may hold an older
         content, or be empty on a file system that does not order the rename after the data
         (readers of such files treat that as no status)."""

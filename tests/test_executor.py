@@ -1064,6 +1064,53 @@ def test_non_retryable_exit_codes_fail_at_once(device):
     assert device.lines("attempts") == ["x"]
 
 
+def test_a_retry_gets_its_attachments_afresh_whatever_the_last_attempt_left(device):
+    """Attachments carried in the queue record are written for each attempt (docs/queue.md,
+    "Attachments"): an attempt that replaced them with a link to /etc leaves the next one
+    its own copy again, nothing outside the run is touched, and the executor goes on."""
+    from reconciler.device import Device as Root
+    from reconciler.executor.enqueue import enqueue
+
+    device.apply({"hooked": {
+        "command": sh('if [ "$SPOS_ATTEMPT" = 1 ]; then rm -rf "$TMPDIR/spos-trigger"; '
+                      'ln -s /etc "$TMPDIR/spos-trigger"; exit 1; fi; '
+                      'cat "$SPOS_PAYLOAD" > "$SPOS_OUTPUT_DIR/payload"'),
+        "retries": {"limit": 1, "backoff": {"initial": "1s"}}}})
+    record = enqueue(Root(str(device.root)), device.agent, "hooked",
+                     source={"kind": "trigger", "trigger": "t", "type": "webhook", "events": 1},
+                     attachments={"events.json": b"{}\n", "payload": b"the body\n"})
+    assert "attachments" in record
+    device.once()
+    ended = device.record(record["id"])
+    assert ended["state"] == "completed" and len(ended["attempts"]) == 2, (ended, device.log(record["id"]))
+    assert device.output("payload").read_bytes() == b"the body\n"
+    assert "attachments" not in ended
+
+
+def test_a_run_whose_tmp_directory_is_blocked_fails_and_others_go_on(device):
+    """Something in the way of a run's directories (here a file where its tmp directory with
+    its attachments belongs) fails that run, "could not start", never the executor."""
+    device.apply({"t": {"command": sh("true")}})
+    record = enqueue_with_payload(device, "t")
+    blocker = device.agent_dir() / "tmp" / record["id"]
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a directory")  # where the run's tmp directory belongs
+    fine = device.enqueue("t")
+    device.once()
+    failed = device.record(record["id"])
+    assert failed["state"] == "failed" and "could not start" in failed["reason"], failed
+    assert device.record(fine)["state"] == "completed"
+
+
+def enqueue_with_payload(device, task: str) -> dict:
+    from reconciler.device import Device as Root
+    from reconciler.executor.enqueue import enqueue
+
+    return enqueue(Root(str(device.root)), device.agent, task,
+                   source={"kind": "trigger", "trigger": "t", "type": "webhook", "events": 1},
+                   attachments={"payload": b"x"})
+
+
 def test_hook_tasks_are_enqueued_on_success_and_on_final_failure(device):
     device.apply({
         "good": {"command": sh("true"), "onSuccess": ["after"]},
@@ -1473,6 +1520,15 @@ def test_a_queue_file_of_the_wrong_shape_is_set_aside_with_its_reason(device):
             ({"id": "20260101T000000-0000000c", "task": "t", "attempt": "one"}, "attempt"),
         "000-00000000000000000004-20260101T000000-0000000d.json":
             ({"id": "../../../../../../tmp/escape", "task": "t"}, "id"),
+        "000-00000000000000000005-20260101T000000-0000000e.json":
+            ({"id": "20260101T000000-0000000e", "task": "t",
+              "attachments": {"../../escape": "eA=="}}, "attachments"),
+        "000-00000000000000000006-20260101T000000-0000000f.json":
+            ({"id": "20260101T000000-0000000f", "task": "t",
+              "attachments": {"payload": "not base64!"}}, "attachments.payload"),
+        "000-00000000000000000007-20260101T000000-0000000g.json":
+            ({"id": "20260101T000000-0000000g", "task": "t",
+              "attachments": {"a\u0000b": "eA=="}}, "attachments"),
     }
     for name, (content, _) in wrong.items():
         (queue / name).write_text(json.dumps(content))

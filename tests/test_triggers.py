@@ -28,6 +28,7 @@ from sandboxes import remove_cgroups_of, sandbox_missing
 from waiting import wait_for
 
 from reconciler.device import Device
+from reconciler.executor.enqueue import write_attachments
 from reconciler.triggers.base import Event, Registration
 from reconciler.triggers.daemon import STATUS_HEARTBEAT, TriggerDaemon
 from reconciler.triggers.gate import Gate
@@ -111,6 +112,10 @@ class Site:
         return [json.loads(p.read_text()) for p in sorted(queue.glob("*.json"))] if queue.is_dir() else []
 
     def attachment(self, run_id: str, name: str) -> bytes:
+        """What the run finds in tmp/<run>/spos-trigger/, written out from its queue record as
+        the executor does when the run starts (or written there already, a large one)."""
+        [record] = [r for r in self.queued() if r["id"] == run_id]
+        write_attachments(Device(str(self.root)), AGENT, record)
         return self.path(f"/{STATE}/agents/{AGENT}/tmp/{run_id}/spos-trigger/{name}").read_bytes()
 
     def wait_queued(self, count: int) -> list[dict]:
@@ -513,7 +518,13 @@ def test_a_reload_restarts_only_changed_registrations(site):
 
 @pytest.mark.slow
 @pytest.mark.root
-def test_the_action_reads_its_trigger_event_and_payload(site, spos, tmp_path):
+@pytest.mark.parametrize("body", [b"line one\nline two\n", b"x" * 100_000 + b"\n"],
+                         ids=["in the record", "files written before the record"])
+def test_the_action_reads_its_trigger_event_and_payload(site, spos, tmp_path, body):
+    """A small payload travels in the queue record (one durable write per event) and the
+    executor writes it out as the run starts; a large one is written into the run's tmp
+    directory before the record. The action reads either the same way, and the record of the
+    ended run does not keep a copy (docs/queue.md, "Attachments")."""
     if why := sandbox_missing():
         pytest.skip(why)
     script = ('echo "$SPOS_TRIGGER $SPOS_TRIGGER_TYPE $SPOS_EVENT_COUNT $SPOS_EVENT_TEST" > $SPOS_OUTPUT_DIR/env; '
@@ -530,16 +541,22 @@ def test_the_action_reads_its_trigger_event_and_payload(site, spos, tmp_path):
     assert spos("apply", site.manifests, "--root", site.root, "--auto-approve",
                 "--cgroup-root", tmp_path / "no-cgroups").code == 0
     payload = tmp_path / "body"
-    payload.write_bytes(b"line one\nline two\n")
+    payload.write_bytes(body)
     assert spos("trigger", "test", "hook", "--root", site.root, "--payload", payload).code == 0
+    [queued] = site.queued()
+    attached = site.path(f"/{STATE}/agents/{AGENT}/tmp/{queued['id']}/spos-trigger")
+    inline = len(body) < 1000  # up to 16 KiB of attachments go in the record
+    assert ("attachments" in queued) == inline and attached.exists() != inline
 
     subprocess.run([sys.executable, "-m", "reconciler", "executor", "--root", str(site.root), "--once"],
                    cwd=REPO, check=True, timeout=60, capture_output=True)
 
     output = site.path(f"/{STATE}/agents/{AGENT}/output")
     assert (output / "env").read_text() == "hook webhook 1 1\n"
-    assert (output / "payload").read_bytes() == b"line one\nline two\n"
+    assert (output / "payload").read_bytes() == body
     assert json.loads((output / "events").read_text())["events"] == [{"test": "1"}]
+    [ended] = site.path(f"/{STATE}/agents/{AGENT}/completed").glob("*.json")
+    assert "attachments" not in json.loads(ended.read_text())
 
 
 def test_a_delivery_that_could_not_be_queued_is_queued_when_the_sender_retries(site):

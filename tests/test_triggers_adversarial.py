@@ -25,7 +25,7 @@ from waiting import wait_for
 
 from reconciler import AGENTS_DIR, STATE_DIR, TRIGGERS_DIR
 from reconciler.device import Device
-from reconciler.executor.enqueue import trigger_env
+from reconciler.executor.enqueue import trigger_env, write_attachments
 from reconciler.kinds.trigger import compile_trigger
 from reconciler.triggers.base import MAX_EVENT_VALUE, Event, Registration
 from reconciler.triggers.daemon import TriggerDaemon
@@ -82,6 +82,10 @@ class Root:
             record.rename(done / record.name)
 
     def attachment(self, run_id: str, name: str) -> bytes:
+        """What the run finds in tmp/<run>/spos-trigger/, written out from its queue record as
+        the executor does when the run starts (or written there already, a large one)."""
+        [record] = [r for r in self.queued() if r["id"] == run_id]
+        write_attachments(self.device, AGENT, record)
         return self.host(f"{AGENTS_DIR}/{AGENT}/tmp/{run_id}/spos-trigger/{name}").read_bytes()
 
     def files(self) -> set[str]:
@@ -496,6 +500,7 @@ def test_hostile_webhook_headers_reach_the_run_as_passable_env_and_nothing_leaks
     [run] = root.queued()
     assert run["id"] == answer["run"]
     run_tmp = root.host(f"{AGENTS_DIR}/{AGENT}/tmp/{run['id']}")
+    write_attachments(root.device, AGENT, run)  # what the executor does as the run starts
     env = trigger_env(run["source"], "/run-tmp", str(run_tmp))
     passable(env)
     assert env["SPOS_EVENT_EVENT"].startswith("push\x85") and env["SPOS_PAYLOAD"] == "/run-tmp/spos-trigger/payload"

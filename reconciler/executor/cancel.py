@@ -40,6 +40,7 @@ def cancel(store: RunStore, run_id: str) -> str:
         if run is not None and run.bucket == "queue" and store.move(run, "failed"):
             run.record.update(state="cancelled", reason="cancelled by request before it started",
                               endedAt=now_iso())
+            run.record.pop("attachments", None)  # an ended run keeps no copy (docs/queue.md)
             store.save(run)
             return f"run {run_id} cancelled before it started"
         run = store.find(run_id)

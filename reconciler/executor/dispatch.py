@@ -34,7 +34,8 @@ from reconciler.device import Device
 from reconciler.errors import SposError
 from reconciler.executor import cancel, network, prepared, provenance, storage
 from reconciler.executor.config import ConfigError, read_agent_config, task_config
-from reconciler.executor.enqueue import WAKE_OVERFLOW, WAKE_PIPE, enqueue, trigger_env, woken_agents
+from reconciler.executor.enqueue import (ATTACHMENTS_DIR, WAKE_OVERFLOW, WAKE_PIPE, enqueue, trigger_env,
+                                        woken_agents, write_attachments)
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
 from reconciler.executor.retention import PeriodicCleanup
@@ -577,8 +578,11 @@ class Executor:
         self.active[run.id] = active
         if not recorded:
             record.update(self._attempt_start(run, raw, task))
-        failure = _refused(self._prepare, active, not recorded)
-        problem = active.storage_problem() or (failure and failure.strerror) \
+        try:
+            failure = _refused(self._prepare, active, not recorded)
+        except (SposError, OSError) as exc:  # its directories, as something else left them
+            failure, active.setup_problem = None, active.setup_problem or str(exc)
+        problem = active.storage_problem() or (failure and failure.strerror) or active.setup_problem \
             or (ahead.over_quota if ahead else self._over_storage_quota(run.agent, quota))
         if problem:
             active.ending, active.reason = "failed", f"could not start: {problem}"
@@ -599,6 +603,16 @@ class Executor:
             _make_dir(self.device, dirs[key])
         _make_dir(self.device, dirs["log"].rsplit("/", 1)[0])
         active.log.open()
+        if run.record.get("attachments"):
+            # Written afresh for each attempt: an earlier one's action may have changed them,
+            # or put a link or a file in their place; that fails this run, never the executor.
+            try:
+                _clear(self.device, f"{dirs['tmp']}/{ATTACHMENTS_DIR}")
+                write_attachments(self.device, run.agent, run.record)
+            except (SposError, OSError) as exc:
+                if isinstance(exc, OSError) and storage_failure(exc):
+                    raise
+                active.setup_problem = f"its attachments could not be written: {exc}"
         if save:
             self._save(active)
 
@@ -632,10 +646,9 @@ class Executor:
 
     def _spawn(self, active: ActiveRun, spec):
         """Start `spec` in the agent's prepared sandbox when it has one that fits, else in a
-        new one. The claim is made durable after the start (by the caller), while the sandbox
-        starts the action; before it only when the sandbox forks the executor (no compiled
-        launcher), whose copy holds the claim lock's fd until it closes its fds. Returns (the
-        run, its output and progress pipes' read ends, prepared?)."""
+        new one (the claim made durable first: the claim lock is not held while a sandbox is
+        set up, a network linked, or a fork's child holds the lock's fd until it closes its
+        fds). Returns (the run, its output and progress pipes' read ends, prepared?)."""
         agent = active.run.agent
         slot = self.prepared.take(agent, spec) if self.prepared is not None else None
         if slot is not None:
@@ -644,8 +657,7 @@ class Executor:
                 return slot.sandbox.start(spec), slot.output_fd, slot.progress_fd, True
             except Exception:  # it ended, or cannot take this run: start afresh (start()
                 slot.close()   # hands nothing of the run over when it raises)
-        if self.sandbox.forks:
-            self._commit_claim(active)
+        self._commit_claim(active)
         output_read, output_write = os.pipe()
         progress_read, progress_write = os.pipe()
         try:
@@ -968,6 +980,7 @@ class Executor:
             failure = _refused(self.store.requeue, run)
             self.list_agents.add(run.agent)
         else:
+            run.record.pop("attachments", None)  # for its attempts; an ended run keeps no copy
             failure = _refused(self.store.finish, run, state)
         if failure is None:
             self.unrecorded.pop(run.id, None)
@@ -1254,6 +1267,21 @@ def _remove_tree(device: Device, device_path: str) -> None:
             else:
                 os.rmdir(path)
     os.rmdir(host)
+
+
+def _clear(device: Device, device_path: str) -> None:
+    """Remove whatever is at a path of a run's own (a directory and what it holds, a file, a
+    link) without following links."""
+    parent, name = device_path.rsplit("/", 1)
+    host = os.path.join(device.host(parent), name)  # the path itself may be a link
+    try:
+        mode = os.lstat(host).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        _remove_tree(device, device_path)
+    else:
+        os.unlink(host)
 
 
 def _make_dir(device: Device, device_path: str) -> None:

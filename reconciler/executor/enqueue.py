@@ -32,6 +32,12 @@ _NAME_CHARS = _NAME_START | {"-", "_"}
 CONCURRENCY = ("Allow", "Forbid", "Replace", "Queue")
 ATTACHMENTS_DIR = "spos-trigger"
 """Inside a run's tmp directory: the files a trigger hands the run (docs/triggers.md)."""
+INLINE_ATTACHMENTS = 16 * 1024
+"""Attachments up to this many bytes together travel in the queue record (base64) and the
+executor writes them out when the run starts: one durable write per event instead of three
+(docs/queue.md, "Attachments"). Small enough that twice such a record stays within the room
+set aside for recording a run's end (runs.RESERVE_BYTES)."""
+_ATTACHMENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 def enqueue(
@@ -51,9 +57,10 @@ def enqueue(
 
     With `claim`, the record goes straight to `active/`, owned by the caller, who runs it now
     (`spos action execute`); no executor sees it in the queue. `concurrency` overrides the
-    task's for this run. `attachments` (file name -> content) are written into the run's tmp
-    directory, under `spos-trigger/`, before the record: an executor never sees the run
-    without them."""
+    task's for this run. `attachments` (file name -> content) reach the run's tmp directory,
+    under `spos-trigger/`, before it starts: up to INLINE_ATTACHMENTS bytes together they go in
+    the record, which the executor writes out (`write_attachments`); larger ones are written
+    there now, before the record. Either way an executor never sees the run without them."""
     if "/" in agent or agent in ("", ".", ".."):
         raise ConfigError(f"{agent!r} is not an agent name")
     task_spec = task_config(agent_config(device, agent), task)
@@ -83,7 +90,14 @@ def enqueue(
     if concurrency is not None:
         record["concurrency"] = concurrency
     if attachments:
-        _attach(device, agent, run_id, attachments)
+        _check_attachment_names(attachments)
+        if sum(len(content) for content in attachments.values()) <= INLINE_ATTACHMENTS:
+            from binascii import b2a_base64
+
+            record["attachments"] = {name: b2a_base64(content, newline=False).decode()
+                                     for name, content in attachments.items()}
+        else:
+            _attach(device, agent, run_id, attachments)
     if claim:
         from reconciler.executor.owner import identity
 
@@ -172,13 +186,60 @@ def woken_agents(data: bytes) -> set[str] | None:
     return agents
 
 
+def _attachment_name(name) -> bool:
+    """A plain file name: letters, digits, `.`, `_` and `-`, starting with a letter or a digit,
+    at most 255 characters (the attachments are files of one directory)."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name[0] not in "._-"
+            and all(char in _ATTACHMENT_CHARS for char in name))
+
+
+def _check_attachment_names(attachments) -> None:
+    for name in attachments:
+        if not _attachment_name(name):
+            raise ValueError(f"{name!r} is not an attachment name")
+
+
 def _attach(device: Device, agent: str, run_id: str, attachments: dict[str, bytes]) -> None:
     directory = f"{AGENTS_DIR}/{agent}/tmp/{run_id}/{ATTACHMENTS_DIR}"
     device.makedirs(directory, mode=0o750)
     for name, content in attachments.items():
-        if "/" in name or name.startswith("."):
-            raise ValueError(f"{name!r} is not an attachment name")
         device.write_atomic(f"{directory}/{name}", content, mode=0o640)
+
+
+def attachments_problem(value) -> str | None:
+    """What is wrong with a queue record's `attachments` (docs/queue.md), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return "`attachments` must be an object"
+    from binascii import Error, a2b_base64
+
+    for name, text in value.items():
+        if not _attachment_name(name):
+            return f"`attachments` names {name!r}, which is not an attachment name"
+        if not isinstance(text, str):
+            return f"`attachments.{name}` must be base64 text"
+        try:
+            a2b_base64(text, strict_mode=True)
+        except (Error, ValueError):
+            return f"`attachments.{name}` is not base64"
+    return None
+
+
+def write_attachments(device: Device, agent: str, record: dict) -> None:
+    """Write out the attachments a queue record carries (`enqueue`; checked by the record's
+    loading, `attachments_problem`) into the run's tmp directory, where the executor names
+    them to the action; again for each attempt (the record keeps them until the run ends).
+    Not fsynced: the record holds them durably."""
+    inline = record.get("attachments")
+    if not inline:
+        return
+    from binascii import a2b_base64
+
+    directory = f"{AGENTS_DIR}/{agent}/tmp/{record['id']}/{ATTACHMENTS_DIR}"
+    device.makedirs(directory, mode=0o750)
+    for name, text in inline.items():
+        device.replace(f"{directory}/{name}", a2b_base64(text), mode=0o640)
 
 
 def trigger_env(source: dict, tmp: str, tmp_host) -> dict[str, str]:

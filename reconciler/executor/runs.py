@@ -34,6 +34,7 @@ from typing import Iterator
 
 from reconciler import AGENTS_DIR
 from reconciler.device import Device, StagedWrite, temporary_writer
+from reconciler.executor.enqueue import attachments_problem
 
 BUCKETS = ("queue", "active", "completed", "failed")
 TERMINAL_BUCKET = {
@@ -377,4 +378,4 @@ def _shape_problem(record) -> str | None:
                             ("executor", dict, "an object")):
         if record.get(key) is not None and not isinstance(record[key], kind):
             return f"`{key}` must be {what}"
-    return None
+    return attachments_problem(record.get("attachments"))

@@ -137,6 +137,7 @@ class ActiveRun:
     ending: str | None = None       # "timeout", "cancelled" or "failed" once the executor decided so
     reason: str = ""
     record_failure: OSError | None = None  # the record could not be written (see storage_problem)
+    setup_problem: str | None = None  # why the run cannot start, found while preparing it
     claim: object = None  # the claim's record while it is staged (Executor._claim), or None
     holds_claim_lock: bool = False  # its claim was refused: the lock is kept until its end
     network: tuple | None = None  # the first step's network, worked out before the claim

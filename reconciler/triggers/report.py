@@ -15,7 +15,7 @@ from datetime import datetime
 from reconciler import AGENTS_DIR, TRIGGERS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
-from reconciler.executor.enqueue import ATTACHMENTS_DIR
+from reconciler.executor.enqueue import ATTACHMENTS_DIR, INLINE_ATTACHMENTS
 from reconciler.executor.owner import process_alive
 from reconciler.triggers.base import Event, Registration
 from reconciler.triggers.daemon import STATUS_HEARTBEAT, read_status
@@ -145,6 +145,8 @@ def fire(device: Device, name: str, payload: bytes | None = None, dry_run: bool 
         "concurrency": registration.concurrency,
         "source": source,
         "attachments": {file: len(content) for file, content in sorted(attachments.items())},
+        # Small ones travel in the queue record; the executor writes them as the run starts.
+        "attachmentsInRecord": sum(map(len, attachments.values())) <= INLINE_ATTACHMENTS,
         "dryRun": dry_run,
     }
     if dry_run:
@@ -194,8 +196,10 @@ def fire_text(result: dict) -> str:
     lines.append(f"  source: {json.dumps(result['source'], sort_keys=True)}")
     if result.get("concurrency"):
         lines.append(f"  concurrency: {result['concurrency']} (the trigger's)")
+    later = " (in the queued record; written there when the run starts)" \
+        if result.get("attachmentsInRecord") else ""
     for file, size in result["attachments"].items():
-        lines.append(f"  attachment: {result.get('attachmentsDir', '')}/{file} ({size} bytes)")
+        lines.append(f"  attachment: {result.get('attachmentsDir', '')}/{file} ({size} bytes){later}")
     return "\n".join(lines) + "\n"
 
 
