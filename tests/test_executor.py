@@ -1087,6 +1087,26 @@ def test_a_retry_gets_its_attachments_afresh_whatever_the_last_attempt_left(devi
     assert "attachments" not in ended
 
 
+def test_a_tree_too_deep_to_remove_fails_its_run_and_never_the_executor(device):
+    """An attempt that leaves 300 nested directories where its attachments go (and in its tmp
+    directory): the next attempt cannot have its attachments written afresh, so the run fails,
+    "could not start"; its tree is left in place, said in its log; the executor goes on and
+    runs the other queued run."""
+    device.apply({
+        "deep": {"command": sh('mkdir -p "$TMPDIR/spos-trigger/$(printf \'d/%.0s\' $(seq 300))"; exit 1'),
+                 "retries": {"limit": 1, "backoff": {"initial": "1s"}}},
+        "fine": {"command": sh("true")},
+    })
+    record = enqueue_with_payload(device, "deep")
+    fine = device.enqueue("fine")
+    device.once()
+    ended = device.record(record["id"])
+    assert ended["state"] == "failed" and "could not start" in ended["reason"], ended
+    assert "attachments could not be written" in ended["reason"], ended
+    assert "left in place" in device.log(record["id"])
+    assert device.record(fine)["state"] == "completed"
+
+
 def test_a_run_whose_tmp_directory_is_blocked_fails_and_others_go_on(device):
     """Something in the way of a run's directories (here a file where its tmp directory with
     its attachments belongs) fails that run, "could not start", never the executor."""

@@ -38,7 +38,7 @@ from reconciler.executor.enqueue import (ATTACHMENTS_DIR, WAKE_OVERFLOW, WAKE_PI
                                         woken_agents, write_attachments)
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
-from reconciler.executor.retention import PeriodicCleanup
+from reconciler.executor.retention import PeriodicCleanup, remove_tree
 from reconciler.executor.runs import RUN_FILE, CorruptRecord, Run, RunStore, storage_failure
 from reconciler.executor.supervise import (
     DEFAULT_LOG_BYTES, DEFAULT_PATH, ActiveRun, LogWriter, now_iso, run_dirs, steps_of,
@@ -605,9 +605,12 @@ class Executor:
         active.log.open()
         if run.record.get("attachments"):
             # Written afresh for each attempt: an earlier one's action may have changed them,
-            # or put a link or a file in their place; that fails this run, never the executor.
+            # or put a link, a file or a deep tree in their place; what cannot be removed or
+            # written fails this run, never the executor.
             try:
-                _clear(self.device, f"{dirs['tmp']}/{ATTACHMENTS_DIR}")
+                if os.path.lexists(os.path.join(self.device.host(dirs["tmp"]), ATTACHMENTS_DIR)):
+                    self._commit_claim(active)  # a removal may take long: not under the claim lock
+                    _remove_tree(self.device, f"{dirs['tmp']}/{ATTACHMENTS_DIR}")
                 write_attachments(self.device, run.agent, run.record)
             except (SposError, OSError) as exc:
                 if isinstance(exc, OSError) and storage_failure(exc):
@@ -946,7 +949,10 @@ class Executor:
                     return
                 active.log.note(f"run {state}" + (f": {active.reason}" if active.reason else ""))
                 active.log.close()
-                _refused(self._remove_run_trees, run, state)  # what is left, retention removes
+                try:
+                    _refused(self._remove_run_trees, run, state)  # what is left, retention removes
+                except (SposError, OSError) as exc:  # the action's own tree, as it left it
+                    self._note(run.agent, run.id, f"its directories were left in place: {exc}")
                 self._follow_up(run, active.task, state)
                 if self._record(run, state):
                     cancel.withdraw(self.store, run)
@@ -1244,44 +1250,26 @@ def _read_available(fd: int) -> bytes | None:
 
 
 def _remove_tree(device: Device, device_path: str) -> None:
-    """Remove a run's own directory without following symlinks. Usually it is empty (or
-    missing): one rmdir, which never follows a link; the walk only when it holds files."""
-    host = device.host(device_path)
-    try:
-        os.rmdir(host)
-        return
-    except FileNotFoundError:
-        return
-    except NotADirectoryError:
-        return  # not a directory: nothing of the run's to remove
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-    for current, dirs, files in os.walk(host, topdown=False):
-        for name in files:
-            os.unlink(os.path.join(current, name))
-        for name in dirs:
-            path = os.path.join(current, name)
-            if os.path.islink(path):
-                os.unlink(path)
-            else:
-                os.rmdir(path)
-    os.rmdir(host)
-
-
-def _clear(device: Device, device_path: str) -> None:
-    """Remove whatever is at a path of a run's own (a directory and what it holds, a file, a
-    link) without following links."""
+    """Remove whatever is at a path of a run's own (a directory and everything below it, a
+    file, a link) without following links. Usually it is an empty directory, or missing: one
+    rmdir. Otherwise retention.remove_tree walks it without recursion or long paths (one fd per
+    level): a tree deeper than retention.MAX_DEPTH, or holding a mount, raises RetentionError
+    and is left in place."""
     parent, name = device_path.rsplit("/", 1)
-    host = os.path.join(device.host(parent), name)  # the path itself may be a link
     try:
-        mode = os.lstat(host).st_mode
+        parent_fd = os.open(device.host(parent), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(mode):
-        _remove_tree(device, device_path)
-    else:
-        os.unlink(host)
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        remove_tree(parent_fd, name)
+    finally:
+        os.close(parent_fd)
 
 
 def _make_dir(device: Device, device_path: str) -> None:

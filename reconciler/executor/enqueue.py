@@ -188,8 +188,9 @@ def woken_agents(data: bytes) -> set[str] | None:
 
 def _attachment_name(name) -> bool:
     """A plain file name: letters, digits, `.`, `_` and `-`, starting with a letter or a digit,
-    at most 255 characters (the attachments are files of one directory)."""
-    return (isinstance(name, str) and 0 < len(name) <= 255 and name[0] not in "._-"
+    at most 200 characters (the attachments are files of one directory, each written through a
+    temporary file whose name is longer)."""
+    return (isinstance(name, str) and 0 < len(name) <= 200 and name[0] not in "._-"
             and all(char in _ATTACHMENT_CHARS for char in name))
 
 

@@ -424,7 +424,7 @@ class _AgentPass:
                 return
             state = "finished" if ended is not None else "no run record"
             self._refuse_mounts(f"tmp/{run_id}")
-            if self.dry_run or _remove_tree(self.dirs["tmp"], run_id):
+            if self.dry_run or remove_tree(self.dirs["tmp"], run_id):
                 self._add("tmp", run_id, state, since, [f"tmp/{run_id}"])
         except FileNotFoundError:
             return
@@ -443,7 +443,7 @@ class _AgentPass:
             if where == "logs":
                 _unlink(self.dirs["logs"], name)
             else:
-                _remove_tree(self.dirs[where], name)
+                remove_tree(self.dirs[where], name)
         bucket_fd = self.dirs[run.bucket]
         if run.name.endswith(".corrupt"):
             _unlink(bucket_fd, run.name + ".reason")
@@ -599,7 +599,7 @@ def _open_directory(parent_fd: int | None, name: str, missing_ok: bool = False) 
         raise
 
 
-def _remove_tree(parent_fd: int, name: str) -> bool:
+def remove_tree(parent_fd: int, name: str) -> bool:
     """Delete `name`, in the directory open as `parent_fd`, and everything below it. A symlink
     is removed as a link and never followed; a directory on another file system (a mount) is
     refused. False when it was already gone."""
