@@ -34,8 +34,8 @@ from reconciler.device import Device
 from reconciler.errors import SposError
 from reconciler.executor import cancel, network, prepared, provenance, storage
 from reconciler.executor.config import ConfigError, read_agent_config, task_config
-from reconciler.executor.enqueue import (ATTACHMENTS_DIR, WAKE_OVERFLOW, WAKE_PIPE, enqueue, trigger_env,
-                                        woken_agents, write_attachments)
+from reconciler.executor.enqueue import (ATTACHMENTS_DIR, WAKE_OVERFLOW, WAKE_PIPE, attachments_dir, enqueue,
+                                        trigger_env, woken_agents, write_attachments)
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
 from reconciler.executor.retention import PeriodicCleanup, remove_tree
@@ -610,7 +610,7 @@ class Executor:
             try:
                 if os.path.lexists(os.path.join(self.device.host(dirs["tmp"]), ATTACHMENTS_DIR)):
                     self._commit_claim(active)  # a removal may take long: not under the claim lock
-                    _remove_tree(self.device, f"{dirs['tmp']}/{ATTACHMENTS_DIR}")
+                    _remove_tree(self.device, attachments_dir(run.agent, run.id))
                 write_attachments(self.device, run.agent, run.record)
             except (SposError, OSError) as exc:
                 if isinstance(exc, OSError) and storage_failure(exc):

@@ -91,7 +91,7 @@ def enqueue(
         record["concurrency"] = concurrency
     if attachments:
         _check_attachment_names(attachments)
-        if sum(len(content) for content in attachments.values()) <= INLINE_ATTACHMENTS:
+        if travel_in_record(attachments):
             from binascii import b2a_base64
 
             record["attachments"] = {name: b2a_base64(content, newline=False).decode()
@@ -186,6 +186,17 @@ def woken_agents(data: bytes) -> set[str] | None:
     return agents
 
 
+def attachments_dir(agent: str, run_id: str) -> str:
+    """The device path of a run's attachments directory (in its tmp directory)."""
+    return f"{AGENTS_DIR}/{agent}/tmp/{run_id}/{ATTACHMENTS_DIR}"
+
+
+def travel_in_record(attachments: dict[str, bytes]) -> bool:
+    """Whether `enqueue` puts these attachments in the queue record (INLINE_ATTACHMENTS) rather
+    than writing them into the run's tmp directory first."""
+    return sum(len(content) for content in attachments.values()) <= INLINE_ATTACHMENTS
+
+
 def _attachment_name(name) -> bool:
     """A plain file name: letters, digits, `.`, `_` and `-`, starting with a letter or a digit,
     at most 200 characters (the attachments are files of one directory, each written through a
@@ -201,7 +212,7 @@ def _check_attachment_names(attachments) -> None:
 
 
 def _attach(device: Device, agent: str, run_id: str, attachments: dict[str, bytes]) -> None:
-    directory = f"{AGENTS_DIR}/{agent}/tmp/{run_id}/{ATTACHMENTS_DIR}"
+    directory = attachments_dir(agent, run_id)
     device.makedirs(directory, mode=0o750)
     for name, content in attachments.items():
         device.write_atomic(f"{directory}/{name}", content, mode=0o640)
@@ -237,7 +248,7 @@ def write_attachments(device: Device, agent: str, record: dict) -> None:
         return
     from binascii import a2b_base64
 
-    directory = f"{AGENTS_DIR}/{agent}/tmp/{record['id']}/{ATTACHMENTS_DIR}"
+    directory = attachments_dir(agent, record["id"])
     device.makedirs(directory, mode=0o750)
     for name, text in inline.items():
         device.replace(f"{directory}/{name}", a2b_base64(text), mode=0o640)

@@ -15,7 +15,7 @@ from datetime import datetime
 from reconciler import AGENTS_DIR, TRIGGERS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
-from reconciler.executor.enqueue import ATTACHMENTS_DIR, INLINE_ATTACHMENTS
+from reconciler.executor.enqueue import ATTACHMENTS_DIR, travel_in_record
 from reconciler.executor.owner import process_alive
 from reconciler.triggers.base import Event, Registration
 from reconciler.triggers.daemon import STATUS_HEARTBEAT, read_status
@@ -146,7 +146,7 @@ def fire(device: Device, name: str, payload: bytes | None = None, dry_run: bool 
         "source": source,
         "attachments": {file: len(content) for file, content in sorted(attachments.items())},
         # Small ones travel in the queue record; the executor writes them as the run starts.
-        "attachmentsInRecord": sum(map(len, attachments.values())) <= INLINE_ATTACHMENTS,
+        "attachmentsInRecord": travel_in_record(attachments),
         "dryRun": dry_run,
     }
     if dry_run:
