@@ -32,7 +32,6 @@ from sandboxes import sandbox_missing
 import waiting
 
 from reconciler.cgroupfs import parent_for
-from reconciler.executor.cgroup import Cgroups
 from reconciler.executor.enqueue import WAKE_PIPE
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -659,29 +658,6 @@ def test_executor_killed_mid_run_reruns_it_with_its_checkpoint(device):
     log = device.log(run_id)
     assert f"attempt 1 of run {run_id}" in log and "attempt 1 interrupted" in log
     assert f"attempt 2 of run {run_id}" in log and "run completed" in log
-
-
-def spare_cgroups(agent: str) -> list[Path]:
-    return [p for d in run_cgroup_dirs(agent) for p in d.iterdir() if p.name.startswith("spare-")]
-
-
-@pytest.mark.skipif(Cgroups().version != 1, reason="spare cgroups are kept on cgroup v1 only")
-def test_runs_reuse_the_agents_cgroups_counted_apart_and_no_spare_outlives_its_executor(device):
-    heavy = python("block = bytearray(64 << 20)\nfor i in range(0, len(block), 4096): block[i] = 1\n")
-    device.apply({"heavy": {"command": heavy, "timeout": "20s"},
-                  "light": {"command": python("pass"), "timeout": "20s"}})
-    first, second = device.enqueue("heavy", "--priority", "90"), device.enqueue("light")
-    daemon = device.daemon("--max-parallel", "1", "--prepared", "0")  # else one would take the spare
-    light = device.wait_state(second, "completed")
-    assert device.record(first)["usage"]["peakMemoryBytes"] >= 64 << 20
-    assert light["usage"]["peakMemoryBytes"] < 32 << 20  # its own, not the cgroup's first run's
-    wait_for(lambda: spare_cgroups(device.agent), "the emptied cgroup to be kept as a spare")
-    daemon.process.kill()  # kill -9: its spare is left behind
-    daemon.process.wait(5)
-    assert spare_cgroups(device.agent)
-
-    device.once()  # the next executor removes what the dead one kept, and its own on stopping
-    assert not spare_cgroups(device.agent)
 
 
 def test_multi_step_task_resumes_at_the_first_unfinished_step(device):

@@ -23,7 +23,6 @@ from sandboxes import reap_cgroups, sandbox_missing
 from test_executor import Device, device, run_cgroup_dirs, sh, wait_for  # noqa: F401 (device: a fixture)
 from test_sandbox import BOTH_LAUNCHERS, CGROUP_ROOT, PYTHON, SH, launcher, sandbox_with  # noqa: F401 (launcher: a fixture)
 
-from reconciler.executor import owner
 from reconciler.executor import prepared as prepared_module
 from reconciler.executor.prepared import PreparedPool
 from reconciler.executor.sandbox import Sandbox, SandboxError, SandboxSpec
@@ -425,7 +424,8 @@ def test_sweep_leaves_the_prepared_sandboxes_of_a_live_executor_alone(runs, monk
     """The next executor removes only cgroups of prepared sandboxes whose executor is gone."""
     slot, _ = runs.prepare()
     runs.wait_waiting(slot)
-    mine = f"{PARENT}/agent/{prepared_module.PREFIX}{owner.tag()}-abcd"
+    owner = prepared_module.identity()
+    mine = f"{PARENT}/agent/{prepared_module.PREFIX}{owner['pid']}-{owner['startTicks']}-abcd"
     gone = f"{PARENT}/agent/{prepared_module.PREFIX}1-1-abcd"
     from reconciler.executor.cgroup import Limits
     for name in (mine, gone):

@@ -14,10 +14,6 @@ CPU, memory and task limits are required: if one is asked for and the kernel off
 enforce it, creating the cgroup fails rather than running the action unlimited. The I/O weight
 and (on v2, which needs an eBPF program) the device list are best effort; what could not be
 applied is listed in `RunCgroup.unenforced`.
-
-On v1, an emptied run cgroup can be given to a later run under the same parent (`reuse`): its
-limits are written again where they differ, and its counters as they stand become that run's
-zero, so usage and OOM kills are the run's own (spares.py keeps them).
 """
 
 from __future__ import annotations
@@ -138,31 +134,6 @@ class Cgroups:
         except CgroupError:
             run.remove()
             raise
-        run.applied = (limits, devices)
-        return run
-
-    def reuse(self, spare: RunCgroup, name: str, limits: Limits,
-              devices: tuple[DeviceRule, ...]) -> RunCgroup:
-        """Give `spare`, the emptied cgroup of an earlier run under the same parent, to the run
-        `name`: renamed, its limits written again unless they are the same, its counters taken
-        as the new run's zero (`RunCgroup.usage`, `oom_killed`). v1 only: a v2 cgroup's peak
-        memory cannot be set back on every kernel. Raises CgroupError (the spare then left as
-        it was, or removed when it was half limited)."""
-        if self.version != 1:
-            raise CgroupError(f"cannot reuse cgroup {spare.name}: only cgroup v1 cgroups are reused")
-        if spare.pids():
-            raise CgroupError(f"cannot reuse cgroup {spare.name}: it holds processes")
-        run = self.rename(spare, name)
-        try:
-            if run.applied != (limits, devices):
-                run.applied = None
-                run.unenforced = _limit_v1(self.hierarchies, run, limits, devices)
-                run.applied = (limits, devices)
-            run.baseline = _baseline_v1(run.dirs)
-        except (OSError, CgroupError) as exc:
-            with contextlib.suppress(CgroupError):
-                run.remove()
-            raise CgroupError(f"cannot reuse cgroup {spare.name} for {name}: {exc}") from exc
         return run
 
     def children(self, name: str) -> list[str]:
@@ -198,7 +169,7 @@ class Cgroups:
                 with contextlib.suppress(OSError):
                     os.rename(new, old)
             raise CgroupError(f"cannot rename cgroup {run.name} to {name}: {exc}") from exc
-        target.unenforced, target.applied, target.baseline = run.unenforced, run.applied, run.baseline
+        target.unenforced = run.unenforced
         return target
 
     def existing(self, name: str) -> RunCgroup:
@@ -226,10 +197,6 @@ class RunCgroup:
         self.version = version
         self.dirs = {controller: str(path) for controller, path in dirs.items()}
         self.unenforced: tuple[str, ...] = ()
-        # The limits and device rules written to it (None: unknown), and, for a cgroup reused
-        # from an earlier run, its counters when this run got it (`Cgroups.reuse`).
-        self.applied: tuple[Limits, tuple[DeviceRule, ...]] | None = None
-        self.baseline: dict[str, float] | None = None
         if directories is None:  # co-mounted v1 controllers share one directory
             unique: dict[str, str] = {}
             for path in self.dirs.values():
@@ -328,31 +295,18 @@ class RunCgroup:
 
     def usage(self) -> dict:
         """CPU seconds, peak memory and bytes read/written by the cgroup so far (None where the
-        kernel does not count it); in a reused cgroup, since this run got it. The peak is then
-        above what was charged to the cgroup at that moment (page cache of earlier runs, which a
-        new cgroup would not have been charged for either)."""
+        kernel does not count it)."""
         if self.version == 2:
             return _usage_v2(self.dirs["unified"])
-        if self.baseline is None:
-            return _usage_v1(self.dirs)
-        counted = _usage_v1(self.dirs)
-        for key, value in counted.items():
-            if value is not None and key in self.baseline:
-                since = max(0, value - self.baseline[key])
-                counted[key] = round(since, 9) if isinstance(since, float) else since
-        return counted
+        return _usage_v1(self.dirs)
 
     def oom_killed(self) -> bool:
-        """Did the kernel's OOM killer kill a process of this cgroup (memory limit reached)? In
-        a reused cgroup, since this run got it."""
-        return self._oom_kills() > (self.baseline or {}).get("oomKills", 0)
-
-    def _oom_kills(self) -> int:
+        """Did the kernel's OOM killer kill a process of this cgroup (memory limit reached)?"""
         if self.version == 2:
             events = _keyed(f"{self.dirs['unified']}/memory.events")
         else:
             events = _keyed(f"{self.dirs['memory']}/memory.oom_control") if "memory" in self.dirs else {}
-        return int(events.get("oom_kill", 0))
+        return int(events.get("oom_kill", 0)) > 0
 
     def remove(self) -> None:
         """Remove the run's directories (only the leaf: parents belong to the agent). The
@@ -524,19 +478,6 @@ def _usage_v1(dirs: dict[str, str]) -> dict:
         "readBytes": read_bytes,
         "writeBytes": write_bytes,
     }
-
-
-def _baseline_v1(dirs: dict[str, str]) -> dict[str, float]:
-    """A reused cgroup's counters as a new run gets it, keyed as `usage()` is (and
-    `oomKills`): the peak memory set back to what is charged now (written first, so nothing
-    is missed in between); CPU, I/O and OOM kills as they stand. `RunCgroup.usage` and
-    `oom_killed` subtract them."""
-    if "memory" in dirs:
-        _write(f"{dirs['memory']}/memory.max_usage_in_bytes", "0")
-    baseline = {key: value for key, value in _usage_v1(dirs).items() if value is not None}
-    if "memory" in dirs:
-        baseline["oomKills"] = int(_keyed(f"{dirs['memory']}/memory.oom_control").get("oom_kill", 0))
-    return baseline
 
 
 def _usage_v2(directory: str) -> dict:

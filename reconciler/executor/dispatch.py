@@ -32,13 +32,12 @@ from dataclasses import dataclass
 from reconciler import AGENT_CONFIG, AGENTS_DIR, STATE_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
-from reconciler.executor import cancel, network, prepared, provenance, spares, storage
+from reconciler.executor import cancel, network, prepared, provenance, storage
 from reconciler.executor.config import ConfigError, read_agent_config, task_config
 from reconciler.executor.enqueue import (ATTACHMENTS_DIR, WAKE_OVERFLOW, WAKE_PIPE, attachments_dir, enqueue,
                                         trigger_env, woken_agents, write_attachments)
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
-from reconciler.executor.spares import SpareCgroups
 from reconciler.executor.retention import PeriodicCleanup, remove_tree
 from reconciler.executor.runs import RUN_FILE, CorruptRecord, Run, RunStore, storage_failure
 from reconciler.executor.supervise import (
@@ -126,9 +125,6 @@ class Executor:
         if not once and self.settings.prepared > 0:
             self.prepared = PreparedPool(self.sandbox, self.device.cgroups.parent,
                                          self.settings.prepared, self.settings.prepared_idle)
-        if self.sandbox.cgroups.version == 1:  # spares.py: why v1 only
-            self.sandbox.spares = SpareCgroups(self.sandbox.cgroups, self.settings.max_per_agent,
-                                               2 * self.settings.max_parallel)
         self.recover()
         self.queue_changed = True  # what was queued while no executor listened
         cleanup = PeriodicCleanup(self.device, self.settings.cleanup_interval)
@@ -152,9 +148,6 @@ class Executor:
                 self._stop_run(active, "executor stopped")
             if self.prepared is not None:
                 self.prepared.close()
-            if self.sandbox.spares is not None:
-                self.sandbox.spares.close()
-                self.sandbox.spares = None
             self._close_wake_pipe()
             self._close_signal_pipe()
 
@@ -297,8 +290,6 @@ class Executor:
             self._collect_strays()
             if self.prepared is not None:
                 self.prepared.retain(self._applied)
-            if self.sandbox.spares is not None:
-                self.sandbox.spares.retain(self._applied)
             self.queue_changed = self.list_all = True
         if self.storage_retry_at is not None and now_mono >= self.storage_retry_at:
             self.storage_retry_at = None
@@ -1038,10 +1029,9 @@ class Executor:
         checkpoint kept), or end as cancelled when a cancel request for them was waiting. A run
         whose record also reached a final bucket keeps that one. Stray requests and reserves
         are removed, and so are the cgroups of sandboxes that executors which are gone had
-        prepared, and the spare cgroups they kept."""
+        prepared."""
         for agent in self.store.agents():
             prepared.sweep(self.sandbox, self.device.cgroups.parent, agent)
-            spares.sweep(self.sandbox.cgroups, self.device.cgroups.parent, agent)
             if self.store.names(agent, "active") or self.store.strays(agent):
                 with self.store.locked():
                     self._recover_agent(agent)

@@ -53,15 +53,3 @@ def _start_ticks(pid: int) -> int | None:
             return int(handle.read().rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def tag() -> str:
-    """`<pid>-<start ticks>` of the calling process, for the names of what it keeps while it
-    lives (prepared sandboxes' and spare cgroups): `gone()` tells a later process whether the
-    keeper died."""
-    return f"{os.getpid()}-{_start_ticks(os.getpid())}"
-
-
-def gone(pid: str, start_ticks: str) -> bool:
-    """Whether the process of a `tag()` (its two parts) no longer lives on this boot."""
-    return not alive({"pid": int(pid), "startTicks": int(start_ticks), "bootId": _boot_id()})

@@ -26,7 +26,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from reconciler.executor import owner
+from reconciler.executor.owner import alive, identity
 from reconciler.executor.sandbox import PreparedSandbox, SandboxError, SandboxSpec
 
 PREFIX = "warm-"
@@ -67,7 +67,8 @@ class PreparedPool:
         self.wanted: dict[str, SandboxSpec] = {}  # agent -> its latest run's spec, oldest first
         self.last_run: dict[str, int] = {}  # agent -> when its latest run started (a counter)
         self._runs = 0
-        self._owner = owner.tag()
+        owner = identity()
+        self._owner = f"{owner['pid']}-{owner['startTicks']}"
 
     def take(self, agent: str, spec: SandboxSpec) -> Slot | None:
         """The agent's prepared sandbox if `spec` fits it (the caller then owns the slot's
@@ -165,7 +166,8 @@ def sweep(sandbox, cgroup_parent: str, agent: str) -> None:
     """Remove the cgroups of `agent`'s prepared sandboxes whose executors are gone (their
     processes died with them: bubblewrap's --die-with-parent)."""
     parent = f"{cgroup_parent}/{agent}"
+    boot = identity()["bootId"]
     for name in sandbox.cgroups.children(parent):
         match = _NAME.match(name)
-        if match and owner.gone(match[1], match[2]):
+        if match and not alive({"pid": int(match[1]), "startTicks": int(match[2]), "bootId": boot}):
             sandbox.reap(f"{parent}/{name}")

@@ -38,7 +38,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from reconciler.device import Device
 from reconciler.errors import SposError
@@ -48,7 +47,6 @@ from reconciler.executor.network import Egress
 from reconciler.executor.cgroup import (
     CgroupError, Cgroups, DeviceRule, Limits, RunCgroup, check_name,
 )
-from reconciler.executor.spares import SpareCgroups
 
 __all__ = ["Limits", "Sandbox", "SandboxError", "SandboxSpec", "SandboxedRun"]
 
@@ -120,9 +118,6 @@ class Sandbox:
         self.landlock_abi = landlock.supported_abi()
         self._launcher_source = _LAUNCHER.read_text()
         self._availability: tuple[bool, str] | None = None
-        # Emptied cgroups of ended runs, kept for their agents' next runs (spares.py); the
-        # executor sets this while it serves.
-        self.spares: SpareCgroups | None = None
 
     def available(self) -> tuple[bool, str]:
         """Whether this machine can sandbox, and what is (and is not) enforced, in words."""
@@ -143,8 +138,7 @@ class Sandbox:
         process, setup_read, link, _, _ = self._start(
             spec, plan, cgroup, identity, dict(stdin=stdin, stdout=stdout, stderr=stderr),
             tuple(pass_fds), ruleset)
-        return SandboxedRun(process, cgroup, setup_read, link=link, own_network=not spec.network,
-                            release=self.release_cgroup)
+        return SandboxedRun(process, cgroup, setup_read, link=link, own_network=not spec.network)
 
     def unpreparable(self, spec: SandboxSpec) -> str | None:
         """Why runs of `spec`'s shape cannot get a prepared sandbox; None when they can."""
@@ -198,20 +192,10 @@ class Sandbox:
         limits = spec.limits
         if limits.tasks_max is not None:
             limits = dataclasses.replace(limits, tasks_max=limits.tasks_max + BWRAP_HELPERS)
-        if self.spares is not None:
-            reused = self.spares.take(spec.cgroup_name, limits, plan.device_rules)
-            if reused is not None:
-                return reused
         try:
             return self.cgroups.create(spec.cgroup_name, limits, plan.device_rules)
         except CgroupError as exc:
             raise SandboxError(str(exc)) from exc
-
-    def release_cgroup(self, cgroup: RunCgroup) -> None:
-        """After a run: keep its emptied cgroup as a spare for its agent's next run, or remove
-        it. Raises CgroupError when it cannot be removed."""
-        if self.spares is None or not self.spares.keep(cgroup):
-            cgroup.remove()
 
     def reap(self, cgroup_name: str) -> bool:
         """After an executor died: kill whatever is left in one of its runs' cgroups and remove
@@ -374,11 +358,9 @@ class SandboxedRun:
     """A running (or finished) sandboxed action. Select on `pidfd` to learn that it exited."""
 
     def __init__(self, process: _Child, cgroup: RunCgroup, setup_fd: int,
-                 link: network.Link | None = None, own_network: bool = True,
-                 release: Callable[[RunCgroup], None] | None = None):
+                 link: network.Link | None = None, own_network: bool = True):
         self._process = process
         self._cgroup = cgroup
-        self._release = release  # what becomes of the emptied cgroup; None: it is removed
         self._setup_fd = setup_fd
         self._link = link
         self._own_network = own_network
@@ -467,15 +449,14 @@ class SandboxedRun:
         return "bubblewrap could not set up the sandbox (its message is on the run's stderr)"
 
     def cleanup(self) -> None:
-        """Kill anything left, reap, remove the run's cgroup (or keep it as a spare), close
-        the fds. Idempotent."""
+        """Kill anything left, reap, remove the run's cgroup, close the fds. Idempotent."""
         if self._cleaned:
             return
         self.settle()
         self._process.wait()
         self.setup_error()
         try:
-            (self._release or RunCgroup.remove)(self._cgroup)
+            self._cgroup.remove()
         except CgroupError as exc:
             raise SandboxError(str(exc), retryable=True) from exc
         if self._link is not None:
@@ -574,7 +555,7 @@ class PreparedSandbox:
         self._args_fd = -1
         self._done = True
         return SandboxedRun(self._process, self._cgroup, self._setup_fd,
-                            own_network=not spec.network, release=self._sandbox.release_cgroup)
+                            own_network=not spec.network)
 
     def close(self) -> None:
         """End an unused prepared sandbox: kill it, remove its cgroup, close its fds. A no-op
@@ -592,8 +573,7 @@ class PreparedSandbox:
         if self._args_fd >= 0:
             os.close(self._args_fd)
             self._args_fd = -1
-        SandboxedRun(self._process, self._cgroup, self._setup_fd,
-                     release=self._sandbox.release_cgroup).cleanup()
+        SandboxedRun(self._process, self._cgroup, self._setup_fd).cleanup()
 
 
 def _pipe_capacity(fd: int, wanted: int) -> int:
