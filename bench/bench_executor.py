@@ -22,7 +22,9 @@ that root, and measures:
 - throughput  N trivial runs queued on four agents while the executor is stopped (SIGSTOP), then
               released (SIGCONT): runs completed per second with the default --max-parallel 4
               and --max-per-agent 2, and the CPU per run of the executor and of the run's
-              cgroup; against the same program spawned directly, four at a time.
+              cgroup; against two floors, four at a time: the same sandboxes alone (the spec
+              the executor builds for the task, spawned by a plain loop: no queue, records or
+              wake-ups) and the same program spawned directly.
 - idle        the executor with an empty queue: CPU time and context switches over a window,
               once right after it started and once after the runs above.
 
@@ -116,6 +118,51 @@ def in_process_executor():
         raise SystemExit(f"cannot sandbox here: {why}")
     return Executor(device, sandbox)
 
+
+def sandboxes_alone(agent, task, count, parallel):
+    # The spec the executor gives the sandbox for one run of `task` (captured from a real
+    # `Executor.execute`), then `count` sandboxes of that spec, `parallel` at once, each in a
+    # cgroup of its own: what the sandbox costs without the queue, the records and the loop.
+    import dataclasses, os, select
+    global executor
+    executor = executor or in_process_executor()
+    sandbox, captured = executor.sandbox, []
+    spawn = sandbox.spawn
+    sandbox.spawn = lambda spec, **fds: captured.append(spec) or spawn(spec, **fds)
+    try:
+        record = enqueue(device, agent, task, source={"kind": "execute"}, claim=True)
+        executor.execute(record["id"], agent)
+    finally:
+        sandbox.spawn = spawn
+    spec = captured[0]
+    for path in (spec.cwd, *spec.write):  # the run's own directories went with its end
+        device.makedirs(path, mode=0o750)
+    null = os.open(os.devnull, os.O_WRONLY)
+    running, started, in_runs, own = {}, 0, 0.0, os.times()
+    began = time.perf_counter()
+    while started < count or running:
+        while started < count and len(running) < parallel:
+            name = f"{spec.cgroup_name}-alone-{started}"
+            run = sandbox.spawn(dataclasses.replace(spec, cgroup_name=name), stdout=null, stderr=null)
+            running[run.pidfd] = run
+            started += 1
+        ready, _, _ = select.select(list(running), [], [])
+        for pidfd in ready:
+            run = running.pop(pidfd)
+            code = run.wait()
+            run.settle()
+            in_runs += run.usage()["cpuSeconds"] or 0.0
+            run.cleanup()
+            if code != 0:
+                raise SystemExit(f"a sandbox alone exited {code}: {run.setup_error()}")
+    elapsed = time.perf_counter() - began
+    after = os.times()
+    os.close(null)
+    return {"runs": count, "elapsed_s": elapsed, "runs_per_s": count / elapsed,
+            "spawner_cpu_per_run_s": (after.user + after.system - own.user - own.system) / count,
+            "run_cpu_per_run_s": in_runs / count}
+
+
 for line in sys.stdin:
     job = json.loads(line)
     if job["do"] == "enqueue":
@@ -135,6 +182,10 @@ for line in sys.stdin:
         final = executor.execute(record["id"], job["agent"])
         print(json.dumps({"t0": began, "returned": time.time(), "id": record["id"],
                           "state": final.get("state")}), flush=True)
+    elif job["do"] == "sandboxes":
+        print(json.dumps(sandboxes_alone(job["agent"], job["task"], job["count"], job["parallel"])),
+              flush=True)
+
 """
 """A long-lived Python process that calls the enqueue function (and `Executor.execute`, what
 `spos action execute` does) of the code under test, so those paths are timed without the
@@ -486,16 +537,28 @@ class ExecutorBench:
     # -- throughput -------------------------------------------------------------------------
 
     def measure_throughput(self) -> None:
-        executor, direct = [], []
+        executor, alone, direct = [], [], []
         for repeat in range(self.args.repeat):
             executor.append(self.throughput_executor())
+            alone.append(self.throughput_sandboxes())
             direct.append(self.throughput_direct())
             log(f"throughput {repeat + 1}/{self.args.repeat}: executor "
-                f"{executor[-1]['runs_per_s']:.1f} runs/s, direct {direct[-1]['runs_per_s']:.0f} runs/s")
+                f"{executor[-1]['runs_per_s']:.1f} runs/s, sandboxes alone "
+                f"{alone[-1]['runs_per_s']:.1f} runs/s, direct {direct[-1]['runs_per_s']:.0f} runs/s")
         self.result["throughput"] = {
             f"executor, {self.args.queued} queued, max-parallel 4": throughput_summary(executor),
+            "floor: the same sandboxes alone, 4 at once": throughput_summary(alone),
             "floor: subprocess, no sandbox, 4 at once": throughput_summary(direct),
         }
+
+    def throughput_sandboxes(self) -> dict:
+        """The executor's sandbox for the same task, without the executor: the spec it builds,
+        spawned by the helper process four at a time (each in a new cgroup, cleaned up)."""
+        machine_before = machine_cpu()
+        result = self.helper.ask(do="sandboxes", agent=THROUGHPUT_AGENTS[0], task=TASK,
+                                 count=self.args.queued, parallel=4)
+        result["machine_busy"] = machine_busy(machine_before, machine_cpu())
+        return result
 
     def throughput_executor(self) -> dict:
         """Queue N runs while the executor is stopped, release it, and time until the last run
