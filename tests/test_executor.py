@@ -161,9 +161,11 @@ class Device:
 
     # -- applying and enqueueing ---------------------------------------------------------
 
-    def apply(self, tasks: dict, *, quota: dict | None = None, others: dict | None = None) -> None:
+    def apply(self, tasks: dict, *, quota: dict | None = None, others: dict | None = None,
+              cgroups: bool = False) -> None:
         """Apply one agent with `tasks` (manifest form), plus agents `others` {name: tasks}, all
-        with a Capability allowing /bin and /usr/bin and a small Quota."""
+        with a Capability allowing /bin and /usr/bin and a small Quota; with `cgroups`, the
+        agents' own cgroups too (their Quota as a whole, under /sys/fs/cgroup)."""
         agents = {self.agent: tasks, **(others or {})}
         self.agents |= set(agents)
         docs = [
@@ -178,7 +180,8 @@ class Device:
         manifests = self.tmp_path / "agents.d"
         manifests.mkdir(exist_ok=True)
         (manifests / "agents.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs) + "\n")
-        result = self.spos("apply", manifests, "--root", self.root, "--auto-approve")
+        result = self.spos("apply", manifests, "--root", self.root, "--auto-approve",
+                           *(["--cgroup-root", str(CGROUP_ROOT)] if cgroups else []))
         assert result.code == 0, result.err + result.out
 
     def other(self) -> str:
@@ -658,6 +661,21 @@ def test_executor_killed_mid_run_reruns_it_with_its_checkpoint(device):
     log = device.log(run_id)
     assert f"attempt 1 of run {run_id}" in log and "attempt 1 interrupted" in log
     assert f"attempt 2 of run {run_id}" in log and "run completed" in log
+
+
+def test_runs_back_to_back_under_a_tight_tasks_quota_all_complete(device):
+    """bubblewrap's monitor exits without reaping the sandbox's init; until something reaps
+    that process it counts against the agent's tasks limit. The executor reaps it, so a quick
+    run after another never finds the agent's limit taken by runs that ended."""
+    device.apply({"quick": {"command": ["/bin/true"], "timeout": "20s"}}, quota={"tasksMax": 6},
+                 cgroups=True)
+    pids = next(d for d in run_cgroup_dirs(device.agent) if d.parent.parent.name == "pids")
+    assert (pids / "pids.max").read_text().strip() == "6"
+    runs = [device.enqueue("quick") for _ in range(20)]
+    device.once("--max-parallel", "1")
+    states = [device.record(run_id) for run_id in runs]
+    assert [(r["state"], r["reason"]) for r in states] == [("completed", "")] * len(runs)
+    assert (pids / "pids.current").read_text().strip() == "0"  # nothing left counted
 
 
 def test_multi_step_task_resumes_at_the_first_unfinished_step(device):

@@ -759,6 +759,36 @@ def test_reap_cleans_up_after_an_executor_that_died(sandbox, device_root):
     assert sandbox.reap(name)  # nothing left: nothing to do
 
 
+ORPHANS_HELPER = """
+import os, subprocess, sys
+from reconciler.executor.sandbox import Sandbox, SandboxSpec
+root, parent = sys.argv[1:]
+sandbox = Sandbox(root=root)
+assert sandbox.adopt_orphans()
+other = subprocess.Popen(["/bin/sh", "-c", "exit 3"])  # a child of its own, not a sandbox's
+for index in range(3):
+    run = sandbox.spawn(SandboxSpec(argv=["/bin/true"], env={}, cgroup_name=f"{parent}/{index}"),
+                        stdout=2, stderr=2)
+    run.wait(timeout=20)
+    run.cleanup()
+    print(open(f"/sys/fs/cgroup/pids/{parent}/pids.current").read().strip(), flush=True)
+print(other.wait(), flush=True)
+"""
+
+
+def test_an_executor_reaps_the_init_bubblewrap_leaves_and_nothing_else(device_root):
+    """bubblewrap's monitor exits without reaping the sandbox's init. Left to the system's init,
+    it would count against the agent's tasks limit until reaped (here, for about 2 s)."""
+    parent = f"{PARENT}/orphans-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run([sys.executable, "-c", ORPHANS_HELPER, str(device_root), parent],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    for directory in cgroup_dirs(parent):
+        if directory.exists():
+            directory.rmdir()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "0", "0", "3"]  # nothing left counted; its child's status
+
+
 def test_a_death_by_signal_is_reported_negative(sandboxed):
     code, out, _ = sandboxed(sh("kill -KILL $$"))
     assert code == -signal.SIGKILL

@@ -121,6 +121,7 @@ class Executor:
         """Run until stopped (SIGTERM/SIGINT drain: no new claims, active runs finish). With
         `once`, return as soon as nothing is queued and nothing is running."""
         self._install_signal_handlers()
+        self.sandbox.adopt_orphans()
         self._open_wake_pipe()
         if not once and self.settings.prepared > 0:
             self.prepared = PreparedPool(self.sandbox, self.device.cgroups.parent,
@@ -165,6 +166,7 @@ class Executor:
         """Run one run this process already owns (in active/) in the foreground, retries
         included, and return its final record (`spos action execute`)."""
         self._install_signal_handlers()
+        self.sandbox.adopt_orphans()
         try:
             while True:
                 run = self.store.load(agent, "active", _name_of(self.store, agent, "active", run_id))
@@ -288,6 +290,7 @@ class Executor:
             self._check_wake_pipe()
             self._collect_cancel_requests()
             self._collect_strays()
+            self.sandbox.reap_orphans()  # any a run's clean-up did not find (it failed)
             if self.prepared is not None:
                 self.prepared.retain(self._applied)
             self.queue_changed = self.list_all = True

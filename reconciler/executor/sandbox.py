@@ -119,6 +119,15 @@ class Sandbox:
         self._launcher_source = _LAUNCHER.read_text()
         self._availability: tuple[bool, str] | None = None
 
+    @staticmethod
+    def adopt_orphans() -> bool:
+        """See the module function: the executor calls it once, before it starts runs."""
+        return adopt_orphans()
+
+    @staticmethod
+    def reap_orphans() -> None:
+        reap_orphans()
+
     def available(self) -> tuple[bool, str]:
         """Whether this machine can sandbox, and what is (and is not) enforced, in words."""
         if self._availability is None:
@@ -454,6 +463,7 @@ class SandboxedRun:
             return
         self.settle()
         self._process.wait()
+        reap_orphans()  # the sandbox's init, handed here as bubblewrap's monitor exited
         self.setup_error()
         try:
             self._cgroup.remove()
@@ -947,6 +957,7 @@ class _Child:
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
+        _UNREAPED.add(pid)
 
     @classmethod
     def start(cls, argv: list[str], *, stdio: list[int | None], keep: tuple[int, ...],
@@ -989,6 +1000,87 @@ class _Child:
             raise SandboxError(f"process {self.pid} was reaped by someone else") from exc
         if pid:
             self.returncode = os.waitstatus_to_exitcode(status)
+            _UNREAPED.discard(self.pid)
+
+
+_UNREAPED: set[int] = set()  # bubblewrap processes this process started and has not reaped
+_adopting = False  # this process reaps its sandboxes' orphans (adopt_orphans)
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans() -> bool:
+    """Make this process the one that reaps what its sandboxes leave behind, not the system's
+    init. bubblewrap's monitor (the process `spawn` starts) exits as soon as it learns the
+    action's exit status, without reaping the sandbox's init, its child; that one, exited,
+    goes to the nearest "child subreaper" above it, else to pid 1, and until it is reaped it
+    still counts against the tasks limit of the run's cgroup and of every cgroup above it (the
+    agent's Quota). Some inits reap late (every 2 s on the machines spos is tested on); one
+    that runs as pid 1 in a container may never. With this (PR_SET_CHILD_SUBREAPER), such
+    processes come here, and `reap_orphans` reaps them as each run is cleaned up. False when
+    the kernel refuses."""
+    global _adopting
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        return False
+    _adopting = True
+    return True
+
+
+def reap_orphans() -> None:
+    """Reap the exited bubblewrap processes handed to this process (`adopt_orphans`); never
+    one this process started itself (those are reaped by their `_Child`), nor any other child.
+    Does nothing unless this process adopts orphans."""
+    if not _adopting:
+        return
+    listed = _children()
+    if listed is None:  # a kernel without /proc/<pid>/task/<tid>/children: ask wait itself
+        _reap_orphans_waiting()
+        return
+    for pid in listed:
+        if pid not in _UNREAPED and _exited_bubblewrap(pid):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+def _children() -> list[int] | None:
+    """This process's children, from /proc (None where the kernel does not list them)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+        for task in tasks:
+            with open(f"/proc/self/task/{task}/children", "rb") as listing:
+                found += map(int, listing.read().split())
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return []
+    return found
+
+
+def _reap_orphans_waiting() -> None:
+    """`reap_orphans` without a listing: look at the next child that exited without reaping it
+    (WNOWAIT), and reap it if it is an orphaned bubblewrap; stop at the first that is not."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid in _UNREAPED or not _exited_bubblewrap(info.si_pid):
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, os.WNOHANG)
+
+
+def _exited_bubblewrap(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return False
+    name, _, rest = stat.partition(b"(")[2].rpartition(b")")
+    return name == b"bwrap" and rest.split()[:1] == [b"Z"]
 
 
 def _ignored_signals() -> list[int]:
