@@ -26,6 +26,7 @@ import random
 import selectors
 import signal
 import stat
+import sys
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from reconciler.executor.enqueue import (ATTACHMENTS_DIR, WAKE_OVERFLOW, WAKE_PI
                                         trigger_env, woken_agents, write_attachments)
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
+from reconciler.executor.sandbox import reap_orphans
 from reconciler.executor.retention import PeriodicCleanup, remove_tree
 from reconciler.executor.runs import RUN_FILE, CorruptRecord, Run, RunStore, storage_failure
 from reconciler.executor.supervise import (
@@ -114,6 +116,7 @@ class Executor:
         self.unrecorded: dict[str, tuple[Run, str]] = {}  # ended runs whose end is still to be written
         self.storage_retry_at: float | None = None
         self.prepared: PreparedPool | None = None  # serve() keeps sandboxes prepared
+        self._adopting = False  # asked to reap what sandboxes leave behind (_adopt_orphans)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -121,7 +124,7 @@ class Executor:
         """Run until stopped (SIGTERM/SIGINT drain: no new claims, active runs finish). With
         `once`, return as soon as nothing is queued and nothing is running."""
         self._install_signal_handlers()
-        self.sandbox.adopt_orphans()
+        self._adopt_orphans()
         self._open_wake_pipe()
         if not once and self.settings.prepared > 0:
             self.prepared = PreparedPool(self.sandbox, self.device.cgroups.parent,
@@ -152,6 +155,17 @@ class Executor:
             self._close_wake_pipe()
             self._close_signal_pipe()
 
+    def _adopt_orphans(self) -> None:
+        """Reap, here, what the sandboxes leave behind (sandbox.adopt_orphans); said on stderr
+        when the kernel refuses, as each run's init is then left to the system's init."""
+        if self._adopting:
+            return
+        self._adopting = True
+        problem = self.sandbox.adopt_orphans()
+        if problem:
+            print(f"spos executor: ended runs' processes are left to pid 1 to reap, and count "
+                  f"against their agents' tasks limits until then: {problem}", file=sys.stderr)
+
     def _keep_prepared(self) -> None:
         """Between events: close prepared sandboxes unused for too long, and, when no queued
         run is waiting for a turn of the loop, prepare one (the loop comes back at once while
@@ -166,7 +180,7 @@ class Executor:
         """Run one run this process already owns (in active/) in the foreground, retries
         included, and return its final record (`spos action execute`)."""
         self._install_signal_handlers()
-        self.sandbox.adopt_orphans()
+        self._adopt_orphans()
         try:
             while True:
                 run = self.store.load(agent, "active", _name_of(self.store, agent, "active", run_id))
@@ -290,7 +304,7 @@ class Executor:
             self._check_wake_pipe()
             self._collect_cancel_requests()
             self._collect_strays()
-            self.sandbox.reap_orphans()  # any a run's clean-up did not find (it failed)
+            reap_orphans(wait=0, adopted=True)  # what a run's clean-up did not get to
             if self.prepared is not None:
                 self.prepared.retain(self._applied)
             self.queue_changed = self.list_all = True

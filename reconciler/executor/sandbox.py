@@ -36,6 +36,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,13 +121,9 @@ class Sandbox:
         self._availability: tuple[bool, str] | None = None
 
     @staticmethod
-    def adopt_orphans() -> bool:
+    def adopt_orphans() -> str | None:
         """See the module function: the executor calls it once, before it starts runs."""
         return adopt_orphans()
-
-    @staticmethod
-    def reap_orphans() -> None:
-        reap_orphans()
 
     def available(self) -> tuple[bool, str]:
         """Whether this machine can sandbox, and what is (and is not) enforced, in words."""
@@ -997,6 +994,7 @@ class _Child:
         try:
             pid, status = os.waitpid(self.pid, options)
         except ChildProcessError as exc:
+            _UNREAPED.discard(self.pid)
             raise SandboxError(f"process {self.pid} was reaped by someone else") from exc
         if pid:
             self.returncode = os.waitstatus_to_exitcode(status)
@@ -1006,81 +1004,115 @@ class _Child:
 _UNREAPED: set[int] = set()  # bubblewrap processes this process started and has not reaped
 _adopting = False  # this process reaps its sandboxes' orphans (adopt_orphans)
 _PR_SET_CHILD_SUBREAPER = 36
+_INIT_EXIT_SECONDS = 0.5  # how long a clean-up waits for an orphaned init still on its way out
 
 
-def adopt_orphans() -> bool:
+def adopt_orphans() -> str | None:
     """Make this process the one that reaps what its sandboxes leave behind, not the system's
     init. bubblewrap's monitor (the process `spawn` starts) exits as soon as it learns the
-    action's exit status, without reaping the sandbox's init, its child; that one, exited,
-    goes to the nearest "child subreaper" above it, else to pid 1, and until it is reaped it
-    still counts against the tasks limit of the run's cgroup and of every cgroup above it (the
-    agent's Quota). Some inits reap late (every 2 s on the machines spos is tested on); one
-    that runs as pid 1 in a container may never. With this (PR_SET_CHILD_SUBREAPER), such
-    processes come here, and `reap_orphans` reaps them as each run is cleaned up. False when
-    the kernel refuses."""
+    action's exit status, without reaping the sandbox's init, its child; that one goes to the
+    nearest "child subreaper" above it, else to pid 1, and until it is reaped it still counts
+    against the tasks limit of the run's cgroup and of every cgroup above it (the agent's
+    Quota). Some inits reap late (every 2 s on the machines spos is tested on); one that runs
+    as pid 1 in a container may never. With this (PR_SET_CHILD_SUBREAPER), such processes come
+    here, and `reap_orphans` reaps them as each run is cleaned up. Returns why it could not,
+    or None."""
     global _adopting
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        return False
+    if libc.prctl(ctypes.c_int(_PR_SET_CHILD_SUBREAPER), ctypes.c_ulong(1), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        return f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}"
     _adopting = True
-    return True
+    return None
 
 
-def reap_orphans() -> None:
-    """Reap the exited bubblewrap processes handed to this process (`adopt_orphans`); never
-    one this process started itself (those are reaped by their `_Child`), nor any other child.
-    Does nothing unless this process adopts orphans."""
+def reap_orphans(*, wait: float = _INIT_EXIT_SECONDS, adopted: bool = False) -> None:
+    """Reap the sandbox inits handed to this process (`adopt_orphans`): its children that it
+    did not start itself (those are reaped by their `_Child`) and that are the init of a pid
+    namespace of their own, named bwrap. One still on its way out (its namespace's other
+    processes are being killed; it has left its cgroup already) is waited for, on a pidfd, for
+    at most `wait` seconds. With `adopted`, every other child that exited and that this
+    process did not start as a sandbox is reaped too: only for a caller whose own children are
+    all sandboxes or waited for at once (the executor, on its rescan: an orphan of one of its
+    helpers). Does nothing unless this process adopts orphans."""
     if not _adopting:
         return
-    listed = _children()
-    if listed is None:  # a kernel without /proc/<pid>/task/<tid>/children: ask wait itself
-        _reap_orphans_waiting()
-        return
-    for pid in listed:
-        if pid not in _UNREAPED and _exited_bubblewrap(pid):
+    deadline = time.monotonic() + wait
+    for pid in _children():
+        if pid in _UNREAPED:
+            continue
+        kind = _adopted_kind(pid)
+        if kind == "init":
+            _reap_by_pidfd(pid, deadline)
+        elif kind == "exited" and adopted:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
 
 
-def _children() -> list[int] | None:
-    """This process's children, from /proc (None where the kernel does not list them)."""
+def _children() -> list[int]:
+    """This process's children: from /proc/<pid>/task/<tid>/children, or, on a kernel that has
+    no such file, every process whose parent it is."""
     found: list[int] = []
     try:
         tasks = os.listdir("/proc/self/task")
-        for task in tasks:
+    except OSError:
+        return found
+    for task in tasks:
+        try:
             with open(f"/proc/self/task/{task}/children", "rb") as listing:
                 found += map(int, listing.read().split())
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return []
+        except FileNotFoundError:
+            if os.path.isdir(f"/proc/self/task/{task}"):  # not a thread that just ended
+                return _children_by_parent()
+        except OSError:
+            continue
     return found
 
 
-def _reap_orphans_waiting() -> None:
-    """`reap_orphans` without a listing: look at the next child that exited without reaping it
-    (WNOWAIT), and reap it if it is an orphaned bubblewrap; stop at the first that is not."""
-    while True:
-        try:
-            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return
-        if info is None or info.si_pid in _UNREAPED or not _exited_bubblewrap(info.si_pid):
-            return
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(info.si_pid, os.WNOHANG)
+def _children_by_parent() -> list[int]:
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rpartition(b")")[2].split()
+            except OSError:
+                continue
+            if len(fields) > 1 and int(fields[1]) == me:
+                found.append(int(entry))
+    return found
 
 
-def _exited_bubblewrap(pid: int) -> bool:
+def _adopted_kind(pid: int) -> str | None:
+    """"init": bubblewrap's init of a pid namespace of its own (pid 1 in its innermost
+    namespace), exited or not; "exited": any other process that exited; None otherwise (or
+    when it is gone)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            status = dict(line.split(b":", 1) for line in handle.read().splitlines() if b":" in line)
     except OSError:
-        return False
-    name, _, rest = stat.partition(b"(")[2].rpartition(b")")
-    return name == b"bwrap" and rest.split()[:1] == [b"Z"]
+        return None
+    nspids = status.get(b"NSpid", b"").split()
+    if status.get(b"Name", b"").strip() == b"bwrap" and len(nspids) > 1 and nspids[-1] == b"1":
+        return "init"
+    return "exited" if status.get(b"State", b"").split()[:1] == [b"Z"] else None
+
+
+def _reap_by_pidfd(pid: int, deadline: float) -> None:
+    """Reap exactly this child once it exited, waiting on its pidfd until `deadline`; left for
+    a later call when it has not exited by then."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+    finally:
+        os.close(fd)
 
 
 def _ignored_signals() -> list[int]:
