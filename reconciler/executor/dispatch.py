@@ -116,7 +116,7 @@ class Executor:
         self.unrecorded: dict[str, tuple[Run, str]] = {}  # ended runs whose end is still to be written
         self.storage_retry_at: float | None = None
         self.prepared: PreparedPool | None = None  # serve() keeps sandboxes prepared
-        self._adopting = False  # asked to reap what sandboxes leave behind (_adopt_orphans)
+        self._asked_to_adopt = False  # _adopt_orphans ran (once per executor)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -158,9 +158,9 @@ class Executor:
     def _adopt_orphans(self) -> None:
         """Reap, here, what the sandboxes leave behind (sandbox.adopt_orphans); said on stderr
         when the kernel refuses, as each run's init is then left to the system's init."""
-        if self._adopting:
+        if self._asked_to_adopt:
             return
-        self._adopting = True
+        self._asked_to_adopt = True
         problem = self.sandbox.adopt_orphans()
         if problem:
             print(f"spos executor: ended runs' processes are left to pid 1 to reap, and count "
