@@ -26,7 +26,8 @@ that root, and measures:
               the executor builds for the task, spawned by a plain loop: no queue, records or
               wake-ups) and the same program spawned directly.
 - idle        the executor with an empty queue: CPU time and context switches over a window,
-              once right after it started and once after the runs above.
+              once right after it started and once after the runs above, with its resident
+              memory, open fds and child processes at the end of each (what a leak grows).
 
 Times of the executor's own steps come from its `--- spos` log lines (millisecond resolution).
 Like bench_reconcile.py (whose spawner and code snapshot this reuses), children run without
@@ -336,9 +337,14 @@ class Daemon:
                     elif line.startswith("nonvoluntary_ctxt_switches:"):
                         involuntary += int(line.split()[1])
         with open(f"/proc/{self.pid}/status") as handle:
-            hwm = next((int(l.split()[1]) for l in handle if l.startswith("VmHWM:")), 0)
+            status = {line.split(":")[0]: line.split()[1:] for line in handle if ":" in line}
+        children = [pid for tid in tasks
+                    for pid in Path(f"/proc/{self.pid}/task/{tid}/children").read_text().split()]
         return {"cpu_s": cpu_ns / 1e9, "voluntary": voluntary, "involuntary": involuntary,
-                "threads": len(tasks), "peak_rss_mb": hwm / 1024, "at": time.monotonic()}
+                "threads": len(tasks), "peak_rss_mb": int(status["VmHWM"][0]) / 1024,
+                "rss_mb": int(status["VmRSS"][0]) / 1024,
+                "fds": len(os.listdir(f"/proc/{self.pid}/fd")), "children": len(children),
+                "at": time.monotonic()}
 
     def stop(self, timeout: float = 60) -> dict:
         """SIGTERM (drain), then the rusage of the whole life: the executor and every process
@@ -656,6 +662,7 @@ class ExecutorBench:
             "wakeups": after["voluntary"] - before["voluntary"],
             "involuntary_switches": after["involuntary"] - before["involuntary"],
             "threads": after["threads"],
+            "rss_mb": after["rss_mb"], "fds": after["fds"], "children": after["children"],
         }
         log(f"idle {label}: {result['cpu_s_per_min'] * 1000:.2f} ms CPU per minute, "
             f"{result['wakeups']} wake-ups in {seconds:.0f} s")
@@ -875,13 +882,16 @@ def table(result: dict) -> str:
     idle = result["idle"]
     if idle:
         header = (f"{'idle executor, empty queue':<44} {'window':>9} {'cpu/min':>9} "
-                  f"{'wake-ups':>9}  target")
+                  f"{'wake-ups':>9} {'RSS':>8} {'fds':>4} {'kids':>4}  target")
         lines += [header, "-" * len(header)]
-        lines.append("  (wake-ups: voluntary context switches; the executor rescans every 30 s)")
+        lines.append("  (wake-ups: voluntary context switches; the executor rescans every 30 s. "
+                     "RSS, open fds and child processes at the window's end: a prepared sandbox "
+                     "holds a child and five fds; a leak grows them between the rows)")
         for name, data in idle.items():
             lines.append(
                 f"{name:<44} {data['window_s']:>7.1f} s {data['cpu_s_per_min'] * 1000:>6.2f} ms "
-                f"{data['wakeups']:>9}  <= {IDLE_TARGET * 1000:.0f} ms/min "
+                f"{data['wakeups']:>9} {data.get('rss_mb', 0):>5.1f} MB {data.get('fds', 0):>4} "
+                f"{data.get('children', 0):>4}  <= {IDLE_TARGET * 1000:.0f} ms/min "
                 f"{verdict(data['cpu_s_per_min'], IDLE_TARGET)}")
     if "error" in result:
         lines.append(f"FAILED: {result['error'].splitlines()[0]}")
