@@ -26,7 +26,8 @@ a warm-up), each sample that starts a run waiting for it to end, then --gap:
                 CLOCK_REALTIME first; the executor copies it into the run's log).
 - webhook       the same from just before a signed POST is sent (HMAC-SHA256 in
                 X-Hub-Signature-256, a fresh X-GitHub-Delivery each time), plus the HTTP round
-                trip (202 received).
+                trip (202 received). Its breakdown also says when this client had connected
+                and written the whole request (request sent): what came before is the client's.
 - for scale     one atomic write as the device layer does it (write, fsync, rename, fsync of the
                 directory) on the root's file system: a trigger's enqueue does two (the events
                 file, the record), a webhook's three (the payload too), a plain enqueue one.
@@ -610,6 +611,7 @@ class TriggerBench:
         t0 = time.time()
         try:
             connection.request("POST", HOOK_PATH, body=body, headers=headers)
+            sent = time.time()  # connected, and the whole request written to the socket
             response = connection.getresponse()
             answer = response.read()
             answered = time.time()
@@ -621,6 +623,7 @@ class TriggerBench:
         sample = self.ran(t0, lambda record: record.get("id") == run_id, f"webhook {delivery}")
         sample["daemon_cpu_s"] = process_cpu(self.triggerd.pid) - cpu
         sample["answered"] = answered
+        sample["sent"] = sent
         return sample
 
     def ran(self, t0: float, ours: Callable[[dict], bool], what: str) -> dict:
@@ -758,6 +761,7 @@ def breakdown(samples: list[dict]) -> dict:
     stages: dict[str, list[float]] = {}
     for sample in samples:
         points = {
+            "request sent": sample.get("sent"),
             "enqueue() called": sample["enqueued_at"],
             "record in queue/": sample["in_queue"],
             "enqueue() returned": sample.get("returned"),
