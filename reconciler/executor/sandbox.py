@@ -1089,15 +1089,12 @@ def _adopted_kind(pid: int) -> str | None:
     """"init": bubblewrap's init of a pid namespace of its own (pid 1 in its innermost
     namespace), exited or not; "exited": any other process that exited; None otherwise (or
     when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as handle:
-            status = dict(line.split(b":", 1) for line in handle.read().splitlines() if b":" in line)
-    except OSError:
+    status = _proc_status(pid)
+    if status is None:
         return None
-    nspids = status.get(b"NSpid", b"").split()
-    if status.get(b"Name", b"").strip() == b"bwrap" and len(nspids) > 1 and nspids[-1] == b"1":
+    if status.get("Name") == "bwrap" and _is_namespace_init(pid, status):
         return "init"
-    return "exited" if status.get(b"State", b"").split()[:1] == [b"Z"] else None
+    return "exited" if status.get("State", "").startswith("Z") else None
 
 
 def _reap_by_pidfd(pid: int, deadline: float) -> None:
@@ -1267,16 +1264,21 @@ def _args_fd(args: list[str]) -> int:
     return fd
 
 
-def _is_namespace_init(pid: int) -> bool:
+def _is_namespace_init(pid: int, status: dict[str, str] | None = None) -> bool:
+    """Whether the process is pid 1 of a pid namespace below this one (a sandbox's init);
+    `status`: its `_proc_status`, when read already."""
+    ids = ((_proc_status(pid) if status is None else status) or {}).get("NSpid", "").split()
+    return len(ids) > 1 and ids[-1] == "1"
+
+
+def _proc_status(pid: int) -> dict[str, str] | None:
+    """The fields of /proc/<pid>/status; None when the process is gone."""
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("NSpid:"):
-                    ids = line.split()[1:]
-                    return len(ids) > 1 and ids[-1] == "1"
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
+            return {name: value.strip() for name, _, value in
+                    (line.partition(":") for line in handle) if value}
     except OSError:
-        return False
-    return False
+        return None
 
 
 def _read_all(fd: int) -> bytes:
