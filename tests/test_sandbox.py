@@ -765,7 +765,7 @@ from reconciler.executor import sandbox as module
 from reconciler.executor.sandbox import Sandbox, SandboxSpec
 root, parent = sys.argv[1:]
 sandbox = Sandbox(root=root)
-assert sandbox.adopt_orphans() is None
+assert module.adopt_orphans() is None
 others = [subprocess.Popen(["/bin/sh", "-c", "exit 3"]),  # children of its own, not sandboxes'
           subprocess.Popen([shutil.which("bwrap"), "--no-such-option"], stderr=subprocess.DEVNULL)]
 left = []

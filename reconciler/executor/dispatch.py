@@ -39,9 +39,9 @@ from reconciler.executor.enqueue import (ATTACHMENTS_DIR, WAKE_OVERFLOW, WAKE_PI
                                         trigger_env, woken_agents, write_attachments)
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
-from reconciler.executor.sandbox import reap_orphans
 from reconciler.executor.retention import PeriodicCleanup, remove_tree
 from reconciler.executor.runs import RUN_FILE, CorruptRecord, Run, RunStore, storage_failure
+from reconciler.executor.sandbox import Limits, SandboxSpec, adopt_orphans, reap_orphans
 from reconciler.executor.supervise import (
     DEFAULT_LOG_BYTES, DEFAULT_PATH, ActiveRun, LogWriter, now_iso, run_dirs, steps_of,
 )
@@ -161,7 +161,7 @@ class Executor:
         if self._asked_to_adopt:
             return
         self._asked_to_adopt = True
-        problem = self.sandbox.adopt_orphans()
+        problem = adopt_orphans()
         if problem:
             print(f"spos executor: ended runs' processes are left to pid 1 to reap, and count "
                   f"against their agents' tasks limits until then: {problem}", file=sys.stderr)
@@ -694,8 +694,6 @@ class Executor:
         return process, output_read, progress_read, False
 
     def _spec(self, active: ActiveRun, step):
-        from reconciler.executor.sandbox import Limits, SandboxSpec
-
         run, task, config = active.run, active.task, active.config
         dirs = run_dirs(run.agent, run.id)
         capability = config.get("capability") or {"allowed": {}, "denied": {}}

@@ -120,11 +120,6 @@ class Sandbox:
         self._launcher_source = _LAUNCHER.read_text()
         self._availability: tuple[bool, str] | None = None
 
-    @staticmethod
-    def adopt_orphans() -> str | None:
-        """See the module function: the executor calls it once, before it starts runs."""
-        return adopt_orphans()
-
     def available(self) -> tuple[bool, str]:
         """Whether this machine can sandbox, and what is (and is not) enforced, in words."""
         if self._availability is None:
@@ -1072,17 +1067,9 @@ def _children() -> list[int]:
 
 
 def _children_by_parent() -> list[int]:
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as handle:
-                    fields = handle.read().rpartition(b")")[2].split()
-            except OSError:
-                continue
-            if len(fields) > 1 and int(fields[1]) == me:
-                found.append(int(entry))
-    return found
+    me = str(os.getpid())
+    return [int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and (_proc_status(int(entry)) or {}).get("PPid") == me]
 
 
 def _adopted_kind(pid: int) -> str | None:
