@@ -2,7 +2,7 @@
 """Latency, throughput and idle cost of the spos executor, measured as whole processes.
 
     python3 bench/bench_executor.py [--runs 100] [--gap 0.05] [--queued 200] [--repeat 3]
-                                    [--idle 10] [--json FILE] [--keep] [--workdir DIR]
+                                    [--idle 30] [--json FILE] [--keep] [--workdir DIR]
                                     [--live | --rev REV] [--spos CMD]
 
 It applies a generated manifest to a temporary device root (a Quota, a Capability that may
@@ -64,8 +64,9 @@ from datetime import datetime
 from pathlib import Path
 
 from bench_reconcile import (
-    REPO, Failed, Runner, code_line, cpu_pressure, default_spos, describe_code, load_line, log,
-    memory_cgroups, package_parent, save_results, snapshot_code,
+    REPO, Failed, Runner, code_line, cpu_pressure, create_cost, default_spos, describe_code,
+    file_system, file_system_note, load_line, log, memory_cgroups, package_parent, save_results,
+    snapshot_code,
 )
 
 STATE = "var/lib/systemprompt-os"
@@ -942,6 +943,8 @@ def environment(args, spos: list[str], code: dict, code_root: str) -> dict:
         "spos_command": shlex.join(spos),
         "code": code,
         "workdir": where,
+        "workdir_fs": file_system(where),
+        "file_create_start_s": create_cost(where),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "loadavg_start": os.getloadavg(),
         "cpu_pressure_start": cpu_pressure(),
@@ -966,7 +969,7 @@ def report(args, env_info: dict, result: dict) -> None:
         code_line(env_info),
         f"action: {shlex.join(stamp.get('argv', []))} ({stamp.get('kind', '?')}), prints "
         "CLOCK_REALTIME first; temporary device root in "
-        f"{env_info['workdir']}{made_note(env_info)}; executor defaults (--max-parallel 4, "
+        f"{env_info['workdir']}{made_note(env_info)}{file_system_note(env_info)}; executor defaults (--max-parallel 4, "
         "--max-per-agent 2)" + (f"; {args.agents} more agents applied that never run"
                                 if args.agents else ""),
         f"latency: {args.runs} runs per path after a warm-up, paths interleaved, {args.gap:g} s "
@@ -992,8 +995,9 @@ def main() -> int:
                         help="runs queued for the throughput measurement (default 200)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="throughput measurements (default 3)")
-    parser.add_argument("--idle", type=float, default=10, metavar="SECONDS",
-                        help="length of each idle window (default 10)")
+    parser.add_argument("--idle", type=float, default=30, metavar="SECONDS",
+                        help="length of each idle window (default 30, the executor's rescan "
+                             "interval, so that each window holds one rescan as a minute holds two)")
     parser.add_argument("--agents", type=int, default=0, metavar="N",
                         help="also apply N agents that nothing enqueues (a device with many agents)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': stdout)")

@@ -743,13 +743,6 @@ def environment(args, spos: list[str], code: dict) -> dict:
     except ImportError:
         clib = False
     where = os.path.realpath(args.workdir or tempfile.gettempdir())
-    fs, best = "?", ""
-    with open("/proc/mounts") as mounts:
-        for line in mounts:
-            parts = line.split()
-            mount = parts[1] if len(parts) > 2 else ""
-            if (where == mount or where.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-                best, fs = mount, parts[2]
     return {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
@@ -758,7 +751,7 @@ def environment(args, spos: list[str], code: dict) -> dict:
         "spos_command": shlex.join(spos),
         "code": code,
         "workdir": where,
-        "workdir_fs": fs,
+        "workdir_fs": file_system(where),
         "git": not args.no_git,
         "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -766,6 +759,49 @@ def environment(args, spos: list[str], code: dict) -> dict:
         "cpu_pressure_start": cpu_pressure(),
         "memory_cgroups_start": memory_cgroups(),
     }
+
+
+def file_system(path: str) -> str:
+    """The type of the file system holding `path`, and for ext4 whether it keeps a journal
+    ("ext4 without a journal"). Without one, ext4 allocating an inode passes over every inode
+    of the group freed in the last minute (six while their table block is not yet written
+    back), so minutes of file churn make creating a file slower: see `create_cost`."""
+    where = os.path.realpath(path)
+    kind, best, device = "?", "", ""
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            mount = fields[4].replace("\\040", " ")
+            inside = where == mount or where.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best):
+                best, device = mount, fields[2]
+                kind = fields[fields.index("-") + 1]
+    if kind in ("ext4", "ext3"):
+        try:
+            name = os.path.basename(os.path.realpath(f"/sys/dev/block/{device}"))
+            with open(f"/sys/fs/ext4/{name}/journal_task") as handle:
+                journal = handle.read().strip() != "<none>"
+            kind += " with a journal" if journal else " without a journal"
+        except OSError:
+            pass
+    return kind
+
+
+def create_cost(where: str, count: int = 200) -> float:
+    """Median seconds to create an empty file in a new directory under `where`. Every run the
+    executor starts creates a few files and directories there and removes most of them; on
+    ext4 without a journal that churn makes the next creations slower for minutes after
+    (file_system), which this shows before and after a benchmark."""
+    directory = tempfile.mkdtemp(prefix="spos-bench-create-", dir=where)
+    times = []
+    try:
+        for index in range(count):
+            started = time.perf_counter()
+            os.close(os.open(f"{directory}/{index}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            times.append(time.perf_counter() - started)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return statistics.median(times)
 
 
 def memory_cgroups() -> int | None:
@@ -838,11 +874,24 @@ def save_results(args, env_info: dict, data: dict) -> str:
     env_info["loadavg_end"] = os.getloadavg()
     env_info["cpu_pressure_end"] = cpu_pressure()
     env_info["memory_cgroups_end"] = memory_cgroups()
+    if "file_create_start_s" in env_info:
+        env_info["file_create_end_s"] = create_cost(env_info["workdir"])
     payload = json.dumps({"environment": env_info, **data}, indent=2, default=str)
     if args.json and args.json != "-":
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(payload + "\n")
     return payload
+
+
+def file_system_note(env_info: dict) -> str:
+    """The temporary root's file system and what creating a file there cost before and after,
+    for a report's header ("" when not measured)."""
+    if "file_create_start_s" not in env_info:
+        return ""
+    end = env_info.get("file_create_end_s")
+    return (f"; its file system: {env_info['workdir_fs']}, where creating a file took "
+            f"{env_info['file_create_start_s'] * 1e6:.0f} us at start"
+            + (f" and {end * 1e6:.0f} us at end" if end is not None else ""))
 
 
 def code_line(env_info: dict) -> str:

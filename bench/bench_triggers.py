@@ -89,7 +89,7 @@ from bench_executor import (
     made_note, parse_stamp, percentile, state_mount_point, verdict,
 )
 from bench_reconcile import (
-    Failed, Runner, code_line, default_spos, describe_code, load_line, log,
+    Failed, Runner, code_line, default_spos, describe_code, file_system_note, load_line, log,
     package_parent, save_results, snapshot_code,
 )
 
@@ -844,7 +844,7 @@ def report(args, env_info: dict, result: dict) -> None:
         code_line(env_info),
         f"action: {shlex.join(stamp.get('argv', []))} ({stamp.get('kind', '?')}), prints "
         f"CLOCK_REALTIME first; temporary device root in {env_info['workdir']}"
-        f"{made_note(env_info)}",
+        f"{made_note(env_info)}{file_system_note(env_info)}",
         f"triggers: filesystem {DROP_DIR} [close_write], webhook {HOOK_PATH} (HMAC-SHA256); "
         "no debounce or settle; daemon and executor with their defaults",
         f"{args.samples} samples per path after a warm-up round, paths interleaved, each after the "
