@@ -40,7 +40,7 @@ from reconciler.executor.enqueue import (ATTACHMENTS_DIR, WAKE_OVERFLOW, WAKE_PI
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
 from reconciler.executor.retention import PeriodicCleanup, remove_tree
-from reconciler.executor.runs import RUN_FILE, CorruptRecord, Run, RunStore, storage_failure
+from reconciler.executor.runs import RUN_FILE, CorruptRecord, Listings, Run, RunStore, storage_failure
 from reconciler.executor.sandbox import Limits, SandboxSpec, adopt_orphans, reap_orphans
 from reconciler.executor.supervise import (
     DEFAULT_LOG_BYTES, DEFAULT_PATH, ActiveRun, LogWriter, now_iso, run_dirs, steps_of,
@@ -91,7 +91,7 @@ class Ahead:
 class Executor:
     def __init__(self, device: Device, sandbox, settings: Settings | None = None):
         self.device = device
-        self.store = RunStore(device)
+        self.store = RunStore(device, Listings(device))
         self.provenance = provenance.Provenance(device)
         self.sandbox = sandbox
         self.settings = settings or Settings()

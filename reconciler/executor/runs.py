@@ -27,6 +27,8 @@ import fcntl
 import json
 import os
 import re
+import stat
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -104,20 +106,61 @@ class CorruptRecord(Exception):
     """A run file that is not a readable record; it is set aside, never retried."""
 
 
-class RunStore:
-    """Every agent's runs on one device."""
+class Listings:
+    """Directory listings kept between one look and the next, for a process that lists the
+    same directories over and over: the executor lists every agent's `queue/` and `active/` on
+    each rescan, and a thousand agents made an idle executor's rescan cost tens of
+    milliseconds. A directory is listed again only when its identity, modification or change
+    time is not what it was at its last listing, or when that listing came less than
+    RACY_NS after the directory's last change: a change in the same tick of the file
+    system's clock as an earlier one leaves the time as it was, so only a listing made well
+    after a directory's last change may stand for it until the time moves."""
+
+    RACY_NS = 5 * 10**9
 
     def __init__(self, device: Device):
         self.device = device
+        # device path -> (host path, (dev, inode, mtime, ctime) at the listing, the names)
+        self._kept: dict[str, tuple[str, tuple[int, int, int, int], list[str]]] = {}
+
+    def listdir(self, device_path: str) -> list[str]:
+        """Device.listdir, from the last listing when the directory cannot have changed."""
+        kept = self._kept.get(device_path)
+        if kept is not None:
+            host, signature, names = kept
+            try:
+                st = os.lstat(host)
+            except OSError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == signature:
+                return list(names)
+            del self._kept[device_path]
+        st = self.device.stat(device_path)  # refuses links on the way, as Device.listdir does
+        listed_at = time.time_ns()
+        names = self.device.listdir(device_path)
+        if st is not None and stat.S_ISDIR(st.st_mode) and \
+                max(st.st_mtime_ns, st.st_ctime_ns) < listed_at - self.RACY_NS:
+            signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            self._kept[device_path] = (self.device.host(device_path), signature, names)
+        return list(names)
+
+
+class RunStore:
+    """Every agent's runs on one device. With `listings`, directories are listed through it
+    (a long-lived process's rescans); without, afresh each time."""
+
+    def __init__(self, device: Device, listings: Listings | None = None):
+        self.device = device
+        self._listdir = listings.listdir if listings is not None else device.listdir
         self._lock_fd = -1
         self._lock_depth = 0
 
     def agents(self) -> list[str]:
-        return [name for name in self.device.listdir(AGENTS_DIR) if not name.startswith(".")]
+        return [name for name in self._listdir(AGENTS_DIR) if not name.startswith(".")]
 
     def names(self, agent: str, bucket: str) -> list[str]:
         return [
-            name for name in self.device.listdir(f"{AGENTS_DIR}/{agent}/{bucket}")
+            name for name in self._listdir(f"{AGENTS_DIR}/{agent}/{bucket}")
             if name.endswith(".json") and not name.startswith(".")
         ]
 
@@ -273,7 +316,7 @@ class RunStore:
         process died between two writes), and of records being written by a process that died
         meanwhile: in active/ an executor killed while its claim was being made durable, in
         queue/ an enqueuer (`spos action run`, a trigger) killed before its record was in place."""
-        names = self.device.listdir(f"{AGENTS_DIR}/{agent}/active")
+        names = self._listdir(f"{AGENTS_DIR}/{agent}/active")
         records = {name for name in names if name.endswith(".json")}
         strays = []
         for name in names:
@@ -282,7 +325,7 @@ class RunStore:
                 strays.append(("active", name))
             elif name.startswith(".") and _writer_gone(name):
                 strays.append(("active", name))
-        strays += [("queue", name) for name in self.device.listdir(f"{AGENTS_DIR}/{agent}/queue")
+        strays += [("queue", name) for name in self._listdir(f"{AGENTS_DIR}/{agent}/queue")
                    if name.startswith(".") and _writer_gone(name)]
         return strays
 
