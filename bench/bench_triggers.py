@@ -2,7 +2,7 @@
 """Latency of the spos trigger daemon: from a file being created, or a webhook being posted, to
 the run being queued and to the action's process starting, beside the floor of inotify itself.
 
-    python3 bench/bench_triggers.py [--samples 200] [--gap 0.05] [--idle 10] [--json FILE]
+    python3 bench/bench_triggers.py [--samples 200] [--gap 0.05] [--idle 30] [--json FILE]
                                     [--keep] [--workdir DIR] [--live] [--spos CMD]
 
 It applies a generated manifest to a temporary device root (a Quota, a Capability that may
@@ -866,9 +866,9 @@ def main() -> int:
     parser.add_argument("--gap", type=float, default=0.05, metavar="SECONDS",
                         help="pause after each sample's run ended, so that the next event finds both "
                              "daemons asleep (default 0.05)")
-    parser.add_argument("--idle", type=float, default=10, metavar="SECONDS",
-                        help="length of each idle window (default 10, the daemon's status "
-                             "heartbeat, so that each window holds one as a minute holds six)")
+    parser.add_argument("--idle", type=float, default=30, metavar="SECONDS",
+                        help="length of each idle window (default 30, the daemon's status "
+                             "heartbeat, so that each window holds one as a minute holds two)")
     parser.add_argument("--json", metavar="FILE", help="also write every number as JSON ('-': stdout)")
     parser.add_argument("--spos", metavar="CMD",
                         help="how to start spos (default: the spos script beside this python)")

@@ -346,6 +346,9 @@ def _add_triggers(commands, common) -> None:
     triggers.add_argument("--reload-interval", default="500ms", metavar="DURATION",
                           help="where inotify cannot watch the registrations, look for "
                                "changed ones this often (default 500ms)")
+    triggers.add_argument("--heartbeat", default="30s", metavar="DURATION",
+                          help="when nothing changes, rewrite the status and look at the "
+                               "registrations this often (default 30s, at least 1s)")
     triggers.set_defaults(handler=_triggers)
 
 
@@ -1382,8 +1385,12 @@ def _triggers(args) -> int:
     address, _, port = args.listen.rpartition(":")
     if not address or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"--listen: expected ADDRESS:PORT such as 127.0.0.1:9180, got {args.listen!r}")
+    heartbeat = _duration("--heartbeat", args.heartbeat)
+    if heartbeat < 1:
+        raise UsageError(f"--heartbeat: at least 1s, got {args.heartbeat!r}")
     daemon = TriggerDaemon(Device(args.root), listen=(address.strip("[]"), int(port)),
-                           reload_interval=_duration("--reload-interval", args.reload_interval))
+                           reload_interval=_duration("--reload-interval", args.reload_interval),
+                           heartbeat=heartbeat)
     print(f"spos triggers: serving {daemon.device.root} (pid {os.getpid()})", file=sys.stderr)
     daemon.run()
     return EXIT_OK

@@ -30,11 +30,12 @@ from waiting import wait_for
 from reconciler.device import Device
 from reconciler.executor.enqueue import write_attachments
 from reconciler.triggers.base import Event, Registration
-from reconciler.triggers.daemon import STATUS_HEARTBEAT, TriggerDaemon
+from reconciler.triggers.daemon import TriggerDaemon
 from reconciler.triggers.gate import Gate
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = "var/lib/systemprompt-os"
+HEARTBEAT = 8  # seconds, for the tests that wait for one
 AGENT = "watcher"
 WAIT = 10
 
@@ -71,11 +72,12 @@ class Site:
 
     # -- the daemon ----------------------------------------------------------------------
 
-    def start(self, reload_interval: str = "100ms") -> None:
+    def start(self, reload_interval: str = "100ms", heartbeat: str = "30s") -> None:
         self.log = open(self.tmp_path / "triggers.log", "w")
         self.daemon = subprocess.Popen(
             [sys.executable, "-m", "reconciler", "triggers", "--root", str(self.root),
-             "--listen", "127.0.0.1:0", "--reload-interval", reload_interval],
+             "--listen", "127.0.0.1:0", "--reload-interval", reload_interval,
+             "--heartbeat", heartbeat],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
         )
 
@@ -286,10 +288,10 @@ def test_apply_changing_triggers_reloads_them_and_leaves_the_others_running(site
 def test_registrations_and_counts_are_followed_without_looking_for_them(site):
     """Applied registrations reach the daemon through inotify, and a trigger's counts reach its
     status as they change: with the listing of registrations every hour, each step happens well
-    within the status heartbeat (10 s), also before the first apply made the state directory,
+    within the status heartbeat (here 8 s), also before the first apply made the state directory,
     after the registrations directory was removed and made again, and after the state directory
     was moved away and made again (which inotify does not report)."""
-    soon = 3  # seconds: well before the heartbeat would list the registrations
+    soon = 3  # seconds: before the heartbeat would list the registrations
     for directory in ("/srv/a", "/srv/b"):
         site.path(directory).mkdir(parents=True)
     a = {"filesystem": {"path": "/srv/a", "events": ["close_write"]}}
@@ -299,7 +301,7 @@ def test_registrations_and_counts_are_followed_without_looking_for_them(site):
         triggers = site.status().get("triggers") or {}
         return set(triggers) == set(names) and all(t["state"] == "armed" for t in triggers.values())
 
-    site.start(reload_interval="1h")  # before anything is applied: no state directory yet
+    site.start(reload_interval="1h", heartbeat=f"{HEARTBEAT}s")  # no state directory yet
     wait_for(lambda: site.status().get("triggers") == {}, "the first status", WAIT)
     site.apply({"a": a})
     wait_for(lambda: armed("a"), "a armed", soon)
@@ -317,7 +319,7 @@ def test_registrations_and_counts_are_followed_without_looking_for_them(site):
     state = site.path(f"/{STATE}")
     state.rename(state.with_name("moved-away"))
     shutil.copytree(state.with_name("moved-away"), state, symlinks=True)
-    time.sleep(STATUS_HEARTBEAT + 1)  # the next heartbeat lists the new directory, and watches it
+    time.sleep(HEARTBEAT + 1)  # the next heartbeat lists the new directory, and watches it
     site.apply({"b": b})
     wait_for(lambda: armed("b"), "a removed in the new state directory", soon)
 
@@ -327,7 +329,7 @@ def test_registrations_and_counts_are_followed_without_looking_for_them(site):
 
 
 def test_an_idle_daemon_does_not_wake(site):
-    """Nothing changing, the daemon's loop sleeps until the status heartbeat (10 s), whatever
+    """Nothing changing, the daemon's loop sleeps until the status heartbeat (30 s), whatever
     the listing interval for machines without inotify."""
     site.path("/srv/in").mkdir(parents=True)
     site.apply({"in": {"filesystem": {"path": "/srv/in", "events": ["close_write"]}}})

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import tracemalloc
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -455,6 +456,32 @@ def test_trigger_list_json_has_the_documented_keys_whatever_the_state(root, spos
     assert documented <= set(entry), sorted(documented - set(entry))
 
 
+def test_a_live_daemons_status_is_stale_after_three_of_its_own_heartbeats(root, spos):
+    """`trigger list` calls a live daemon's status stale when it is older than three of the
+    heartbeats the status itself names (`spos triggers --heartbeat`), 30 s each unless it says."""
+    from reconciler.triggers.daemon import STATUS_FILE
+
+    def shown(age: float, **fields) -> str:
+        updated = datetime.fromtimestamp(time.time() - age, timezone.utc).isoformat()
+        status = {"format": 1, "pid": os.getpid(), "startedAt": updated, "updatedAt": updated,
+                  "listen": None, "triggers": {}, **fields}
+        root.host(STATUS_FILE).parent.mkdir(parents=True, exist_ok=True)
+        root.host(STATUS_FILE).write_text(json.dumps(status))
+        return json.loads(spos("trigger", "list", "--root", root.path, "--json").out)["daemon"]["detail"]
+
+    assert "not updated since" not in shown(20, heartbeatSeconds=10.0)
+    assert "not updated since" in shown(40, heartbeatSeconds=10.0)
+    assert "not updated since" not in shown(80)  # a status without it: 30 s
+    assert "not updated since" in shown(100)
+    assert "not updated since" in shown(100, heartbeatSeconds="soon")
+
+
+def test_a_heartbeat_shorter_than_a_second_is_refused_before_anything_starts(root, spos):
+    for value in ("0s", "500ms", "soon"):
+        result = spos("triggers", "--root", root.path, "--heartbeat", value)
+        assert result.code == 1 and "--heartbeat" in result.err, (value, result)
+
+
 def test_trigger_test_never_reads_a_registration_outside_the_registrations_directory(root, spos):
     """Pinned: a NAME with a slash or dots names no trigger, whatever file it would reach."""
     root.register("t", {"continuous": {"interval": "1h"}})
@@ -586,7 +613,7 @@ def test_without_inotify_the_registrations_are_listed_every_reload_interval(root
 
 
 def test_the_status_heartbeat_is_replaced_whole_without_syncing_the_disk(root, daemon, monkeypatch):
-    """The daemon rewrites its status at least every 10 s for as long as it runs: a whole new
+    """The daemon rewrites its status at least every heartbeat (30 s) for as long as it runs: a whole new
     file renamed over the old one each time, without the two fsyncs a durable write costs
     (flash storage on a small device wears by the write)."""
     from reconciler.triggers.daemon import STATUS_FILE
@@ -612,7 +639,6 @@ def test_a_stream_of_events_does_not_hold_up_the_listing_of_registrations(root, 
     at every heartbeat where it can (in case it missed something)."""
     from reconciler.triggers import daemon as daemon_module
 
-    monkeypatch.setattr(daemon_module, "STATUS_HEARTBEAT", 2.0)
     lose = []
     if inotify:
         real_drain = daemon_module._Watch.drain
@@ -621,7 +647,7 @@ def test_a_stream_of_events_does_not_hold_up_the_listing_of_registrations(root, 
     else:
         monkeypatch.setattr(daemon_module._Watch, "arm", lambda self: None)
     root.register("busy", {"continuous": {"interval": "1h"}})
-    running = TriggerDaemon(root.device, listen=("127.0.0.1", 0), reload_interval=1.0)
+    running = TriggerDaemon(root.device, listen=("127.0.0.1", 0), reload_interval=1.0, heartbeat=2.0)
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     streaming = threading.Event()

@@ -13,8 +13,8 @@ once, not lost.
 The daemon's own state (status, seen delivery ids) lives in `<state>/triggerd/`; the
 registrations are the reconciler's and are only read. The status file is written atomically
 whenever something `spos trigger list` shows has changed (at most every STATUS_PACE seconds
-during a burst of events), and at least every STATUS_HEARTBEAT seconds, so a reader can tell a
-live daemon from one that died. The heartbeat also lists the registrations again, in case an
+during a burst of events), and at least every `heartbeat` seconds (STATUS_HEARTBEAT unless
+given; the status says which), so a reader can tell a live daemon from one that hangs. The heartbeat also lists the registrations again, in case an
 inotify event was lost, and rereads what a status reads from outside (a webhook's secret).
 """
 
@@ -40,8 +40,9 @@ from reconciler.triggers.gate import Gate
 
 STATUS_FILE = f"/{STATE_DIR}/triggerd/status.json"
 STATUS_FORMAT = 1
-STATUS_HEARTBEAT = 10.0
-"""Seconds between status writes when nothing changed."""
+STATUS_HEARTBEAT = 30.0
+"""Seconds between status writes when nothing changed (`spos triggers --heartbeat`): an idle
+daemon wakes this often, and no more."""
 STATUS_PACE = 0.5
 """Seconds at least between two status writes woken by triggers' counts or states changing: a
 steady stream of events rewrites the status twice a second, not once per event."""
@@ -74,11 +75,12 @@ class Broken:
 
 class TriggerDaemon:
     def __init__(self, device: Device, *, listen: tuple[str, int] = DEFAULT_LISTEN,
-                 metrics=None, reload_interval: float = 0.5):
+                 metrics=None, reload_interval: float = 0.5, heartbeat: float = STATUS_HEARTBEAT):
         self.device = device
         self.listen = listen
         self.metrics = metrics
         self.reload_interval = reload_interval
+        self.heartbeat = heartbeat
         self.running: dict[str, Running] = {}
         self.broken: dict[str, Broken] = {}
         self.listener = None
@@ -153,7 +155,7 @@ class TriggerDaemon:
         Returns whether the registrations need listing: not after a wake-up for counts or
         states alone."""
         now = time.monotonic()
-        due = max(self._status_written, self._status_tried) + STATUS_HEARTBEAT
+        due = max(self._status_written, self._status_tried) + self.heartbeat
         for running in self.running.values():
             if running.source is None and not running.starting:
                 due = min(due, running.failed_at + SOURCE_RETRY)
@@ -165,7 +167,7 @@ class TriggerDaemon:
         # The next listing, counted from the last one (not from the last status write, which a
         # stream of events keeps pushing back): at the heartbeat, in case inotify missed
         # something, or every reload_interval where it cannot watch.
-        listing = self._listed + (STATUS_HEARTBEAT if watched is not None else self.reload_interval)
+        listing = self._listed + (self.heartbeat if watched is not None else self.reload_interval)
         due = min(due, listing)
         poller = select.poll()
         poller.register(self._nudge_read, select.POLLIN)
@@ -365,6 +367,7 @@ class TriggerDaemon:
             "startedAt": _iso(self.started_at),
             "listen": listen,
             "listenError": self.listener_problem or None,
+            "heartbeatSeconds": self.heartbeat,
             "triggers": dict(sorted(triggers.items())),
         }
 
@@ -392,7 +395,7 @@ class TriggerDaemon:
             status["stoppedAt"] = _iso(time.time())
         text = json.dumps(status, indent=2, sort_keys=True)
         now = time.monotonic()
-        if not final and text == self._last_status and now - self._status_written < STATUS_HEARTBEAT:
+        if not final and text == self._last_status and now - self._status_written < self.heartbeat:
             return
         status["updatedAt"] = _iso(time.time())
         self._status_tried = now

@@ -21,8 +21,9 @@ from reconciler.triggers.base import Event, Registration
 from reconciler.triggers.daemon import STATUS_HEARTBEAT, read_status
 from reconciler.triggers.gate import Gate
 
-STALE_AFTER = 3 * STATUS_HEARTBEAT
-"""A status file older than this, from a daemon that is still alive, is shown as stale."""
+STALE_AFTER = 3
+"""A status file older than this many of its daemon's heartbeats (`heartbeatSeconds`, else
+STATUS_HEARTBEAT), from a daemon that is still alive, is shown as stale."""
 
 
 class TriggerError(SposError):
@@ -65,7 +66,10 @@ def _daemon(status: dict | None) -> dict:
     if status.get("listenError"):
         detail += f", webhooks not served: {status['listenError']}"
     updated = _epoch(status.get("updatedAt"))
-    if updated is not None and time.time() - updated > STALE_AFTER:
+    heartbeat = status.get("heartbeatSeconds")
+    if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or heartbeat <= 0:
+        heartbeat = STATUS_HEARTBEAT
+    if updated is not None and time.time() - updated > STALE_AFTER * heartbeat:
         detail += f" (status not updated since {status.get('updatedAt')})"
     return {"running": True, "pid": pid, "detail": detail, "listen": status.get("listen")}
 
