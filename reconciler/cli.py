@@ -348,7 +348,7 @@ def _add_triggers(commands, common) -> None:
                                "changed ones this often (default 500ms)")
     triggers.add_argument("--heartbeat", default="30s", metavar="DURATION",
                           help="when nothing changes, rewrite the status and look at the "
-                               "registrations this often (default 30s, at least 1s)")
+                               "registrations this often (default 30s, from 1s to 1h)")
     triggers.set_defaults(handler=_triggers)
 
 
@@ -1380,14 +1380,14 @@ def _why(args) -> int:
 def _triggers(args) -> int:
     from reconciler.device import Device
     from reconciler.errors import UsageError
-    from reconciler.triggers.daemon import TriggerDaemon
+    from reconciler.triggers.daemon import HEARTBEAT_RANGE, TriggerDaemon
 
     address, _, port = args.listen.rpartition(":")
     if not address or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"--listen: expected ADDRESS:PORT such as 127.0.0.1:9180, got {args.listen!r}")
     heartbeat = _duration("--heartbeat", args.heartbeat)
-    if heartbeat < 1:
-        raise UsageError(f"--heartbeat: at least 1s, got {args.heartbeat!r}")
+    if not HEARTBEAT_RANGE[0] <= heartbeat <= HEARTBEAT_RANGE[1]:
+        raise UsageError(f"--heartbeat: from 1s to 1h, got {args.heartbeat!r}")
     daemon = TriggerDaemon(Device(args.root), listen=(address.strip("[]"), int(port)),
                            reload_interval=_duration("--reload-interval", args.reload_interval),
                            heartbeat=heartbeat)

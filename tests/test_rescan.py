@@ -112,3 +112,45 @@ def test_a_caller_changing_the_returned_list_changes_no_later_listing(device, mo
     listings = Listings(device)
     listings.listdir(QUEUE).clear()
     assert listings.listdir(QUEUE) == ["050-1-a.json"]
+
+
+def test_a_step_of_the_wall_clock_has_every_directory_listed_again(device, monkeypatch):
+    """Set back, the clock could give a later change the times of an earlier one."""
+    settled(device, monkeypatch)
+    listings = Listings(device)
+    listed = counting(device)
+    assert listings.listdir(QUEUE) == ["050-1-a.json"]
+    stepped = time.time_ns() - 60 * 10**9
+    monkeypatch.setattr(runs.time, "time_ns", lambda: stepped)
+    assert listings.listdir(QUEUE) == ["050-1-a.json"]
+    assert listed == [QUEUE, QUEUE]
+
+
+def test_a_kept_listing_stands_for_five_minutes_at_most(device, monkeypatch):
+    """A change whose times do not show (a server's clock behind this one) waits that long."""
+    settled(device, monkeypatch)
+    listings = Listings(device)
+    listed = counting(device)
+    assert listings.listdir(QUEUE) == ["050-1-a.json"]
+    later = time.monotonic_ns() + Listings.KEEP_NS + 1
+    wall = time.time_ns()
+    monkeypatch.setattr(runs.time, "monotonic_ns", lambda: later)
+    monkeypatch.setattr(runs.time, "time_ns", lambda: wall + Listings.KEEP_NS + 1)
+    assert listings.listdir(QUEUE) == ["050-1-a.json"]
+    assert listed == [QUEUE, QUEUE]
+
+
+def test_finished_runs_are_listed_afresh_and_never_kept(device, monkeypatch):
+    finished = f"{AGENTS_DIR}/alpha/completed"
+    device.makedirs(finished)
+    (device.path(finished) / "050-1-a.json").write_text("{}")
+    hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(device.host(finished), ns=(hour_ago, hour_ago))
+    settled(device, monkeypatch)
+    listings = Listings(device)
+    store = RunStore(device, listings)
+    listed = counting(device)
+    assert store.names("alpha", "completed") == store.names("alpha", "completed") == ["050-1-a.json"]
+    assert listed == [finished, finished]
+    assert store.names("alpha", "queue") == store.names("alpha", "queue") == ["050-1-a.json"]
+    assert listed == [finished, finished, QUEUE]

@@ -344,6 +344,7 @@ def test_an_idle_daemon_does_not_wake(site):
     before = switches()
     time.sleep(3)
     assert switches() - before <= 2, "the loop woke while nothing changed"
+    assert site.status()["heartbeatSeconds"] == 30.0
     assert site.stop() == 0
 
 

@@ -110,38 +110,58 @@ class Listings:
     """Directory listings kept between one look and the next, for a process that lists the
     same directories over and over: the executor lists every agent's `queue/` and `active/` on
     each rescan, and a thousand agents made an idle executor's rescan cost tens of
-    milliseconds. A directory is listed again only when its identity, modification or change
-    time is not what it was at its last listing, or when that listing came less than
-    RACY_NS after the directory's last change: a change in the same tick of the file
-    system's clock as an earlier one leaves the time as it was, so only a listing made well
-    after a directory's last change may stand for it until the time moves."""
+    milliseconds. A directory is listed again when its identity, modification or change time
+    is not what it was at its last listing, and also:
+
+    - when that listing came less than RACY_NS after the directory's last change: a change in
+      the same tick of the file system's clock as an earlier one leaves the time as it was, so
+      only a listing made well after a change may stand for the directory;
+    - when the wall clock has stepped since (the file system's times come from it: set back, a
+      later change could carry the times of an earlier one);
+    - at least every KEEP_NS whatever the times say (a file system whose clock is not this
+      machine's, a server's), so a change the times hide only waits that long.
+
+    Only the directories a rescan looks at belong here (each agent's `queue/` and `active/`,
+    and the agents' directory); a kept listing not used for KEEP_NS is dropped."""
 
     RACY_NS = 5 * 10**9
+    KEEP_NS = 300 * 10**9
+    CLOCK_STEP_NS = 10**9
 
     def __init__(self, device: Device):
         self.device = device
-        # device path -> (host path, (dev, inode, mtime, ctime) at the listing, the names)
-        self._kept: dict[str, tuple[str, tuple[int, int, int, int], list[str]]] = {}
+        # device path -> (host path, (dev, inode, mtime, ctime) at the listing, the names,
+        #                 the wall clock less the monotonic one then, the monotonic time then)
+        self._kept: dict[str, tuple[str, tuple[int, int, int, int], list[str], int, int]] = {}
+        self._swept = time.monotonic_ns()
 
     def listdir(self, device_path: str) -> list[str]:
         """Device.listdir, from the last listing when the directory cannot have changed."""
-        kept = self._kept.get(device_path)
+        now = time.monotonic_ns()
+        offset = time.time_ns() - now
+        if now - self._swept > self.KEEP_NS:
+            self._kept = {path: kept for path, kept in self._kept.items()
+                          if now - kept[4] <= self.KEEP_NS}
+            self._swept = now
+        kept = self._kept.pop(device_path, None)
         if kept is not None:
-            host, signature, names = kept
+            host, signature, names, kept_offset, kept_at = kept
             try:
                 st = os.lstat(host)
             except OSError:
                 st = None
-            if st is not None and (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == signature:
+            if (st is not None and now - kept_at <= self.KEEP_NS
+                    and abs(offset - kept_offset) < self.CLOCK_STEP_NS
+                    and (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == signature):
+                self._kept[device_path] = kept
                 return list(names)
-            del self._kept[device_path]
         st = self.device.stat(device_path)  # refuses links on the way, as Device.listdir does
         listed_at = time.time_ns()
         names = self.device.listdir(device_path)
         if st is not None and stat.S_ISDIR(st.st_mode) and \
                 max(st.st_mtime_ns, st.st_ctime_ns) < listed_at - self.RACY_NS:
             signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-            self._kept[device_path] = (self.device.host(device_path), signature, names)
+            self._kept[device_path] = (self.device.host(device_path), signature, names, offset, now)
         return list(names)
 
 
@@ -159,10 +179,11 @@ class RunStore:
         return [name for name in self._listdir(AGENTS_DIR) if not name.startswith(".")]
 
     def names(self, agent: str, bucket: str) -> list[str]:
-        return [
-            name for name in self._listdir(f"{AGENTS_DIR}/{agent}/{bucket}")
-            if name.endswith(".json") and not name.startswith(".")
-        ]
+        """The run files in one of the agent's buckets. `completed/` and `failed/` are listed
+        afresh: only the rescan's directories are kept (Listings)."""
+        path = f"{AGENTS_DIR}/{agent}/{bucket}"
+        listdir = self._listdir if bucket in ("queue", "active") else self.device.listdir
+        return [name for name in listdir(path) if name.endswith(".json") and not name.startswith(".")]
 
     def load(self, agent: str, bucket: str, name: str) -> Run:
         raw = self.device.read_text(f"{AGENTS_DIR}/{agent}/{bucket}/{name}")

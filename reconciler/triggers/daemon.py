@@ -14,8 +14,9 @@ The daemon's own state (status, seen delivery ids) lives in `<state>/triggerd/`;
 registrations are the reconciler's and are only read. The status file is written atomically
 whenever something `spos trigger list` shows has changed (at most every STATUS_PACE seconds
 during a burst of events), and at least every `heartbeat` seconds (STATUS_HEARTBEAT unless
-given; the status says which), so a reader can tell a live daemon from one that hangs. The heartbeat also lists the registrations again, in case an
-inotify event was lost, and rereads what a status reads from outside (a webhook's secret).
+given; the status says which), so a reader can tell a live daemon from one that hangs. The
+heartbeat also lists the registrations again, in case an inotify event was lost, and rereads
+what a status reads from outside (a webhook's secret).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ STATUS_FILE = f"/{STATE_DIR}/triggerd/status.json"
 STATUS_FORMAT = 1
 STATUS_HEARTBEAT = 30.0
 """Seconds between status writes when nothing changed (`spos triggers --heartbeat`): an idle
-daemon wakes this often, and no more."""
+daemon whose registrations inotify watches wakes this often."""
+HEARTBEAT_RANGE = (1.0, 3600.0)
+"""The heartbeats a daemon accepts, and a status reader believes."""
 STATUS_PACE = 0.5
 """Seconds at least between two status writes woken by triggers' counts or states changing: a
 steady stream of events rewrites the status twice a second, not once per event."""
@@ -80,6 +83,9 @@ class TriggerDaemon:
         self.listen = listen
         self.metrics = metrics
         self.reload_interval = reload_interval
+        if not HEARTBEAT_RANGE[0] <= heartbeat <= HEARTBEAT_RANGE[1]:
+            raise ValueError(f"heartbeat {heartbeat!r}: from {HEARTBEAT_RANGE[0]:g} to "
+                             f"{HEARTBEAT_RANGE[1]:g} seconds")
         self.heartbeat = heartbeat
         self.running: dict[str, Running] = {}
         self.broken: dict[str, Broken] = {}

@@ -18,7 +18,7 @@ from reconciler.errors import SposError
 from reconciler.executor.enqueue import ATTACHMENTS_DIR, travel_in_record
 from reconciler.executor.owner import process_alive
 from reconciler.triggers.base import Event, Registration
-from reconciler.triggers.daemon import STATUS_HEARTBEAT, read_status
+from reconciler.triggers.daemon import HEARTBEAT_RANGE, STATUS_HEARTBEAT, read_status
 from reconciler.triggers.gate import Gate
 
 STALE_AFTER = 3
@@ -67,8 +67,9 @@ def _daemon(status: dict | None) -> dict:
         detail += f", webhooks not served: {status['listenError']}"
     updated = _epoch(status.get("updatedAt"))
     heartbeat = status.get("heartbeatSeconds")
-    if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or heartbeat <= 0:
-        heartbeat = STATUS_HEARTBEAT
+    if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) \
+            or not HEARTBEAT_RANGE[0] <= heartbeat <= HEARTBEAT_RANGE[1]:
+        heartbeat = STATUS_HEARTBEAT  # NaN too: no comparison holds
     if updated is not None and time.time() - updated > STALE_AFTER * heartbeat:
         detail += f" (status not updated since {status.get('updatedAt')})"
     return {"running": True, "pid": pid, "detail": detail, "listen": status.get("listen")}
