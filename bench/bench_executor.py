@@ -969,7 +969,8 @@ def report(args, env_info: dict, result: dict) -> None:
         code_line(env_info),
         f"action: {shlex.join(stamp.get('argv', []))} ({stamp.get('kind', '?')}), prints "
         "CLOCK_REALTIME first; temporary device root in "
-        f"{env_info['workdir']}{made_note(env_info)}{file_system_note(env_info)}; executor defaults (--max-parallel 4, "
+        f"{env_info['workdir']}{made_note(env_info)}{file_system_note(env_info)}; "
+        "executor defaults (--max-parallel 4, "
         "--max-per-agent 2)" + (f"; {args.agents} more agents applied that never run"
                                 if args.agents else ""),
         f"latency: {args.runs} runs per path after a warm-up, paths interleaved, {args.gap:g} s "

@@ -764,8 +764,8 @@ def environment(args, spos: list[str], code: dict) -> dict:
 def file_system(path: str) -> str:
     """The type of the file system holding `path`, and for ext4 whether it keeps a journal
     ("ext4 without a journal"). Without one, ext4 allocating an inode passes over every inode
-    of the group freed in the last minute (six while their table block is not yet written
-    back), so minutes of file churn make creating a file slower: see `create_cost`."""
+    of the group freed in the last minute (the last six minutes while their table block is not
+    yet written back), so minutes of file churn make creating a file slower: see `create_cost`."""
     where = os.path.realpath(path)
     kind, best, device = "?", "", ""
     with open("/proc/self/mountinfo") as mounts:

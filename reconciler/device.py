@@ -74,6 +74,10 @@ class Device:
         """
         return self._resolve(device_path)[0]
 
+    def locate(self, device_path: str) -> tuple[str, os.stat_result | None]:
+        """`host()` and `stat()` at once, from one lstat of the last component."""
+        return self._resolve(device_path)
+
     def _resolve(self, device_path: str) -> tuple[str, os.stat_result | None]:
         """The host path and the lstat of its last component (None: absent)."""
         parent, _, name = device_path.rpartition("/")

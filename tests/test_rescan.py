@@ -28,15 +28,17 @@ def device(tmp_path):
 
 
 def counting(device: Device) -> list[str]:
-    """The directories the device is asked to list, in order."""
+    """The directories listed through the device, in order (Device.listdir, or Device.locate
+    followed by a listing of its own, as Listings does)."""
     listed: list[str] = []
-    listdir = device.listdir
+    for method in ("listdir", "locate"):
+        real = getattr(device, method)
 
-    def recorded(path: str) -> list[str]:
-        listed.append(path)
-        return listdir(path)
+        def recorded(path: str, real=real):
+            listed.append(path)
+            return real(path)
 
-    device.listdir = recorded
+        setattr(device, method, recorded)
     return listed
 
 

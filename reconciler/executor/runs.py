@@ -155,13 +155,17 @@ class Listings:
                     and (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == signature):
                 self._kept[device_path] = kept
                 return list(names)
-        st = self.device.stat(device_path)  # refuses links on the way, as Device.listdir does
+        # As Device.listdir, from one lstat that also gives the times: links are refused.
+        host, st = self.device.locate(device_path)
         listed_at = time.time_ns()
-        names = self.device.listdir(device_path)
+        try:
+            names = sorted(os.listdir(host))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
         if st is not None and stat.S_ISDIR(st.st_mode) and \
                 max(st.st_mtime_ns, st.st_ctime_ns) < listed_at - self.RACY_NS:
             signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-            self._kept[device_path] = (self.device.host(device_path), signature, names, offset, now)
+            self._kept[device_path] = (host, signature, names, offset, now)
         return list(names)
 
 
