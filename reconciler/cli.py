@@ -1070,62 +1070,49 @@ def _executor_listening(device) -> bool:
 
 
 class _DirectoryWatch:
-    """inotify, through ctypes, on a few directories: `wait` returns the names of files
-    created in or renamed into them. Without inotify (or a directory to watch), `wait` sleeps
-    a little longer each time, up to a second, and returns None: look again."""
+    """inotify on a few directories: `wait` returns the names of files created in or renamed
+    into them. Without inotify (or a directory to watch), `wait` sleeps a little longer each
+    time, up to a second, and returns None: look again."""
 
-    EVENTS = 0x100 | 0x80            # IN_CREATE | IN_MOVED_TO
-    FLAGS = 0x01000000 | 0x02000000  # IN_ONLYDIR | IN_DONTFOLLOW
     LOOK_ANYWAY = 5.0                # seconds: a lost event costs at most this
 
     def __init__(self, directories: list[str]):
-        self.fd = -1
+        from reconciler.inotify import IN_CREATE, IN_DONT_FOLLOW, IN_MOVED_TO, IN_ONLYDIR, Inotify, WatchFailed
+
+        self.inotify = None
         self.pause = 0.05
         try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        except (OSError, AttributeError):
+            inotify = Inotify()
+        except (OSError, WatchFailed):
             return
-        if fd < 0:
+        try:
+            for directory in directories:
+                if inotify.add_watch(directory, IN_CREATE | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW) is None:
+                    raise WatchFailed(f"{directory} does not exist")
+        except WatchFailed:
+            inotify.close()
             return
-        for directory in directories:
-            if libc.inotify_add_watch(fd, os.fsencode(directory), self.EVENTS | self.FLAGS) < 0:
-                os.close(fd)
-                return
-        self.fd = fd
+        self.inotify = inotify
 
     def wait(self, timeout: float | None) -> list[str] | None:
-        import select
-        import struct
         import time
 
-        if self.fd < 0:
+        if self.inotify is None:
             time.sleep(self.pause if timeout is None else max(0.0, min(self.pause, timeout)))
             self.pause = min(self.pause * 2, 1.0)
             return None
         limit = self.LOOK_ANYWAY if timeout is None else min(timeout, self.LOOK_ANYWAY)
-        if not select.select([self.fd], [], [], max(0.0, limit))[0]:
+        if not self.inotify.readable(max(0.0, limit)):
             return None  # nothing for a while (or the caller's time is up): look again
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return []
-        names, offset = [], 0
-        while offset + 16 <= len(data):  # struct inotify_event: wd, mask, cookie, len, name
-            length = struct.unpack_from("iIII", data, offset)[3]
-            names.append(data[offset + 16:offset + 16 + length].rstrip(b"\0").decode(errors="replace"))
-            offset += 16 + length
-        return names
+        return [event.name for event in self.inotify.read()]
 
     def __enter__(self) -> "_DirectoryWatch":
         return self
 
     def __exit__(self, *_) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None
 
 
 def _cron_matches_now(expression: str, zone: str) -> bool:

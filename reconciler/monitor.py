@@ -830,12 +830,12 @@ class _Rewritten:
     file over it). A look that lists the directories sees where runs are, but not a run that
     went from the queue to active/ and back for a retry between two looks: this does.
 
-    Read from inotify (reconciler.triggers.filesystem). None: anything may have been (the
+    Read from inotify (reconciler.inotify). None: anything may have been (the
     event queue overflowed). Where inotify cannot be had, nothing is known this way and a run
     retried between two looks is told when it moves next."""
 
     def __init__(self, device: Device, agent: str):
-        from reconciler.triggers.filesystem import Inotify, WatchFailed
+        from reconciler.inotify import Inotify, WatchFailed
 
         self.directories = [device.host(f"{AGENTS_DIR}/{agent}/{bucket}") for bucket in COUNTED.values()]
         self.watched: set[str] = set()
@@ -846,7 +846,7 @@ class _Rewritten:
         self._watch()
 
     def names(self) -> set[str] | None:
-        from reconciler.triggers.filesystem import IN_Q_OVERFLOW
+        from reconciler.inotify import IN_Q_OVERFLOW
 
         self._watch()
         if self.inotify is None:
@@ -862,7 +862,7 @@ class _Rewritten:
 
     def _watch(self) -> None:
         """Watch the run directories there are (the executor makes them when first needed)."""
-        from reconciler.triggers.filesystem import IN_DONT_FOLLOW, IN_MOVED_TO, IN_ONLYDIR, WatchFailed
+        from reconciler.inotify import IN_DONT_FOLLOW, IN_MOVED_TO, IN_ONLYDIR, WatchFailed
 
         for directory in self.directories:
             if self.inotify is None or directory in self.watched:

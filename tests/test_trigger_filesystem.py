@@ -18,7 +18,8 @@ import pytest
 
 from reconciler.triggers.base import Context, Event, Outcome, Registration
 from reconciler.triggers import filesystem
-from reconciler.triggers.filesystem import Inotify, open_source, watch_failure
+from reconciler.inotify import Inotify, watch_failure
+from reconciler.triggers.filesystem import open_source
 from waiting import wait_for
 
 WATCHED = "/srv/in"

@@ -474,7 +474,7 @@ class _Watch:
         """Read what was reported: whether it concerns the registrations. The watch is dropped
         when it has to be set up afresh (its directory gone, events lost, or the registrations
         directory made where only its parent was watched)."""
-        from reconciler.triggers.filesystem import IN_Q_OVERFLOW, WATCH_GONE
+        from reconciler.inotify import IN_Q_OVERFLOW, WATCH_GONE
 
         events = self.inotify.read()
         if any(event.mask & (WATCH_GONE | IN_Q_OVERFLOW) for event in events):
