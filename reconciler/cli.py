@@ -324,8 +324,9 @@ def _add_executor(commands, common) -> None:
     executor.add_argument("--prepared", type=int, default=4, metavar="N",
                           help="keep a sandbox set up ahead for each of up to N recently active "
                                "agents, so their next run starts sooner (default 4; 0: none)")
-    executor.add_argument("--rescan", default="30s", metavar="DURATION",
-                          help="look at the queue this often even without a wake-up (default 30s)")
+    executor.add_argument("--rescan", default="5m", metavar="DURATION",
+                          help="look at every queue this often even without a wake-up (default "
+                               "5m; at most 30s while some queue cannot be watched with inotify)")
     executor.add_argument("--cleanup-interval", default="1h", metavar="DURATION",
                           help="remove finished runs past their retention at start and this often "
                                "(default 1h; 0s: never)")

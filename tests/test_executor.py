@@ -469,32 +469,74 @@ def test_wake_messages_name_agents_or_ask_for_every_queue(data, agents):
     assert woken_agents(wake_message(None)) is None
 
 
-def test_a_wake_up_naming_no_agent_has_every_queue_looked_at(device):
-    """A run queued without a wake-up for its agent waits for the rescan, or for a wake-up
-    that names no agent (or one that cannot be read as a name): then every queue is listed."""
+def quiet_enqueue(root: Path, agent: str, task: str) -> str:
+    """Enqueue without a message on the wake pipe (a writer killed after its rename, say)."""
     from reconciler.device import Device as Root
     from reconciler.executor import enqueue as enqueueing
 
-    other = device.other()
-    device.apply({"t": {"command": sh("true"), "concurrency": "Allow"}},
-                 others={other: {"t": {"command": sh("true"), "concurrency": "Allow"}}})
-    daemon = device.daemon("--rescan", "60s")
-    device.wait_ready(daemon)
     wake = enqueueing.wake
-    for message in (b"!", b"../" + other.encode() + b"\n"):
-        try:
-            enqueueing.wake = lambda root, agent=None: None
-            quiet = enqueueing.enqueue(Root(str(device.root)), other, "t")["id"]
-        finally:
-            enqueueing.wake = wake
-        device.wait_state(device.enqueue("t"), "completed", timeout=5)  # names its own agent
-        assert device.record(quiet)["state"] == "queued"
+    try:
+        enqueueing.wake = lambda root, agent=None: None
+        return enqueueing.enqueue(Root(str(root)), agent, task)["id"]
+    finally:
+        enqueueing.wake = wake
 
-        fd = os.open(device.wake_pipe(), os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fd, message)
-        os.close(fd)
-        device.wait_state(quiet, "completed", timeout=5)
+
+@pytest.mark.parametrize("message", [b"!", b"../ex-other\n"])
+def test_a_wake_up_naming_no_agent_has_every_queue_looked_at(device, message):
+    """A wake-up lists only the queue of the agent it names; one that names no agent (or that
+    cannot be read as a name) has every queue listed. (What the pipe alone does: a served
+    executor also watches the queues, below.)"""
+    other = device.other()
+    device.apply({"t": {"command": sh("true")}}, others={other: {"t": {"command": sh("true")}}})
+    executor = unserved_executor(device.root)
+    quiet = quiet_enqueue(device.root, other, "t")
+    os.close(os.open(device.wake_pipe(), os.O_RDWR))  # the executor's end keeps it open
+    writer = os.open(device.wake_pipe(), os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(writer, device.agent.encode() + b"\n")
+        executor._drain_wake()
+        executor._list_queues()
+        assert not any(quiet in name for name in executor.queued.get(other, ()))
+        os.write(writer, message)
+        executor._drain_wake()
+        executor._list_queues()
+    finally:
+        os.close(writer)
+    assert any(quiet in name for name in executor.queued.get(other, ())), executor.queued
+
+
+def test_a_run_queued_without_a_wake_up_starts_at_once(device):
+    """The executor watches every agent's queue (inotify): a run renamed into it is seen
+    without a message on the pipe, with the rescan an hour away. So is one queued for an agent
+    applied after the executor started, and one queued after the agent's run directories were
+    removed and made again."""
+    device.apply({"t": {"command": sh("true"), "concurrency": "Allow"}})
+    daemon = device.daemon("--rescan", "1h")
+    device.wait_ready(daemon)
+
+    began = time.time()
+    run_id = quiet_enqueue(device.root, device.agent, "t")
+    record = device.wait_state(run_id, "completed", timeout=5)
+    assert when(record["startedAt"]) - began < 1.0, record
+
+    later = device.other()
+    device.apply({"t": {"command": sh("true"), "concurrency": "Allow"}},
+                 others={later: {"t": {"command": sh("true"), "concurrency": "Allow"}}})
+    time.sleep(0.3)  # the executor has seen the new agent's directory and watches its queue
+    began = time.time()
+    record = device.wait_state(quiet_enqueue(device.root, later, "t"), "completed", timeout=5)
+    assert when(record["startedAt"]) - began < 1.0, record
+
+    queue = device.agent_dir(later) / "queue"
+    queue.rename(queue.with_name("queue.old"))
+    queue.mkdir()
+    time.sleep(0.3)
+    began = time.time()
+    record = device.wait_state(quiet_enqueue(device.root, later, "t"), "completed", timeout=5)
+    assert when(record["startedAt"]) - began < 1.0, record
     assert daemon.stop() == 0
+    assert "not every queue" not in daemon.stderr()
 
 
 def unserved_executor(root: Path):

@@ -3,7 +3,9 @@
 One thread, one `selectors` loop. It sleeps until something happens: a message on the wake
 pipe (`spos action run` writes the agent's name after enqueueing), output or progress from a
 run, a run's process exiting (pidfd), or the next deadline (a timeout, the end of a grace
-period, a retry becoming due). A periodic rescan (default 30 s) catches whatever a lost wake-up
+period, a retry becoming due), or inotify reporting a record renamed into an agent's queue
+(queuewatch.py: a run queued without a message on the pipe is seen as soon). A periodic rescan
+(every 5 minutes; every 30 s at most while some queue is not watched) catches whatever both
 missed, so a deleted wake pipe or an executor that was down only delays work. Idle, it uses no
 CPU.
 
@@ -39,6 +41,7 @@ from reconciler.executor.enqueue import (ATTACHMENTS_DIR, WAKE_OVERFLOW, WAKE_PI
                                         trigger_env, woken_agents, write_attachments)
 from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
+from reconciler.executor.queuewatch import QueueWatch
 from reconciler.executor.retention import PeriodicCleanup, remove_tree
 from reconciler.executor.runs import RUN_FILE, CorruptRecord, Listings, Run, RunStore, storage_failure
 from reconciler.executor.sandbox import Limits, SandboxSpec, adopt_orphans, reap_orphans
@@ -65,6 +68,9 @@ WAKE_READS = 4
 WAKE_AGENTS = 256
 """Agents named by wake-ups and not listed yet (every slot busy) beyond which every queue is
 listed instead."""
+RESCAN_UNWATCHED = 30.0
+"""The longest time between rescans while some agent's queue is not watched (no inotify, its
+watch limit reached, an agent's directory without a queue yet)."""
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Settings:
     max_parallel: int = 4
     max_per_agent: int = 2
     grace: float = 10.0
-    rescan: float = 30.0
+    rescan: float = 300.0  # while every queue is watched; RESCAN_UNWATCHED at most otherwise
     save_interval: float = 1.0
     cleanup_interval: float = 3600.0  # retention passes (retention.py); 0: none
     storage_interval: float = 5.0  # how often an agent's storage is measured while it runs
@@ -101,6 +107,8 @@ class Executor:
         self.stopping = False
         self.identity = identity()
         self.wake_fd = -1
+        self.watch: QueueWatch | None = None  # serve() watches the queues
+        self.watch_problem_said: str | None = None
         self.wake_inode: tuple[int, int] | None = None
         self.signal_pipe: tuple[int, int] | None = None
         self.next_rescan = 0.0
@@ -126,6 +134,7 @@ class Executor:
         self._install_signal_handlers()
         self._adopt_orphans()
         self._open_wake_pipe()
+        self._watch_queues()
         if not once and self.settings.prepared > 0:
             self.prepared = PreparedPool(self.sandbox, self.device.cgroups.parent,
                                          self.settings.prepared, self.settings.prepared_idle)
@@ -154,6 +163,9 @@ class Executor:
                 self.prepared.close()
             self._close_wake_pipe()
             self._close_signal_pipe()
+            if self.watch is not None:
+                self._unregister(self.watch.fd)
+                self.watch.close()
 
     def _adopt_orphans(self) -> None:
         """Reap, here, what the sandboxes leave behind (sandbox.adopt_orphans); said on stderr
@@ -276,6 +288,8 @@ class Executor:
             kind, active = key.data
             if kind == "wake":
                 self._drain_wake()
+            elif kind == "queues":
+                self._read_queue_watch()
             elif kind == "signal":
                 while _read_available(key.fd):
                     pass
@@ -300,7 +314,7 @@ class Executor:
         agents are many."""
         now_mono = time.monotonic()
         if now_mono >= self.next_rescan:
-            self.next_rescan = now_mono + self.settings.rescan
+            self.next_rescan = now_mono + self._rescan_interval()
             self._check_wake_pipe()
             self._collect_cancel_requests()
             self._collect_strays()
@@ -320,6 +334,8 @@ class Executor:
         self.queue_changed = False
         self.retry_due = None
         self._list_queues()
+        if self.watch is not None and not self.watch.complete:
+            self._unwatched(now_mono)
         started = False
         for agent, name in self._queued():
             if len(self.active) >= self.settings.max_parallel:
@@ -338,12 +354,16 @@ class Executor:
             self.list_all = False
             self.list_agents.clear()
             self.queued = {}
+            if self.watch is not None:
+                self.watch.begin_listing_all()
             for agent in self.store.agents():
                 self._list_queue(agent)
         while self.list_agents:
             self._list_queue(self.list_agents.pop())
 
     def _list_queue(self, agent: str) -> None:
+        if self.watch is not None:
+            self.watch.watch(agent)  # first: a run queued from now on is reported
         try:
             names = set(self.store.names(agent, "queue"))
         except (OSError, SposError):
@@ -1184,6 +1204,44 @@ class Executor:
             self.list_agents |= agents
         self.queue_changed = True
         self.next_cancel_check = 0.0  # a cancel request comes with a wake-up: look at once
+
+    # -- the queue watch ---------------------------------------------------------------------
+
+    def _watch_queues(self) -> None:
+        """Watch the queues with inotify (queuewatch.py). Each queue is watched when it is
+        first listed: at the first rescan, which comes at once."""
+        self.watch = QueueWatch(self.device)
+        if self.watch.fd >= 0:
+            self.selector.register(self.watch.fd, selectors.EVENT_READ, ("queues", None))
+
+    def _unwatched(self, now: float) -> None:
+        """Some queue is not watched: the next rescan comes within RESCAN_UNWATCHED, and why
+        (when it is more than an agent's directory still without a queue) is said on stderr
+        once."""
+        self.next_rescan = min(self.next_rescan, now + RESCAN_UNWATCHED)
+        problem = self.watch.problem
+        if problem and problem != self.watch_problem_said:
+            self.watch_problem_said = problem
+            print(f"spos executor: not every queue can be watched ({problem}); the queues are "
+                  f"looked at every {self._rescan_interval():g}s", file=sys.stderr)
+
+    def _read_queue_watch(self) -> None:
+        agents, everything, came_or_went = self.watch.read()
+        if everything or len(self.list_agents) + len(agents) > WAKE_AGENTS:
+            self.list_all = True
+        if self.list_all:
+            self.list_agents.clear()
+        else:
+            self.list_agents |= agents
+        if agents or everything:
+            self.queue_changed = True
+        if came_or_went and self.prepared is not None:
+            self.prepared.retain(self._applied)
+
+    def _rescan_interval(self) -> float:
+        if self.watch is not None and self.watch.complete:
+            return self.settings.rescan
+        return min(self.settings.rescan, RESCAN_UNWATCHED)
 
     # -- helpers ----------------------------------------------------------------------------
 

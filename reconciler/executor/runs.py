@@ -119,13 +119,15 @@ class Listings:
     - when the wall clock has stepped since (the file system's times come from it: set back, a
       later change could carry the times of an earlier one);
     - at least every KEEP_NS whatever the times say (a file system whose clock is not this
-      machine's, a server's), so a change the times hide only waits that long.
+      machine's, a server's), so a change the times hide only waits that long. It spans three
+      of the executor's rescans (every 5 minutes): a shorter one would have every rescan list
+      every directory again.
 
     Only the directories a rescan looks at belong here (each agent's `queue/` and `active/`,
     and the agents' directory); a kept listing not used for KEEP_NS is dropped."""
 
     RACY_NS = 5 * 10**9
-    KEEP_NS = 300 * 10**9
+    KEEP_NS = 900 * 10**9
     CLOCK_STEP_NS = 10**9
 
     def __init__(self, device: Device):
