@@ -39,10 +39,13 @@ WATCH_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED | IN_UNMOUNT
 _EVENT_HEADER = struct.Struct("iIII")
 _READ_BYTES = 65536
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.inotify_init1.argtypes = [ctypes.c_int]
-_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.inotify_init1.argtypes = [ctypes.c_int]
+    _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    _libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+except (OSError, AttributeError):  # a C library without inotify: Inotify() says so
+    _libc = None
 
 
 class WatchFailed(Exception):
@@ -60,6 +63,8 @@ class Inotify:
     """One inotify instance (non-blocking, close-on-exec). Closing it removes every watch."""
 
     def __init__(self):
+        if _libc is None:
+            raise WatchFailed("inotify is not available (the C library has no inotify_init1)")
         fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             raise watch_failure(ctypes.get_errno(), "inotify")

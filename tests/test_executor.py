@@ -13,6 +13,7 @@ bounded. Needs root, bubblewrap and cgroups: otherwise every test is skipped wit
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -504,6 +505,32 @@ def test_a_wake_up_naming_no_agent_has_every_queue_looked_at(device, message):
     finally:
         os.close(writer)
     assert any(quiet in name for name in executor.queued.get(other, ())), executor.queued
+
+
+def test_a_claim_the_full_disk_refused_is_tried_again_after_the_storage_retry(device, monkeypatch):
+    """The refused claim moves the run back into its queue, which the queue watch reports:
+    that must not have the executor claim it again at once, over and over."""
+    device.apply({"t": {"command": sh("true")}})
+    executor = unserved_executor(device.root)
+    executor._watch_queues()
+    tries = []
+
+    def full(run):
+        tries.append(time.monotonic())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(executor.store, "reserve", full)
+    quiet_enqueue(device.root, device.agent, "t")
+    executor.list_all = executor.queue_changed = True
+    executor.next_rescan = time.monotonic() + 3600
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            executor.dispatch()
+            executor._wait(min(executor._timeout(False), deadline - time.monotonic(), 0.2))
+    finally:
+        executor.watch.close()
+    assert len(tries) == 1, f"{len(tries)} claims in 1 s"
 
 
 def test_a_run_queued_without_a_wake_up_starts_at_once(device):

@@ -62,7 +62,7 @@ def test_a_queue_removed_and_made_again_is_watched_again(root):
     queue(root).rmdir()
     assert watch.read() == ({"alpha"}, False, True)
     watch.watch("alpha")  # what the listing that follows does: no queue, so its agent's directory
-    assert not watch.complete and watch.unwatched == {"alpha"}
+    assert watch.complete and "alpha" in watch.awaiting
     queue(root).mkdir()
     assert watch.read()[0] == {"alpha"}
     watch.watch("alpha")
@@ -88,8 +88,8 @@ def test_a_new_agent_is_watched_once_apply_has_made_its_queue(root):
     (root / AGENTS / "gamma").mkdir()
     agents, everything, came = watch.read()
     assert agents == {"gamma"} and came and not everything
-    watch.watch("gamma")  # listed before its queue exists
-    assert not watch.complete
+    watch.watch("gamma")  # listed before its queue exists: its directory is watched instead
+    assert watch.complete and "gamma" in watch.awaiting
     queue(root, "gamma").mkdir()
     assert watch.read()[0] == {"gamma"}
     watch.watch("gamma")
@@ -148,8 +148,12 @@ def test_a_queue_that_cannot_be_watched_brings_the_rescan_back_to_30_seconds(roo
     executor._list_queues()
     assert executor.watch.complete and executor._rescan_interval() == 3600
 
-    def refused(self, path, mask):
-        raise WatchFailed("inotify watch limit reached (sysctl fs.inotify.max_user_watches is 1)")
+    add_watch = Inotify.add_watch
+
+    def refused(self, path, mask):  # watches made before stay (the kernel gives them back)
+        if "/beta" in path:
+            raise WatchFailed("inotify watch limit reached (sysctl fs.inotify.max_user_watches is 1)")
+        return add_watch(self, path, mask)
 
     monkeypatch.setattr(Inotify, "add_watch", refused)
     (root / AGENTS / "beta" / "queue").mkdir(parents=True)
@@ -159,3 +163,84 @@ def test_a_queue_that_cannot_be_watched_brings_the_rescan_back_to_30_seconds(roo
     assert executor._rescan_interval() == RESCAN_UNWATCHED
     assert "max_user_watches" in executor.watch.problem
     executor.watch.close()
+
+
+def relisted(watch: QueueWatch, root: Path) -> None:
+    """What the executor's next listing of every queue does."""
+    watch.begin_listing_all()
+    for agent in sorted(os.listdir(root / AGENTS)):
+        watch.watch(agent)
+
+
+def test_an_agents_directory_moved_away_and_made_again_has_its_new_queue_watched(root):
+    """The old queue sends nothing (it was not moved itself): the listing finds that the queue
+    there now is another directory."""
+    watch = listed_all(root)
+    (root / AGENTS / "alpha").rename(root / "alpha.old")
+    queue(root).mkdir(parents=True)
+    agents, _, _ = watch.read()
+    assert agents == {"alpha"}
+    watch.watch("alpha")
+    assert watch.complete
+    enqueued(root, "050-1-a.json")
+    assert watch.read()[0] == {"alpha"}
+    (root / "alpha.old" / "queue" / "x.json").write_text("{}")
+    (root / "alpha.old" / "queue" / "x.json").rename(root / "alpha.old" / "queue" / "y.json")
+    assert watch.read()[0] == set()  # the old one is watched no more
+    watch.close()
+
+
+def test_two_agents_directories_swapped_are_reported_under_their_own_names(root):
+    (root / AGENTS / "beta" / "queue").mkdir(parents=True)
+    watch = listed_all(root)
+    alpha, beta, swap = (root / AGENTS / name for name in ("alpha", "beta", "swap"))
+    alpha.rename(swap)
+    beta.rename(alpha)
+    swap.rename(beta)
+    for agent in watch.read()[0]:
+        watch.watch(agent)
+    enqueued(root, "050-1-a.json", "beta")
+    assert watch.read()[0] == {"beta"}
+    enqueued(root, "050-2-a.json", "alpha")
+    assert watch.read()[0] == {"alpha"}
+    watch.close()
+
+
+def test_a_queue_made_again_while_events_were_lost_is_watched_after_the_listing(root):
+    limit = Path("/proc/sys/fs/inotify/max_queued_events")
+    if os.geteuid() != 0:
+        pytest.skip("lowering fs.inotify.max_queued_events needs root")
+    saved = limit.read_text()
+    try:
+        limit.write_text("4\n")
+        watch = listed_all(root)
+    finally:
+        limit.write_text(saved)
+    for index in range(10):
+        enqueued(root, f"050-{index}-a.json")
+    for name in os.listdir(queue(root)):
+        os.unlink(queue(root) / name)
+    queue(root).rmdir()  # its IN_DELETE_SELF and IN_IGNORED are lost with the rest
+    queue(root).mkdir()
+    assert watch.read()[1]
+    relisted(watch, root)
+    assert watch.complete
+    enqueued(root, "050-x-a.json")
+    assert watch.read()[0] == {"alpha"}
+    watch.close()
+
+
+def test_a_deleted_agent_whose_history_is_kept_leaves_the_watch_complete(root):
+    """apply removes a deleted agent's config and its empty run directories, and keeps its
+    history: its directory is watched (a queue made there is reported), so the rescan need
+    not come every 30 s for it."""
+    (root / AGENTS / "alpha" / "completed").mkdir()
+    watch = listed_all(root)
+    queue(root).rmdir()
+    for agent in watch.read()[0]:
+        watch.watch(agent)
+    relisted(watch, root)
+    assert watch.complete
+    queue(root).mkdir()
+    assert watch.read()[0] == {"alpha"}
+    watch.close()

@@ -133,15 +133,15 @@ class Executor:
         `once`, return as soon as nothing is queued and nothing is running."""
         self._install_signal_handlers()
         self._adopt_orphans()
-        self._open_wake_pipe()
-        self._watch_queues()
-        if not once and self.settings.prepared > 0:
-            self.prepared = PreparedPool(self.sandbox, self.device.cgroups.parent,
-                                         self.settings.prepared, self.settings.prepared_idle)
-        self.recover()
-        self.queue_changed = True  # what was queued while no executor listened
-        cleanup = PeriodicCleanup(self.device, self.settings.cleanup_interval)
         try:
+            self._open_wake_pipe()
+            self._watch_queues()
+            if not once and self.settings.prepared > 0:
+                self.prepared = PreparedPool(self.sandbox, self.device.cgroups.parent,
+                                             self.settings.prepared, self.settings.prepared_idle)
+            self.recover()
+            self.queue_changed = True  # what was queued while no executor listened
+            cleanup = PeriodicCleanup(self.device, self.settings.cleanup_interval)
             while True:
                 if not self.stopping:
                     started_any = self.dispatch()
@@ -1233,7 +1233,10 @@ class Executor:
             self.list_agents.clear()
         else:
             self.list_agents |= agents
-        if agents or everything:
+        # While the state file system refuses writes, a claim it refused moves the run back
+        # into its queue, which the watch reports: looking again at once would spin on that.
+        # The storage retry lists every queue when it falls due.
+        if (agents or everything) and self.storage_retry_at is None:
             self.queue_changed = True
         if came_or_went and self.prepared is not None:
             self.prepared.retain(self._applied)

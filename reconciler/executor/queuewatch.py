@@ -41,17 +41,18 @@ AGENT_EVENTS = IN_CREATE | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLY
 
 
 class QueueWatch:
-    """One inotify instance: a watch on `agents/` and one on each agent's `queue/`."""
+    """One inotify instance: a watch on `agents/` and one on each agent's `queue/` (or, while
+    it has none, on the agent's directory)."""
 
     def __init__(self, device: "Device"):
         self.device = device
         self.inotify: Inotify | None = None
-        self.problem: str | None = None  # why not every queue is watched, in words
+        self.problem: str | None = None  # why some queue is not watched, in words
         self.agents_wd: int | None = None
         self.agent_of: dict[int, str] = {}  # a queue's watch descriptor -> its agent
         self.wd_of: dict[str, int] = {}
-        self.awaiting: dict[int, str] = {}  # an agent's directory, watched until its queue is made
-        self.unwatched: set[str] = set()  # agents whose directory exists, their queue unwatched
+        self.awaiting: dict[str, int] = {}  # agent -> its directory's watch, until it has a queue
+        self.unwatched: set[str] = set()  # agents whose directory exists, neither it nor a queue watched
         try:
             self.inotify = Inotify()
         except (OSError, WatchFailed) as exc:
@@ -63,35 +64,54 @@ class QueueWatch:
 
     @property
     def complete(self) -> bool:
-        """Whether every agent's queue known to exist, and `agents/` itself, are watched."""
+        """Whether `agents/` and every agent's queue known to exist (or, for an agent without
+        one, its directory) are watched."""
         return self.inotify is not None and self.agents_wd is not None and not self.unwatched
 
     def begin_listing_all(self) -> None:
-        """Before every queue is listed: watch `agents/` (again, if it was replaced), and
-        forget which agents were unwatched (the listing watches each one it finds)."""
+        """Before every queue is listed: watch `agents/` (again: what is there now may be
+        another directory than the one watched), and forget which agents were unwatched and
+        why (the listing watches each agent it finds)."""
         self.unwatched.clear()
-        if self.inotify is None or self.agents_wd is not None:
+        if self.inotify is None:
             return
-        self.agents_wd = self._add(AGENTS_DIR, AGENTS_EVENTS)
+        self.problem = None
+        wd, problem = self._add(AGENTS_DIR, AGENTS_EVENTS)
+        if wd != self.agents_wd and self.agents_wd is not None:
+            self._forget_all()  # a new agents/: the queues watched may be the old one's
+        self.agents_wd = wd
+        if wd is None and problem:  # not made yet (no agent applied): not worth a word
+            self.problem = problem
 
     def watch(self, agent: str) -> None:
         """Watch `agent`'s queue, before it is listed: what is renamed into it after the watch
-        is reported, what came before is in the listing. Nothing when it is watched already."""
-        if self.inotify is None or agent in self.wd_of:
+        is reported, what came before is in the listing. The watch is made again each time:
+        the directory there now may not be the one watched (an agent's directory replaced,
+        two swapped, events lost to an overflow), and for one already watched the kernel
+        gives back its descriptor."""
+        if self.inotify is None:
             return
-        wd = self._add(f"{AGENTS_DIR}/{agent}/queue", QUEUE_EVENTS)
-        if wd is None and self._await_queue(agent):
-            wd = self._add(f"{AGENTS_DIR}/{agent}/queue", QUEUE_EVENTS)  # made meanwhile?
+        queue = f"{AGENTS_DIR}/{agent}/queue"
+        wd, problem = self._add(queue, QUEUE_EVENTS)
         if wd is None:
-            if self._is_agent(agent):
+            self._unwatch(agent)
+            if self._await_queue(agent):
+                wd, problem = self._add(queue, QUEUE_EVENTS)  # made in between?
+        if wd is None:
+            if agent not in self.awaiting and self._is_agent(agent):
                 self.unwatched.add(agent)
+                self.problem = problem or self.problem
+            else:
+                self.unwatched.discard(agent)
             return
         self.unwatched.discard(agent)
-        for awaited in [w for w, a in self.awaiting.items() if a == agent]:
-            del self.awaiting[awaited]
-            self.inotify.remove_watch(awaited)
+        awaited = self.awaiting.pop(agent, None)
+        if awaited is not None:
+            self._remove(awaited)
+        if self.wd_of.get(agent) not in (None, wd):
+            self._unwatch(agent)
         previous = self.agent_of.get(wd)  # the same directory under another name: moved
-        if previous is not None:
+        if previous is not None and previous != agent:
             self.wd_of.pop(previous, None)
         self.agent_of[wd] = agent
         self.wd_of[agent] = wd
@@ -101,6 +121,7 @@ class QueueWatch:
         every queue, whether an agent's directory or queue came or went)."""
         agents: set[str] = set()
         everything = came_or_went = False
+        awaited = {wd: agent for agent, wd in self.awaiting.items()}
         for event in self.inotify.read() if self.inotify is not None else ():
             if event.mask & IN_Q_OVERFLOW:
                 everything = True
@@ -111,17 +132,17 @@ class QueueWatch:
                 elif event.name and not event.name.startswith("."):
                     agents.add(event.name)
                 came_or_went = True
-            elif event.wd in self.awaiting:
+            elif event.wd in awaited:
+                agent = awaited[event.wd]
                 if event.name == "queue" or event.mask & (LEFT | IN_IGNORED):
-                    agents.add(self.awaiting[event.wd])
-                if event.mask & (LEFT | IN_IGNORED):
-                    self.inotify.remove_watch(event.wd)
-                    del self.awaiting[event.wd]
+                    agents.add(agent)  # listed next, which watches its queue
+                if event.mask & (LEFT | IN_IGNORED) and self.awaiting.get(agent) == event.wd:
+                    self._remove(self.awaiting.pop(agent))
+                    came_or_went = True
             elif event.wd in self.agent_of:
                 agent = self.agent_of[event.wd]
                 if event.mask & (LEFT | IN_IGNORED):
-                    self._forget(event.wd)  # listed next, which watches a queue there again
-                    self.wd_of.pop(agent, None)
+                    self._unwatch(agent)  # listed next, which watches a queue there again
                     came_or_went = True
                     agents.add(agent)
                 elif not event.name.startswith("."):
@@ -133,36 +154,43 @@ class QueueWatch:
             self.inotify.close()
             self.inotify = None
 
-    def _forget(self, wd: int) -> None:
-        """Drop a watch whose directory left (a moved one would still report, elsewhere)."""
-        if self.agent_of.pop(wd, None) is not None or wd == self.agents_wd:
-            self.inotify.remove_watch(wd)  # refused (EINVAL) when the kernel dropped it already
+    def _unwatch(self, agent: str) -> None:
+        wd = self.wd_of.pop(agent, None)
+        if wd is not None and self.agent_of.get(wd) == agent:
+            del self.agent_of[wd]
+            self._remove(wd)
 
     def _forget_all(self) -> None:
-        for wd in (*self.agent_of, *self.awaiting, self.agents_wd):
-            self.inotify.remove_watch(wd)
+        for wd in (*self.agent_of, *self.awaiting.values(), self.agents_wd):
+            if wd is not None:
+                self._remove(wd)
         self.agent_of.clear()
         self.wd_of.clear()
         self.awaiting.clear()
         self.agents_wd = None
 
     def _await_queue(self, agent: str) -> bool:
-        """Watch the directory of an agent that has no queue yet, until it has one. False when
-        there is no such directory (or it cannot be watched)."""
-        if agent in self.awaiting.values():
-            return False
-        wd = self._add(f"{AGENTS_DIR}/{agent}", AGENT_EVENTS)
+        """Watch the directory of an agent that has no queue (apply has not made it yet, or
+        deleted the agent and kept its history): the queue's making is reported. False when
+        there is no such directory, or it cannot be watched."""
+        wd, _ = self._add(f"{AGENTS_DIR}/{agent}", AGENT_EVENTS)
         if wd is None:
             return False
-        self.awaiting[wd] = agent
+        old = self.awaiting.get(agent)
+        if old is not None and old != wd:
+            self._remove(old)  # another directory than the one watched
+        self.awaiting[agent] = wd
         return True
 
-    def _add(self, path: str, mask: int) -> int | None:
+    def _add(self, path: str, mask: int) -> tuple[int | None, str | None]:
+        """The watch descriptor of `path`, or None and why not (None: it does not exist)."""
         try:
-            return self.inotify.add_watch(self.device.host(path), mask)
+            return self.inotify.add_watch(self.device.host(path), mask), None
         except (WatchFailed, SposError) as exc:
-            self.problem = str(exc)
-            return None
+            return None, str(exc)
+
+    def _remove(self, wd: int) -> None:
+        self.inotify.remove_watch(wd)  # refused (EINVAL) when the kernel dropped it already
 
     def _is_agent(self, agent: str) -> bool:
         try:
