@@ -225,7 +225,7 @@ class RunCgroup:
         return fds
 
     def pids(self) -> set[int]:
-        """Every process in the cgroup, as host pids."""
+        """Every process in the cgroup, as host pids (on v1, in any of its hierarchies)."""
         found: set[int] = set()
         for directory in self.directories:
             try:
@@ -233,6 +233,18 @@ class RunCgroup:
             except FileNotFoundError:
                 continue
         return found
+
+    def exiting(self) -> set[int]:
+        """The processes to wait for once a run's main process exited: on v1, those of its
+        first hierarchy alone. A process leaves every hierarchy at once when it exits, and none
+        in a sandbox can move itself (no capability, cgroup files read-only); `remove()`
+        still finds one left anywhere, since the kernel refuses to remove a busy cgroup."""
+        for directory in self.directories:
+            try:
+                return set(map(int, _read_bytes(f"{directory}/cgroup.procs").split()))
+            except FileNotFoundError:
+                continue
+        return set()
 
     def exists(self) -> bool:
         return any(os.path.isdir(directory) for directory in self.directories)
@@ -265,7 +277,7 @@ class RunCgroup:
         it exited."""
         deadline = time.monotonic() + seconds
         while True:
-            pids = self.pids()
+            pids = self.exiting()
             if not pids:
                 return True
             remaining = deadline - time.monotonic()
@@ -278,7 +290,7 @@ class RunCgroup:
         learn without polling when they are gone: a process leaves its cgroup before its pidfd
         becomes readable. Empty when the cgroup is empty, or when pidfds cannot be opened."""
         fds: list[int] = []
-        for pid in self.pids():
+        for pid in self.exiting():
             try:
                 fds.append(os.pidfd_open(pid))
             except ProcessLookupError:

@@ -622,9 +622,14 @@ class MountPlan:
         following any link: what gets mounted is what was checked, even if someone swaps a
         directory for a symlink meanwhile. Each fd is appended to `opened` (the caller closes)."""
         fds = []
-        for path in (*(bind.dest for bind in self.binds), *self.staged):
-            fds.append(_open_without_links(str(self.device.root), path))
-            opened.append(fds[-1])
+        walked: dict[str, int] = {}  # directories opened on the way, shared by the paths below them
+        try:
+            for path in (*(bind.dest for bind in self.binds), *self.staged):
+                fds.append(_open_without_links(str(self.device.root), path, walked))
+                opened.append(fds[-1])
+        finally:
+            for fd in walked.values():
+                os.close(fd)
         return fds
 
     def arguments(self, hide_fds: list[int], source_fds: list[int], *, network: bool,
@@ -1222,22 +1227,35 @@ def _head_of_regular_file(path: str) -> bytes:
         os.close(fd)
 
 
-def _open_without_links(root: str, device_path: str) -> int:
+def _open_without_links(root: str, device_path: str, walked: dict[str, int] | None = None) -> int:
+    """An O_PATH fd of `device_path` below `root`, each component opened from its parent's fd
+    and refused when it is a symbolic link. `walked` keeps the directories opened on the way
+    (the caller closes them), so paths that share a parent open it once."""
+    walked = {} if walked is None else walked
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    for part in [p for p in device_path.split("/") if p]:
+    parts = [p for p in device_path.split("/") if p]
+    prefix = ""
+    if "" not in walked:
+        walked[""] = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = walked[""]
+    for index, part in enumerate(parts):
+        prefix += "/" + part
+        last = index == len(parts) - 1
+        if not last and prefix in walked:
+            fd = walked[prefix]
+            continue
         try:
             child = os.open(part, flags, dir_fd=fd)
         except OSError as exc:
             raise SandboxError(f"cannot open {device_path} under {root}: {exc.strerror}",
                                retryable=True) from exc
-        finally:
-            os.close(fd)
-        fd = child
-        if stat.S_ISLNK(os.fstat(fd).st_mode):
-            os.close(fd)
+        if stat.S_ISLNK(os.fstat(child).st_mode):
+            os.close(child)
             raise SandboxError(f"refusing {device_path}: {part} is a symbolic link")
-    return fd
+        if last:
+            return child
+        walked[prefix] = fd = child
+    return os.dup(fd)  # the root itself
 
 
 def _args_fd(args: list[str]) -> int:
