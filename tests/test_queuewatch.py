@@ -123,8 +123,9 @@ def test_the_agents_directory_replaced_asks_for_every_queue(root):
     watch.close()
 
 
-def test_an_overflow_of_the_kernels_event_queue_asks_for_every_queue(root):
-    """The limit is read when an inotify instance is made: lowered for that moment only."""
+def overflowed(root: Path) -> QueueWatch:
+    """A watch whose kernel event queue overflowed. The limit is read when an inotify instance
+    is made: it is lowered for that moment only."""
     limit = Path("/proc/sys/fs/inotify/max_queued_events")
     if os.geteuid() != 0:
         pytest.skip("lowering fs.inotify.max_queued_events needs root")
@@ -136,6 +137,11 @@ def test_an_overflow_of_the_kernels_event_queue_asks_for_every_queue(root):
         limit.write_text(saved)
     for index in range(10):
         enqueued(root, f"050-{index}-a.json")
+    return watch
+
+
+def test_an_overflow_of_the_kernels_event_queue_asks_for_every_queue(root):
+    watch = overflowed(root)
     agents, everything, _ = watch.read()
     assert everything
     watch.close()
@@ -207,17 +213,7 @@ def test_two_agents_directories_swapped_are_reported_under_their_own_names(root)
 
 
 def test_a_queue_made_again_while_events_were_lost_is_watched_after_the_listing(root):
-    limit = Path("/proc/sys/fs/inotify/max_queued_events")
-    if os.geteuid() != 0:
-        pytest.skip("lowering fs.inotify.max_queued_events needs root")
-    saved = limit.read_text()
-    try:
-        limit.write_text("4\n")
-        watch = listed_all(root)
-    finally:
-        limit.write_text(saved)
-    for index in range(10):
-        enqueued(root, f"050-{index}-a.json")
+    watch = overflowed(root)
     for name in os.listdir(queue(root)):
         os.unlink(queue(root) / name)
     queue(root).rmdir()  # its IN_DELETE_SELF and IN_IGNORED are lost with the rest
