@@ -696,6 +696,82 @@ def test_after_a_normal_exit_the_cgroup_empties_without_killing(sandboxed, monke
         assert not [d for d in cgroup_dirs(spec.cgroup_name) if d.exists()]
 
 
+def test_a_process_moved_out_of_a_runs_first_hierarchy_is_still_killed_at_removal():
+    """Waiting for a run's processes to leave looks at one v1 hierarchy (they leave all at once
+    when they exit, and none in a sandbox can move itself). Something outside the sandbox that
+    moves one of them (an operator, systemd re-applying its unit's settings) may hide it from
+    that look: the cgroup's removal still finds it, in another hierarchy, and kills it."""
+    from reconciler.executor.cgroup import Cgroups
+
+    cgroups = Cgroups(str(CGROUP_ROOT))
+    run = cgroups.create(f"{PARENT}/moved-{uuid.uuid4().hex[:8]}", Limits(), ())
+    if len(run.directories) < 2:
+        pytest.skip("one hierarchy only (cgroup v2): nothing to move between")
+    joins = run.open_join_fds()
+    process = subprocess.Popen(["/usr/bin/sleep", "60"], pass_fds=joins,
+                               preexec_fn=lambda: [os.write(fd, b"0") for fd in joins])
+    for fd in joins:
+        os.close(fd)
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while process.pid not in run.pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first = run.directories[0]
+        Path(first).parent.joinpath("cgroup.procs").write_text(str(process.pid))
+        assert run.exiting() == set() and run.pids() == {process.pid}
+        run.remove()
+        assert process.wait(timeout=WAIT_SECONDS) == -signal.SIGKILL
+        assert not run.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_bind_sources_are_the_directories_at_their_paths_and_no_fd_is_left(tmp_path):
+    """A run's bind sources are opened component by component without following links,
+    sharing the directories paths have in common: each fd is the directory at its path, a
+    link anywhere on the way is refused, and nothing else stays open."""
+    from reconciler.executor.sandbox import _open_without_links
+
+    agent = tmp_path / AGENT_DIR.lstrip("/")
+    for sub in ("tmp/r1", "checkpoints/r1", "output"):
+        (agent / sub).mkdir(parents=True)
+    (tmp_path / "elsewhere" / "x").mkdir(parents=True)
+    (agent / "link").symlink_to(tmp_path / "elsewhere")
+
+    def opened(paths: list[str]) -> list[int] | SandboxError:
+        walked: dict[str, int] = {}
+        fds: list[int] = []
+        try:
+            for path in paths:
+                fds.append(_open_without_links(str(tmp_path), path, walked))
+            return fds
+        except SandboxError as exc:
+            for fd in fds:
+                os.close(fd)
+            return exc
+        finally:
+            for fd in walked.values():
+                os.close(fd)
+
+    before = set(os.listdir("/proc/self/fd"))
+    good = [f"{AGENT_DIR}/tmp/r1", f"{AGENT_DIR}/checkpoints/r1", f"{AGENT_DIR}/output",
+            AGENT_DIR, f"{AGENT_DIR}/tmp", f"{AGENT_DIR}/output", "/"]
+    fds = opened(good)
+    try:
+        for path, fd in zip(good, fds):
+            assert os.fstat(fd).st_ino == os.stat(tmp_path / path.lstrip("/")).st_ino, path
+        assert len(set(os.listdir("/proc/self/fd")) - before) == len(good)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for bad in ([f"{AGENT_DIR}/output", f"{AGENT_DIR}/link/x"], [f"{AGENT_DIR}/link"],
+                [f"{AGENT_DIR}/output", f"{AGENT_DIR}/missing/x"]):
+        assert isinstance(opened(bad), SandboxError), bad
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
 def test_waiting_for_a_cgroup_to_empty_is_bounded_and_does_not_spin(sandboxed):
     spec = sandboxed.spec(["/usr/bin/sleep", "60"])
     run, _ = sandboxed.start(spec)

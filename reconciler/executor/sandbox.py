@@ -1227,11 +1227,10 @@ def _head_of_regular_file(path: str) -> bytes:
         os.close(fd)
 
 
-def _open_without_links(root: str, device_path: str, walked: dict[str, int] | None = None) -> int:
+def _open_without_links(root: str, device_path: str, walked: dict[str, int]) -> int:
     """An O_PATH fd of `device_path` below `root`, each component opened from its parent's fd
     and refused when it is a symbolic link. `walked` keeps the directories opened on the way
     (the caller closes them), so paths that share a parent open it once."""
-    walked = {} if walked is None else walked
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
     parts = [p for p in device_path.split("/") if p]
     prefix = ""
@@ -1249,7 +1248,12 @@ def _open_without_links(root: str, device_path: str, walked: dict[str, int] | No
         except OSError as exc:
             raise SandboxError(f"cannot open {device_path} under {root}: {exc.strerror}",
                                retryable=True) from exc
-        if stat.S_ISLNK(os.fstat(child).st_mode):
+        try:
+            is_link = stat.S_ISLNK(os.fstat(child).st_mode)
+        except BaseException:
+            os.close(child)
+            raise
+        if is_link:
             os.close(child)
             raise SandboxError(f"refusing {device_path}: {part} is a symbolic link")
         if last:
