@@ -4,7 +4,7 @@ One thread, one `selectors` loop. It sleeps until something happens: a message o
 pipe (`spos action run` writes the agent's name after enqueueing), output or progress from a
 run, a run's process exiting (pidfd), or the next deadline (a timeout, the end of a grace
 period, a retry becoming due), or inotify reporting a record renamed into an agent's queue
-(queuewatch.py: a run queued without a message on the pipe is seen as soon). A periodic rescan
+(queuewatch.py: a run queued without a message on the pipe is seen at once). A periodic rescan
 (every 5 minutes; every 30 s at most while some queue is not watched) catches whatever both
 missed, so a deleted wake pipe or an executor that was down only delays work. Idle, it uses no
 CPU.
@@ -69,8 +69,8 @@ WAKE_AGENTS = 256
 """Agents named by wake-ups and not listed yet (every slot busy) beyond which every queue is
 listed instead."""
 RESCAN_UNWATCHED = 30.0
-"""The longest time between rescans while some agent's queue is not watched (no inotify, its
-watch limit reached, an agent's directory without a queue yet)."""
+"""The longest time between rescans while some agent's queue is not watched (no inotify, or
+its watch limit reached)."""
 
 
 @dataclass
@@ -1216,8 +1216,7 @@ class Executor:
 
     def _unwatched(self, now: float) -> None:
         """Some queue is not watched: the next rescan comes within RESCAN_UNWATCHED, and why
-        (when it is more than an agent's directory still without a queue) is said on stderr
-        once."""
+        is said on stderr, once for each reason."""
         self.next_rescan = min(self.next_rescan, now + RESCAN_UNWATCHED)
         problem = self.watch.problem
         if problem and problem != self.watch_problem_said:
