@@ -240,3 +240,19 @@ def test_a_deleted_agent_whose_history_is_kept_leaves_the_watch_complete(root):
     queue(root).mkdir()
     assert watch.read()[0] == {"alpha"}
     watch.close()
+
+
+def test_an_agent_without_a_queue_whose_directory_cannot_be_watched_says_why(root, monkeypatch):
+    add_watch = Inotify.add_watch
+
+    def refused(self, path, mask):
+        if path.endswith("/delta"):
+            raise WatchFailed("inotify watch limit reached (sysctl fs.inotify.max_user_watches is 1)")
+        return add_watch(self, path, mask)
+
+    monkeypatch.setattr(Inotify, "add_watch", refused)
+    (root / AGENTS / "delta").mkdir()
+    watch = listed_all(root)
+    assert not watch.complete and watch.unwatched == {"delta"}
+    assert "max_user_watches" in watch.problem
+    watch.close()

@@ -53,6 +53,7 @@ class QueueWatch:
         self.wd_of: dict[str, int] = {}
         self.awaiting: dict[str, int] = {}  # agent -> its directory's watch, until it has a queue
         self.unwatched: set[str] = set()  # agents whose directory exists, neither it nor a queue watched
+        self._await_problem: str | None = None
         try:
             self.inotify = Inotify()
         except (OSError, WatchFailed) as exc:
@@ -97,6 +98,8 @@ class QueueWatch:
             self._unwatch(agent)
             if self._await_queue(agent):
                 wd, problem = self._add(queue, QUEUE_EVENTS)  # made in between?
+            else:
+                problem = problem or self._await_problem
         if wd is None:
             if agent not in self.awaiting and self._is_agent(agent):
                 self.unwatched.add(agent)
@@ -172,11 +175,13 @@ class QueueWatch:
     def _await_queue(self, agent: str) -> bool:
         """Watch the directory of an agent that has no queue (apply has not made it yet, or
         deleted the agent and kept its history): the queue's making is reported. False when
-        there is no such directory, or it cannot be watched."""
-        wd, _ = self._add(f"{AGENTS_DIR}/{agent}", AGENT_EVENTS)
+        there is no such directory, or it cannot be watched (why: `_await_problem`)."""
+        wd, self._await_problem = self._add(f"{AGENTS_DIR}/{agent}", AGENT_EVENTS)
+        old = self.awaiting.pop(agent, None)
         if wd is None:
+            if old is not None:
+                self._remove(old)  # whatever it watched is not the agent's directory now
             return False
-        old = self.awaiting.get(agent)
         if old is not None and old != wd:
             self._remove(old)  # another directory than the one watched
         self.awaiting[agent] = wd
