@@ -1078,7 +1078,8 @@ class _DirectoryWatch:
     LOOK_ANYWAY = 5.0                # seconds: a lost event costs at most this
 
     def __init__(self, directories: list[str]):
-        from reconciler.inotify import IN_CREATE, IN_DONT_FOLLOW, IN_MOVED_TO, IN_ONLYDIR, Inotify, WatchFailed
+        from reconciler.inotify import (IN_CREATE, IN_DONT_FOLLOW, IN_MOVED_TO, IN_ONLYDIR, Inotify,
+                                        WatchFailed)
 
         self.inotify = None
         self.pause = 0.05
@@ -1086,9 +1087,10 @@ class _DirectoryWatch:
             inotify = Inotify()
         except (OSError, WatchFailed):
             return
+        events = IN_CREATE | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW
         try:
             for directory in directories:
-                if inotify.add_watch(directory, IN_CREATE | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW) is None:
+                if inotify.add_watch(directory, events) is None:
                     raise WatchFailed(f"{directory} does not exist")
         except WatchFailed:
             inotify.close()

@@ -1195,15 +1195,19 @@ class Executor:
             size += len(chunk)
             if size < overflow:
                 chunks.append(chunk)
-        agents = None if size >= overflow else woken_agents(b"".join(chunks))
+        self._to_list(None if size >= overflow else woken_agents(b"".join(chunks)))
+        self.queue_changed = True
+        self.next_cancel_check = 0.0  # a cancel request comes with a wake-up: look at once
+
+    def _to_list(self, agents: set[str] | None) -> None:
+        """Remember the queues a wake-up or the queue watch named for the next listing (None:
+        every queue; so too beyond WAKE_AGENTS names waiting)."""
         if agents is None or len(self.list_agents) + len(agents) > WAKE_AGENTS:
             self.list_all = True
         if self.list_all:
             self.list_agents.clear()
         else:
             self.list_agents |= agents
-        self.queue_changed = True
-        self.next_cancel_check = 0.0  # a cancel request comes with a wake-up: look at once
 
     # -- the queue watch ---------------------------------------------------------------------
 
@@ -1226,12 +1230,7 @@ class Executor:
 
     def _read_queue_watch(self) -> None:
         agents, everything, came_or_went = self.watch.read()
-        if everything or len(self.list_agents) + len(agents) > WAKE_AGENTS:
-            self.list_all = True
-        if self.list_all:
-            self.list_agents.clear()
-        else:
-            self.list_agents |= agents
+        self._to_list(None if everything else agents)
         # While the state file system refuses writes, a claim it refused moves the run back
         # into its queue, which the watch reports: looking again at once would spin on that.
         # The storage retry lists every queue when it falls due.

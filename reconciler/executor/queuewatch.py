@@ -52,8 +52,8 @@ class QueueWatch:
         self.agent_of: dict[int, str] = {}  # a queue's watch descriptor -> its agent
         self.wd_of: dict[str, int] = {}
         self.awaiting: dict[str, int] = {}  # agent -> its directory's watch, until it has a queue
-        self.unwatched: set[str] = set()  # agents whose directory exists, neither it nor a queue watched
-        self._await_problem: str | None = None
+        # agents whose directory exists, and neither it nor a queue in it is watched
+        self.unwatched: set[str] = set()
         try:
             self.inotify = Inotify()
         except (OSError, WatchFailed) as exc:
@@ -96,10 +96,11 @@ class QueueWatch:
         wd, problem = self._add(queue, QUEUE_EVENTS)
         if wd is None:
             self._unwatch(agent)
-            if self._await_queue(agent):
+            awaiting, why = self._await_queue(agent)
+            if awaiting:
                 wd, problem = self._add(queue, QUEUE_EVENTS)  # made in between?
             else:
-                problem = problem or self._await_problem
+                problem = problem or why
         if wd is None:
             if agent not in self.awaiting and self._is_agent(agent):
                 self.unwatched.add(agent)
@@ -172,20 +173,18 @@ class QueueWatch:
         self.awaiting.clear()
         self.agents_wd = None
 
-    def _await_queue(self, agent: str) -> bool:
+    def _await_queue(self, agent: str) -> tuple[bool, str | None]:
         """Watch the directory of an agent that has no queue (apply has not made it yet, or
-        deleted the agent and kept its history): the queue's making is reported. False when
-        there is no such directory, or it cannot be watched (why: `_await_problem`)."""
-        wd, self._await_problem = self._add(f"{AGENTS_DIR}/{agent}", AGENT_EVENTS)
+        deleted the agent and kept its history): the queue's making is reported. (False, why)
+        when there is no such directory (why: None), or it cannot be watched."""
+        wd, why = self._add(f"{AGENTS_DIR}/{agent}", AGENT_EVENTS)
         old = self.awaiting.pop(agent, None)
-        if wd is None:
-            if old is not None:
-                self._remove(old)  # whatever it watched is not the agent's directory now
-            return False
         if old is not None and old != wd:
-            self._remove(old)  # another directory than the one watched
+            self._remove(old)  # another directory than the one watched, or none
+        if wd is None:
+            return False, why
         self.awaiting[agent] = wd
-        return True
+        return True, None
 
     def _add(self, path: str, mask: int) -> tuple[int | None, str | None]:
         """The watch descriptor of `path`, or None and why not (None: it does not exist)."""
