@@ -10,7 +10,7 @@ missed, so a deleted wake pipe or an executor that was down only delays work. Id
 CPU.
 
 Delivery is at-least-once: a run found in `active/` whose executor is gone is run again, with
-the attempt counted and its checkpoint handed over.
+the attempt counted and its checkpoint handed over (unless the task turns checkpoints off).
 
 A state file system that refuses a write (full, over quota, failing, read-only) fails the run
 whose log or record it was, never the executor. A run is claimed only with room set aside for
