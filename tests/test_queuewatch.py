@@ -5,6 +5,7 @@ falls back to rescanning every 30 s (docs/executor.md, "Waking up")."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,37 @@ def test_a_queue_that_cannot_be_watched_brings_the_rescan_back_to_30_seconds(roo
     assert not executor.watch.complete and executor.watch.unwatched == {"beta"}
     assert executor._rescan_interval() == RESCAN_UNWATCHED
     assert "max_user_watches" in executor.watch.problem
+    executor.watch.close()
+
+
+def test_the_first_rescan_at_start_sets_the_long_interval_once_every_queue_is_watched(root):
+    """At start nothing is watched yet; the start's listing watches every queue, so an idle
+    executor does not look at every queue again 30 s later."""
+    device = Device(str(root))
+    executor = Executor(device, sandbox=None, settings=Settings(rescan=3600, cleanup_interval=0))
+    executor._watch_queues()
+    assert not executor.watch.complete
+    executor.dispatch()
+    assert executor.watch.complete
+    assert executor.next_rescan - time.monotonic() > 3600 - 60
+    executor.watch.close()
+
+
+def test_a_queue_unwatchable_at_start_brings_the_first_rescan_within_30_seconds(root, monkeypatch):
+    add_watch = Inotify.add_watch
+
+    def refused(self, path, mask):
+        if "/alpha" in path:
+            raise WatchFailed("inotify watch limit reached (sysctl fs.inotify.max_user_watches is 1)")
+        return add_watch(self, path, mask)
+
+    monkeypatch.setattr(Inotify, "add_watch", refused)
+    executor = Executor(Device(str(root)), sandbox=None,
+                        settings=Settings(rescan=3600, cleanup_interval=0))
+    executor._watch_queues()
+    executor.dispatch()
+    assert executor.watch.unwatched == {"alpha"}
+    assert executor.next_rescan - time.monotonic() <= RESCAN_UNWATCHED
     executor.watch.close()
 
 

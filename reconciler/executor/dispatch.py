@@ -314,7 +314,11 @@ class Executor:
         agents are many."""
         now_mono = time.monotonic()
         if now_mono >= self.next_rescan:
-            self.next_rescan = now_mono + self._rescan_interval()
+            # The long interval while the queues are watched: the listing below watches each
+            # queue it lists (at start, none is yet), and brings the next rescan within
+            # RESCAN_UNWATCHED when one cannot be watched (`_unwatched`).
+            self.next_rescan = now_mono + (
+                self.settings.rescan if self.watch is not None else self._rescan_interval())
             self._check_wake_pipe()
             self._collect_cancel_requests()
             self._collect_strays()
