@@ -314,11 +314,7 @@ class Executor:
         agents are many."""
         now_mono = time.monotonic()
         if now_mono >= self.next_rescan:
-            # The long interval while the queues are watched: the listing below watches each
-            # queue it lists (at start, none is yet), and brings the next rescan within
-            # RESCAN_UNWATCHED when one cannot be watched (`_unwatched`).
-            self.next_rescan = now_mono + (
-                self.settings.rescan if self.watch is not None else self._rescan_interval())
+            self.next_rescan = now_mono + self._rescan_interval()
             self._check_wake_pipe()
             self._collect_cancel_requests()
             self._collect_strays()
@@ -1244,7 +1240,11 @@ class Executor:
             self.prepared.retain(self._applied)
 
     def _rescan_interval(self) -> float:
-        if self.watch is not None and self.watch.complete:
+        """The long interval while the queues are watched, and at start, before the first
+        listing watches them (with inotify at hand): a queue that listing cannot watch brings
+        the next rescan within RESCAN_UNWATCHED (`_unwatched`)."""
+        watch = self.watch
+        if watch is not None and (watch.complete or (not watch.listed and watch.fd >= 0)):
             return self.settings.rescan
         return min(self.settings.rescan, RESCAN_UNWATCHED)
 

@@ -54,6 +54,7 @@ class QueueWatch:
         self.awaiting: dict[str, int] = {}  # agent -> its directory's watch, until it has a queue
         # agents whose directory exists, and neither it nor a queue in it is watched
         self.unwatched: set[str] = set()
+        self.listed = False  # whether every queue was listed (and so watched) once
         try:
             self.inotify = Inotify()
         except (OSError, WatchFailed) as exc:
@@ -74,6 +75,7 @@ class QueueWatch:
         another directory than the one watched), and forget which agents were unwatched and
         why (the listing watches each agent it finds)."""
         self.unwatched.clear()
+        self.listed = True
         if self.inotify is None:
             return
         self.problem = None
