@@ -1584,6 +1584,72 @@ def test_a_corrupt_queue_file_is_set_aside_and_other_work_goes_on(device):
     assert device.record(theirs)["state"] == "completed"
 
 
+def test_a_link_or_a_directory_among_the_runs_is_set_aside_and_every_agent_is_served(device, tmp_path):
+    other, linked = device.other(), device.other()
+    device.apply({"t": {"command": sh("true")}}, others={other: {"t": {"command": sh("true")}}})
+    queue, failed = device.agent_dir() / "queue", device.agent_dir() / "failed"
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"id": "20260101T000000-0000000a", "task": "t"}')
+    (queue / "000-00000000000000000001-20260101T000000-0000000a.json").symlink_to(outside)
+    (queue / "000-00000000000000000002-20260101T000000-0000000b.json").mkdir()
+    (device.agent_dir() / "active" / "000-00000000000000000003-20260101T000000-0000000c.json").symlink_to(outside)
+    device.agent_dir(linked).symlink_to(device.agent_dir(other))  # a whole agent's directory
+    mine, theirs = device.enqueue("t"), device.enqueue("t", agent=other)
+
+    listed = device.spos("action", "list", "--root", device.root, "--json")
+    assert listed.code == 0, listed.err
+    assert {mine, theirs} <= {run["id"] for run in json.loads(listed.out)}
+
+    result = device.once()
+
+    for bucket, name in (("queue", "000-00000000000000000001-20260101T000000-0000000a.json"),
+                         ("queue", "000-00000000000000000002-20260101T000000-0000000b.json"),
+                         ("active", "000-00000000000000000003-20260101T000000-0000000c.json")):
+        assert (failed / f"{name}.corrupt").is_symlink() or (failed / f"{name}.corrupt").is_dir(), name
+        assert "not a run record" in (failed / f"{name}.corrupt.reason").read_text(), name
+        assert not (device.agent_dir() / bucket / name).exists()
+    assert outside.read_text() == '{"id": "20260101T000000-0000000a", "task": "t"}'  # never followed
+    assert device.record(mine)["state"] == "completed"
+    assert device.record(theirs)["state"] == "completed"
+    assert f"passing over /var/lib/systemprompt-os/agents/{linked}" in result.stderr
+    assert "symlink" in result.stderr
+
+
+def test_an_agent_config_of_the_wrong_shape_fails_its_runs_and_others_go_on(device):
+    other = device.other()
+    device.apply({"t": {"command": sh("true")}, "u": {"command": sh("true")}},
+                 others={other: {"t": {"command": sh("true")}}})
+    first, theirs = device.enqueue("t"), device.enqueue("t", agent=other)
+    config_path = device.agent_dir() / "agent.json"
+    config = json.loads(config_path.read_text())
+    config["tasks"]["t"]["timeoutSeconds"] = "1h"
+    config_path.write_text(json.dumps(config))
+
+    device.once()
+
+    record = device.record(first)
+    assert record["state"] == "failed", record
+    assert "`tasks.t.timeoutSeconds` must be a number of seconds above 0, got '1h'" in record["reason"]
+    assert "agent.json" in record["reason"]
+    assert "tasks.t.timeoutSeconds" in device.log(first)
+    assert device.record(theirs)["state"] == "completed"
+
+    # enqueueing says the same, and queues nothing
+    result = device.spos("action", "run", "--root", device.root, "--agent", device.agent, "--task", "u")
+    assert result.code == 1
+    assert "`tasks.t.timeoutSeconds` must be a number of seconds above 0" in result.err
+    for tasks, field in (("ok quiet", "tasks"), ({"t": None}, "tasks.t"), ({"t": 5}, "tasks.t"),
+                         ({"t": {"command": ["true"], "priority": "high"}}, "tasks.t.priority"),
+                         ({"t": {"command": ["true"], "retries": []}}, "tasks.t.retries"),
+                         ({"t": {"command": "true"}}, "tasks.t.command"),
+                         ({"t": {"steps": [{"name": "a"}]}}, "tasks.t.steps[0].command")):
+        config["tasks"] = tasks
+        config_path.write_text(json.dumps(config))
+        result = device.spos("action", "run", "--root", device.root, "--agent", device.agent, "--task", "t")
+        assert result.code == 1 and f"`{field}`" in result.err, (tasks, result.err)
+    assert not list((device.agent_dir() / "queue").iterdir())
+
+
 def test_a_run_of_a_removed_agent_or_task_fails_with_a_clear_reason(device):
     gone = device.other()
     device.apply({"t": {"command": sh("true")}, "doomed": {"command": sh("true")}},

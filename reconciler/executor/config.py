@@ -34,6 +34,9 @@ def read_agent_config(device: Device, agent: str) -> tuple[dict, bytes]:
         raise ConfigError(
             f"{path} has format {config.get('format')!r}; this executor reads format {SUPPORTED_FORMAT}"
         )
+    problem = shape_problem(config)
+    if problem:
+        raise ConfigError(f"{path}: {problem}; run spos apply to repair it")
     return config, raw
 
 
@@ -43,3 +46,210 @@ def task_config(config: dict, task: str) -> dict:
         known = ", ".join(sorted(tasks)) or "none"
         raise ConfigError(f"agent {config.get('agent')!r} has no task {task!r} (its tasks: {known})")
     return tasks[task]
+
+
+# -- the shape of a config ----------------------------------------------------------------------
+#
+# apply writes agent.json from validated manifests, so what is checked here is only what a hand
+# edit or damage can break and the executor relies on: the types and ranges of the fields of
+# docs/agent-config.md. Without it a task whose `timeoutSeconds` is "1h" was claimed and then
+# stopped the executor for every agent. Each check returns what is wrong, or None.
+
+CONCURRENCY = ("Allow", "Forbid", "Replace", "Queue")
+_CAPABILITY_LISTS = ("read", "write", "execute", "devices", "network")
+
+
+def shape_problem(config: dict) -> str | None:
+    """What in a parsed agent.json does not have the shape docs/agent-config.md gives, as
+    "`field` must be ..., got ..."; None when nothing is wrong."""
+    return (_check(config, "agent", _text)
+            or _check(config, "user", _optional(_text))
+            or _tasks_problem(config.get("tasks"))
+            or _capability_problem(config.get("capability"))
+            or _quota_problem(config.get("quota")))
+
+
+def _tasks_problem(tasks) -> str | None:
+    if not isinstance(tasks, dict):
+        return _wrong("tasks", "an object of tasks", tasks)
+    for name, task in tasks.items():
+        field = f"tasks.{name}"
+        if not isinstance(task, dict):
+            return _wrong(field, "an object", task)
+        problem = (_check(task, "command", _optional(_argv), field)
+                   or _check(task, "steps", _optional(_steps), field)
+                   or _check(task, "timeoutSeconds", _optional(_positive), field)
+                   or _check(task, "heartbeatTimeoutSeconds", _optional(_positive), field)
+                   or _check(task, "priority", _optional(_priority), field)
+                   or _check(task, "concurrency", _optional(_concurrency), field)
+                   or _check(task, "env", _optional(_env), field)
+                   or _check(task, "workdir", _optional(_text), field)
+                   or _check(task, "flexible", _optional(_flag), field)
+                   or _check(task, "onSuccess", _optional(_names), field)
+                   or _check(task, "onFailure", _optional(_names), field)
+                   or _checkpoint_problem(task.get("checkpoint"), f"{field}.checkpoint")
+                   or _retries_problem(task.get("retries"), f"{field}.retries"))
+        if problem:
+            return problem
+        if task.get("command") is None and not task.get("steps"):
+            return f"`{field}` has neither a `command` nor `steps`"
+    return None
+
+
+def _steps(steps, field):
+    if not isinstance(steps, list):
+        return _wrong(field, "a list of steps", steps)
+    for index, step in enumerate(steps):
+        at = f"{field}[{index}]"
+        if not isinstance(step, dict):
+            return _wrong(at, "an object", step)
+        problem = (_check(step, "name", _text, at) or _check(step, "command", _argv, at)
+                   or _check(step, "timeoutSeconds", _optional(_positive), at)
+                   or _check(step, "continueOnError", _optional(_flag), at))
+        if problem:
+            return problem
+    return None
+
+
+def _checkpoint_problem(checkpoint, field) -> str | None:
+    if checkpoint is None:
+        return None
+    if not isinstance(checkpoint, dict):
+        return _wrong(field, "an object or null", checkpoint)
+    return _check(checkpoint, "intervalSeconds", _optional(_positive), field)
+
+
+def _retries_problem(retries, field) -> str | None:
+    if retries is None:
+        return None
+    if not isinstance(retries, dict):
+        return _wrong(field, "an object or null", retries)
+    problem = (_check(retries, "limit", _optional(_count), field)
+               or _check(retries, "nonRetryableExitCodes", _optional(_codes), field))
+    if problem:
+        return problem
+    backoff = retries.get("backoff")
+    if backoff is None:
+        return None
+    if not isinstance(backoff, dict):
+        return _wrong(f"{field}.backoff", "an object or null", backoff)
+    for key in ("initialSeconds", "factor", "maxSeconds"):
+        problem = _check(backoff, key, _optional(_not_negative), f"{field}.backoff")
+        if problem:
+            return problem
+    return None
+
+
+def _capability_problem(capability) -> str | None:
+    if capability is None:
+        return None
+    if not isinstance(capability, dict):
+        return _wrong("capability", "an object or null", capability)
+    for side in ("allowed", "denied"):
+        lists = capability.get(side)
+        if lists is None:
+            continue
+        if not isinstance(lists, dict):
+            return _wrong(f"capability.{side}", "an object or null", lists)
+        for key in _CAPABILITY_LISTS:
+            problem = _check(lists, key, _optional(_names), f"capability.{side}")
+            if problem:
+                return problem
+    return None
+
+
+def _quota_problem(quota) -> str | None:
+    if quota is None:
+        return None
+    if not isinstance(quota, dict):
+        return _wrong("quota", "an object or null", quota)
+    for key in ("cpuPercent", "memoryBytes", "ioWeight", "tasksMax", "nice"):
+        problem = _check(quota, key, _optional(_number), "quota")
+        if problem:
+            return problem
+    for group in ("storageBytes", "retentionSeconds"):
+        sizes = quota.get(group)
+        if sizes is None:
+            continue
+        if not isinstance(sizes, dict):
+            return _wrong(f"quota.{group}", "an object or null", sizes)
+        for key, value in sizes.items():
+            problem = _optional(_not_negative)(value, f"quota.{group}.{key}")
+            if problem:
+                return problem
+    return None
+
+
+def _check(container: dict, key: str, check, parent: str = "") -> str | None:
+    """`check` of container[key] (a missing key is null); the field named from `parent`."""
+    return check(container.get(key), f"{parent}.{key}" if parent else key)
+
+
+def _optional(check):
+    return lambda value, field: None if value is None else check(value, field)
+
+
+def _wrong(field: str, what: str, value) -> str:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"`{field}` must be {what}, got {shown}"
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value == value and value not in (float("inf"), float("-inf")))
+
+
+def _number(value, field):
+    return None if _is_number(value) else _wrong(field, "a number or null", value)
+
+
+def _positive(value, field):
+    return None if _is_number(value) and value > 0 else _wrong(field, "a number of seconds above 0", value)
+
+
+def _not_negative(value, field):
+    return None if _is_number(value) and value >= 0 else _wrong(field, "a number from 0", value)
+
+
+def _count(value, field):
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else _wrong(field, "a whole number from 0", value)
+
+
+def _priority(value, field):
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100
+    return None if ok else _wrong(field, "a whole number from 0 to 100", value)
+
+
+def _concurrency(value, field):
+    return None if value in CONCURRENCY else _wrong(field, f"one of {', '.join(CONCURRENCY)}", value)
+
+
+def _flag(value, field):
+    return None if isinstance(value, bool) else _wrong(field, "true or false", value)
+
+
+def _text(value, field):
+    return None if isinstance(value, str) else _wrong(field, "a string", value)
+
+
+def _names(value, field):
+    ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return None if ok else _wrong(field, "a list of strings", value)
+
+
+def _argv(value, field):
+    ok = isinstance(value, list) and value and all(isinstance(item, str) for item in value)
+    return None if ok else _wrong(field, "a command: a non-empty list of strings", value)
+
+
+def _codes(value, field):
+    ok = isinstance(value, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in value)
+    return None if ok else _wrong(field, "a list of exit codes", value)
+
+
+def _env(value, field):
+    ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    return None if ok else _wrong(field, "an object of strings", value)

@@ -125,6 +125,7 @@ class Executor:
         self.storage_retry_at: float | None = None
         self.prepared: PreparedPool | None = None  # serve() keeps sandboxes prepared
         self._asked_to_adopt = False  # _adopt_orphans ran (once per executor)
+        self.refused_said: set[str] = set()  # RunStore.refused, said on stderr
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -146,6 +147,8 @@ class Executor:
                 if not self.stopping:
                     started_any = self.dispatch()
                     cleanup.run_if_due()
+                if len(self.store.refused) > len(self.refused_said):
+                    self._say_refused()
                 else:
                     started_any = False
                 if (self.stopping and not self.active) or (
@@ -177,6 +180,14 @@ class Executor:
         if problem:
             print(f"spos executor: ended runs' processes are left to pid 1 to reap, and count "
                   f"against their agents' tasks limits until then: {problem}", file=sys.stderr)
+
+    def _say_refused(self) -> None:
+        """Say once, on stderr, each agent's directory or bucket passed over (a link, or not a
+        directory): nothing in it runs until it is repaired, and every other agent is served."""
+        for path, why in self.store.refused.items():
+            if path not in self.refused_said:
+                self.refused_said.add(path)
+                print(f"spos executor: passing over {path}: {why}", file=sys.stderr)
 
     def _keep_prepared(self) -> None:
         """Between events: close prepared sandboxes unused for too long, and, when no queued

@@ -18,7 +18,7 @@ import time
 from reconciler import AGENTS_DIR, STATE_DIR, leanjson
 from reconciler.device import Device
 from reconciler.errors import SposError
-from reconciler.executor.config import ConfigError, agent_config, task_config
+from reconciler.executor.config import CONCURRENCY, ConfigError, agent_config, task_config
 
 QUEUE_FORMAT = 1
 WAKE_PIPE = f"/{STATE_DIR}/executor.wake"
@@ -29,7 +29,6 @@ WAKE_OVERFLOW = 32768
 executor then looks at every agent's queue, as for a wake-up that names none."""
 _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 _NAME_CHARS = _NAME_START | {"-", "_"}
-CONCURRENCY = ("Allow", "Forbid", "Replace", "Queue")
 ATTACHMENTS_DIR = "spos-trigger"
 """Inside a run's tmp directory: the files a trigger hands the run (docs/triggers.md)."""
 INLINE_ATTACHMENTS = 16 * 1024

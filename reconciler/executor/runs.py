@@ -36,6 +36,7 @@ from typing import Iterator
 
 from reconciler import AGENTS_DIR
 from reconciler.device import Device, StagedWrite, temporary_writer
+from reconciler.errors import UnsafePathError
 from reconciler.executor.enqueue import attachments_problem
 
 BUCKETS = ("queue", "active", "completed", "failed")
@@ -177,22 +178,59 @@ class RunStore:
 
     def __init__(self, device: Device, listings: Listings | None = None):
         self.device = device
-        self._listdir = listings.listdir if listings is not None else device.listdir
+        self._kept_listdir = listings.listdir if listings is not None else device.listdir
         self._lock_fd = -1
         self._lock_depth = 0
+        self.refused: dict[str, str] = {}
+        """Device path -> why it was passed over: an agent's directory or a bucket that is a
+        link or not a directory. The other agents are served; the executor says so once."""
 
     def agents(self) -> list[str]:
-        return [name for name in self._listdir(AGENTS_DIR) if not name.startswith(".")]
+        """The agents' directories: real ones only (a link or a file there is passed over)."""
+        agents = []
+        for name in self._listdir(AGENTS_DIR):
+            if name.startswith("."):
+                continue
+            path = f"{AGENTS_DIR}/{name}"
+            try:
+                st = self.device.stat(path)
+            except UnsafePathError as exc:
+                self.refused[path] = str(exc)
+                continue
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                agents.append(name)
+            elif st is not None:
+                self.refused[path] = f"{path} is not a directory"
+        return agents
 
     def names(self, agent: str, bucket: str) -> list[str]:
         """The run files in one of the agent's buckets. `completed/` and `failed/` are listed
         afresh: only the rescan's directories are kept (Listings)."""
         path = f"{AGENTS_DIR}/{agent}/{bucket}"
-        listdir = self._listdir if bucket in ("queue", "active") else self.device.listdir
+        listdir = self._listdir if bucket in ("queue", "active") else self._fresh_listdir
         return [name for name in listdir(path) if name.endswith(".json") and not name.startswith(".")]
 
+    def _listdir(self, path: str) -> list[str]:
+        """A kept listing of `path` (Listings); none, and the path in `refused`, when it is a
+        link or lies below one."""
+        try:
+            return self._kept_listdir(path)
+        except UnsafePathError as exc:
+            self.refused[path] = str(exc)
+            return []
+
+    def _fresh_listdir(self, path: str) -> list[str]:
+        try:
+            return self.device.listdir(path)
+        except UnsafePathError as exc:
+            self.refused[path] = str(exc)
+            return []
+
     def load(self, agent: str, bucket: str, name: str) -> Run:
-        raw = self.device.read_text(f"{AGENTS_DIR}/{agent}/{bucket}/{name}")
+        try:
+            raw = self.device.read_text(f"{AGENTS_DIR}/{agent}/{bucket}/{name}")
+        except UnsafePathError as exc:  # a link or a directory by a run file's name
+            raise CorruptRecord(f"{name}: not a run record: {exc}") from None
         if raw is None:
             raise FileNotFoundError(name)
         try:
@@ -370,7 +408,8 @@ class RunStore:
 
     def set_aside(self, agent: str, bucket: str, name: str, reason: str) -> None:
         """Move an unreadable file out of the way, into failed/, renamed so it is never retried."""
-        source = self.device.path(f"{AGENTS_DIR}/{agent}/{bucket}/{name}")
+        # The entry itself may be a link: it is moved as it is, never followed.
+        source = f"{self.device.host(f'{AGENTS_DIR}/{agent}/{bucket}')}/{name}"
         target = self.device.path(f"{AGENTS_DIR}/{agent}/failed/{name}.corrupt")
         try:
             os.rename(source, target)
