@@ -180,6 +180,25 @@ def test_a_file_created_in_a_watched_directory_queues_one_run(site):
     assert site.stop() == 0
 
 
+def test_a_second_daemon_on_the_same_device_refuses_to_start_and_events_queue_once(site):
+    site.path("/srv/in").mkdir(parents=True)
+    site.apply({"incoming": {"filesystem": {"path": "/srv/in", "events": ["close_write"]}}})
+    site.start()
+    site.wait_armed("incoming")
+
+    second = subprocess.run(
+        [sys.executable, "-m", "reconciler", "triggers", "--root", str(site.root),
+         "--listen", "127.0.0.1:0"],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WAIT)
+    assert second.returncode == 1
+    assert f"another trigger daemon (pid {site.daemon.pid}) already serves" in second.stderr
+    assert site.status()["pid"] == site.daemon.pid and "stoppedAt" not in site.status()
+
+    site.path("/srv/in/a.csv").write_text("1\n")
+    site.settled_queue(1)
+    assert site.stop() == 0
+
+
 def test_a_signed_webhook_queues_a_run_with_its_body_and_a_bad_one_nothing(site):
     secret = b"s3cret"
     site.path("/etc/hooks").mkdir(parents=True)

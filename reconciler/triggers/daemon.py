@@ -21,6 +21,7 @@ what a status reads from outside (a webhook's secret).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import json
@@ -40,6 +41,9 @@ from reconciler.triggers.base import Context, Registration, Source, Status, Stop
 from reconciler.triggers.gate import Gate
 
 STATUS_FILE = f"/{STATE_DIR}/triggerd/status.json"
+LOCK_FILE = f"/{STATE_DIR}/triggerd/daemon.lock"
+"""Held (flock) by the one trigger daemon serving a device, with its pid in it: a second one
+would queue every event twice."""
 STATUS_FORMAT = 1
 STATUS_HEARTBEAT = 30.0
 """Seconds between status writes when nothing changed (`spos triggers --heartbeat`): an idle
@@ -55,6 +59,10 @@ START_WAIT = 1.0
 """How long the loop waits for one source to start before it goes on without it. A source's
 start may block (a large tree to scan, a hung mount): it finishes on its own thread."""
 DEFAULT_LISTEN = ("127.0.0.1", 9180)
+
+
+class AlreadyServed(SposError):
+    """Another trigger daemon serves this device."""
 
 
 @dataclass
@@ -108,7 +116,9 @@ class TriggerDaemon:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Until SIGTERM/SIGINT (or `stop()`): follow the registrations, keep status current."""
+        """Until SIGTERM/SIGINT (or `stop()`): follow the registrations, keep status current.
+        Raises AlreadyServed, before anything else, when another daemon serves the device."""
+        lock = self._take_lock()
         self._handle_signals()
         listing = True
         try:
@@ -118,12 +128,36 @@ class TriggerDaemon:
                 self._watch.renewed = False
                 listing = self._sleep()
         finally:
-            self.shutdown()
-            self._watch.close()
-            with self._nudge_lock:
-                for fd in (self._nudge_read, self._nudge_write):
-                    os.close(fd)
-                self._nudge_read = self._nudge_write = -1
+            try:
+                self.shutdown()
+                self._watch.close()
+                with self._nudge_lock:
+                    for fd in (self._nudge_read, self._nudge_write):
+                        os.close(fd)
+                    self._nudge_read = self._nudge_write = -1
+            finally:
+                os.close(lock)
+
+    def _take_lock(self) -> int:
+        """The device's trigger daemon lock (LOCK_FILE), held until run() ends."""
+        self.device.makedirs(LOCK_FILE.rsplit("/", 1)[0], mode=0o755)
+        fd = os.open(self.device.host(LOCK_FILE),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise AlreadyServed(
+                f"another trigger daemon{f' (pid {holder})' if holder.isdigit() else ''} "
+                f"already serves {self.device.root} (it holds {LOCK_FILE}); two would queue "
+                "every event twice: stop that one first") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def step(self, listing: bool = True) -> None:
         """One pass: reload what changed (unless `listing` is False: no registration can have),
