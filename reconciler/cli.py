@@ -1162,18 +1162,25 @@ def _make_executor(args, **settings):
     return Executor(device, sandbox, Settings(grace=_duration("--grace", args.grace), **settings))
 
 
+MIN_RESCAN = 0.1
+
+
 def _executor(args) -> int:
     from reconciler.errors import UsageError
 
     for option, least in (("max_parallel", 1), ("max_per_agent", 1), ("prepared", 0)):
         if getattr(args, option) < least:
             raise UsageError(f"--{option.replace('_', '-')}: give at least {least}")
+    rescan = _duration("--rescan", args.rescan)
+    if rescan < MIN_RESCAN:
+        raise UsageError(f"--rescan: give at least {MIN_RESCAN * 1000:g}ms (the executor would "
+                         f"look at every queue without pause), got {args.rescan!r}")
     executor = _make_executor(
         args,
         max_parallel=args.max_parallel,
         max_per_agent=args.max_per_agent,
         prepared=args.prepared,
-        rescan=_duration("--rescan", args.rescan),
+        rescan=rescan,
         cleanup_interval=_duration("--cleanup-interval", args.cleanup_interval),
     )
     print(f"spos executor: serving {executor.device.root} (pid {os.getpid()})", file=sys.stderr)

@@ -69,6 +69,14 @@ def test_a_bad_lock_timeout_is_a_usage_error(spos, manifests, device_root):
     assert "--lock-timeout" in result.err and "not a duration" in result.err
 
 
+def test_executor_options_that_would_spin_or_never_run_are_usage_errors(spos, device_root):
+    for option, value, said in (("--rescan", "0s", "--rescan: give at least 100ms"),
+                                ("--max-parallel", "0", "--max-parallel: give at least 1")):
+        result = spos("executor", "--root", device_root, "--once", option, value)
+        assert result.code == 1, (option, result.err)
+        assert said in result.err, result.err
+
+
 def test_permission_problems_are_one_line_not_a_traceback(spos, manifests, tmp_path):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
