@@ -1410,10 +1410,11 @@ def _trigger_test(args) -> int:
     payload = None
     if args.payload:
         try:
-            with open(args.payload, "rb") as file:
-                payload = file.read()
+            payload = report.read_payload(args.payload)
         except OSError as exc:
             raise UsageError(f"--payload: cannot read {args.payload}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageError(f"--payload: {args.payload}: {exc}") from None
     result = report.fire(Device(args.root), args.name, payload, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(result, indent=2))

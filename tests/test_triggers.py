@@ -458,6 +458,18 @@ def test_trigger_test_queues_one_run_and_a_dry_run_none(site, spos, tmp_path):
     assert missing.code == 1 and "no trigger 'nope' is registered" in missing.err and "hook" in missing.err
 
 
+def test_trigger_test_refuses_a_payload_its_webhook_would_refuse_and_reads_no_device(site, spos, tmp_path):
+    site.apply({"hook": {"webhook": {"path": "/h", "secretFile": "/etc/secret", "maxBodySize": "100"}}})
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 101)
+    over = spos("trigger", "test", "hook", "--root", site.root, "--payload", big)
+    assert over.code == 1
+    assert "the payload is 101 bytes; trigger hook's webhook takes at most 100" in over.err
+    endless = spos("trigger", "test", "hook", "--root", site.root, "--payload", "/dev/zero", "--dry-run")
+    assert endless.code == 1 and "--payload: /dev/zero: not a regular file" in endless.err
+    assert site.queued() == []
+
+
 # -- the gate's policy, in-process ---------------------------------------------------------------
 
 

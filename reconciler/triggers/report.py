@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from datetime import datetime
 
@@ -133,11 +134,45 @@ def _detail(entry: dict) -> str:
     return "; ".join(p for p in parts if p)
 
 
+PAYLOAD_LIMIT = 64 * 1024 * 1024
+"""The largest payload `spos trigger test --payload` reads; a webhook trigger's own
+`maxBodySize` applies within it."""
+
+
+def read_payload(path: str) -> bytes:
+    """A test payload's content: a regular file of at most PAYLOAD_LIMIT bytes (a device or a
+    FIFO named by mistake must neither hang nor fill memory). ValueError says what is wrong."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > PAYLOAD_LIMIT:
+            raise ValueError(f"{st.st_size} bytes; a test payload is at most {PAYLOAD_LIMIT} bytes")
+        with os.fdopen(os.dup(fd), "rb") as file:
+            data = file.read(PAYLOAD_LIMIT + 1)
+    finally:
+        os.close(fd)
+    if len(data) > PAYLOAD_LIMIT:
+        raise ValueError(f"more than {PAYLOAD_LIMIT} bytes; a test payload is at most that")
+    return data
+
+
 def fire(device: Device, name: str, payload: bytes | None = None, dry_run: bool = False) -> dict:
     """Fire trigger `name` by hand with one test event, as its source would, and say what was
     (with `dry_run`: would be) queued. Debounce and rate limit are bypassed, so the run is
-    queued at once; a disabled trigger fires all the same; concurrency Forbid still applies."""
+    queued at once; a disabled trigger fires all the same; concurrency Forbid still applies.
+    A webhook trigger refuses a payload its listener would refuse (over its `maxBodySize`)."""
     registration = _registration(device, name)
+    if payload is not None and registration.type == "webhook":
+        from reconciler.triggers.webhook import DEFAULT_MAX_BODY_BYTES
+
+        limit = (registration.config or {}).get("maxBodyBytes", DEFAULT_MAX_BODY_BYTES)
+        if isinstance(limit, int) and len(payload) > limit:
+            raise TriggerError(f"the payload is {len(payload)} bytes; trigger {name}'s webhook "
+                               f"takes at most {limit} (its maxBodySize) and answers 413 to more")
     manual = dataclasses.replace(registration, enabled=True, debounce_seconds=0.0, rate_limit=None)
     gate = Gate(device, manual)
     event = Event(data={"test": "1"}, payload=payload)
