@@ -212,6 +212,36 @@ def test_a_failing_sample_shows_an_error_never_fires_and_restarts_the_hold(start
     assert recorder.time_of(0) - back >= HOLD
 
 
+def test_a_fire_whose_run_could_not_be_queued_fires_again_while_it_still_holds(started):
+    metric = SetMetric(95.0)
+    refusing = {"on": True}
+    tries = []
+
+    def emit(event):
+        tries.append(time.monotonic())
+        if refusing["on"]:
+            return Outcome("error", detail="could not queue a run: No space left on device")
+        return Outcome("queued", run="run-1")
+
+    registration = Registration(name="full", agent="agent", task="task", type="condition",
+                                config={"intervalSeconds": INTERVAL, "metric": "disk_usage",
+                                        "above": 90, "forSeconds": HOLD})
+    source = open_source(registration, emit, Context(host=lambda path: path, metrics=metric))
+    source.start()
+    try:
+        wait_for(lambda: len(tries) >= 3, "the fire to be tried at every sample", 3)
+        assert tries[1] - tries[0] < HOLD  # the hold is not started again after a refusal
+        assert state_of(source) == "error"
+        assert "could not be queued (could not queue a run: No space left on device)" in source.status().detail
+        refusing["on"] = False
+        wait_for(lambda: state_of(source) == "waiting to recover", "the run to be queued", 3)
+        fired = len(tries)
+        metric.set_and_settle(96.0, samples=10)
+        assert len(tries) == fired  # queued once: fired, and waits for the value to cross back
+    finally:
+        source.stop()
+
+
 def test_an_unexpected_sampling_failure_is_an_error_too(started):
     metric = SetMetric(RuntimeError("driver crashed"))
     source, recorder = started({"metric": "load", "above": 1}, metric)

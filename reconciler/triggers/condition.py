@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -277,8 +277,19 @@ class ConditionSource(Stoppable):
             self._arming.sample_failed()
             self.set_status("error", f"{exc}; sampling again every {self._interval:g}s")
             return
+        before = replace(self._arming)
         if self._arming.observe(now, self._threshold.holds(value)):
-            self._emit(self._event(value))
+            outcome = self._emit(self._event(value))
+            if getattr(outcome, "status", None) == "error":
+                # Not queued (a full disk, say, which is what a disk_usage condition is
+                # about): it has not fired, and the next sample that holds tries again.
+                since = before.holding_since
+                self._arming = replace(before, holding_since=max(now, before.cooling_until)
+                                       if since is None else since)
+                self.set_status("error", f"{self._metric} {self._threshold} held, but its run "
+                                f"could not be queued ({outcome.detail}); trying again with the "
+                                f"next sample in {self._interval:g}s")
+                return
         self.set_status(*self._describe(now, value))
 
     def _sample(self) -> float | bool:
