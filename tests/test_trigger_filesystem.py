@@ -421,6 +421,36 @@ def test_a_file_that_appeared_while_events_were_lost_reaches_a_trigger_counting_
     assert recorded[-1] == event("end.csv", "close_write")
 
 
+def test_a_directory_above_the_watched_one_swapped_leads_to_the_new_one(device, watch):
+    _, recorder = watch(events=["create"])
+    (device / "srv").rename(device / "srv.old")  # what inotify on the watched one does not see
+    host(device, "").mkdir(parents=True)
+    host(device, "new.txt").write_text("")
+    (device / "srv.old" / "in" / "stale.txt").write_text("")  # no longer under the path
+
+    recorded = recorder.wait_for_event("new.txt", "create")
+    time.sleep(0.3)
+    assert recorder.recorded() == recorded == [event("new.txt", "create")]
+
+
+def test_a_link_on_the_path_re_pointed_leads_to_its_new_target(device, watch):
+    for release in ("rel1", "rel2"):
+        (device / "srv" / release / "inbox").mkdir(parents=True)
+    (device / "srv" / "current").symlink_to("rel1")
+    source, recorder = watch(path="/srv/current/inbox", events=["create"])
+    wait_for(lambda: source.status().state == "armed", "the source to arm", 3)
+    (device / "srv" / "current.tmp").symlink_to("rel2")
+    (device / "srv" / "current.tmp").rename(device / "srv" / "current")  # ln -sfn + mv -T
+    time.sleep(0.2)
+    (device / "srv" / "rel2" / "inbox" / "two.txt").write_text("")
+    (device / "srv" / "rel1" / "inbox" / "one.txt").write_text("")  # the old release: not watched
+
+    recorded = wait_for(lambda: recorder.recorded(), "an event", 3)
+    time.sleep(0.3)
+    assert recorder.recorded() == recorded
+    assert recorded == [{"path": "/srv/current/inbox/two.txt", "event": "create", "name": "two.txt"}]
+
+
 def test_files_of_a_watched_directory_moved_away_count_as_deleted(device, watch):
     host(device, "old.txt").write_text("")
     _, recorder = watch(events=["create", "delete"])

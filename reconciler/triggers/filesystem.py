@@ -11,7 +11,9 @@ reported as created (or moved in), so `mkdir -p a/b && touch a/b/f` does not los
 
 The source keeps a snapshot of the files that count (relative name -> inode, size, mtime). It
 is how nothing is missed when inotify cannot say what happened: after a queue overflow, or when
-the watched directory is deleted, replaced or moved away, the source drops its inotify instance,
+the watched directory is deleted, replaced or moved away, or the path leads elsewhere (a directory
+above it moved, a link on the way re-pointed: each directory the path passes through is watched
+for the entry it takes, GUARD_MASK), the source drops its inotify instance,
 watches the path afresh and reports create, modify and delete for what differs from the
 snapshot. A path that does not exist is looked for every `WAITING_POLL_SECONDS`, with status
 "waiting"; files found when it appears are reported as created. Files already there when the
@@ -46,7 +48,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from reconciler.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_DONT_FOLLOW,
-                                IN_EXCL_UNLINK, IN_IGNORED, IN_ISDIR, IN_MODIFY, IN_MOVE_SELF,
+                                IN_EXCL_UNLINK, IN_IGNORED, IN_ISDIR, IN_MASK_ADD, IN_MODIFY, IN_MOVE_SELF,
                                 IN_MOVED_FROM, IN_MOVED_TO, IN_ONLYDIR, IN_Q_OVERFLOW, WATCH_GONE,
                                 Inotify, RawEvent, WatchFailed)
 from reconciler.triggers.base import Context, Emit, Event, Registration, Stoppable
@@ -68,6 +70,12 @@ FileKey = tuple[int, int, int]
 """What identifies a file's content cheaply: inode, size, mtime in nanoseconds."""
 Snapshot = dict[str, FileKey]
 """The files that count, by path relative to the watched path."""
+
+GUARD_MASK = (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_MOVE_SELF | IN_DELETE_SELF
+              | IN_ONLYDIR | IN_MASK_ADD)
+"""What a guard watches in a directory above the watched one: an entry on the way to it
+created, deleted or renamed (a link re-pointed by `mv -T`, a parent swapped), or the directory
+itself moved or deleted. Added to any watch the directory has already (IN_MASK_ADD)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,8 @@ class Layout:
     device_directory: str
     recursive: bool
     only: str | None = None
+    key: tuple[int, int] | None = None
+    """(device, inode) of the directory found: what the path led to when armed."""
 
     def device_path(self, name: str) -> str:
         return posixpath.join(self.device_directory, name)
@@ -240,6 +250,8 @@ class Watches:
         self.mask = mask
         self.inotify = Inotify()
         self.directories: dict[int, str] = {}
+        self.guards: dict[int, set[str]] = {}
+        """Directories above the watched one (watch -> the names in it on the way down)."""
 
     @property
     def fd(self) -> int:
@@ -258,6 +270,22 @@ class Watches:
             return False
         self.directories[wd] = directory
         return True
+
+    def guard(self, ways: list[tuple[str, str]]) -> None:
+        """Watches each (directory, name) of `ways`: the directories the path passes through,
+        as configured and as its links resolve, and the name it takes in each. One that is
+        gone already is not watched: the path then leads elsewhere, which the caller checks."""
+        for directory, name in ways:
+            wd = self.inotify.add_watch(directory, GUARD_MASK)
+            if wd is not None:
+                self.guards.setdefault(wd, set()).add(name)
+
+    def path_changed(self, event: RawEvent) -> bool:
+        """Whether `event` of a guard says the path may lead somewhere else now."""
+        names = self.guards.get(event.wd)
+        if names is None:
+            return False
+        return bool(event.mask & WATCH_GONE) or event.name in names
 
     def directory(self, wd: int) -> str | None:
         return self.directories.get(wd)
@@ -397,22 +425,51 @@ class FilesystemSource(Stoppable):
             watches.close()
             self._rearm_at = time.monotonic() + WAITING_POLL_SECONDS
             return
+        try:
+            watches.guard(self._ways(layout))
+        except BaseException:
+            watches.close()
+            raise
         self._watches, self._layout = watches, layout
         self._compare({name: key for name, key in found.items() if self._selects(name)})
         self._show_armed()
+        if self._find_layout_key() != layout.key:  # changed while the guards were being set
+            self._rearm_now()
+
+    def _ways(self, layout: Layout) -> list[tuple[str, str]]:
+        """(directory, name) for each step down to the watched directory from the device's
+        root: along the path as configured, and along the directory its links resolve to."""
+        configured = posixpath.normpath(self._host("/"))
+        ways = []
+        for part in [p for p in layout.device_directory.split("/") if p]:
+            ways.append((configured, part))
+            configured = posixpath.join(configured, part)
+        root = os.path.realpath(self._host("/"))
+        parent, name = posixpath.split(os.path.realpath(layout.directory))
+        while name:
+            ways.append((parent, name))
+            if parent == root:
+                break
+            parent, name = posixpath.split(parent)
+        return ways
+
+    def _find_layout_key(self):
+        layout = self._find_layout()
+        return None if layout is None else layout.key
 
     def _find_layout(self) -> Layout | None:
         """Where to watch: the path itself when it is a directory, its directory when it is a
         file; None when it does not exist."""
         host = self._host(self.config.path)
         try:
-            is_directory = stat.S_ISDIR(os.stat(host).st_mode)
+            st = os.stat(host)
+            if stat.S_ISDIR(st.st_mode):
+                return Layout(host, self.config.path, self.config.recursive, key=(st.st_dev, st.st_ino))
+            parent = os.stat(os.path.dirname(host))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        if is_directory:
-            return Layout(host, self.config.path, self.config.recursive)
         return Layout(os.path.dirname(host), posixpath.dirname(self.config.path), False,
-                      only=os.path.basename(host))
+                      only=os.path.basename(host), key=(parent.st_dev, parent.st_ino))
 
     def _compare(self, current: Snapshot) -> None:
         """Reports the differences between the snapshot and `current`, which becomes the
@@ -461,6 +518,11 @@ class FilesystemSource(Stoppable):
             if event.mask & IN_Q_OVERFLOW:
                 self._rearm_now()
                 continue
+            if self._watches is not None and self._watches.path_changed(event):
+                # The path may lead to another directory now: what follows may be the old
+                # one's, and the re-arming reports what differs in the new one.
+                self._rearm_now()
+                break
             directory = self._watches.directory(event.wd) if self._watches else None
             if directory is None:
                 continue
