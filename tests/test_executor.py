@@ -1416,6 +1416,39 @@ def test_cancel_a_queued_run(device):
     assert again.code == 0 and "already ended" in again.out
 
 
+def test_cancel_of_a_queued_run_the_file_system_refuses_changes_nothing(device):
+    device.apply({"t": {"command": sh("true")}})
+    run_id = device.enqueue("t")
+    queue = device.agent_dir() / "queue"
+    [queued] = list(queue.iterdir())
+    before = queued.read_bytes()
+    failed = device.agent_dir() / "failed"
+    failed.mkdir(mode=0o750, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "spos-test-ro", str(failed)], check=True)
+    try:
+        result = device.spos("action", "cancel", run_id, "--root", device.root)
+        assert result.code == 1 and "Read-only file system" in result.err, result.err
+        assert [p.name for p in queue.iterdir()] == [queued.name] and queued.read_bytes() == before
+    finally:
+        subprocess.run(["umount", "-l", str(failed)], check=False)
+    assert device.record(run_id)["state"] == "queued"
+
+
+def test_cancel_of_a_run_waiting_to_retry_says_so(device):
+    device.apply({"t": {"command": sh("exit 3"), "retries": {"limit": 2, "backoff": {"initial": "1h"}}}})
+    run_id = device.enqueue("t")
+    daemon = device.daemon("--rescan", "60s")
+    wait_for(lambda: device.record(run_id)["attempt"] == 2 and device.record(run_id)["state"] == "queued",
+             "the retry to be queued")
+    result = device.spos("action", "cancel", run_id, "--root", device.root)
+    assert daemon.stop() == 0
+    assert result.code == 0 and f"run {run_id} cancelled while waiting to retry (attempt 2)" in result.out
+    record = device.record(run_id)
+    assert record["state"] == "cancelled"
+    assert record["reason"] == "cancelled by request while waiting to retry (attempt 2)"
+    assert [a["state"] for a in record["attempts"]] == ["failed"]
+
+
 def test_cancel_a_running_run_terms_then_kills_its_cgroup(device):
     device.apply({"t": {"command": sh("trap '' TERM; echo up > $SPOS_OUTPUT_DIR/up; sleep 86404"),
                         "timeout": "30s"}})

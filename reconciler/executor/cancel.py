@@ -1,6 +1,7 @@
 """Cancelling a run from outside the process that runs it.
 
-A queued run is moved straight to failed/ as cancelled. A running run gets a cancel request
+A queued run ends at once as cancelled: its final record is written in failed/, then its queue
+file removed (RunStore.finish). A running run gets a cancel request
 next to its record, `active/<run file>.cancel`, naming the attempt it was made against:
 
     {"runId": "...", "attempt": 2, "reason": "cancelled by request", "requestedAt": "..."}
@@ -37,12 +38,17 @@ def cancel(store: RunStore, run_id: str) -> str:
         raise UsageError(f"no run {run_id!r} on this device")
     with store.locked():
         run = store.find(run_id)
-        if run is not None and run.bucket == "queue" and store.move(run, "failed"):
-            run.record.update(state="cancelled", reason="cancelled by request before it started",
-                              endedAt=now_iso())
+        if run is not None and run.bucket == "queue":
+            attempt = run.record.get("attempt", 1)
+            when = ("before it started" if attempt == 1 else
+                    f"while waiting to retry (attempt {attempt})")
+            reason = f"{BY_REQUEST} {when}"
+            run.record.update(state="cancelled", reason=reason, endedAt=now_iso())
             run.record.pop("attachments", None)  # an ended run keeps no copy (docs/queue.md)
-            store.save(run)
-            return f"run {run_id} cancelled before it started"
+            # Its final record is written in failed/ before it leaves the queue: a refused
+            # write changes nothing, and whoever waits for it reads the end, never a move.
+            store.finish(run, "cancelled")
+            return f"run {run_id} cancelled {when}"
         run = store.find(run_id)
         if run is not None and run.bucket == "active" and ask(store, run, BY_REQUEST):
             if not alive(run.record.get("executor") or {}):
