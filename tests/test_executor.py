@@ -1735,10 +1735,25 @@ def test_a_queue_file_of_the_wrong_shape_is_set_aside_with_its_reason(device):
         "000-00000000000000000007-20260101T000000-0000000g.json":
             ({"id": "20260101T000000-0000000g", "task": "t",
               "attachments": {"a\u0000b": "eA=="}}, "attachments"),
+        "000-00000000000000000008-20260101T000000-0000000h.json":
+            ({"id": "20260101T000000-0000000h", "task": "t", "reason": {"a": 1}}, "reason"),
+        "000-00000000000000000009-20260101T000000-0000000i.json":
+            ({"id": "20260101T000000-0000000i", "task": "t", "priority": float("nan")}, "priority"),
+        "000-00000000000000000010-20260101T000000-0000000j.json":
+            ({"id": "20260101T000000-0000000j", "task": "t", "attempts": [1, "a"]}, "attempts"),
+        "000-00000000000000000011-20260101T000000-0000000k.json":
+            ({"id": "20260101T000000-0000000k", "task": "t", "concurrency": "Bogus"}, "concurrency"),
+        "000-00000000000000000012-20260101T000000-0000000l.json":
+            ({"id": "20260101T000000-0000000l", "task": "t", "source": "x"}, "source"),
+        "000-00000000000000000013-20260101T000000-0000000m.json":
+            ({"id": "20260101T000000-0000000m", "task": "t", "endedAt": 5}, "endedAt"),
     }
     for name, (content, _) in wrong.items():
         (queue / name).write_text(json.dumps(content))
     fine = device.enqueue("t")
+    for command in (("list", "--json"), ("list",), ("history", "--json")):
+        result = device.spos("action", *command, "--root", device.root)
+        assert result.code == 0 and (fine in result.out or command[0] == "history"), (command, result.err)
 
     device.once()
 
