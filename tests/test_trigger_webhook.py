@@ -198,6 +198,25 @@ def test_githubs_published_vector_is_accepted_and_emitted_exactly(root, listener
     )]
 
 
+def test_a_listener_on_an_ipv6_address_serves_there(root):
+    ipv6 = Listener("::1", 0, request_timeout=2.0)
+    ipv6.start()
+    try:
+        write_secret(root, SECRET)
+        gate = Gate()
+        webhook(root, ipv6, gate)
+        body = b'{"zen": "ipv6"}'
+        connection = http.client.HTTPConnection("::1", ipv6.port, timeout=BOUND)
+        try:
+            connection.request("POST", PATH, body=body, headers=signed(body))
+            assert connection.getresponse().status == 202
+        finally:
+            connection.close()
+        assert [event.payload for event in gate.events] == [body]
+    finally:
+        ipv6.stop()
+
+
 @pytest.mark.parametrize("signature", [
     None,
     "sha256=" + "0" * 64,

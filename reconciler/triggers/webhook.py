@@ -210,6 +210,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        if ":" in address[0]:  # an IPv6 address (`--listen [::1]:9180`)
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)  # closes the pipe too when it cannot bind
 
     def serve_until_woken(self) -> None:
