@@ -363,6 +363,45 @@ def test_bad_duration_size_and_percent(project, spos):
     ]
 
 
+def test_a_size_in_bytes_may_be_an_unquoted_number(project, spos, device_root):
+    write(project, "sizes.yaml", AGENT + """\
+    ---
+    apiVersion: spos/v1
+    kind: Quota
+    metadata:
+      name: probe
+    spec:
+      memory: 268435456
+      storage: {temp: 65536}
+    ---
+    apiVersion: spos/v1
+    kind: Trigger
+    metadata:
+      name: hook
+    spec:
+      agent: probe
+      task: tick
+      webhook: {path: /h, secretFile: /etc/secret, maxBodySize: 100}
+    """)
+    assert spos("validate", "agents.d").code == 0
+    write(project, "negative.yaml", """\
+        apiVersion: spos/v1
+        kind: Quota
+        metadata:
+          name: negative
+        spec:
+          memory: -1
+    """)
+    [problem] = problems(spos("validate", "agents.d"))
+    assert problem.startswith("agents.d/negative.yaml:6:3: error:") and "spec.memory" in problem
+    (project / "agents.d" / "negative.yaml").unlink()
+    result = spos("apply", "agents.d", "--root", device_root, "--auto-approve",
+                  "--cgroup-root", project / "no-cgroups")
+    assert result.code == 0, result.err
+    registration = json.loads((device_root / "var/lib/systemprompt-os/triggers/hook.json").read_text())
+    assert registration["webhook"]["maxBodyBytes"] == 100
+
+
 def test_paths_users_and_env_names_have_their_own_messages(project, spos):
     write(project, "bad.yaml", """\
         apiVersion: spos/v1
