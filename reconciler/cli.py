@@ -1217,8 +1217,14 @@ def _store(args):
 def _find(args):
     from reconciler.errors import UsageError
 
-    run = _store(args).find(args.run_id)
+    store = _store(args)
+    run = store.find(args.run_id)
     if run is None:
+        aside = store.found_aside(args.run_id)
+        if aside is not None:
+            agent, path, reason = aside
+            raise UsageError(f"run {args.run_id!r} of {agent} was set aside, unreadable, as {path}: "
+                             f"{reason} (spos action logs {args.run_id} shows what was noted)")
         raise UsageError(f"no run {args.run_id!r} on this device")
     return run
 
@@ -1268,11 +1274,17 @@ def _action_show(args) -> int:
 def _action_logs(args) -> int:
     import time
 
+    from reconciler.executor.runs import RUN_ID
     from reconciler.executor.supervise import run_dirs
 
-    run = _find(args)
     store = _store(args)
-    path = store.device.path(run_dirs(run.agent, run.id)["log"])
+    run = store.find(args.run_id)
+    aside = store.found_aside(args.run_id) if run is None and RUN_ID.fullmatch(args.run_id) else None
+    if aside is not None:  # its record was unreadable; its log says so
+        path = store.device.path(run_dirs(aside[0], args.run_id)["log"])
+    else:
+        run = _find(args)
+        path = store.device.path(run_dirs(run.agent, run.id)["log"])
     handle = None
     try:
         while True:
@@ -1291,7 +1303,7 @@ def _action_logs(args) -> int:
                 handle.close()  # read to its end; go on with the new log from its start
                 handle = None
                 continue
-            current = store.find(run.id)
+            current = store.find(args.run_id)
             if current is None or current.bucket in ("completed", "failed"):
                 if not chunk:
                     return EXIT_OK

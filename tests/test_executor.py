@@ -1762,6 +1762,12 @@ def test_a_queue_file_of_the_wrong_shape_is_set_aside_with_its_reason(device):
         assert f"`{field}`" in (failed / f"{name}.corrupt.reason").read_text(), name
         run_id = name[25:-5]
         assert "set aside" in device.log(run_id) and f"`{field}`" in device.log(run_id)
+    run_id = "20260101T000000-0000000h"  # what the commands say of one
+    shown = device.spos("action", "show", run_id, "--root", device.root)
+    assert shown.code == 1 and f"run {run_id!r} of {device.agent} was set aside" in shown.err
+    assert "`reason` must be a string" in shown.err
+    logs = device.spos("action", "logs", run_id, "--root", device.root)
+    assert logs.code == 0 and "set aside" in logs.out and "`reason`" in logs.out
     assert not list(queue.iterdir())
     assert device.record(fine)["state"] == "completed"
 

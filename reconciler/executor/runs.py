@@ -36,7 +36,7 @@ from typing import Iterator
 
 from reconciler import AGENTS_DIR
 from reconciler.device import Device, StagedWrite, temporary_writer
-from reconciler.errors import UnsafePathError
+from reconciler.errors import SposError, UnsafePathError
 from reconciler.executor.config import CONCURRENCY
 from reconciler.executor.enqueue import attachments_problem
 
@@ -406,6 +406,21 @@ class RunStore:
             except OSError as exc:
                 if not storage_failure(exc):
                     raise
+
+    def found_aside(self, run_id: str) -> tuple[str, str, str] | None:
+        """(agent, device path, reason) of a run file set aside as corrupt (`set_aside`) whose
+        name carries `run_id`, or None."""
+        suffix = f"-{run_id}.json.corrupt"
+        for agent in self.agents():
+            directory = f"{AGENTS_DIR}/{agent}/failed"
+            for name in self._fresh_listdir(directory):
+                if name.endswith(suffix):
+                    try:
+                        reason = (self.device.read_text(f"{directory}/{name}.reason") or "").strip()
+                    except (OSError, SposError):
+                        reason = ""
+                    return agent, f"{directory}/{name}", reason or "its reason was not kept"
+        return None
 
     def set_aside(self, agent: str, bucket: str, name: str, reason: str) -> None:
         """Move an unreadable file out of the way, into failed/, renamed so it is never retried."""
