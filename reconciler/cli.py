@@ -21,7 +21,10 @@ MAX_DURATION = 10 * 365 * 86400.0  # seconds; longer durations on the command li
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error: argparse's 2 would read as
+        return EXIT_OK if exc.code in (0, None) else EXIT_ERROR  # "changes" to `plan --detailed-exitcode`
     if not hasattr(args, "root"):
         args.root = "/"
     if not hasattr(args, "handler"):

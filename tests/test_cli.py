@@ -44,6 +44,13 @@ def test_no_command_prints_usage_and_fails(spos):
     assert "usage: spos" in result.err
 
 
+def test_a_usage_error_exits_1_never_2_which_detailed_exitcode_means_changes(spos, manifests, device_root):
+    result = spos("plan", manifests, "--root", device_root, "--detailed-exitcode", "--no-such-option")
+    assert result.code == 1
+    assert "unrecognized arguments: --no-such-option" in result.err
+    assert spos("plan", "--help").code == 0
+
+
 def test_a_closed_pipe_ends_quietly(manifests, device_root):
     """`spos plan --json | head -1` must not end in a traceback."""
     for number in range(60):  # enough plan to overflow the pipe's buffer
