@@ -344,6 +344,11 @@ def test_an_unknown_path_is_404_and_a_method_other_than_post_is_405(root, listen
     assert (put.status, put.headers["Allow"]) == (405, "POST")
     assert gate.events == []
 
+    connection = connect(listener.port)  # HEAD: the same answer's headers, and no body
+    connection.sendall(raw_request(PATH, {}).replace(b"POST ", b"HEAD ", 1))
+    head, _, rest = read_until_closed(connection).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 ") and b"Allow: POST" in head and rest == b""
+
 
 def test_a_body_without_a_declared_length_is_411(root, listener):
     write_secret(root, SECRET)

@@ -294,8 +294,10 @@ def _refuse_busy(connection: socket.socket) -> None:
         pass
 
 
-def _encode(response: Response) -> bytes:
-    """The bytes of an HTTP/1.1 answer with a JSON body that closes the connection."""
+def _encode(response: Response, head: bool = False) -> bytes:
+    """The bytes of an HTTP/1.1 answer with a JSON body that closes the connection. With
+    `head` (the answer to a HEAD request), the headers only: Content-Length is the body's that
+    a GET would have had, and no body follows (RFC 9110, 9.3.2)."""
     body = json.dumps(response.body).encode()
     status = HTTPStatus(response.code)
     lines = [
@@ -305,7 +307,7 @@ def _encode(response: Response) -> bytes:
         "Connection: close",
         *(f"{name}: {value}" for name, value in response.headers),
     ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -416,7 +418,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, response: Response) -> None:
         self.connection.settimeout(self.server.listener.request_timeout)
-        self.connection.sendall(_encode(response))
+        self.connection.sendall(_encode(response, head=getattr(self, "command", None) == "HEAD"))
 
     def _discard_unread_body(self) -> None:
         """After answering without reading a declared body: ends our side, then receives and
