@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -399,6 +400,24 @@ def test_a_broken_registration_is_reported_and_the_others_run(site):
     site.settled_queue(1)
     assert triggers
     assert site.stop() == 0
+
+
+def test_a_registration_edited_by_hand_is_refused_naming_its_field():
+    from reconciler.triggers.filesystem import Config
+
+    good = {"format": 1, "name": "t", "agent": "a", "task": "w", "type": "filesystem",
+            "filesystem": {"path": "/srv/in"}, "policy": {}}
+    for policy, field in (({"rateLimit": {"count": "x", "intervalSeconds": 60}}, "policy.rateLimit.count"),
+                          ({"rateLimit": {"count": 2, "intervalSeconds": "1m"}}, "policy.rateLimit.intervalSeconds"),
+                          ({"debounceSeconds": "2s"}, "policy.debounceSeconds"),
+                          ({"concurrency": "Sometimes"}, "policy.concurrency")):
+        with pytest.raises(ValueError, match=re.escape(f"'{field}' must be")):
+            Registration.from_json({**good, "policy": policy})
+    for section, field in (({"path": "/srv/in", "settleSeconds": "abc"}, "settleSeconds"),
+                           ({"path": "/srv/in", "events": "close_write"}, "events"),
+                           ({"path": "/srv/in", "patterns": "*.csv"}, "patterns")):
+        with pytest.raises(ValueError, match=f"^{field} must be"):
+            Config.parse(section)
 
 
 # -- trigger list and trigger test -------------------------------------------------------------------

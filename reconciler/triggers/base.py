@@ -66,14 +66,31 @@ class Registration:
         limit = policy.get("rateLimit")
         if limit is not None and not isinstance(limit, dict):
             raise ValueError("'policy.rateLimit' is not an object")
+        debounce = policy.get("debounceSeconds") or 0
+        if not _number(debounce) or debounce < 0:
+            raise ValueError(f"'policy.debounceSeconds' must be a number of seconds, got {debounce!r}")
+        if limit:
+            count, interval = limit.get("count"), limit.get("intervalSeconds")
+            if type(count) is not int or count < 1:
+                raise ValueError(f"'policy.rateLimit.count' must be a whole number from 1, got {count!r}")
+            if not _number(interval) or interval <= 0:
+                raise ValueError(f"'policy.rateLimit.intervalSeconds' must be a number of seconds "
+                                 f"above 0, got {interval!r}")
+        concurrency = policy.get("concurrency")
+        if concurrency is not None and concurrency not in ("Allow", "Forbid", "Replace", "Queue"):
+            raise ValueError(f"'policy.concurrency' must be Allow, Forbid, Replace or Queue, got {concurrency!r}")
         return cls(
             name=raw["name"], agent=raw["agent"], task=raw["task"], type=kind, config=raw[kind],
             enabled=bool(raw.get("enabled", True)),
-            debounce_seconds=float(policy.get("debounceSeconds") or 0),
-            rate_limit=(int(limit["count"]), float(limit["intervalSeconds"])) if limit else None,
-            concurrency=policy.get("concurrency"),
+            debounce_seconds=float(debounce),
+            rate_limit=(limit["count"], float(limit["intervalSeconds"])) if limit else None,
+            concurrency=concurrency,
             raw=raw, digest=digest,
         )
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 @dataclass

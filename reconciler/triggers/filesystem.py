@@ -95,17 +95,22 @@ class Config:
         path = raw.get("path")
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError(f"path {path!r} is not an absolute path")
+        for key in ("events", "patterns", "ignore"):
+            value = raw.get(key)
+            if value is not None and not (isinstance(value, list)
+                                          and all(isinstance(item, str) for item in value)):
+                raise ValueError(f"{key} must be a list of strings, got {value!r}")
         events = frozenset(raw.get("events") or DEFAULT_EVENTS)
         unknown = sorted(events - set(EVENT_KINDS))
         if unknown:
             raise ValueError(f"events {', '.join(unknown)} are not among {', '.join(EVENT_KINDS)}")
-        settle = float(raw.get("settleSeconds") or 0)
-        if settle < 0:
-            raise ValueError(f"settleSeconds {settle} is negative")
+        settle = raw.get("settleSeconds") or 0
+        if isinstance(settle, bool) or not isinstance(settle, (int, float)) or not settle >= 0:
+            raise ValueError(f"settleSeconds must be a number of seconds from 0, got {settle!r}")
         return cls(
             path=posixpath.normpath(path), events=events, recursive=bool(raw.get("recursive", False)),
             patterns=tuple(raw.get("patterns") or ()), ignore=tuple(raw.get("ignore") or ()),
-            settle_seconds=settle,
+            settle_seconds=float(settle),
         )
 
     def selects(self, name: str) -> bool:
