@@ -323,9 +323,11 @@ def test_cpu_temp_is_the_hottest_zone(tmp_path):
     assert MetricSource(below(tmp_path)).sample({"metric": "cpu_temp"}) == 85.5
 
 
-def test_cpu_temp_without_a_sensor_is_unavailable(tmp_path):
-    with pytest.raises(MetricUnavailable, match="no temperature sensor"):
+def test_cpu_temp_without_a_sensor_is_unavailable_and_says_where_it_looked_on_the_device(tmp_path):
+    with pytest.raises(MetricUnavailable, match="no temperature sensor") as raised:
         MetricSource(below(tmp_path)).sample({"metric": "cpu_temp"})
+    assert "no readable /sys/class/thermal/thermal_zone*/temp" in str(raised.value)
+    assert str(tmp_path) not in str(raised.value)
 
 
 def test_process_count_counts_this_machines_processes(tmp_path):

@@ -85,7 +85,7 @@ class MetricSource:
         zones = thermal_zone_temperatures(thermal_dir)
         if zones:
             return max(zones)
-        looked_at = f"no readable {thermal_dir}/thermal_zone*/temp"
+        looked_at = "no readable /sys/class/thermal/thermal_zone*/temp"
         if self._root_is_this_machine():
             sensors = [reading.current for readings in psutil.sensors_temperatures().values()
                        for reading in readings]
