@@ -1243,7 +1243,8 @@ def _action_history(args) -> int:
     from reconciler.executor import report
 
     runs = _store(args).runs(args.agent, buckets=("completed", "failed"))
-    rows = sorted((report.summary(run) for run in runs), key=lambda r: r.get("endedAt") or "", reverse=True)
+    rows = sorted((report.summary(run) for run in runs), key=lambda r: report.sort_time(r.get("endedAt")),
+                  reverse=True)
     return _print_rows(args, rows[: max(args.limit, 0)])
 
 
@@ -1253,7 +1254,7 @@ def _print_rows(args, rows: list[dict]) -> int:
     from reconciler.executor import report
 
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(report.strict_json(rows), indent=2))
     else:
         sys.stdout.write(report.table(rows))
     return EXIT_OK

@@ -51,6 +51,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from reconciler import AGENTS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError, UsageError
 from reconciler.executor.enqueue import listening
@@ -207,6 +208,7 @@ def tally_runs(store: RunStore) -> tuple[dict[str, AgentTally], dict[tuple[str, 
     scrape (its file is gone when read) rather than counted twice."""
     agents: dict[str, AgentTally] = {}
     tasks: dict[tuple[str, str], TaskTally] = {}
+    store.refused.clear()  # what this scrape passes over (a link, something not a directory)
     for agent in store.agents():
         tally = agents[agent] = AgentTally()
         listed = []
@@ -214,6 +216,8 @@ def tally_runs(store: RunStore) -> tuple[dict[str, AgentTally], dict[tuple[str, 
             try:
                 listed += [(bucket, name) for name in store.names(agent, bucket)]
             except (OSError, SposError):
+                tally.read_errors += 1
+            if f"{AGENTS_DIR}/{agent}/{bucket}" in store.refused:
                 tally.read_errors += 1
         for bucket, name in listed:
             try:
@@ -229,6 +233,10 @@ def tally_runs(store: RunStore) -> tuple[dict[str, AgentTally], dict[tuple[str, 
             elif state == "active":
                 tally.active += 1
             tasks.setdefault((agent, run.record["task"]), TaskTally()).add(run, state)
+    for path in store.refused:  # an agent's directory that is a link: none of it can be read
+        parent, _, name = path.rpartition("/")
+        if parent == AGENTS_DIR and name not in agents:
+            agents[name] = AgentTally(read_errors=len(BUCKETS))
     return agents, tasks
 
 

@@ -9,7 +9,9 @@ from reconciler.executor.runs import Run
 
 
 def summary(run: Run) -> dict:
-    """The listing row, also the `--json` form of `list` and `history`."""
+    """The listing row, also the `--json` form of `list` and `history`. A record written by
+    hand may hold anything in the fields only shown: they are shown as they are, never a
+    reason to fail (strict_json makes them JSON)."""
     record = run.record
     return {
         "id": run.id,
@@ -23,8 +25,31 @@ def summary(run: Run) -> dict:
         "endedAt": record.get("endedAt"),
         "durationSeconds": record.get("durationSeconds"),
         "exitCode": record.get("exitCode"),
-        "reason": record.get("reason") or "",
+        "reason": _text(record.get("reason")),
     }
+
+
+def strict_json(value):
+    """`value` with every float that JSON cannot carry (NaN, infinities: Python's json reads
+    and writes them) as null."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def sort_time(value) -> str:
+    """A time field as a sort key: ISO 8601 text sorts as text; anything else first."""
+    return value if isinstance(value, str) else ""
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(strict_json(value))
 
 
 COLUMNS = (("id", 26), ("agent", 18), ("task", 22), ("state", 10), ("attempt", 7), ("exitCode", 8))
@@ -48,7 +73,8 @@ def task_history(run: Run, finished: list[Run]) -> list[dict]:
 
 def shown(run: Run, history: list[dict]) -> dict:
     """The `--json` form of `action show`: the record, where it is, and its task's estimate."""
-    return {**run.record, "state": run.state, "agent": run.agent, "estimate": estimate.estimate(history)}
+    return strict_json({**run.record, "state": run.state, "agent": run.agent,
+                        "estimate": estimate.estimate(history)})
 
 
 def detail(run: Run, history: list[dict] | None = None) -> str:
@@ -56,9 +82,9 @@ def detail(run: Run, history: list[dict] | None = None) -> str:
     record = run.record
     lines = [
         f"Run {run.id}: {run.agent}/{record.get('task')}",
-        f"  state:      {run.state}" + (f" ({record['reason']})" if record.get("reason") else ""),
+        f"  state:      {run.state}" + (f" ({_text(record['reason'])})" if record.get("reason") else ""),
         f"  priority:   {record.get('priority')}",
-        f"  source:     {json.dumps(record.get('source'))}",
+        f"  source:     {json.dumps(strict_json(record.get('source')))}",
         f"  enqueued:   {record.get('enqueuedAt')}",
     ]
     for key, label in (("notBefore", "not before"), ("notAfter", "not after"), ("startedAt", "started"),
@@ -66,11 +92,11 @@ def detail(run: Run, history: list[dict] | None = None) -> str:
         if record.get(key) is not None:
             lines.append(f"  {label + ':':<11} {record[key]}")
     if record.get("progress"):
-        lines.append(f"  progress:   {json.dumps(record['progress'])}")
+        lines.append(f"  progress:   {json.dumps(strict_json(record['progress']))}")
     if record.get("stepsDone"):
         lines.append(f"  steps done: {', '.join(record['stepsDone'])}")
     if record.get("usage"):
-        lines.append(f"  usage:      {json.dumps(record['usage'], sort_keys=True)}")
+        lines.append(f"  usage:      {json.dumps(strict_json(record['usage']), sort_keys=True)}")
     attempts = record.get("attempts") or []
     if attempts:
         lines.append("  attempts:")
@@ -78,7 +104,7 @@ def detail(run: Run, history: list[dict] | None = None) -> str:
             lines.append(
                 f"    #{attempt.get('attempt')} {attempt.get('state')} exit={attempt.get('exitCode')} "
                 f"{attempt.get('startedAt')} -> {attempt.get('endedAt')}"
-                + (f": {attempt['reason']}" if attempt.get("reason") else "")
+                + (f": {_text(attempt['reason'])}" if attempt.get("reason") else "")
             )
     if history is not None:
         found = estimate.estimate(history)

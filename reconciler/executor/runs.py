@@ -500,22 +500,13 @@ def _shape_problem(record) -> str | None:
         except (TypeError, ValueError):
             return f"`{key}` must be an ISO 8601 time or null"
     for key, kind, what in (("attempts", list, "a list"), ("stepsDone", list, "a list"),
-                            ("executor", dict, "an object"), ("source", dict, "an object"),
-                            ("usage", dict, "an object"), ("reason", str, "a string"),
-                            ("enqueuedAt", str, "a time"), ("startedAt", str, "a time"),
-                            ("endedAt", str, "a time")):
+                            ("executor", dict, "an object"), ("source", dict, "an object")):
         if record.get(key) is not None and not isinstance(record[key], kind):
             return f"`{key}` must be {what}"
     if not all(isinstance(item, dict) for item in record.get("attempts") or ()):
         return "`attempts` must be a list of objects"
     if not all(isinstance(item, str) for item in record.get("stepsDone") or ()):
         return "`stepsDone` must be a list of step names"
-    priority = record.get("priority")
-    if priority is not None and (type(priority) is not int or not 0 <= priority <= 100):
-        return "`priority` must be a whole number from 0 to 100"
-    code = record.get("exitCode")
-    if code is not None and type(code) is not int:
-        return "`exitCode` must be a whole number or null"
     if record.get("concurrency") is not None and record["concurrency"] not in CONCURRENCY:
         return f"`concurrency` must be one of {', '.join(CONCURRENCY)}"
     return attachments_problem(record.get("attachments"))
