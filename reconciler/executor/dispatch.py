@@ -147,10 +147,10 @@ class Executor:
                 if not self.stopping:
                     started_any = self.dispatch()
                     cleanup.run_if_due()
-                if len(self.store.refused) > len(self.refused_said):
-                    self._say_refused()
                 else:
                     started_any = False
+                if len(self.store.refused) > len(self.refused_said):
+                    self._say_refused()
                 if (self.stopping and not self.active) or (
                         once and not self.active and not started_any and not self._queued_anything()):
                     self._record_pending()  # a last try; what is left, the next executor recovers
