@@ -41,10 +41,16 @@ def read_agent_config(device: Device, agent: str) -> tuple[dict, bytes]:
 
 
 def task_config(config: dict, task: str) -> dict:
+    """The task `task` of a config read by read_agent_config, its shape checked: a task of the
+    wrong shape fails its own runs, never the agent's other tasks."""
     tasks = config.get("tasks") or {}
     if task not in tasks:
         known = ", ".join(sorted(tasks)) or "none"
         raise ConfigError(f"agent {config.get('agent')!r} has no task {task!r} (its tasks: {known})")
+    problem = task_problem(task, tasks[task])
+    if problem:
+        path = f"{AGENTS_DIR}/{config.get('agent')}/{AGENT_CONFIG}"
+        raise ConfigError(f"{path}: {problem}; run spos apply to repair it")
     return tasks[task]
 
 
@@ -60,39 +66,41 @@ _CAPABILITY_LISTS = ("read", "write", "execute", "devices", "network")
 
 
 def shape_problem(config: dict) -> str | None:
-    """What in a parsed agent.json does not have the shape docs/agent-config.md gives, as
-    "`field` must be ..., got ..."; None when nothing is wrong."""
+    """What in a parsed agent.json, but for its tasks' own fields (task_problem), does not have
+    the shape docs/agent-config.md gives, as "`field` must be ..., got ..."; None when
+    nothing is wrong."""
+    tasks = config.get("tasks")
+    if not isinstance(tasks, dict):
+        return _wrong("tasks", "an object of tasks", tasks)
     return (_check(config, "agent", _text)
             or _check(config, "user", _optional(_text))
-            or _tasks_problem(config.get("tasks"))
             or _capability_problem(config.get("capability"))
             or _quota_problem(config.get("quota")))
 
 
-def _tasks_problem(tasks) -> str | None:
-    if not isinstance(tasks, dict):
-        return _wrong("tasks", "an object of tasks", tasks)
-    for name, task in tasks.items():
-        field = f"tasks.{name}"
-        if not isinstance(task, dict):
-            return _wrong(field, "an object", task)
-        problem = (_check(task, "command", _optional(_argv), field)
-                   or _check(task, "steps", _optional(_steps), field)
-                   or _check(task, "timeoutSeconds", _optional(_positive), field)
-                   or _check(task, "heartbeatTimeoutSeconds", _optional(_positive), field)
-                   or _check(task, "priority", _optional(_priority), field)
-                   or _check(task, "concurrency", _optional(_concurrency), field)
-                   or _check(task, "env", _optional(_env), field)
-                   or _check(task, "workdir", _optional(_text), field)
-                   or _check(task, "flexible", _optional(_flag), field)
-                   or _check(task, "onSuccess", _optional(_names), field)
-                   or _check(task, "onFailure", _optional(_names), field)
-                   or _checkpoint_problem(task.get("checkpoint"), f"{field}.checkpoint")
-                   or _retries_problem(task.get("retries"), f"{field}.retries"))
-        if problem:
-            return problem
-        if task.get("command") is None and not task.get("steps"):
-            return f"`{field}` has neither a `command` nor `steps`"
+def task_problem(name: str, task) -> str | None:
+    """What in the task `name` of an agent.json is not of the shape docs/agent-config.md gives.
+    What apply writes always passes: durations of 0 (none), whole numbers written as 2.0."""
+    field = f"tasks.{name}"
+    if not isinstance(task, dict):
+        return _wrong(field, "an object", task)
+    problem = (_check(task, "command", _optional(_argv), field)
+               or _check(task, "steps", _optional(_steps), field)
+               or _check(task, "timeoutSeconds", _optional(_not_negative), field)
+               or _check(task, "heartbeatTimeoutSeconds", _optional(_not_negative), field)
+               or _check(task, "priority", _optional(_priority), field)
+               or _check(task, "concurrency", _optional(_concurrency), field)
+               or _check(task, "env", _optional(_env), field)
+               or _check(task, "workdir", _optional(_text), field)
+               or _check(task, "flexible", _optional(_flag), field)
+               or _check(task, "onSuccess", _optional(_names), field)
+               or _check(task, "onFailure", _optional(_names), field)
+               or _checkpoint_problem(task.get("checkpoint"), f"{field}.checkpoint")
+               or _retries_problem(task.get("retries"), f"{field}.retries"))
+    if problem:
+        return problem
+    if task.get("command") is None and not task.get("steps"):
+        return f"`{field}` has neither a `command` nor `steps`"
     return None
 
 
@@ -104,7 +112,7 @@ def _steps(steps, field):
         if not isinstance(step, dict):
             return _wrong(at, "an object", step)
         problem = (_check(step, "name", _text, at) or _check(step, "command", _argv, at)
-                   or _check(step, "timeoutSeconds", _optional(_positive), at)
+                   or _check(step, "timeoutSeconds", _optional(_not_negative), at)
                    or _check(step, "continueOnError", _optional(_flag), at))
         if problem:
             return problem
@@ -116,7 +124,7 @@ def _checkpoint_problem(checkpoint, field) -> str | None:
         return None
     if not isinstance(checkpoint, dict):
         return _wrong(field, "an object or null", checkpoint)
-    return _check(checkpoint, "intervalSeconds", _optional(_positive), field)
+    return _check(checkpoint, "intervalSeconds", _optional(_not_negative), field)
 
 
 def _retries_problem(retries, field) -> str | None:
@@ -205,21 +213,21 @@ def _number(value, field):
     return None if _is_number(value) else _wrong(field, "a number or null", value)
 
 
-def _positive(value, field):
-    return None if _is_number(value) and value > 0 else _wrong(field, "a number of seconds above 0", value)
-
-
 def _not_negative(value, field):
     return None if _is_number(value) and value >= 0 else _wrong(field, "a number from 0", value)
 
 
+def _whole(value) -> bool:
+    """A whole number, also as JSON Schema counts one: 2 or 2.0."""
+    return _is_number(value) and float(value).is_integer()
+
+
 def _count(value, field):
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    return None if ok else _wrong(field, "a whole number from 0", value)
+    return None if _whole(value) and value >= 0 else _wrong(field, "a whole number from 0", value)
 
 
 def _priority(value, field):
-    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100
+    ok = _whole(value) and 0 <= value <= 100
     return None if ok else _wrong(field, "a whole number from 0 to 100", value)
 
 
@@ -246,7 +254,7 @@ def _argv(value, field):
 
 
 def _codes(value, field):
-    ok = isinstance(value, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in value)
+    ok = isinstance(value, list) and all(_whole(code) for code in value)
     return None if ok else _wrong(field, "a list of exit codes", value)
 
 
