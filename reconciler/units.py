@@ -35,8 +35,11 @@ def seconds(text: str) -> int | float:
     return _remember(_seconds, text, value)
 
 
-def size_bytes(text: str) -> int:
-    """`"2G"` -> 2_000_000_000, `"1Gi"` -> 1_073_741_824."""
+def size_bytes(text: str | int) -> int:
+    """`"2G"` -> 2_000_000_000, `"1Gi"` -> 1_073_741_824; a number of bytes as it is (`65536`,
+    and `65536.0`, which YAML gives for `65536.0` and JSON Schema counts as an integer)."""
+    if isinstance(text, float) and text.is_integer():
+        text = int(text)
     text = str(text)
     known = _sizes.get(text)
     if known is not None:

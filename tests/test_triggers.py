@@ -413,6 +413,9 @@ def test_a_registration_edited_by_hand_is_refused_naming_its_field():
                           ({"concurrency": "Sometimes"}, "policy.concurrency")):
         with pytest.raises(ValueError, match=re.escape(f"'{field}' must be")):
             Registration.from_json({**good, "policy": policy})
+    # what apply writes at the schema's edges is taken: an interval of 0s, a count of 5.0
+    edge = Registration.from_json({**good, "policy": {"rateLimit": {"count": 5.0, "intervalSeconds": 0}}})
+    assert edge.rate_limit == (5, 0.0)
     for section, field in (({"path": "/srv/in", "settleSeconds": "abc"}, "settleSeconds"),
                            ({"path": "/srv/in", "events": "close_write"}, "events"),
                            ({"path": "/srv/in", "patterns": "*.csv"}, "patterns")):

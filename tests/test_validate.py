@@ -372,7 +372,7 @@ def test_a_size_in_bytes_may_be_an_unquoted_number(project, spos, device_root):
       name: probe
     spec:
       memory: 268435456
-      storage: {temp: 65536}
+      storage: {temp: 65536.0, output: 65536}
     ---
     apiVersion: spos/v1
     kind: Trigger

@@ -71,11 +71,11 @@ class Registration:
             raise ValueError(f"'policy.debounceSeconds' must be a number of seconds, got {debounce!r}")
         if limit:
             count, interval = limit.get("count"), limit.get("intervalSeconds")
-            if type(count) is not int or count < 1:
-                raise ValueError(f"'policy.rateLimit.count' must be a whole number from 1, got {count!r}")
-            if not _number(interval) or interval <= 0:
-                raise ValueError(f"'policy.rateLimit.intervalSeconds' must be a number of seconds "
-                                 f"above 0, got {interval!r}")
+            if not _number(count) or not float(count).is_integer() or count < 0:
+                raise ValueError(f"'policy.rateLimit.count' must be a whole number, got {count!r}")
+            if not _number(interval) or interval < 0:
+                raise ValueError(f"'policy.rateLimit.intervalSeconds' must be a number of seconds, "
+                                 f"got {interval!r}")
         concurrency = policy.get("concurrency")
         if concurrency is not None and concurrency not in ("Allow", "Forbid", "Replace", "Queue"):
             raise ValueError(f"'policy.concurrency' must be Allow, Forbid, Replace or Queue, got {concurrency!r}")
@@ -83,7 +83,7 @@ class Registration:
             name=raw["name"], agent=raw["agent"], task=raw["task"], type=kind, config=raw[kind],
             enabled=bool(raw.get("enabled", True)),
             debounce_seconds=float(debounce),
-            rate_limit=(limit["count"], float(limit["intervalSeconds"])) if limit else None,
+            rate_limit=(int(limit["count"]), float(limit["intervalSeconds"])) if limit else None,
             concurrency=concurrency,
             raw=raw, digest=digest,
         )
