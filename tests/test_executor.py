@@ -1434,6 +1434,26 @@ def test_cancel_of_a_queued_run_the_file_system_refuses_changes_nothing(device):
     assert device.record(run_id)["state"] == "queued"
 
 
+def test_a_cancel_of_a_queued_run_cut_short_midway_never_runs_it(device):
+    """`action cancel` killed after it moved the queued run to active/ with its request, and
+    before its end was written: the next executor ends it as cancelled, it never runs."""
+    device.apply({"t": {"command": sh("echo ran >> $SPOS_OUTPUT_DIR/ran")}})
+    run_id = device.enqueue("t")
+    [queued] = list((device.agent_dir() / "queue").iterdir())
+    active = device.agent_dir() / "active"
+    active.mkdir(exist_ok=True)
+    (active / f"{queued.name}.cancel").write_text(json.dumps(
+        {"runId": run_id, "attempt": 1, "reason": "cancelled by request before it started"}))
+    queued.rename(active / queued.name)
+
+    device.once()
+
+    record = device.record(run_id)
+    assert record["state"] == "cancelled" and record["reason"].startswith("cancelled by request"), record
+    assert not device.lines("ran")
+    assert not list(active.iterdir())
+
+
 def test_cancel_of_a_run_waiting_to_retry_says_so(device):
     device.apply({"t": {"command": sh("exit 3"), "retries": {"limit": 2, "backoff": {"initial": "1h"}}}})
     run_id = device.enqueue("t")

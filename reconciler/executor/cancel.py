@@ -1,7 +1,7 @@
 """Cancelling a run from outside the process that runs it.
 
-A queued run ends at once as cancelled: its final record is written in failed/, then its queue
-file removed (RunStore.finish). A running run gets a cancel request
+A queued run ends at once as cancelled (`_end_queued`: a request, a move to active/ as a claim
+would, then its end recorded as any run's is). A running run gets a cancel request
 next to its record, `active/<run file>.cancel`, naming the attempt it was made against:
 
     {"runId": "...", "attempt": 2, "reason": "cancelled by request", "requestedAt": "..."}
@@ -42,13 +42,8 @@ def cancel(store: RunStore, run_id: str) -> str:
             attempt = run.record.get("attempt", 1)
             when = ("before it started" if attempt == 1 else
                     f"while waiting to retry (attempt {attempt})")
-            reason = f"{BY_REQUEST} {when}"
-            run.record.update(state="cancelled", reason=reason, endedAt=now_iso())
-            run.record.pop("attachments", None)  # an ended run keeps no copy (docs/queue.md)
-            # Its final record is written in failed/ before it leaves the queue: a refused
-            # write changes nothing, and whoever waits for it reads the end, never a move.
-            store.finish(run, "cancelled")
-            return f"run {run_id} cancelled {when}"
+            if _end_queued(store, run, f"{BY_REQUEST} {when}"):
+                return f"run {run_id} cancelled {when}"
         run = store.find(run_id)
         if run is not None and run.bucket == "active" and ask(store, run, BY_REQUEST):
             if not alive(run.record.get("executor") or {}):
@@ -57,6 +52,41 @@ def cancel(store: RunStore, run_id: str) -> str:
             return f"run {run_id} is running: asked the executor to stop it (SIGTERM, then the whole cgroup)"
     state = run.state if run else "gone"
     return f"run {run_id} already ended ({state}); nothing to cancel"
+
+
+def _end_queued(store: RunStore, run: Run, reason: str) -> bool:
+    """End a queued run as cancelled, under the claim lock; False when it left the queue
+    meanwhile. A cancel request goes first, then the run moves to active/ as a claim would,
+    then its end is recorded as any run's is (written in failed/, then its file in active/
+    removed): a crash at any step leaves the run queued, or in active/ with the request, which
+    the next executor's recovery ends as cancelled, or in both active/ and failed/, of which
+    recovery keeps failed/. Whoever waits for the run never reads a move half done, and a
+    write the file system refuses leaves the run queued as it was."""
+    write_request(store, run, reason)
+    if not store.move(run, "active"):
+        withdraw(store, run)
+        return False
+    queued = dict(run.record)
+    run.record.update(state="cancelled", reason=reason, endedAt=now_iso())
+    run.record.pop("attachments", None)  # an ended run keeps no copy (docs/queue.md)
+    try:
+        store.finish(run, "cancelled")
+    except BaseException:
+        run.record.clear()
+        run.record.update(queued)
+        if run.bucket == "active" and store.move(run, "queue"):
+            withdraw(store, run)
+        raise
+    withdraw(store, run)
+    return True
+
+
+def write_request(store: RunStore, run: Run, reason: str) -> None:
+    """The cancel request for the attempt `run` is in (the module's docstring)."""
+    request = {"runId": run.id, "attempt": run.record.get("attempt", 1),
+               "reason": reason, "requestedAt": now_iso()}
+    store.device.write_atomic(store.sidecar(run, "cancel"), (json.dumps(request) + "\n").encode(),
+                              mode=0o644)
 
 
 def ask(store: RunStore, run: Run, reason: str) -> bool:
@@ -68,10 +98,7 @@ def ask(store: RunStore, run: Run, reason: str) -> bool:
     except (FileNotFoundError, CorruptRecord):
         return False
     if requested(store, current) is None:
-        request = {"runId": current.id, "attempt": current.record.get("attempt", 1),
-                   "reason": reason, "requestedAt": now_iso()}
-        store.device.write_atomic(store.sidecar(current, "cancel"),
-                                  (json.dumps(request) + "\n").encode(), mode=0o644)
+        write_request(store, current, reason)
         wake(store.device, run.agent)
     return True
 
