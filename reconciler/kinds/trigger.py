@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 REGISTRATION_FORMAT = 1
 TYPES = ("filesystem", "webhook", "serial", "condition", "mqtt", "continuous")
 
-DEFAULT_EVENTS = ["close_write", "move"]
+DEFAULT_EVENTS = ["create", "close_write"]
 DEFAULT_MAX_BODY = "1Mi"
 DEFAULT_MAX_LINE = 4096
 DEFAULT_CONDITION_INTERVAL = "10s"

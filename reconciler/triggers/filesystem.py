@@ -56,7 +56,7 @@ from reconciler.triggers.base import Context, Emit, Event, Registration, Stoppab
 log = logging.getLogger(__name__)
 
 EVENT_KINDS = ("create", "modify", "delete", "move", "close_write")
-DEFAULT_EVENTS = ("close_write", "move")
+DEFAULT_EVENTS = ("create", "close_write")
 
 WAITING_POLL_SECONDS = 0.5
 """How often a path that does not exist is looked for."""
