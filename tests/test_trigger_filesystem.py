@@ -451,6 +451,24 @@ def test_a_link_on_the_path_re_pointed_leads_to_its_new_target(device, watch):
     assert recorded == [{"path": "/srv/current/inbox/two.txt", "event": "create", "name": "two.txt"}]
 
 
+def test_a_link_re_pointed_to_where_it_led_loses_no_event(device, watch):
+    (device / "srv" / "rel1" / "inbox").mkdir(parents=True)
+    (device / "srv" / "current").symlink_to("rel1")
+    source, recorder = watch(path="/srv/current/inbox", events=["create", "close_write"])
+    wait_for(lambda: source.status().state == "armed", "the source to arm", 3)
+    inbox = device / "srv" / "rel1" / "inbox"
+    (inbox / "a.txt").write_text("1")
+    (device / "srv" / "current.tmp").symlink_to("rel1")
+    (device / "srv" / "current.tmp").rename(device / "srv" / "current")  # the same target
+    (inbox / "b.txt").write_text("2")
+
+    recorded = recorder.wait_for_event("b.txt", "close_write")
+    time.sleep(0.3)
+    assert recorder.recorded() == recorded
+    assert [(e["name"], e["event"]) for e in recorded] == [
+        ("a.txt", "create"), ("a.txt", "close_write"), ("b.txt", "create"), ("b.txt", "close_write")]
+
+
 def test_files_of_a_watched_directory_moved_away_count_as_deleted(device, watch):
     host(device, "old.txt").write_text("")
     _, recorder = watch(events=["create", "delete"])

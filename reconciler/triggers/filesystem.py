@@ -279,9 +279,15 @@ class Watches:
     def guard(self, ways: list[tuple[str, str]]) -> None:
         """Watches each (directory, name) of `ways`: the directories the path passes through,
         as configured and as its links resolve, and the name it takes in each. One that is
-        gone already is not watched: the path then leads elsewhere, which the caller checks."""
+        gone already is not watched: the path then leads elsewhere, which the caller checks.
+        One that cannot be watched (permission, the watch limit) is left unguarded: the source
+        still works, and a change there is noticed only as before (the watched directory's own
+        deletion or move)."""
         for directory, name in ways:
-            wd = self.inotify.add_watch(directory, GUARD_MASK)
+            try:
+                wd = self.inotify.add_watch(directory, GUARD_MASK)
+            except WatchFailed:  # not allowed, or out of watches: that step goes unguarded
+                continue
             if wd is not None:
                 self.guards.setdefault(wd, set()).add(name)
 
@@ -523,9 +529,10 @@ class FilesystemSource(Stoppable):
             if event.mask & IN_Q_OVERFLOW:
                 self._rearm_now()
                 continue
-            if self._watches is not None and self._watches.path_changed(event):
-                # The path may lead to another directory now: what follows may be the old
-                # one's, and the re-arming reports what differs in the new one.
+            if self._watches is not None and self._watches.path_changed(event) \
+                    and self._find_layout_key() != self._layout.key:
+                # The path leads to another directory now: what follows is the old one's,
+                # and the re-arming reports what differs in the new one.
                 self._rearm_now()
                 break
             directory = self._watches.directory(event.wd) if self._watches else None
