@@ -1417,41 +1417,46 @@ def test_cancel_a_queued_run(device):
 
 
 def test_cancel_of_a_queued_run_the_file_system_refuses_changes_nothing(device):
-    device.apply({"t": {"command": sh("true")}})
-    run_id = device.enqueue("t")
-    queue = device.agent_dir() / "queue"
-    [queued] = list(queue.iterdir())
-    before = queued.read_bytes()
-    failed = device.agent_dir() / "failed"
-    failed.mkdir(mode=0o750, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "spos-test-ro", str(failed)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "spos-test-full", str(device.root)], check=True)
     try:
+        device.apply({"t": {"command": sh("true")}})
+        run_id = device.enqueue("t")
+        [queued] = list((device.agent_dir() / "queue").iterdir())
+        before = queued.read_bytes()
+        filler = device.root / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # every block: not even a temporary file fits
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
         result = device.spos("action", "cancel", run_id, "--root", device.root)
-        assert result.code == 1 and "Read-only file system" in result.err, result.err
-        assert [p.name for p in queue.iterdir()] == [queued.name] and queued.read_bytes() == before
+        assert result.code == 1 and "No space left on device" in result.err, result.err
+        assert [p.name for p in queued.parent.iterdir()] == [queued.name] and queued.read_bytes() == before
+        filler.unlink()
+        assert device.record(run_id)["state"] == "queued"
     finally:
-        subprocess.run(["umount", "-l", str(failed)], check=False)
-    assert device.record(run_id)["state"] == "queued"
+        subprocess.run(["umount", "-l", str(device.root)], check=False)
 
 
 def test_a_cancel_of_a_queued_run_cut_short_midway_never_runs_it(device):
-    """`action cancel` killed after it moved the queued run to active/ with its request, and
-    before its end was written: the next executor ends it as cancelled, it never runs."""
+    """`action cancel` killed after it rewrote the queued record as cancelled, before its
+    rename into failed/: the executor moves it there, and it never runs."""
     device.apply({"t": {"command": sh("echo ran >> $SPOS_OUTPUT_DIR/ran")}})
     run_id = device.enqueue("t")
     [queued] = list((device.agent_dir() / "queue").iterdir())
-    active = device.agent_dir() / "active"
-    active.mkdir(exist_ok=True)
-    (active / f"{queued.name}.cancel").write_text(json.dumps(
-        {"runId": run_id, "attempt": 1, "reason": "cancelled by request before it started"}))
-    queued.rename(active / queued.name)
+    record = json.loads(queued.read_text())
+    record.update(state="cancelled", reason="cancelled by request before it started",
+                  endedAt="2026-11-27T00:00:00.000+00:00")
+    queued.write_text(json.dumps(record))
 
     device.once()
 
-    record = device.record(run_id)
-    assert record["state"] == "cancelled" and record["reason"].startswith("cancelled by request"), record
-    assert not device.lines("ran")
-    assert not list(active.iterdir())
+    assert device.record(run_id)["state"] == "cancelled"
+    assert (device.agent_dir() / "failed" / queued.name).exists()
+    assert not device.lines("ran") and not list(queued.parent.iterdir())
 
 
 def test_cancel_of_a_run_waiting_to_retry_says_so(device):

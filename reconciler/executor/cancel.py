@@ -1,7 +1,7 @@
 """Cancelling a run from outside the process that runs it.
 
-A queued run ends at once as cancelled (`_end_queued`: a request, a move to active/ as a claim
-would, then its end recorded as any run's is). A running run gets a cancel request
+A queued run ends at once as cancelled: its record rewritten in queue/ to say so, then renamed
+into failed/ (`_end_queued`). A running run gets a cancel request
 next to its record, `active/<run file>.cancel`, naming the attempt it was made against:
 
     {"runId": "...", "attempt": 2, "reason": "cancelled by request", "requestedAt": "..."}
@@ -42,8 +42,7 @@ def cancel(store: RunStore, run_id: str) -> str:
             attempt = run.record.get("attempt", 1)
             when = ("before it started" if attempt == 1 else
                     f"while waiting to retry (attempt {attempt})")
-            if _end_queued(store, run, f"{BY_REQUEST} {when}"):
-                return f"run {run_id} cancelled {when}"
+            return f"run {run_id} cancelled {when}" + _end_queued(store, run, f"{BY_REQUEST} {when}")
         run = store.find(run_id)
         if run is not None and run.bucket == "active" and ask(store, run, BY_REQUEST):
             if not alive(run.record.get("executor") or {}):
@@ -54,31 +53,23 @@ def cancel(store: RunStore, run_id: str) -> str:
     return f"run {run_id} already ended ({state}); nothing to cancel"
 
 
-def _end_queued(store: RunStore, run: Run, reason: str) -> bool:
-    """End a queued run as cancelled, under the claim lock; False when it left the queue
-    meanwhile. A cancel request goes first, then the run moves to active/ as a claim would,
-    then its end is recorded as any run's is (written in failed/, then its file in active/
-    removed): a crash at any step leaves the run queued, or in active/ with the request, which
-    the next executor's recovery ends as cancelled, or in both active/ and failed/, of which
-    recovery keeps failed/. Whoever waits for the run never reads a move half done, and a
-    write the file system refuses leaves the run queued as it was."""
-    write_request(store, run, reason)
-    if not store.move(run, "active"):
-        withdraw(store, run)
-        return False
-    queued = dict(run.record)
+def _end_queued(store: RunStore, run: Run, reason: str) -> str:
+    """End a queued run as cancelled, under the claim lock, and say how it went. Its record is
+    rewritten where it is, atomically, to say so; then it is renamed into failed/. A write the
+    file system refuses changes nothing. Cut short after the rewrite, or with failed/ refusing
+    the rename, the run stays in queue/ saying it was cancelled: executors move such a file to
+    failed/ and never run it (Executor._load_queued), and waiters read it as ended."""
     run.record.update(state="cancelled", reason=reason, endedAt=now_iso())
     run.record.pop("attachments", None)  # an ended run keeps no copy (docs/queue.md)
+    store.save(run)
     try:
-        store.finish(run, "cancelled")
-    except BaseException:
-        run.record.clear()
-        run.record.update(queued)
-        if run.bucket == "active" and store.move(run, "queue"):
-            withdraw(store, run)
-        raise
-    withdraw(store, run)
-    return True
+        store.move(run, "failed")
+    except OSError as exc:
+        if not storage_failure(exc):
+            raise
+        return (f"; its record stays in queue/ until failed/ takes it ({exc.strerror}): "
+                "no executor runs it")
+    return ""
 
 
 def write_request(store: RunStore, run: Run, reason: str) -> None:

@@ -43,7 +43,8 @@ from reconciler.executor.owner import alive, identity
 from reconciler.executor.prepared import PreparedPool
 from reconciler.executor.queuewatch import QueueWatch
 from reconciler.executor.retention import PeriodicCleanup, remove_tree
-from reconciler.executor.runs import RUN_FILE, CorruptRecord, Listings, Run, RunStore, storage_failure
+from reconciler.executor.runs import (RUN_FILE, TERMINAL_BUCKET, CorruptRecord, Listings, Run, RunStore,
+                                      storage_failure)
 from reconciler.executor.sandbox import Limits, SandboxSpec, adopt_orphans, reap_orphans
 from reconciler.executor.supervise import (
     DEFAULT_LOG_BYTES, DEFAULT_PATH, ActiveRun, LogWriter, now_iso, run_dirs, steps_of,
@@ -402,7 +403,7 @@ class Executor:
 
     def _load_queued(self, agent: str, name: str) -> Run | None:
         try:
-            return self.store.load(agent, "queue", name)
+            run = self.store.load(agent, "queue", name)
         except FileNotFoundError:
             self._unqueued(agent, name)
             return None  # claimed or cancelled meanwhile
@@ -410,6 +411,15 @@ class Executor:
             self._unqueued(agent, name)
             self._set_aside(agent, "queue", name, str(exc))
             return None
+        if run.record.get("state") in TERMINAL_BUCKET:
+            # Ended in the queue (a cancel cut short before its rename, or failed/ refusing
+            # it): moved on, never run; where the rename is refused, tried again later.
+            self._unqueued(agent, name)
+            with self.store.locked():
+                if _refused(self.store.move, run, TERMINAL_BUCKET[run.record["state"]]):
+                    self._retry_storage_later()
+            return None
+        return run
 
     def _queued_anything(self) -> bool:
         return any(self.store.names(agent, "queue") for agent in self.store.agents())
