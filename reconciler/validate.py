@@ -470,7 +470,8 @@ def _quota_problems(spec: dict) -> Iterable[tuple[tuple, str, str]]:
         if isinstance(cpu, str) and round(units.percent(cpu), 2) == 0:
             yield ("spec", "cpu"), f"{cpu!r} is below the smallest CPU limit, 0.01%", (
                 "a CPU limit of 0 lets nothing run; leave cpu out for no limit")
-        if isinstance(memory, (str, int)) and not isinstance(memory, bool) and units.size_bytes(memory) == 0:
+        if isinstance(memory, (str, int, float)) and not isinstance(memory, bool) \
+                and units.size_bytes(memory) == 0:
             yield ("spec", "memory"), "a memory limit of 0 lets nothing run", (
                 "leave memory out for no limit")
     except ValueError:

@@ -1714,7 +1714,8 @@ def test_what_apply_writes_at_the_edges_of_the_schema_runs(device):
     manifests: the executor's own check of agent.json takes them."""
     device.apply({"edge": {"steps": [{"name": "a", "command": sh("true"), "timeout": "0ms"}],
                            "timeout": "0s", "priority": 60.0,
-                           "retries": {"limit": 2.0, "nonRetryableExitCodes": [2.0]}}})
+                           "retries": {"limit": 2.0, "nonRetryableExitCodes": [2.0]}}},
+                 quota={"tasksMax": 64.0, "nice": 5.0}, cgroups=True)
     run_id = device.enqueue("edge")
     device.once()
     assert device.record(run_id)["state"] == "completed"

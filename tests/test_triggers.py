@@ -408,6 +408,9 @@ def test_a_registration_edited_by_hand_is_refused_naming_its_field():
     good = {"format": 1, "name": "t", "agent": "a", "task": "w", "type": "filesystem",
             "filesystem": {"path": "/srv/in"}, "policy": {}}
     for policy, field in (({"rateLimit": {"count": "x", "intervalSeconds": 60}}, "policy.rateLimit.count"),
+                          ({"rateLimit": {"count": 0, "intervalSeconds": 60}}, "policy.rateLimit.count"),
+                          ({"rateLimit": {"count": 1, "intervalSeconds": float("inf")}},
+                           "policy.rateLimit.intervalSeconds"),
                           ({"rateLimit": {"count": 2, "intervalSeconds": "1m"}}, "policy.rateLimit.intervalSeconds"),
                           ({"debounceSeconds": "2s"}, "policy.debounceSeconds"),
                           ({"concurrency": "Sometimes"}, "policy.concurrency")):

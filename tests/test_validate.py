@@ -391,9 +391,17 @@ def test_a_size_in_bytes_may_be_an_unquoted_number(project, spos, device_root):
           name: negative
         spec:
           memory: -1
+    ---
+    apiVersion: spos/v1
+    kind: Quota
+    metadata:
+      name: zero
+    spec:
+      memory: 0.0
     """)
-    [problem] = problems(spos("validate", "agents.d"))
-    assert problem.startswith("agents.d/negative.yaml:6:3: error:") and "spec.memory" in problem
+    negative, zero = problems(spos("validate", "agents.d"))
+    assert negative.startswith("agents.d/negative.yaml:6:") and "spec.memory" in negative
+    assert zero.startswith("agents.d/negative.yaml:13:") and "a memory limit of 0 lets nothing run" in zero
     (project / "agents.d" / "negative.yaml").unlink()
     result = spos("apply", "agents.d", "--root", device_root, "--auto-approve",
                   "--cgroup-root", project / "no-cgroups")

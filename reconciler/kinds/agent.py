@@ -74,16 +74,16 @@ def _compile_task(task: dict, agent_env: dict) -> dict:
         ] or None,
         "timeoutSeconds": units.seconds(task.get("timeout", TASK_DEFAULTS["timeout"])),
         "retries": {
-            "limit": retries.get("limit", RETRY_DEFAULTS["limit"]),
+            "limit": _whole(retries.get("limit", RETRY_DEFAULTS["limit"])),
             "backoff": {
                 "initialSeconds": units.seconds(backoff.get("initial", RETRY_DEFAULTS["initial"])),
                 "factor": backoff.get("factor", RETRY_DEFAULTS["factor"]),
                 "maxSeconds": units.seconds(backoff.get("max", RETRY_DEFAULTS["max"])),
             },
-            "nonRetryableExitCodes": sorted(retries.get("nonRetryableExitCodes") or []),
+            "nonRetryableExitCodes": sorted(_whole(c) for c in retries.get("nonRetryableExitCodes") or []),
         },
         "concurrency": task.get("concurrency", TASK_DEFAULTS["concurrency"]),
-        "priority": task.get("priority", TASK_DEFAULTS["priority"]),
+        "priority": _whole(task.get("priority", TASK_DEFAULTS["priority"])),
         "env": {**agent_env, **(task.get("env") or {})},
         "workdir": task.get("workdir"),
         "checkpoint": None,
@@ -112,6 +112,12 @@ def compile_capability(name: str, spec: dict) -> dict:
     }
 
 
+def _whole(value):
+    """A whole number as an int: JSON Schema counts 64.0 as an integer, and YAML gives it for
+    `64.0`, but what reads it (a cgroup's pids.max, setpriority) wants 64."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def compile_quota(name: str, spec: dict) -> dict:
     storage = spec.get("storage") or {}
     retention = {**RETENTION_DEFAULTS, **(spec.get("retention") or {})}
@@ -119,9 +125,9 @@ def compile_quota(name: str, spec: dict) -> dict:
         "name": name,
         "cpuPercent": units.percent(spec["cpu"]) if "cpu" in spec else None,
         "memoryBytes": units.size_bytes(spec["memory"]) if "memory" in spec else None,
-        "ioWeight": spec.get("ioWeight"),
-        "tasksMax": spec.get("tasksMax"),
-        "nice": spec.get("nice"),
+        "ioWeight": _whole(spec.get("ioWeight")),
+        "tasksMax": _whole(spec.get("tasksMax")),
+        "nice": _whole(spec.get("nice")),
         "storageBytes": {k: units.size_bytes(v) for k, v in sorted(storage.items())},
         "retentionSeconds": {k: units.seconds(v) for k, v in sorted(retention.items())},
     }

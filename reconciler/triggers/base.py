@@ -71,8 +71,8 @@ class Registration:
             raise ValueError(f"'policy.debounceSeconds' must be a number of seconds, got {debounce!r}")
         if limit:
             count, interval = limit.get("count"), limit.get("intervalSeconds")
-            if not _number(count) or not float(count).is_integer() or count < 0:
-                raise ValueError(f"'policy.rateLimit.count' must be a whole number, got {count!r}")
+            if not _number(count) or not float(count).is_integer() or count < 1:
+                raise ValueError(f"'policy.rateLimit.count' must be a whole number from 1, got {count!r}")
             if not _number(interval) or interval < 0:
                 raise ValueError(f"'policy.rateLimit.intervalSeconds' must be a number of seconds, "
                                  f"got {interval!r}")
@@ -90,7 +90,9 @@ class Registration:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """A finite number (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+            and value not in (float("inf"), float("-inf")))
 
 
 @dataclass
