@@ -141,11 +141,8 @@ def _retries_problem(retries, field) -> str | None:
         return None
     if not isinstance(backoff, dict):
         return _wrong(f"{field}.backoff", "an object or null", backoff)
-    for key in ("initialSeconds", "factor", "maxSeconds"):
-        problem = _check(backoff, key, _optional(_not_negative), f"{field}.backoff")
-        if problem:
-            return problem
-    return None
+    return _each(backoff, ("initialSeconds", "factor", "maxSeconds"), _optional(_not_negative),
+                 f"{field}.backoff")
 
 
 def _capability_problem(capability) -> str | None:
@@ -159,10 +156,9 @@ def _capability_problem(capability) -> str | None:
             continue
         if not isinstance(lists, dict):
             return _wrong(f"capability.{side}", "an object or null", lists)
-        for key in _CAPABILITY_LISTS:
-            problem = _check(lists, key, _optional(_names), f"capability.{side}")
-            if problem:
-                return problem
+        problem = _each(lists, _CAPABILITY_LISTS, _optional(_names), f"capability.{side}")
+        if problem:
+            return problem
     return None
 
 
@@ -171,20 +167,24 @@ def _quota_problem(quota) -> str | None:
         return None
     if not isinstance(quota, dict):
         return _wrong("quota", "an object or null", quota)
-    for key in ("cpuPercent", "memoryBytes", "ioWeight", "tasksMax", "nice"):
-        problem = _check(quota, key, _optional(_number), "quota")
-        if problem:
-            return problem
+    problem = _each(quota, ("cpuPercent", "memoryBytes", "ioWeight", "tasksMax", "nice"),
+                    _optional(_number), "quota")
     for group in ("storageBytes", "retentionSeconds"):
         sizes = quota.get(group)
-        if sizes is None:
+        if problem or sizes is None:
             continue
         if not isinstance(sizes, dict):
             return _wrong(f"quota.{group}", "an object or null", sizes)
-        for key, value in sizes.items():
-            problem = _optional(_not_negative)(value, f"quota.{group}.{key}")
-            if problem:
-                return problem
+        problem = _each(sizes, tuple(sizes), _optional(_not_negative), f"quota.{group}")
+    return problem
+
+
+def _each(container: dict, keys, check, parent: str) -> str | None:
+    """The first problem `check` finds among container's `keys`."""
+    for key in keys:
+        problem = _check(container, key, check, parent)
+        if problem:
+            return problem
     return None
 
 
