@@ -590,6 +590,12 @@ class Mirror:
                 _RUNNING.discard(process)
             if returncode != 0:
                 errors.seek(0)
+                if _ABORTED.is_set() or returncode < 0:
+                    # Stopped from outside (spos shutting down, the OOM killer): nothing is
+                    # known against the revision, so it is not refused; the next sync retries.
+                    raise GitError(f"git {args[0]} was stopped before it finished"
+                                   + (" (spos is shutting down)" if _ABORTED.is_set() else
+                                      f" (signal {-returncode})") + "; the next sync tries again")
                 if failure:
                     raise UnsafeTreeError(f"{failure}: {_tail(errors.read())}")
                 raise GitError(f"git {args[0]} failed in {self.path}: {_tail(errors.read())}")

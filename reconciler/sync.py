@@ -221,6 +221,8 @@ def _sync(device, state, mirror, options, feedback, report) -> SyncResult:
         checkout, skipped = _checkout(device, mirror, sha, progress)
     except UnsafeTreeError as exc:  # the revision itself: names or sizes no export may write
         return _refuse(state, sha, "export", [str(exc)], options=options)
+    except GitError as exc:  # git stopped or failed: nothing against the revision; next sync again
+        return SyncResult("failed", sha, f"could not check out {sha[:12]}: {exc}")
     result = _converge(device, state, sha, checkout, options, feedback, report, mirror)
     result.notes = [f"{item.path}: {item.reason}" for item in skipped]
     return result

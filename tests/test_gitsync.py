@@ -12,6 +12,7 @@ from __future__ import annotations
 import binascii
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -24,6 +25,7 @@ from reconciler.gitsync import (
     ExportError,
     FetchError,
     ForcePushError,
+    GitError,
     Mirror,
     SignatureError,
     UnknownCommitError,
@@ -387,6 +389,27 @@ def test_export_limits_are_enforced_before_writing(tmp_path, upstream, mirror):
     with pytest.raises(UnsafeTreeError, match="more than the 1000"):
         mirror.export(sha, tmp_path / "export", max_bytes=1000)
     assert not (tmp_path / "export").exists()
+
+
+def test_a_git_killed_while_it_lists_the_tree_is_no_fault_of_the_revision(tmp_path, upstream, mirror,
+                                                                           monkeypatch):
+    """A daemon told to stop (gitsync.abort) or the OOM killer ends git with a signal: the sync
+    fails and tries again, the revision is not refused as unreadable."""
+    sha = upstream.commit(MANIFESTS)
+    mirror.fetch("main")
+    start = Mirror._start
+
+    def killed_at_once(self, args, **options):
+        process = start(self, args, **options)
+        if args[0] == "ls-tree":
+            os.killpg(process.pid, signal.SIGKILL)
+        return process
+
+    monkeypatch.setattr(Mirror, "_start", killed_at_once)
+    with pytest.raises(GitError, match="ls-tree was stopped before it finished .signal 9.") as raised:
+        mirror.export(sha, tmp_path / "out")
+    assert not isinstance(raised.value, UnsafeTreeError)
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_needs_a_fresh_destination_and_a_known_commit(tmp_path, upstream, mirror):
