@@ -574,6 +574,22 @@ def _sync(args) -> int:
     return EXIT_OK if result.ok else EXIT_ERROR
 
 
+MIN_SYNC_INTERVAL = 1.0
+"""The shortest --interval of `spos daemon` (and what `spos install` writes): shorter, a fleet's
+devices would fetch from the git server without pause."""
+MIN_DRIFT_INTERVAL = 0.1
+"""The shortest --drift-interval: drift repair reads only this device, but not in a loop."""
+
+
+def _at_least(option: str, text: str, least: float) -> float:
+    from reconciler.errors import UsageError
+
+    value = _duration(option, text)
+    if value < least:
+        raise UsageError(f"{option}: give at least {least:g}s, got {text!r}")
+    return value
+
+
 def _daemon(args) -> int:
     from reconciler.agentd import Daemon, DaemonSettings
 
@@ -581,8 +597,9 @@ def _daemon(args) -> int:
                                             ("triggers", args.no_triggers)) if not off)
     child_args = {"executor": ["--cgroup-root", args.cgroup_root]} if args.cgroup_root else {}
     settings = DaemonSettings(
-        interval=_duration("--interval", args.interval), jitter=_duration("--jitter", args.jitter),
-        drift_interval=_duration("--drift-interval", args.drift_interval),
+        interval=_at_least("--interval", args.interval, MIN_SYNC_INTERVAL),
+        jitter=_duration("--jitter", args.jitter),
+        drift_interval=_at_least("--drift-interval", args.drift_interval, MIN_DRIFT_INTERVAL),
         stop_timeout=_duration("--stop-timeout", args.stop_timeout),
         children=children, child_args=child_args,
     )
@@ -598,10 +615,16 @@ def _install(args) -> int:
     from reconciler.pipeline import spos_command
     from reconciler.systemctl import detect
 
-    from reconciler.gitsync import check_branch, check_url
+    from reconciler.errors import UsageError
+    from reconciler.gitsync import check_branch, check_url, redacted
 
-    for option in ("--interval", "--jitter"):
-        _duration(option, getattr(args, option[2:]))
+    _at_least("--interval", args.interval, MIN_SYNC_INTERVAL)
+    _duration("--jitter", args.jitter)
+    if args.verify_signatures and not os.path.isabs(args.verify_signatures):
+        raise UsageError(f"--verify-signatures: the service runs from another directory; give the "
+                         f"keyring's absolute path, not {args.verify_signatures!r}")
+    if args.cgroup_root and not os.path.isabs(args.cgroup_root):
+        raise UsageError(f"--cgroup-root: give an absolute path, not {args.cgroup_root!r}")
     check_url(args.repo)
     check_branch(args.branch)
     device = Device(args.root)
@@ -619,7 +642,8 @@ def _install(args) -> int:
     )
     for path, text in planned.write.items():
         print(f"{'Would write' if args.dry_run else 'Writing'} {path}:")
-        sys.stdout.write("".join(f"    {line}\n" for line in text.splitlines()))
+        shown = text.replace(args.repo, redacted(args.repo))  # the file holds it; the screen not
+        sys.stdout.write("".join(f"    {line}\n" for line in shown.splitlines()))
     for path in planned.delete:
         print(f"{'Would remove' if args.dry_run else 'Removing'} {path}")
     if not planned.write and not planned.delete:

@@ -86,3 +86,21 @@ def test_dry_run_shows_the_files_and_writes_nothing(spos, root):
 def test_a_bad_repository_url_is_refused_before_anything_is_written(spos, root):
     result = spos("install", "--root", root, "--repo", "ext::sh -c touch% /tmp/x", "--cron")
     assert result.code == 1 and not (root / "etc").exists()
+
+
+def test_what_the_service_could_not_use_is_refused_before_anything_is_written(spos, root):
+    for args, said in ((("--interval", "0s"), "--interval: give at least 1s"),
+                       (("--verify-signatures", "keys.gpg"), "give the keyring's absolute path"),
+                       (("--cgroup-root", "cg"), "--cgroup-root: give an absolute path")):
+        result = spos("install", "--root", root, "--repo", REPO, "--cron", *args)
+        assert result.code == 1 and said in result.err, (args, result.err)
+    assert not (root / "etc").exists()
+
+
+def test_a_secret_in_the_repository_url_is_written_to_the_file_but_never_shown(spos, root):
+    secret = "https://user:s3cret-token@git.example.net/fleet/manifests.git"
+    result = spos("install", "--root", root, "--repo", secret, "--cron")
+    assert result.code == 0 and "s3cret-token" not in result.out + result.err
+    assert "https://***@git.example.net/fleet/manifests.git" in result.out
+    written = root / "etc/cron.d/spos"
+    assert "s3cret-token" in written.read_text() and written.stat().st_mode & 0o777 == 0o600
