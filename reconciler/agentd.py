@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from reconciler import STATE_DIR, loadlog
 from reconciler.device import Device
 from reconciler.errors import SposError
-from reconciler.state import read_json_object
+from reconciler.state import hold_alone, read_json_object
 from reconciler.sync import SyncOptions, now_iso, repair_drift, sync
 
 STATUS_FILE = f"/{STATE_DIR}/daemon.json"
+LOCK_FILE = f"/{STATE_DIR}/daemon.lock"
 STATUS_FORMAT = 1
 BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 60.0, 60.0
 """A child that exits is started again after BACKOFF_FIRST seconds, doubling up to BACKOFF_MAX;
@@ -164,13 +165,19 @@ class Daemon:
         return Child(name, argv, os.path.join(logs, f"{name}.log"))
 
     def run(self) -> None:
-        self._handle_signals()
+        """Until SIGTERM/SIGINT. Raises state.AlreadyServed, before anything else, when another
+        `spos daemon` serves the device: two would sync twice and each start its children."""
+        lock = hold_alone(self.device, LOCK_FILE, "spos daemon")
         try:
-            while not self.stopping.is_set():
-                self.cycle()
-                self.stopping.wait(self._sleep())
+            self._handle_signals()
+            try:
+                while not self.stopping.is_set():
+                    self.cycle()
+                    self.stopping.wait(self._sleep())
+            finally:
+                self.shutdown()
         finally:
-            self.shutdown()
+            os.close(lock)
 
     def cycle(self) -> None:
         """Whatever is due now: supervise the children, sync, or check for drift."""

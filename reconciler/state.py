@@ -151,3 +151,30 @@ def _own_command() -> list[str]:
     except OSError:
         return ["spos"]
     return [re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", word) for word in words]
+
+
+class AlreadyServed(SposError):
+    """Another process of the same kind serves this device (hold_alone)."""
+
+
+def hold_alone(device: Device, lock_path: str, what: str) -> int:
+    """Take the flock at device path `lock_path` for the life of this process (the caller closes
+    the returned fd when it is done), with this pid written in it; raises AlreadyServed naming
+    the pid that holds it. For the daemons a device runs one of: two would do everything twice."""
+    device.makedirs(lock_path.rsplit("/", 1)[0], mode=0o755)
+    fd = os.open(device.host(lock_path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise AlreadyServed(
+            f"another {what}{f' (pid {holder})' if holder.isdigit() else ''} already serves "
+            f"{device.root} (it holds {lock_path}); two would do everything twice: stop that "
+            "one first") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

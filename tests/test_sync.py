@@ -616,6 +616,20 @@ def alive(pid: int) -> bool:
         return False
 
 
+def test_a_second_daemon_on_the_same_device_refuses_to_start(device, upstream, daemon):
+    upstream.commit(site())
+    daemon.start("--no-executor", "--no-triggers", interval="60s")
+    wait_for(lambda: daemon.status(), "the first daemon's status", WAIT)
+    second = subprocess.run(
+        [sys.executable, "-m", "reconciler", "daemon", "--root", str(device.root),
+         "--repo", str(upstream.bare), "--no-executor", "--no-triggers"],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WAIT)
+    assert second.returncode == 1
+    assert f"another spos daemon (pid {daemon.process.pid}) already serves" in second.stderr
+    assert daemon.status()["pid"] == daemon.process.pid
+    assert daemon.terminate() == 0
+
+
 def test_the_daemon_syncs_every_interval_and_replaces_its_status_atomically(device, upstream, daemon):
     first = upstream.commit(site())
     daemon.start("--no-executor", "--no-triggers", interval="1s")

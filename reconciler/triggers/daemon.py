@@ -21,7 +21,6 @@ what a status reads from outside (a webhook's secret).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib
 import json
@@ -36,7 +35,7 @@ from datetime import datetime, timezone
 from reconciler import STATE_DIR, TRIGGERS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
-from reconciler.state import read_json_object
+from reconciler.state import hold_alone, read_json_object
 from reconciler.triggers.base import Context, Registration, Source, Status, Stoppable
 from reconciler.triggers.gate import Gate
 
@@ -59,10 +58,6 @@ START_WAIT = 1.0
 """How long the loop waits for one source to start before it goes on without it. A source's
 start may block (a large tree to scan, a hung mount): it finishes on its own thread."""
 DEFAULT_LISTEN = ("127.0.0.1", 9180)
-
-
-class AlreadyServed(SposError):
-    """Another trigger daemon serves this device."""
 
 
 @dataclass
@@ -117,7 +112,7 @@ class TriggerDaemon:
 
     def run(self) -> None:
         """Until SIGTERM/SIGINT (or `stop()`): follow the registrations, keep status current.
-        Raises AlreadyServed, before anything else, when another daemon serves the device."""
+        Raises state.AlreadyServed, before anything else, when another daemon serves the device."""
         lock = self._take_lock()
         self._handle_signals()
         listing = True
@@ -140,24 +135,7 @@ class TriggerDaemon:
 
     def _take_lock(self) -> int:
         """The device's trigger daemon lock (LOCK_FILE), held until run() ends."""
-        self.device.makedirs(LOCK_FILE.rsplit("/", 1)[0], mode=0o755)
-        fd = os.open(self.device.host(LOCK_FILE),
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            raise AlreadyServed(
-                f"another trigger daemon{f' (pid {holder})' if holder.isdigit() else ''} "
-                f"already serves {self.device.root} (it holds {LOCK_FILE}); two would queue "
-                "every event twice: stop that one first") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
+        return hold_alone(self.device, LOCK_FILE, "trigger daemon")
 
     def step(self, listing: bool = True) -> None:
         """One pass: reload what changed (unless `listing` is False: no registration can have),
