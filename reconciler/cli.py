@@ -43,27 +43,35 @@ class Interrupted(KeyboardInterrupt):
     exit code spos chose (`action run --wait` promises 130). It compares the exact type."""
 
 
+class Terminated(Interrupted):
+    """SIGTERM (a supervisor, `timeout`), as spos raises it: the command unwinds as for Ctrl-C,
+    so that what it started (a git fetch, say) is stopped with it, and exits 143."""
+
+
 class _interruptible:
-    """SIGINT raises Interrupted while a command runs (in the main thread; the previous handler
-    is put back after)."""
+    """SIGINT raises Interrupted, SIGTERM Terminated, while a command runs (in the main thread;
+    the previous handlers are put back after). The daemons install their own on top."""
 
     def __enter__(self):
         import signal
         import threading
 
-        self.previous = None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, _interrupt)
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, _interrupt)
 
     def __exit__(self, *_) -> None:
-        if self.previous is not None:
-            import signal
+        import signal
 
-            signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def _interrupt(signum, frame):
-    raise Interrupted()
+    import signal
+
+    raise Terminated() if signum == signal.SIGTERM else Interrupted()
 
 
 def _run_with_feedback(args) -> int:
@@ -94,6 +102,9 @@ def guarded(command, as_json: bool = False) -> int:
     except OSError as exc:
         print(f"spos: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except Terminated:
+        print("spos: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("spos: interrupted", file=sys.stderr)
         return 130
@@ -1032,10 +1043,10 @@ def _wait_for_end(device, agent: str, run_id: str, patience: float | None) -> in
     few seconds besides; Ctrl-C stops the waiting, not the run."""
     try:
         run = _wait_until_final(device, agent, run_id, patience)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:
         print(f"spos: stopped waiting; run {run_id} was not cancelled and goes on "
               f"(spos action cancel {run_id} stops it)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 143 if isinstance(stopped, Terminated) else EXIT_INTERRUPTED
     if run.bucket not in ("completed", "failed"):
         print(f"spos: gave up waiting after {patience:g}s; run {run_id} is {run.state} and goes on",
               file=sys.stderr)

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -937,3 +938,36 @@ def test_the_daemons_executor_serves_the_synced_agent_and_stops_with_it(device, 
     final = json.loads(daemon.status_path.read_text())
     assert final["children"]["executor"]["running"] is False and final["children"]["executor"]["restarts"] == 0
     assert "Executor:   not running" in spos("status", "--root", device.root).out
+
+
+def test_sync_terminated_while_fetching_stops_its_git_too(device, tmp_path):
+    """SIGTERM (a supervisor, `timeout`) unwinds `spos sync` as Ctrl-C does: the fetch that
+    hangs on a silent remote is killed with it, not left running on its own."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts, never answers
+    url = f"https://127.0.0.1:{silent.getsockname()[1]}/fleet.git"
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "sync", "--root", str(device.root), "--repo", url],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def fetching() -> list[int]:
+            return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_has(pid, url)
+                    and int(pid) != process.pid]
+
+        wait_for(fetching, "git to start fetching", WAIT)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=WAIT)
+        assert process.returncode == 143 and "spos: terminated" in err, err
+        wait_for(lambda: not fetching(), "the fetch to be gone", 5)
+    finally:
+        silent.close()
+
+
+def _cmdline_has(pid: str, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return text.encode() in handle.read()
+    except OSError:
+        return False
