@@ -236,9 +236,10 @@ class Daemon:
         self.stopping.set()
         for child in self.children:
             child.terminate()
-        from reconciler import gitsync
+        from reconciler import gitsync, state
 
         gitsync.abort()  # a fetch hanging on the remote ends now; the sync reports it failed
+        state.stop_waiting()  # and so does a wait for the apply lock
 
     def shutdown(self) -> None:
         for child in self.children:

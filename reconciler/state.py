@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -98,6 +99,15 @@ def memo_file(device: Device, create: bool = False) -> str | None:
     return device.host(PLAN_MEMO)
 
 
+_STOP_WAITING = threading.Event()
+
+
+def stop_waiting() -> None:
+    """Let no ApplyLock wait any longer in this process, from now on: a daemon told to stop
+    must not sit out a lock timeout (spos daemon's --stop-timeout)."""
+    _STOP_WAITING.set()
+
+
 class ApplyLock:
     """One apply at a time per device. A second one waits up to `timeout` seconds, then fails
     naming the holder (pid, command, since when)."""
@@ -117,12 +127,13 @@ class ApplyLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or _STOP_WAITING.is_set():
                     holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
                     os.close(fd)
                     raise LockHeldError(
                         f"another spos apply holds {path}: {holder or 'holder unknown'}; "
-                        "wait for it, or pass --lock-timeout to wait"
+                        + ("stopped waiting: spos is shutting down" if _STOP_WAITING.is_set() else
+                           "wait for it, or pass --lock-timeout to wait")
                     ) from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)

@@ -12,6 +12,7 @@ says. Every wait is bounded.
 from __future__ import annotations
 
 import json
+import fcntl
 import os
 import re
 import shutil
@@ -728,6 +729,21 @@ def test_a_quarantine_survives_a_restart_and_is_not_retried_until_a_new_commit(d
     wait_for(lambda: device.applied() == fixed, "the new commit applied", WAIT)
     assert device.cron() == cron_line("*/30 * * * *", device.root)
     assert daemon.terminate() == 0
+
+
+def test_the_daemon_stops_promptly_while_its_sync_waits_for_the_apply_lock(device, upstream, daemon):
+    upstream.commit(site())
+    lock_path = device.path(f"{STATE}/apply.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as held:  # another apply (a cron sync, an operator) holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        daemon.start("--no-executor", "--no-triggers", interval="60s")
+        serving = device.path(f"{STATE}/daemon.lock")
+        wait_for(lambda: serving.exists() and serving.read_text().strip() == str(daemon.process.pid),
+                 "the daemon to start", WAIT)
+        time.sleep(1)  # its first sync is waiting for the lock (60 s by default)
+        assert daemon.terminate() == 0  # within WAIT, not after the lock's timeout
+    assert "stopped waiting: spos is shutting down" in daemon.output()
 
 
 def test_the_daemon_restarts_a_killed_child_and_stops_its_children_on_sigterm(device, upstream, daemon, spos):
