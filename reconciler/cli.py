@@ -406,7 +406,7 @@ def _add_install(commands, common) -> None:
                     "or, with --cron, /etc/cron.d/spos, which start spos daemon for REPO; where "
                     "systemd runs and the root is /, enable and start the service.",
     )
-    _sync_args(install)
+    _sync_args(install, repo_required=False)  # not with --remove
     install.add_argument("--interval", default="60s", metavar="DURATION", help="between syncs (default 60s)")
     install.add_argument("--jitter", default="10s", metavar="DURATION", help="random extra wait (default 10s)")
     way = install.add_mutually_exclusive_group()
@@ -539,8 +539,8 @@ def _device_labels_arg(parser: "argparse.ArgumentParser") -> None:
                              "included) instead of this device's labels file and facts")
 
 
-def _sync_args(parser: "argparse.ArgumentParser") -> None:
-    parser.add_argument("--repo", required=True, metavar="URL",
+def _sync_args(parser: "argparse.ArgumentParser", repo_required: bool = True) -> None:
+    parser.add_argument("--repo", required=repo_required, metavar="URL",
                         help="the manifests repository: https://, ssh://, git@host:path, file:// or a path")
     parser.add_argument("--branch", default="main", help="the branch to follow (default main)")
     parser.add_argument("--path", default="agents.d", metavar="DIR",
@@ -629,6 +629,12 @@ def _install(args) -> int:
     from reconciler.errors import UsageError
     from reconciler.gitsync import check_branch, check_url, redacted
 
+    if args.remove:
+        device = Device(args.root)
+        return _carry_out_install(args, device, install.plan_install(device, [], None, None, remove=True),
+                                  detect(args.root), use_cron=args.cron)
+    if not args.repo:
+        raise UsageError("--repo: give the manifests repository (only --remove goes without)")
     _at_least("--interval", args.interval, MIN_SYNC_INTERVAL)
     _duration("--jitter", args.jitter)
     if args.verify_signatures and not os.path.isabs(args.verify_signatures):
@@ -649,8 +655,15 @@ def _install(args) -> int:
         device, argv,
         cron_text=install.crontab(argv, command, root, _sync_options(args)) if use_cron else None,
         unit_text=None if use_cron else install.unit(argv),
-        remove=args.remove,
+        remove=False,
     )
+    return _carry_out_install(args, device, planned, systemctl, use_cron)
+
+
+def _carry_out_install(args, device, planned, systemctl, use_cron: bool) -> int:
+    from reconciler import install
+    from reconciler.gitsync import redacted
+
     for path, text in planned.write.items():
         print(f"{'Would write' if args.dry_run else 'Writing'} {path}:")
         shown = text.replace(args.repo, redacted(args.repo))  # the file holds it; the screen not
@@ -658,13 +671,15 @@ def _install(args) -> int:
     for path in planned.delete:
         print(f"{'Would remove' if args.dry_run else 'Removing'} {path}")
     if not planned.write and not planned.delete:
-        print("Nothing to do: installed as asked.")
+        print("Nothing to remove: spos's files are not installed." if args.remove
+              else "Nothing to do: installed as asked.")
     if args.dry_run:
         return EXIT_OK
     active = systemctl if args.root in ("/", "") else None
     if active is not None and install.UNIT_PATH in planned.delete:
         active.run("disable", "--now", "spos.service")
-    install.carry_out(device, planned, secret="@" in args.repo.split("/")[2] if "://" in args.repo else False)
+    repo = args.repo or ""
+    install.carry_out(device, planned, secret="@" in repo.split("/")[2] if "://" in repo else False)
     if active is not None and (planned.write or planned.delete):
         active.run("daemon-reload")
         if install.UNIT_PATH in planned.write:

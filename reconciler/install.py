@@ -109,10 +109,9 @@ def plan_install(device: Device, argv: list[str], cron_text: str | None, unit_te
                                 ((UNIT_PATH, unit_text), (CRON_PATH, cron_text)) if text}
     for path in (UNIT_PATH, CRON_PATH):
         current = device.read_text(path)
-        if current is not None and not current.startswith(MARKER):
-            if path in wanted or remove:
-                raise InstallError(f"{path} exists and is not spos's (no '{MARKER}' first line): "
-                                   "move it away first")
+        if current is not None and not current.startswith(MARKER) and path in wanted:
+            raise InstallError(f"{path} exists and is not spos's (no '{MARKER}' first line): "
+                               "move it away first")  # removing, it is simply not spos's to remove
     delete = [path for path in (UNIT_PATH, CRON_PATH)
               if path not in wanted and (device.read_text(path) or "").startswith(MARKER)]
     write = {path: text for path, text in wanted.items() if device.read_text(path) != text}

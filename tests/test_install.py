@@ -104,3 +104,18 @@ def test_a_secret_in_the_repository_url_is_written_to_the_file_but_never_shown(s
     assert "https://***@git.example.net/fleet/manifests.git" in result.out
     written = root / "etc/cron.d/spos"
     assert "s3cret-token" in written.read_text() and written.stat().st_mode & 0o777 == 0o600
+
+
+def test_remove_needs_no_repository_and_leaves_a_file_that_is_not_spos_s(spos, root):
+    assert spos("install", "--root", root, "--repo", REPO, "--cron").code == 0
+    admin_unit = root / "etc/systemd/system/spos.service"
+    admin_unit.parent.mkdir(parents=True)
+    admin_unit.write_text("[Service]\nExecStart=/usr/local/bin/our-own-spos\n")
+    removed = spos("install", "--root", root, "--remove")
+    assert removed.code == 0 and "Removing /etc/cron.d/spos" in removed.out, removed.err
+    assert not (root / "etc/cron.d/spos").exists()
+    assert admin_unit.read_text() == "[Service]\nExecStart=/usr/local/bin/our-own-spos\n"
+    again = spos("install", "--root", root, "--remove")
+    assert again.code == 0 and "Nothing to remove" in again.out
+    missing = spos("install", "--root", root, "--cron")
+    assert missing.code == 1 and "--repo: give the manifests repository" in missing.err
