@@ -597,7 +597,8 @@ def _at_least(option: str, text: str, least: float) -> float:
 
     value = _duration(option, text)
     if value < least:
-        raise UsageError(f"{option}: give at least {least:g}s, got {text!r}")
+        shown = f"{least:g}s" if least >= 1 else f"{least * 1000:g}ms"
+        raise UsageError(f"{option}: give at least {shown}, got {text!r}")
     return value
 
 
@@ -1224,10 +1225,7 @@ def _executor(args) -> int:
     for option, least in (("max_parallel", 1), ("max_per_agent", 1), ("prepared", 0)):
         if getattr(args, option) < least:
             raise UsageError(f"--{option.replace('_', '-')}: give at least {least}")
-    rescan = _duration("--rescan", args.rescan)
-    if rescan < MIN_RESCAN:
-        raise UsageError(f"--rescan: give at least {MIN_RESCAN * 1000:g}ms (the executor would "
-                         f"look at every queue without pause), got {args.rescan!r}")
+    rescan = _at_least("--rescan", args.rescan, MIN_RESCAN)  # shorter: it would list without pause
     executor = _make_executor(
         args,
         max_parallel=args.max_parallel,
@@ -1302,9 +1300,10 @@ def _print_rows(args, rows: list[dict]) -> int:
     import json
 
     from reconciler.executor import report
+    from reconciler.numbers import strict_json
 
     if args.json:
-        print(json.dumps(report.strict_json(rows), indent=2))
+        print(json.dumps(strict_json(rows), indent=2))
     else:
         sys.stdout.write(report.table(rows))
     return EXIT_OK

@@ -30,6 +30,18 @@ def amount(value, *, negative: bool = False) -> float | None:
     return value
 
 
+def strict_json(value):
+    """`value` as strict JSON can hold it: a float that is not finite (`1e999` or `NaN` in a
+    record, which Python's parser reads and its writer writes back) is None, wherever it is."""
+    if isinstance(value, dict):
+        return {key: strict_json(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [strict_json(inner) for inner in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 

@@ -25,7 +25,6 @@ config with `_at` (null where a step has another shape), a duration or a limit w
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
 from datetime import datetime
@@ -37,7 +36,7 @@ from reconciler.errors import SposError, UsageError
 from reconciler.executor import provenance
 from reconciler.executor.runs import BUCKETS, CorruptRecord, Run, RunStore
 from reconciler.kinds import cron, systemd
-from reconciler.numbers import amount, printable
+from reconciler.numbers import amount, printable, strict_json
 from reconciler.sync import SyncState
 from reconciler.views import clock, human_size
 
@@ -63,7 +62,7 @@ def explain(device: Device, run_id: str) -> dict:
     current = provenance.digest(current_raw) if current_raw is not None else None
     attempts = _attempts(run, current)
     errors = run.record.get("followUpErrors")
-    return _strict({
+    return strict_json({
         "format": FORMAT,
         "run": _run(run),
         "source": _source(device, store, run),
@@ -382,18 +381,6 @@ def _at(value, *keys, default=None):
         value = value.get(key) if isinstance(key, str) else None
         if value is None:
             return default
-    return value
-
-
-def _strict(value):
-    """`value` as strict JSON can hold it: a number that is not finite (`1e999` or `NaN` in a
-    record, which Python's parser reads) is None, wherever it is."""
-    if isinstance(value, dict):
-        return {key: _strict(inner) for key, inner in value.items()}
-    if isinstance(value, list):
-        return [_strict(inner) for inner in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     return value
 
 

@@ -234,7 +234,7 @@ def test_validate_into_a_pipe_prints_its_verdict_alone(manifests):
 
 
 def test_a_daemon_that_would_fetch_without_pause_is_a_usage_error(spos, device_root):
-    for option, least in (("--interval", "1s"), ("--drift-interval", "0.1s")):
+    for option, least in (("--interval", "1s"), ("--drift-interval", "100ms")):
         result = spos("daemon", "--root", device_root, "--repo", "https://git.example.net/m.git",
                       option, "0s")
         assert result.code == 1 and f"{option}: give at least {least}" in result.err, result.err

@@ -72,14 +72,6 @@ def _end_queued(store: RunStore, run: Run, reason: str) -> str:
     return ""
 
 
-def write_request(store: RunStore, run: Run, reason: str) -> None:
-    """The cancel request for the attempt `run` is in (the module's docstring)."""
-    request = {"runId": run.id, "attempt": run.record.get("attempt", 1),
-               "reason": reason, "requestedAt": now_iso()}
-    store.device.write_atomic(store.sidecar(run, "cancel"), (json.dumps(request) + "\n").encode(),
-                              mode=0o644)
-
-
 def ask(store: RunStore, run: Run, reason: str) -> bool:
     """Ask the owner of an active run to cancel the attempt it is in, and wake the executors.
     Call under `store.locked()`. False when the run is no longer active. A request already
@@ -89,7 +81,10 @@ def ask(store: RunStore, run: Run, reason: str) -> bool:
     except (FileNotFoundError, CorruptRecord):
         return False
     if requested(store, current) is None:
-        write_request(store, current, reason)
+        request = {"runId": current.id, "attempt": current.record.get("attempt", 1),
+                   "reason": reason, "requestedAt": now_iso()}
+        store.device.write_atomic(store.sidecar(current, "cancel"),
+                                  (json.dumps(request) + "\n").encode(), mode=0o644)
         wake(store.device, run.agent)
     return True
 

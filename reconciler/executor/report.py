@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from reconciler.executor import estimate
+from reconciler.numbers import strict_json
 from reconciler.executor.runs import Run
 
 
@@ -27,18 +28,6 @@ def summary(run: Run) -> dict:
         "exitCode": record.get("exitCode"),
         "reason": _text(record.get("reason")),
     }
-
-
-def strict_json(value):
-    """`value` with every float that JSON cannot carry (NaN, infinities: Python's json reads
-    and writes them) as null."""
-    if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
-    if isinstance(value, dict):
-        return {key: strict_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [strict_json(item) for item in value]
-    return value
 
 
 def sort_time(value) -> str:

@@ -208,21 +208,15 @@ class RunStore:
         """The run files in one of the agent's buckets. `completed/` and `failed/` are listed
         afresh: only the rescan's directories are kept (Listings)."""
         path = f"{AGENTS_DIR}/{agent}/{bucket}"
-        listdir = self._listdir if bucket in ("queue", "active") else self._fresh_listdir
-        return [name for name in listdir(path) if name.endswith(".json") and not name.startswith(".")]
+        kept = bucket in ("queue", "active")
+        return [name for name in self._listdir(path, kept)
+                if name.endswith(".json") and not name.startswith(".")]
 
-    def _listdir(self, path: str) -> list[str]:
-        """A kept listing of `path` (Listings); none, and the path in `refused`, when it is a
-        link or lies below one."""
+    def _listdir(self, path: str, kept: bool = True) -> list[str]:
+        """The names in `path`, from a kept listing (Listings) or afresh; none, and the path in
+        `refused`, when it is a link or lies below one."""
         try:
-            return self._kept_listdir(path)
-        except UnsafePathError as exc:
-            self.refused[path] = str(exc)
-            return []
-
-    def _fresh_listdir(self, path: str) -> list[str]:
-        try:
-            return self.device.listdir(path)
+            return (self._kept_listdir if kept else self.device.listdir)(path)
         except UnsafePathError as exc:
             self.refused[path] = str(exc)
             return []
@@ -413,7 +407,7 @@ class RunStore:
         suffix = f"-{run_id}.json.corrupt"
         for agent in self.agents():
             directory = f"{AGENTS_DIR}/{agent}/failed"
-            for name in self._fresh_listdir(directory):
+            for name in self._listdir(directory, kept=False):
                 if name.endswith(suffix):
                     try:
                         reason = (self.device.read_text(f"{directory}/{name}.reason") or "").strip()

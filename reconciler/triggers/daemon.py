@@ -113,7 +113,7 @@ class TriggerDaemon:
     def run(self) -> None:
         """Until SIGTERM/SIGINT (or `stop()`): follow the registrations, keep status current.
         Raises state.AlreadyServed, before anything else, when another daemon serves the device."""
-        lock = self._take_lock()
+        lock = hold_alone(self.device, LOCK_FILE, "trigger daemon")
         self._handle_signals()
         listing = True
         try:
@@ -132,10 +132,6 @@ class TriggerDaemon:
                     self._nudge_read = self._nudge_write = -1
             finally:
                 os.close(lock)
-
-    def _take_lock(self) -> int:
-        """The device's trigger daemon lock (LOCK_FILE), held until run() ends."""
-        return hold_alone(self.device, LOCK_FILE, "trigger daemon")
 
     def step(self, listing: bool = True) -> None:
         """One pass: reload what changed (unless `listing` is False: no registration can have),
