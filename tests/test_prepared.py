@@ -4,6 +4,8 @@ executor (stopped, or killed and followed by another)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from sandboxes import sandbox_missing
 from test_executor import Device, device, run_cgroup_dirs, sh, wait_for  # noqa: F401 (device: a fixture)
@@ -47,6 +49,28 @@ def test_an_agents_next_run_starts_in_a_prepared_sandbox_like_in_a_fresh_one(dev
 
     assert daemon.stop() == 0
     assert not prepared_cgroups(device)  # the executor closed the one prepared meanwhile
+
+
+def test_an_agents_runs_without_network_have_only_a_loopback_fresh_or_prepared(device):
+    """The prepared sandbox's network namespace, like a fresh one's, has only a loopback and is
+    not the host's; it is the one the agent's run before gave back (netns.py)."""
+    device.apply({"report": {"command": sh(
+        "echo $(readlink /proc/self/ns/net) $(tail -n +3 /proc/net/dev | cut -d: -f1) "
+        ">> $SPOS_OUTPUT_DIR/netns"), "timeout": "30s", "concurrency": "Allow"}})
+    daemon = device.daemon()
+    device.wait_ready(daemon)
+    first, record = run_and_wait(device)
+    assert record["state"] == "completed", device.log(first)
+    wait_for(lambda: prepared_cgroups(device), "a sandbox prepared for the agent's next run")
+    second, record = run_and_wait(device)
+    assert record["state"] == "completed", device.log(second)
+    assert "(prepared sandbox)" in device.log(second)
+    assert daemon.stop() == 0
+
+    seen = [line.split() for line in device.output("netns").read_text().splitlines()]
+    host = os.readlink("/proc/self/ns/net")
+    assert [interfaces for _, *interfaces in seen] == [["lo"], ["lo"]]
+    assert seen[0][0] == seen[1][0] != host
 
 
 def test_a_run_whose_capability_changed_does_not_use_the_old_prepared_sandbox(device):

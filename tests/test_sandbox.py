@@ -11,6 +11,7 @@ Needs root, bubblewrap and cgroups: otherwise every test is skipped with the rea
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import signal
@@ -271,6 +272,88 @@ def test_the_hosts_loopback_is_reachable_with_network(sandboxed, listener):
     assert "got hello-from-host" in out, out
 
 
+# What a run without network prints: its network namespace, whether its own loopback carries
+# a connection from itself to itself, and what came of trying to take the loopback down (for
+# the next run in the same namespace).
+_OWN_LOOPBACK = py(
+    "import fcntl, os, socket, struct, time\n"
+    "print('netns', os.readlink('/proc/self/ns/net'))\n"
+    "server = socket.create_server(('127.0.0.1', 0))\n"
+    "client = socket.create_connection(server.getsockname(), timeout=5)\n"
+    "peer, _ = server.accept(); peer.sendall(b'own'); print('loopback', client.recv(3).decode())\n"
+    "try:\n"
+    "    fcntl.ioctl(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), 0x8914,\n"
+    "                struct.pack('16sH22x', b'lo', 0))\n"  # SIOCSIFFLAGS: every flag off
+    "    print('down done')\n"
+    "except OSError as e:\n"
+    "    print('down', e.errno)\n"
+    "time.sleep(0.3)\n"  # long enough for two runs started together to overlap
+)
+
+
+def _lines(output) -> dict[str, str]:
+    output.seek(0)
+    return dict(line.split(" ", 1) for line in output.read().decode().splitlines())
+
+
+def _netns_and_loopback(output) -> tuple[str, str]:
+    lines = _lines(output)
+    return lines.get("netns", ""), lines.get("loopback", "")
+
+
+@BOTH_LAUNCHERS
+def test_runs_without_network_take_turns_on_a_namespace_never_two_at_once(sandboxed):
+    """Runs of one agent (cgroups under one parent) without network reuse the namespace of a
+    run that ended, one run at a time: two runs at once have two; the next run, once one has
+    ended and been cleaned up, gets that one back, its loopback still working; the host's is
+    never handed out."""
+    host = os.readlink("/proc/self/ns/net")
+    first, first_out = sandboxed.start(sandboxed.spec(_OWN_LOOPBACK))
+    second, second_out = sandboxed.start(sandboxed.spec(_OWN_LOOPBACK))
+    assert first.wait(timeout=WAIT_SECONDS) == 0 and second.wait(timeout=WAIT_SECONDS) == 0
+    first_ns, first_loop = _netns_and_loopback(first_out)
+    second_ns, second_loop = _netns_and_loopback(second_out)
+    assert first_loop == second_loop == "own"
+    assert _lines(first_out)["down"] == str(errno.EPERM)  # no capability to change it
+    assert first_ns.startswith("net:[") and second_ns.startswith("net:[")
+    assert first_ns != second_ns, "two runs at once shared a network namespace"
+    assert host not in (first_ns, second_ns)
+
+    first.cleanup()
+    second.cleanup()
+    assert sandboxed.sandbox.networks.kept() == 2
+    third, third_out = sandboxed.start(sandboxed.spec(_OWN_LOOPBACK))
+    assert third.wait(timeout=WAIT_SECONDS) == 0
+    third_ns, third_loop = _netns_and_loopback(third_out)
+    assert third_ns in (first_ns, second_ns) and third_loop == "own"
+
+
+def test_runs_of_another_agent_never_get_an_agents_namespace(sandboxed):
+    """The namespaces kept for one agent's runs go to that agent's runs alone."""
+    first, first_out = sandboxed.start(sandboxed.spec(_OWN_LOOPBACK))
+    assert first.wait(timeout=WAIT_SECONDS) == 0
+    first.cleanup()
+    other, other_out = sandboxed.start(sandboxed.spec(
+        _OWN_LOOPBACK, cgroup_name=f"{PARENT}/other-agent/{uuid.uuid4().hex[:12]}"))
+    try:
+        assert other.wait(timeout=WAIT_SECONDS) == 0
+        assert _netns_and_loopback(other_out)[0] != _netns_and_loopback(first_out)[0]
+        assert _netns_and_loopback(other_out)[1] == "own"
+    finally:
+        other.cleanup()
+        reap_cgroups(f"{PARENT}/other-agent", str(CGROUP_ROOT))
+
+
+def test_a_run_with_network_is_never_given_a_kept_namespace(sandboxed):
+    first, first_out = sandboxed.start(sandboxed.spec(_OWN_LOOPBACK))
+    assert first.wait(timeout=WAIT_SECONDS) == 0
+    first.cleanup()
+    host, host_out = sandboxed.start(sandboxed.spec(_OWN_LOOPBACK, network=True))
+    assert host.wait(timeout=WAIT_SECONDS) == 0
+    assert _netns_and_loopback(host_out)[0] == os.readlink("/proc/self/ns/net")
+    assert sandboxed.sandbox.networks.kept() == 1
+
+
 @BOTH_LAUNCHERS
 def test_tcp_connect_is_limited_to_the_listed_ports(sandboxed, listener):
     allowed_code, allowed, _ = sandboxed(_connect(listener.port), network=True,
@@ -437,8 +520,8 @@ def test_a_child_that_cannot_join_the_runs_cgroup_never_starts_bubblewrap(sandbo
     not_writable = os.open("/dev/null", os.O_RDONLY)  # stands in for a cgroup.procs fd
     try:
         done = subprocess.run(
-            [sandbox.launcher, "--enter", str(setup), "-", str(setup), str(not_writable), "--",
-             "/usr/bin/touch", str(marker)],
+            [sandbox.launcher, "--enter", str(setup), "-", str(setup), str(not_writable), "-",
+             "--", "/usr/bin/touch", str(marker)],
             pass_fds=(setup, not_writable), capture_output=True, text=True, timeout=WAIT_SECONDS)
         os.close(setup)
         reported = os.read(read_end, 4096).decode()
@@ -447,6 +530,31 @@ def test_a_child_that_cannot_join_the_runs_cgroup_never_starts_bubblewrap(sandbo
         os.close(not_writable)
     assert done.returncode == 126, done
     assert reported.startswith("spos sandbox: cannot start bubblewrap: cannot join the run's cgroup"), reported
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("launcher", ["compiled"], indirect=True)
+def test_a_child_that_cannot_enter_the_runs_network_namespace_never_starts_bubblewrap(
+        sandbox, tmp_path):
+    """Likewise for the network namespace a run is handed (netns.py): an fd that is not one
+    leaves the child where it was, so it must not go on into bubblewrap on the host's network."""
+    marker = tmp_path / "ran"
+    read_end, setup = os.pipe()
+    not_a_namespace = os.open("/dev/null", os.O_RDONLY)
+    try:
+        done = subprocess.run(
+            [sandbox.launcher, "--enter", str(setup), "-", str(setup), "", str(not_a_namespace),
+             "--", "/usr/bin/touch", str(marker)],
+            pass_fds=(setup, not_a_namespace), capture_output=True, text=True,
+            timeout=WAIT_SECONDS)
+        os.close(setup)
+        reported = os.read(read_end, 4096).decode()
+    finally:
+        os.close(read_end)
+        os.close(not_a_namespace)
+    assert done.returncode == 126, done
+    assert reported.startswith(
+        "spos sandbox: cannot start bubblewrap: cannot enter the run's network namespace"), reported
     assert not marker.exists()
 
 

@@ -165,6 +165,8 @@ class Executor:
                 self._stop_run(active, "executor stopped")
             if self.prepared is not None:
                 self.prepared.close()
+            if self.sandbox is not None:
+                self.sandbox.networks.close()
             self._close_wake_pipe()
             self._close_signal_pipe()
             if self.watch is not None:

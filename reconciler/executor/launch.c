@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -460,18 +461,19 @@ static void reset_signals(void) {
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
-/* `spos-launch --enter SETUP_FD NICE KEEP JOIN -- PROGRAM ARGS...`, outside the sandbox: what a
- * forked copy of the executor did before executing bubblewrap, done by a small program the
- * executor spawns instead (copying the executor's address space for each run, then tearing it
- * down at the exec, cost more than bubblewrap itself). In order: write to each fd of JOIN (the
- * run's cgroup.procs files, opened by the executor: this process joins the run's cgroup before
- * anything of the run exists), take the nice level NICE ("-": none), close every fd but 0-2 and
+/* `spos-launch --enter SETUP_FD NICE KEEP JOIN NETNS -- PROGRAM ARGS...`, outside the sandbox:
+ * what a forked copy of the executor did before executing bubblewrap, done by a small program
+ * the executor spawns instead (copying the executor's address space for each run, then tearing
+ * it down at the exec, cost more than bubblewrap itself). In order: write to each fd of JOIN
+ * (the run's cgroup.procs files, opened by the executor: this process joins the run's cgroup
+ * before anything of the run exists), enter the network namespace NETNS ("-": stay; an fd kept
+ * by the executor, netns.py), take the nice level NICE ("-": none), close every fd but 0-2 and
  * KEEP, set every signal's handling back to the default and unblock them all, and execute
  * PROGRAM with an empty environment; fds 0-2 were set by the spawn. A failure is reported on
  * SETUP_FD, as "cannot start bubblewrap". */
 static int enter(int argc, char **argv) {
-    if (argc < 8 || strcmp(argv[6], "--") != 0)
-        fail(126, "usage: spos-launch --enter SETUP_FD NICE KEEP JOIN -- PROGRAM ARGS...");
+    if (argc < 9 || strcmp(argv[7], "--") != 0)
+        fail(126, "usage: spos-launch --enter SETUP_FD NICE KEEP JOIN NETNS -- PROGRAM ARGS...");
     char *end;
     long fd = strtol(argv[2], &end, 10);
     if (*end != '\0' || end == argv[2] || fd < 0)
@@ -485,6 +487,15 @@ static int enter(int argc, char **argv) {
             fail(126, "cannot start bubblewrap: cannot join the run's cgroup: %s", strerror(errno));
         close((int)join[i]);
     }
+    if (strcmp(argv[6], "-") != 0) {
+        long netns = strtol(argv[6], &end, 10);
+        if (*end != '\0' || end == argv[6] || netns < 0)
+            fail(126, "cannot start bubblewrap: bad network namespace fd %s", argv[6]);
+        if (setns((int)netns, CLONE_NEWNET) < 0)
+            fail(126, "cannot start bubblewrap: cannot enter the run's network namespace: %s",
+                 strerror(errno));
+        close((int)netns);
+    }
     if (strcmp(argv[3], "-") != 0) {
         long nice = strtol(argv[3], &end, 10);
         if (*end != '\0' || end == argv[3])
@@ -495,8 +506,8 @@ static int enter(int argc, char **argv) {
     close_fds_except(keep, keep_count);
     reset_signals();
     char *no_environment[] = {NULL};
-    execve(argv[7], argv + 7, no_environment);
-    fail(126, "cannot start bubblewrap: cannot execute %s: %s", argv[7], strerror(errno));
+    execve(argv[8], argv + 8, no_environment);
+    fail(126, "cannot start bubblewrap: cannot execute %s: %s", argv[8], strerror(errno));
 }
 
 int main(int argc, char **argv) {

@@ -44,6 +44,8 @@ from reconciler.device import Device
 from reconciler.errors import SposError
 from reconciler.executor import landlock, network
 from reconciler.executor._build import compiled_launcher
+from reconciler.executor.netns import Lease, NetworkPool, enter as enter_netns
+from reconciler.executor.netns import ready as netns_ready
 from reconciler.executor.network import Egress
 from reconciler.executor.cgroup import (
     CgroupError, Cgroups, DeviceRule, Limits, RunCgroup, check_name,
@@ -117,6 +119,8 @@ class Sandbox:
         # The compiled launcher when this installation has one (_build.py), else _launch.py.
         self.launcher = compiled_launcher()
         self.landlock_abi = landlock.supported_abi()
+        # Network namespaces of ended runs, for the next run of the same agent (netns.py).
+        self.networks = NetworkPool()
         self._launcher_source = _LAUNCHER.read_text()
         self._availability: tuple[bool, str] | None = None
 
@@ -136,10 +140,11 @@ class Sandbox:
         plan = MountPlan(self.device, spec)
         ruleset = self._ruleset(spec, plan)
         cgroup = self._cgroup(spec, plan)
-        process, setup_read, link, _, _ = self._start(
+        process, setup_read, link, _, _, lease = self._start(
             spec, plan, cgroup, identity, dict(stdin=stdin, stdout=stdout, stderr=stderr),
             tuple(pass_fds), ruleset)
-        return SandboxedRun(process, cgroup, setup_read, link=link, own_network=not spec.network)
+        return SandboxedRun(process, cgroup, setup_read, link=link, own_network=not spec.network,
+                            lease=lease)
 
     def unpreparable(self, spec: SandboxSpec) -> str | None:
         """Why runs of `spec`'s shape cannot get a prepared sandbox; None when they can."""
@@ -183,11 +188,11 @@ class Sandbox:
         parents = tuple(_identity_of(self.device, parent) for parent in shape.per_run)
         prepared = dataclasses.replace(shape, cgroup_name=cgroup_name)
         cgroup = self._cgroup(prepared, plan)
-        process, setup_read, _, args_write, setup_write = self._start(
+        process, setup_read, _, args_write, setup_write, lease = self._start(
             prepared, plan, cgroup, identity, dict(stdin=stdin, stdout=stdout, stderr=stderr),
             tuple(pass_fds), None)
         return PreparedSandbox(self, shape, plan, identity, process, cgroup, setup_read,
-                               args_write, tuple(pass_fds), setup_write, parents)
+                               args_write, tuple(pass_fds), setup_write, parents, lease)
 
     def _cgroup(self, spec: SandboxSpec, plan: MountPlan) -> RunCgroup:
         limits = spec.limits
@@ -229,10 +234,11 @@ class Sandbox:
         """Fork bubblewrap into `cgroup`. With a `ruleset` the launcher's arguments go with it
         (a memfd); without (a prepared sandbox) the launcher waits on a pipe, whose write end
         is returned. Returns (process, the setup pipe's read end, the network link, the args
-        pipe's write end or -1, the number the setup pipe's write end had in the child)."""
+        pipe's write end or -1, the number the setup pipe's write end had in the child, the
+        lease of the network namespace it entered or None)."""
         opened: list[int] = []
         setup_read = args_write = -1
-        gate = None
+        gate = lease = None
         try:
             stdio_fds = _stdio_fds(stdio, opened)
             join_fds = cgroup.open_join_fds()
@@ -250,8 +256,11 @@ class Sandbox:
                 os.set_blocking(args_write, False)  # start() writes once; never wait on it
             opened.append(launcher_fd)
             gate = _NetworkGate() if spec.egress is not None else None
+            if not spec.network and gate is None:
+                lease = self.networks.take(posixpath.dirname(spec.cgroup_name))
             bwrap_fd = _args_fd([
-                *self._bwrap_args(spec, plan, identity, hide_fds, source_fds, self.launcher),
+                *self._bwrap_args(spec, plan, identity, hide_fds, source_fds, self.launcher,
+                                  network_entered=lease is not None),
                 *(gate.bwrap_args() if gate else [])])
             opened.append(bwrap_fd)
             launcher = ([LAUNCHER_IN_SANDBOX] if self.launcher else
@@ -262,6 +271,7 @@ class Sandbox:
                 keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, bwrap_fd,
                       *(gate.child_fds() if gate else ())),
                 join_fds=join_fds, nice=spec.limits.nice, error_fd=setup_write,
+                netns=lease.fd if lease is not None else None,
                 helper=self.launcher if _SPAWN_KEEPS_FDS else None,
             )
             link = gate.open_after_linking(process, spec.egress) if gate is not None else None
@@ -271,6 +281,8 @@ class Sandbox:
                     os.close(fd)
             if gate is not None:
                 gate.close()
+            if lease is not None:
+                lease.close()  # the child may have entered it: never handed on
             cgroup.remove()
             if isinstance(exc, OSError):
                 raise SandboxError(f"cannot start the sandbox: {exc}", retryable=True) from exc
@@ -278,18 +290,21 @@ class Sandbox:
         finally:
             for fd in opened:
                 os.close(fd)
-        return process, setup_read, link, args_write, setup_write
+        return process, setup_read, link, args_write, setup_write, lease
 
     @staticmethod
-    def _bwrap_args(spec, plan, identity, hide_fds, source_fds, launcher) -> list[str]:
+    def _bwrap_args(spec, plan, identity, hide_fds, source_fds, launcher, *,
+                    network_entered: bool = False) -> list[str]:
         """bubblewrap's options; they reach it through an fd (`--args`), like the launcher's
-        arguments, so no command line that every local user can read shows the spec."""
+        arguments, so no command line that every local user can read shows the spec.
+        `network_entered`: bubblewrap starts in the run's network namespace already (netns.py)
+        and makes none of its own."""
         uid = identity[0]
         # A prepared sandbox's launcher mounts the run's directories, then drops these too.
         mounting = ["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP"] if plan.staged else []
         return [
             "--die-with-parent", "--new-session", *NAMESPACE_OPTIONS,
-            *([] if spec.network else ["--unshare-net"]),
+            *([] if spec.network or network_entered else ["--unshare-net"]),
             "--cap-drop", "ALL",
             *(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if uid != 0 else []),
             *mounting,
@@ -359,11 +374,13 @@ class SandboxedRun:
     """A running (or finished) sandboxed action. Select on `pidfd` to learn that it exited."""
 
     def __init__(self, process: _Child, cgroup: RunCgroup, setup_fd: int,
-                 link: network.Link | None = None, own_network: bool = True):
+                 link: network.Link | None = None, own_network: bool = True,
+                 lease: Lease | None = None):
         self._process = process
         self._cgroup = cgroup
         self._setup_fd = setup_fd
         self._link = link
+        self._lease = lease
         self._own_network = own_network
         self._setup_text = b""
         self.pid = process.pid
@@ -461,6 +478,8 @@ class SandboxedRun:
             self._cgroup.remove()
         except CgroupError as exc:
             raise SandboxError(str(exc), retryable=True) from exc
+        if self._lease is not None:
+            self._lease.give_back()  # no process of the run is left in it
         if self._link is not None:
             self._link.release()
         os.close(self.pidfd)
@@ -479,8 +498,9 @@ class PreparedSandbox:
     def __init__(self, sandbox: Sandbox, shape: SandboxSpec, plan: MountPlan, identity,
                  process: _Child, cgroup: RunCgroup, setup_fd: int, args_fd: int,
                  pass_fds: tuple[int, ...], setup_fd_in_child: int,
-                 parents: tuple[tuple[int, int] | None, ...]):
+                 parents: tuple[tuple[int, int] | None, ...], lease: Lease | None = None):
         self._sandbox = sandbox
+        self._lease = lease
         self.shape = shape
         self._plan = plan
         self._identity = identity
@@ -557,7 +577,7 @@ class PreparedSandbox:
         self._args_fd = -1
         self._done = True
         return SandboxedRun(self._process, self._cgroup, self._setup_fd,
-                            own_network=not spec.network)
+                            own_network=not spec.network, lease=self._lease)
 
     def close(self) -> None:
         """End an unused prepared sandbox: kill it, remove its cgroup, close its fds. A no-op
@@ -575,7 +595,7 @@ class PreparedSandbox:
         if self._args_fd >= 0:
             os.close(self._args_fd)
             self._args_fd = -1
-        SandboxedRun(self._process, self._cgroup, self._setup_fd).cleanup()
+        SandboxedRun(self._process, self._cgroup, self._setup_fd, lease=self._lease).cleanup()
 
 
 def _pipe_capacity(fd: int, wanted: int) -> int:
@@ -959,16 +979,19 @@ class _Child:
     @classmethod
     def start(cls, argv: list[str], *, stdio: list[int | None], keep: tuple[int, ...],
               join_fds: list[int], nice: int | None, error_fd: int,
-              helper: str | None = None) -> _Child:
+              netns: int | None = None, helper: str | None = None) -> _Child:
         # Ignored signals survive exec (Python ignores SIGPIPE and SIGXFSZ, nohup SIGHUP...):
         # listed here, set back to default in the child.
         ignored = _ignored_signals()
         if helper is not None:
-            return cls(_spawn_entering(helper, argv, stdio, keep, join_fds, nice, error_fd, ignored))
+            return cls(_spawn_entering(helper, argv, stdio, keep, join_fds, nice, error_fd,
+                                       ignored, netns))
+        if netns is not None:
+            netns_ready()  # what the child calls is loaded before the fork
         pid = os.fork()
         if pid == 0:
             try:
-                _enter_child(stdio, keep, join_fds, nice, ignored)
+                _enter_child(stdio, keep, join_fds, nice, ignored, netns)
                 os.execve(argv[0], argv, {})
             except BaseException as exc:  # in the child: report, never return into the caller
                 _report_and_exit(error_fd, f"cannot start bubblewrap: {exc}")
@@ -1132,9 +1155,10 @@ _SPAWN_KEEPS_FDS = _spawn_keeps_fds()
 
 def _spawn_entering(helper: str, argv: list[str], stdio: list[int | None], keep: tuple[int, ...],
                     join_fds: list[int], nice: int | None, error_fd: int,
-                    ignored: list[int]) -> int:
-    """posix_spawn `helper --enter` (launch.c), which joins the cgroup through `join_fds`, takes
-    the nice level, keeps only fds 0-2 and `keep`, and executes `argv`. Returns its pid."""
+                    ignored: list[int], netns: int | None = None) -> int:
+    """posix_spawn `helper --enter` (launch.c), which joins the cgroup through `join_fds`, enters
+    the network namespace `netns`, takes the nice level, keeps only fds 0-2 and `keep`, and
+    executes `argv`. Returns its pid."""
     copies: list[int] = []
     try:
         # A stdio fd below 3 could be overwritten by an earlier dup2: give it a higher number.
@@ -1147,11 +1171,14 @@ def _spawn_entering(helper: str, argv: list[str], stdio: list[int | None], keep:
         actions = [(os.POSIX_SPAWN_DUP2, fd, number)
                    for number, fd in enumerate(sources) if fd is not None]
         # dup2 of an fd onto itself clears its close-on-exec flag in the child alone.
-        actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in sorted({*keep, *join_fds}) if fd >= 3]
+        entered = [netns] if netns is not None else []
+        actions += [(os.POSIX_SPAWN_DUP2, fd, fd)
+                    for fd in sorted({*keep, *join_fds, *entered}) if fd >= 3]
         return os.posix_spawn(
             helper,
             [helper, "--enter", str(error_fd), "-" if nice is None else str(nice),
-             ",".join(map(str, keep)), ",".join(map(str, join_fds)), "--", *argv],
+             ",".join(map(str, keep)), ",".join(map(str, join_fds)),
+             "-" if netns is None else str(netns), "--", *argv],
             {}, file_actions=actions, setsigmask=(), setsigdef=ignored)
     finally:
         for fd in copies:
@@ -1159,12 +1186,15 @@ def _spawn_entering(helper: str, argv: list[str], stdio: list[int | None], keep:
 
 
 def _enter_child(stdio: list[int | None], keep: tuple[int, ...], join_fds: list[int],
-                 nice: int | None, ignored: list[int]) -> None:
+                 nice: int | None, ignored: list[int], netns: int | None = None) -> None:
     """In the forked child, before bubblewrap is executed: join the run's cgroup (so nothing of
-    the run is ever outside it), take the nice level, set up fds 0-2, keep only `keep` open,
-    default signal handling. Only system calls on values prepared by the parent."""
+    the run is ever outside it), enter the network namespace `netns`, take the nice level, set
+    up fds 0-2, keep only `keep` open, default signal handling. Only system calls on values
+    prepared by the parent."""
     for fd in join_fds:
         os.write(fd, b"0")
+    if netns is not None:
+        enter_netns(netns)
     if nice is not None:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
     moved = [None if fd is None else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]
