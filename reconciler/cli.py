@@ -540,8 +540,13 @@ def _device_labels_arg(parser: "argparse.ArgumentParser") -> None:
 
 
 def _sync_args(parser: "argparse.ArgumentParser", repo_required: bool = True) -> None:
-    parser.add_argument("--repo", required=repo_required, metavar="URL",
+    source = parser.add_mutually_exclusive_group(required=repo_required)
+    source.add_argument("--repo", metavar="URL",
                         help="the manifests repository: https://, ssh://, git@host:path, file:// or a path")
+    source.add_argument("--repo-file", metavar="FILE",
+                        help="read the repository URL from FILE (its one line that is not empty "
+                             "or a # comment), so that a password or token in it shows in no "
+                             "process listing; with one, FILE must be readable by its owner alone")
     parser.add_argument("--branch", default="main", help="the branch to follow (default main)")
     parser.add_argument("--path", default="agents.d", metavar="DIR",
                         help="the manifests directory in the repository (default agents.d)")
@@ -559,7 +564,7 @@ def _sync_options(args):
     from reconciler.sync import SyncOptions
 
     return SyncOptions(
-        repo=args.repo, branch=args.branch, path=args.path, policies=args.policies,
+        repo=_repository(args), branch=args.branch, path=args.path, policies=args.policies,
         keyring=args.verify_signatures, allow_force=args.allow_force_push,
         device_labels=args.device_labels, cgroup_root=args.cgroup_root,
     )
@@ -583,6 +588,43 @@ def _sync(args) -> int:
         for note in result.notes:
             print(f"  note: {note}")
     return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def _repository(args) -> str:
+    """The repository URL: --repo, or the one line of --repo-file (read once, and kept in
+    `args.repo` for what else needs it). A URL with a password or token in a file that others
+    may read is refused, as ssh refuses a private key others may read."""
+    from reconciler.errors import UsageError
+    from reconciler.gitsync import carries_credentials
+
+    if args.repo is not None or not getattr(args, "repo_file", None):
+        return args.repo
+    path = args.repo_file
+    try:
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            data = file.read(65537)
+    except OSError as exc:
+        raise UsageError(f"--repo-file: cannot read {path}: {exc.strerror}") from None
+    if len(data) > 65536:
+        raise UsageError(f"--repo-file: {path} is larger than 64 KiB; it holds one URL")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"--repo-file: {path} is not UTF-8 text") from None
+    found = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.strip().startswith("#")]
+    if not found:
+        raise UsageError(f"--repo-file: {path} holds no URL (only empty lines and # comments)")
+    if len(found) > 1:
+        raise UsageError(f"--repo-file: {path}:{found[1][0]}: a second URL; the file holds one")
+    url = found[0][1]
+    if carries_credentials(url) and mode & 0o077:
+        raise UsageError(f"--repo-file: {path}:{found[0][0]}: the URL carries a password or "
+                         f"token, and others may read the file (mode {mode & 0o777:o}): "
+                         f"chmod 600 {path}")
+    args.repo = url
+    return url
 
 
 MIN_SYNC_INTERVAL = 1.0
@@ -634,8 +676,9 @@ def _install(args) -> int:
         device = Device(args.root)
         return _carry_out_install(args, device, install.plan_install(device, [], None, None, remove=True),
                                   detect(args.root), use_cron=args.cron)
-    if not args.repo:
-        raise UsageError("--repo: give the manifests repository (only --remove goes without)")
+    if not _repository(args):
+        raise UsageError("--repo: give the manifests repository, or --repo-file (only --remove "
+                         "goes without)")
     _at_least("--interval", args.interval, MIN_SYNC_INTERVAL)
     _duration("--jitter", args.jitter)
     if args.verify_signatures and not os.path.isabs(args.verify_signatures):
@@ -656,7 +699,7 @@ def _install(args) -> int:
         device, argv,
         cron_text=install.crontab(argv, command, root, _sync_options(args)) if use_cron else None,
         unit_text=None if use_cron else install.unit(argv),
-        remove=False,
+        remove=False, repo_text=install.repository_file(_sync_options(args)),
     )
     return _carry_out_install(args, device, planned, systemctl, use_cron)
 
@@ -679,8 +722,7 @@ def _carry_out_install(args, device, planned, systemctl, use_cron: bool) -> int:
     active = systemctl if args.root in ("/", "") else None
     if active is not None and install.UNIT_PATH in planned.delete:
         active.run("disable", "--now", "spos.service")
-    repo = args.repo or ""
-    install.carry_out(device, planned, secret="@" in repo.split("/")[2] if "://" in repo else False)
+    install.carry_out(device, planned)
     if active is not None and (planned.write or planned.delete):
         active.run("daemon-reload")
         if install.UNIT_PATH in planned.write:

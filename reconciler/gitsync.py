@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from reconciler.errors import SposError
 
@@ -92,6 +92,17 @@ _PASSED_THROUGH = (
 """The only variables of spos's own environment that reach git: how to find programs, the
 network, and an ssh agent. Everything else (GIT_DIR, GIT_CONFIG_*, GIT_SSH_COMMAND...) is left
 behind."""
+_CREDENTIAL_HELPER = (
+    "!spos_credential() { test \"$1\" = get || exit 0; host=; "
+    "while IFS= read -r line && test -n \"$line\"; do "
+    "case $line in host=*) host=${line#host=};; esac; done; "
+    "test \"$host\" = \"$SPOS_GIT_HOST\" || exit 0; "
+    "printf 'username=%s\\npassword=%s\\n' \"$SPOS_GIT_USERNAME\" \"$SPOS_GIT_PASSWORD\"; }; "
+    "spos_credential"
+)
+"""git's credential helper for an https URL that carries a user name or password: it answers
+with them, from git's environment (which only root can read, unlike a command line), and only
+for the URL's own host (not for a host a redirect leads to). The URL git is given has neither."""
 _GPG_CONF = "no-autostart\nno-auto-key-retrieve\nno-auto-key-import\ntrust-model pgp\n"
 """No agent, no key server, no key taken from a signature: only the keyring decides."""
 
@@ -270,6 +281,28 @@ def _scheme_problem(url: str) -> str:
     return ""
 
 
+def carries_credentials(url: str) -> bool:
+    """Whether `url` holds a password or token (the user part of an https URL)."""
+    return url.lower().startswith("https://") and "@" in urlsplit(url).netloc
+
+
+def _without_credentials(url: str) -> tuple[str, dict[str, str] | None]:
+    """An https URL's user part taken out: (the URL without it, the environment its credential
+    helper answers from), or (url, None) when there is none to take. ssh URLs keep their user:
+    it is a login name, and ssh takes no password from a URL."""
+    if not carries_credentials(url):
+        return url, None
+    parts = urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    username, password = unquote(username), unquote(password)
+    if _CONTROL.search(username + password):
+        raise UnsafeSourceError(f"remote URL {redacted(url)!r} is refused: its user name or "
+                                "password holds a control character")
+    return parts._replace(netloc=host).geturl(), {
+        "SPOS_GIT_HOST": host, "SPOS_GIT_USERNAME": username, "SPOS_GIT_PASSWORD": password}
+
+
 def redacted(url: str) -> str:
     """The URL as it may appear in messages and logs: the user part (a password, or a token
     given as the user name) is replaced by ***."""
@@ -326,6 +359,9 @@ class Mirror:
 
     def __init__(self, state_dir: str | os.PathLike, url: str):
         self.url = check_url(url)
+        # What git is told: the URL without its user part, which a credential helper answers
+        # from the environment instead, so that no command line shows a password or token.
+        self._remote, self._credentials = _without_credentials(self.url)
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / "mirror.git"
         self._home = self.state_dir / "home"
@@ -470,10 +506,13 @@ class Mirror:
             raise
 
     def _fetch_branch(self, branch: str) -> None:
+        config: tuple[str, ...] = ()
+        if self._credentials is not None:
+            config = ("-c", f"credential.helper={_CREDENTIAL_HELPER}")
         done = self._git(
             "fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head",
-            "--no-show-forced-updates", "--", self.url, f"+refs/heads/{branch}:{FETCHED_REF}",
-            timeout=FETCH_TIMEOUT_SECONDS)
+            "--no-show-forced-updates", "--", self._remote, f"+refs/heads/{branch}:{FETCHED_REF}",
+            timeout=FETCH_TIMEOUT_SECONDS, config=config, extra_env=self._credentials)
         if done.returncode == 0:
             return
         why = _tail(done.stderr)

@@ -7,23 +7,32 @@
   (`@reboot`) and runs `spos sync` every 15 minutes, so a device whose daemon died still
   converges; the apply lock keeps the two from applying at once.
 
-Both files carry spos's marker and are spos's own: install rewrites them, `--remove` deletes
+A repository URL that carries a password or token goes into `/etc/spos/repository`, readable
+by root alone, and the unit or crontab line reads it from there (`--repo-file`): no command line,
+which every local user can see in /proc, and no unit property, which `systemctl show` gives to
+anyone, holds it.
+
+These files carry spos's marker and are spos's own: install rewrites them, `--remove` deletes
 them, and neither touches a file without the marker. Where systemd runs and the root is `/`,
 the service is enabled and started (or restarted) after a daemon-reload.
 """
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 from dataclasses import dataclass
 
 from reconciler.device import Device
 from reconciler.errors import SposError
+from reconciler.gitsync import carries_credentials
 from reconciler.sync import SyncOptions
 
 UNIT_PATH = "/etc/systemd/system/spos.service"
 CRON_PATH = "/etc/cron.d/spos"
+REPO_PATH = "/etc/spos/repository"
 MARKER = "# spos:file install"
+PATHS = (UNIT_PATH, CRON_PATH, REPO_PATH)
 
 
 class InstallError(SposError):
@@ -43,11 +52,22 @@ def daemon_argv(command: tuple[str, ...], root: str, options: SyncOptions, inter
     return [*_spos(command, root, "daemon", options), "--interval", interval, "--jitter", jitter]
 
 
+def repository_file(options: SyncOptions) -> str | None:
+    """The text of REPO_PATH when the URL carries a password or token, else None."""
+    if not carries_credentials(options.repo):
+        return None
+    return (f"{MARKER}\n# The manifests repository of spos daemon and spos sync; it holds a "
+            f"password or token, so root alone may read this file.\n{options.repo}\n")
+
+
 def _spos(command: tuple[str, ...], root: str, subcommand: str, options: SyncOptions) -> list[str]:
-    """`spos [--root R] SUBCOMMAND` with the sync options."""
-    argv = [*command, *(["--root", root] if root not in ("", "/") else []), subcommand,
-            "--repo", options.repo, "--branch", options.branch,
-            "--path", options.path, "--policies", options.policies]
+    """`spos [--root R] SUBCOMMAND` with the sync options (the URL from REPO_PATH when it
+    carries a password or token)."""
+    rooted = root not in ("", "/")
+    source = (["--repo-file", posixpath.join(root if rooted else "/", REPO_PATH.lstrip("/"))]
+              if carries_credentials(options.repo) else ["--repo", options.repo])
+    argv = [*command, *(["--root", root] if rooted else []), subcommand, *source,
+            "--branch", options.branch, "--path", options.path, "--policies", options.policies]
     if options.keyring:
         argv += ["--verify-signatures", options.keyring]
     if options.allow_force:
@@ -103,27 +123,26 @@ def crontab(argv: list[str], command: tuple[str, ...], root: str, options: SyncO
 
 
 def plan_install(device: Device, argv: list[str], cron_text: str | None, unit_text: str | None,
-                 remove: bool) -> Installation:
+                 remove: bool, repo_text: str | None = None) -> Installation:
     """What to write and delete; refuses to touch a file without the marker."""
-    wanted = {} if remove else {path: text for path, text in
-                                ((UNIT_PATH, unit_text), (CRON_PATH, cron_text)) if text}
-    for path in (UNIT_PATH, CRON_PATH):
+    wanted = {} if remove else {path: text for path, text in (
+        (UNIT_PATH, unit_text), (CRON_PATH, cron_text), (REPO_PATH, repo_text)) if text}
+    for path in PATHS:
         current = device.read_text(path)
         if current is not None and not current.startswith(MARKER) and path in wanted:
             raise InstallError(f"{path} exists and is not spos's (no '{MARKER}' first line): "
                                "move it away first")  # removing, it is simply not spos's to remove
-    delete = [path for path in (UNIT_PATH, CRON_PATH)
+    delete = [path for path in PATHS
               if path not in wanted and (device.read_text(path) or "").startswith(MARKER)]
     write = {path: text for path, text in wanted.items() if device.read_text(path) != text}
     return Installation(write, delete)
 
 
-def carry_out(device: Device, installation: Installation, secret: bool = False) -> None:
-    """Write and delete as planned. With `secret` (the repository URL carries a password or a
-    token), the files are readable by root only."""
+def carry_out(device: Device, installation: Installation) -> None:
+    """Write and delete as planned: REPO_PATH readable by root alone, the others by all."""
     for path, text in installation.write.items():
         device.makedirs(path.rsplit("/", 1)[0], mode=0o755)
-        device.write_atomic(path, text.encode(), mode=0o600 if secret else 0o644)
+        device.write_atomic(path, text.encode(), mode=0o600 if path == REPO_PATH else 0o644)
     for path in installation.delete:
         device.remove(path)
 

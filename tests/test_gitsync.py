@@ -13,8 +13,10 @@ import binascii
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from reconciler.gitsync import (
     check_branch,
     check_url,
 )
+from reconciler.gitsync import _CREDENTIAL_HELPER, _HARDENING, _environment
 
 TIMEOUT = 30
 IDENTITY = {
@@ -486,6 +489,62 @@ def test_a_password_in_the_url_stays_out_of_messages(state_dir):
     with pytest.raises(FetchError) as failed:
         mirror.fetch("main")
     assert "s3cret" not in str(failed.value) + repr(mirror)
+
+
+def _command_lines() -> dict[int, str]:
+    lines = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                lines[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace")
+            except OSError:
+                continue  # gone meanwhile
+    return lines
+
+
+@pytest.mark.parametrize("user", ["deploy:{token}", "{token}"], ids=["password", "token-as-user"])
+def test_a_password_in_an_https_url_is_on_no_command_line_while_git_fetches(state_dir, user):
+    """Every local user can read every process's command line (/proc/PID/cmdline). While git
+    fetches from an https remote, none of its processes (git, its https helper) has the URL's
+    password or token on it: git gets the URL without its user part, and a credential helper
+    answers from the environment, which only root can read."""
+    token = "s3cret-" + os.urandom(8).hex()
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, never answers: git waits
+    listener.settimeout(TIMEOUT)
+    port = listener.getsockname()[1]
+    mirror = Mirror(state_dir, f"https://{user.format(token=token)}@127.0.0.1:{port}/fleet.git")
+    failed: list = []
+    fetching = threading.Thread(target=lambda: failed.append(pytest.raises(FetchError, mirror.fetch, "main")))
+    fetching.start()
+    try:
+        connection, _ = listener.accept()
+        lines = _command_lines()
+    finally:
+        listener.close()
+    connection.close()  # the handshake fails: the fetch ends at once
+    fetching.join(TIMEOUT)
+    assert failed and token not in str(failed[0].value)
+    assert [line for line in lines.values() if token in line] == []
+    assert any(f"https://127.0.0.1:{port}/fleet.git" in line for line in lines.values()), \
+        "git's https helper was not seen: the test looked at the wrong moment"
+
+
+def test_the_credential_helper_answers_for_the_urls_own_host_alone(state_dir, tmp_path):
+    """The helper git asks for the URL's user and password gives them for the URL's host and
+    port, and nothing for another host (one a redirect could lead to)."""
+    mirror = Mirror(state_dir, "https://deploy:s3%40cret@git.example.net:8443/fleet.git")
+    asked = {}
+    for host in ("git.example.net:8443", "git.example.net", "elsewhere.example.net:8443"):
+        done = subprocess.run(
+            ["git", *_HARDENING, "-c", f"credential.helper={_CREDENTIAL_HELPER}", "credential", "fill"],
+            input=f"protocol=https\nhost={host}\n\n", capture_output=True, text=True,
+            env=_environment(str(tmp_path), mirror._credentials), timeout=TIMEOUT)
+        asked[host] = (done.returncode, done.stdout)
+    assert asked["git.example.net:8443"] == (
+        0, "protocol=https\nhost=git.example.net:8443\nusername=deploy\npassword=s3@cret\n")
+    assert asked["git.example.net"][0] != 0 and "password" not in asked["git.example.net"][1]
+    assert asked["elsewhere.example.net:8443"][0] != 0
 
 
 BRANCH_NAMES = ["main", "feature/x", "release-1.2", "a@b", "ü", "-x", "a..b", "foo.lock", ".h",

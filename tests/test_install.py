@@ -97,13 +97,42 @@ def test_what_the_service_could_not_use_is_refused_before_anything_is_written(sp
     assert not (root / "etc").exists()
 
 
-def test_a_secret_in_the_repository_url_is_written_to_the_file_but_never_shown(spos, root):
+@pytest.mark.parametrize("way, path", [("--cron", "etc/cron.d/spos"),
+                                       ("--systemd", "etc/systemd/system/spos.service")])
+def test_a_secret_in_the_repository_url_goes_into_a_root_only_file_and_no_command_line(
+        spos, root, way, path):
+    """The unit's ExecStart and the crontab lines become command lines any local user can
+    read (/proc/PID/cmdline; `systemctl show` gives the unit's to anyone): they name the
+    root-only repository file instead of the URL, and the screen shows the URL redacted."""
     secret = "https://user:s3cret-token@git.example.net/fleet/manifests.git"
-    result = spos("install", "--root", root, "--repo", secret, "--cron")
+    result = spos("install", "--root", root, "--repo", secret, way)
     assert result.code == 0 and "s3cret-token" not in result.out + result.err
     assert "https://***@git.example.net/fleet/manifests.git" in result.out
-    written = root / "etc/cron.d/spos"
-    assert "s3cret-token" in written.read_text() and written.stat().st_mode & 0o777 == 0o600
+    repository = root / "etc/spos/repository"
+    assert repository.stat().st_mode & 0o777 == 0o600
+    assert [line for line in repository.read_text().splitlines()
+            if not line.startswith("#")] == [secret]
+    written = (root / path).read_text()
+    assert "s3cret-token" not in written and (root / path).stat().st_mode & 0o777 == 0o644
+    commands = [line for line in written.splitlines() if not line.startswith("#")
+                and (" daemon " in line or " sync " in line)]
+    assert commands and all(f"--repo-file {repository} " in line for line in commands), commands
+
+    assert spos("install", "--root", root, "--repo", REPO, way).code == 0
+    assert not repository.exists()  # a URL without a secret goes back into the command line
+    assert spos("install", "--root", root, "--repo", secret, way).code == 0
+    assert spos("install", "--root", root, "--remove").code == 0
+    assert not repository.exists() and not (root / path).exists()
+
+
+def test_install_takes_the_url_from_a_repository_file_too(spos, root, tmp_path):
+    given = tmp_path / "repository"
+    given.write_text("# the fleet's manifests\nhttps://user:s3cret-token@git.example.net/fleet.git\n")
+    given.chmod(0o600)
+    result = spos("install", "--root", root, "--repo-file", given, "--cron")
+    assert result.code == 0, result.err
+    assert "s3cret-token" in (root / "etc/spos/repository").read_text()
+    assert "s3cret-token" not in (root / "etc/cron.d/spos").read_text() + result.out
 
 
 def test_remove_needs_no_repository_and_leaves_a_file_that_is_not_spos_s(spos, root):

@@ -404,6 +404,40 @@ def test_a_mistake_in_the_devices_own_labels_does_not_quarantine_the_revision(de
     assert sha not in device.state()["quarantined"]
 
 
+def test_the_repository_url_can_come_from_a_file(device, upstream, spos, tmp_path):
+    """--repo-file: the URL on the file's one line that is not empty or a comment."""
+    sha = upstream.commit(site())
+    given = tmp_path / "repository"
+    given.write_text(f"# the fleet's manifests\n\n  {upstream.bare}  \n")
+    done = spos("sync", "--root", device.root, "--repo-file", given, "--json")
+    assert done.code == 0, done.err
+    assert (json.loads(done.out)["outcome"], device.applied()) == ("applied", sha)
+
+
+@pytest.mark.parametrize("text, mode, said", [
+    (None, 0o600, "--repo-file: cannot read {file}: No such file or directory"),
+    ("# nothing but a comment\n\n", 0o600, "--repo-file: {file} holds no URL"),
+    ("/srv/one.git\n# and\n/srv/two.git\n", 0o600, "--repo-file: {file}:3: a second URL"),
+    ("https://deploy:s3cret@git.example.net/fleet.git\n", 0o644,
+     "--repo-file: {file}:1: the URL carries a password or token, and others may read the file "
+     "(mode 644): chmod 600 {file}"),
+])
+def test_a_repository_file_spos_cannot_use_is_refused_naming_it(device, spos, tmp_path, text, mode, said):
+    given = tmp_path / "repository"
+    if text is not None:
+        given.write_text(text)
+        given.chmod(mode)
+    done = spos("sync", "--root", device.root, "--repo-file", given)
+    assert done.code == 1 and said.format(file=given) in done.err, done.err
+    assert "s3cret" not in done.out + done.err
+    assert not device.path(SYNC).exists()
+
+
+def test_repo_and_repo_file_together_are_refused(device, spos, tmp_path):
+    done = spos("sync", "--root", device.root, "--repo", "/srv/a.git", "--repo-file", tmp_path / "f")
+    assert done.code == 1 and "not allowed with argument" in done.err, done.err
+
+
 def test_an_unreachable_remote_is_tried_again_and_its_password_never_shown(device, upstream, spos):
     sha = upstream.commit(site())
     hidden = upstream.bare.with_name("remote-away.git")
