@@ -722,7 +722,14 @@ def _carry_out_install(args, device, planned, systemctl, use_cron: bool) -> int:
     active = systemctl if args.root in ("/", "") else None
     if active is not None and install.UNIT_PATH in planned.delete:
         active.run("disable", "--now", "spos.service")
+    crontab = device.read_text(install.CRON_PATH) if install.CRON_PATH in planned.delete else None
     install.carry_out(device, planned)
+    if crontab is not None:
+        from reconciler.agentd import LOCK_FILE
+
+        stopped = install.stop_cron_daemon(device, crontab, LOCK_FILE)
+        if stopped:
+            print(stopped)
     if active is not None and (planned.write or planned.delete):
         active.run("daemon-reload")
         if install.UNIT_PATH in planned.write:

@@ -13,14 +13,19 @@ which every local user can see in /proc, and no unit property, which `systemctl 
 anyone, holds it.
 
 These files carry spos's marker and are spos's own: install rewrites them, `--remove` deletes
-them, and neither touches a file without the marker. Where systemd runs and the root is `/`,
+them (and stops the daemon they started: `stop_cron_daemon` for cron), and neither touches a
+file without the marker. Where systemd runs and the root is `/`,
 the service is enabled and started (or restarted) after a daemon-reload.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import posixpath
 import shlex
+import signal
+import time
 from dataclasses import dataclass
 
 from reconciler.device import Device
@@ -32,6 +37,9 @@ UNIT_PATH = "/etc/systemd/system/spos.service"
 CRON_PATH = "/etc/cron.d/spos"
 REPO_PATH = "/etc/spos/repository"
 MARKER = "# spos:file install"
+DAEMON_LOG = "/var/log/spos-daemon.log"
+STOP_SECONDS = 90.0
+"""How long `--remove` waits for the daemon cron started to stop (systemd's TimeoutStopSec)."""
 PATHS = (UNIT_PATH, CRON_PATH, REPO_PATH)
 
 
@@ -111,7 +119,7 @@ def unit(argv: list[str]) -> str:
 def crontab(argv: list[str], command: tuple[str, ...], root: str, options: SyncOptions) -> str:
     """The cron fallback: the daemon at boot, and a sync every 15 minutes in case it died."""
     sync = _spos(command, root, "sync", options)
-    log = "/var/log/spos-daemon.log"
+    log = DAEMON_LOG
     return "\n".join([
         MARKER,
         "# spos daemon at boot; a sync every 15 minutes in case the daemon is not running.",
@@ -154,6 +162,77 @@ def _unit_word(word: str, program: bool = False) -> str:
     if escaped and all(c.isalnum() or c in "/._-:=,+@" for c in escaped):
         return escaped
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def stop_cron_daemon(device: Device, crontab_text: str, lock_path: str,
+                     wait: float = STOP_SECONDS) -> str | None:
+    """After the crontab was removed: stop the `spos daemon` its `@reboot` line started, which
+    would otherwise run until the next boot. Only that one: the process holding the device's
+    daemon lock whose command line is the line's (a daemon started some other way is named,
+    and left alone). SIGTERM, as systemd stops the service, then wait for it to let go of the
+    lock. Returns what happened, for the screen; None when no daemon runs."""
+    wanted = _reboot_argv(crontab_text)
+    try:
+        fd = os.open(device.host(lock_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        if _lock_is_free(fd):
+            return None
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if not holder.isdigit():
+            return f"A spos daemon still serves {device.root}, its pid unknown: stop it yourself."
+        pid = int(holder)
+        running = _command_line(pid)
+        if wanted is None or running is None or not _same_command(running, wanted):
+            return (f"spos daemon (pid {pid}) still runs: the crontab did not start it as it is "
+                    "(another command line); stop it yourself.")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if _lock_is_free(fd):
+                return f"Stopped spos daemon (pid {pid})."
+            time.sleep(0.1)
+        return f"spos daemon (pid {pid}) was told to stop and has not within {wait:.0f} s."
+    except ProcessLookupError:
+        return None  # it ended meanwhile
+    finally:
+        os.close(fd)
+
+
+def _reboot_argv(crontab_text: str) -> list[str] | None:
+    for line in crontab_text.splitlines():
+        if line.startswith("@reboot root ") and line.endswith(f" >>{DAEMON_LOG} 2>&1"):
+            command = line.removeprefix("@reboot root ").removesuffix(f" >>{DAEMON_LOG} 2>&1")
+            try:
+                return shlex.split(command.replace("\\%", "%"))
+            except ValueError:
+                return None
+    return None
+
+
+def _lock_is_free(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _command_line(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            raw = file.read()
+    except OSError:
+        return None
+    return [os.fsdecode(word) for word in raw.split(b"\0")[:-1]]
+
+
+def _same_command(running: list[str], wanted: list[str]) -> bool:
+    """`running` is `wanted` as started: exactly, or with the interpreter in front that a
+    script's `#!` line puts there."""
+    return running == wanted or (len(running) == len(wanted) + 1 and running[1:] == wanted)
 
 
 def _cron_words(argv: list[str]) -> str:

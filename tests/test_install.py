@@ -7,11 +7,17 @@ same parser spos uses for its own crontab lines. Activation (systemctl) only hap
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from waiting import wait_for
 
 from reconciler.cronexpr import parse
 
@@ -133,6 +139,59 @@ def test_install_takes_the_url_from_a_repository_file_too(spos, root, tmp_path):
     assert result.code == 0, result.err
     assert "s3cret-token" in (root / "etc/spos/repository").read_text()
     assert "s3cret-token" not in (root / "etc/cron.d/spos").read_text() + result.out
+
+
+def _start_daemon(argv: list[str], root) -> subprocess.Popen:
+    daemon = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    lock = root / "var/lib/systemprompt-os/daemon.lock"
+    wait_for(lambda: lock.exists() and lock.read_text().strip() == str(daemon.pid),
+             "the daemon to take its lock", 30)
+    return daemon
+
+
+def _ended(daemon: subprocess.Popen) -> None:
+    if daemon.poll() is None:
+        os.killpg(daemon.pid, signal.SIGKILL)
+    daemon.wait()
+
+
+@pytest.mark.root
+def test_remove_in_cron_mode_stops_the_daemon_the_crontab_started(spos, root, tmp_path, monkeypatch):
+    """systemd's `disable --now` stops the service; without systemd, the daemon `@reboot`
+    started would run on until the next boot. --remove stops that one (SIGTERM)."""
+    monkeypatch.setenv("SPOS_COMMAND", f"{sys.executable} -m reconciler")
+    assert spos("install", "--root", root, "--repo", tmp_path / "fleet.git", "--cron").code == 0
+    reboot = next(line for line in (root / "etc/cron.d/spos").read_text().splitlines()
+                  if line.startswith("@reboot "))
+    argv = shlex.split(reboot.removeprefix("@reboot root ").removesuffix(
+        " >>/var/log/spos-daemon.log 2>&1"))
+    daemon = _start_daemon(argv, root)
+    try:
+        removed = spos("install", "--root", root, "--remove")
+        assert removed.code == 0 and f"Stopped spos daemon (pid {daemon.pid})." in removed.out, removed
+        assert daemon.wait(timeout=30) == 0
+        assert not (root / "etc/cron.d/spos").exists()
+    finally:
+        _ended(daemon)
+
+
+@pytest.mark.root
+def test_remove_in_cron_mode_leaves_a_daemon_started_another_way_and_says_so(spos, root, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("SPOS_COMMAND", f"{sys.executable} -m reconciler")
+    assert spos("install", "--root", root, "--repo", tmp_path / "fleet.git", "--cron").code == 0
+    daemon = _start_daemon([sys.executable, "-m", "reconciler", "--root", str(root), "daemon",
+                            "--repo", str(tmp_path / "fleet.git"), "--no-executor",
+                            "--no-triggers"], root)
+    try:
+        removed = spos("install", "--root", root, "--remove")
+        assert removed.code == 0, removed
+        assert f"spos daemon (pid {daemon.pid}) still runs: the crontab did not start it" in removed.out
+        time.sleep(0.3)
+        assert daemon.poll() is None
+    finally:
+        _ended(daemon)
 
 
 def test_remove_needs_no_repository_and_leaves_a_file_that_is_not_spos_s(spos, root):
