@@ -407,7 +407,9 @@ class TriggerDaemon:
         status = self.status()
         if final:
             status["stoppedAt"] = _iso(time.time())
-        text = json.dumps(status, indent=2, sort_keys=True)
+        # Compared compactly (json's C encoder; `indent` takes the pure-Python one), written
+        # indented, and only when it changed or a heartbeat is due.
+        text = json.dumps(status, sort_keys=True, separators=(",", ":"))
         now = time.monotonic()
         if not final and text == self._last_status and now - self._status_written < self.heartbeat:
             return
