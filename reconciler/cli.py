@@ -592,24 +592,34 @@ def _sync(args) -> int:
 
 def _repository(args) -> str:
     """The repository URL: --repo, or the one line of --repo-file (read once, and kept in
-    `args.repo` for what else needs it). A URL with a password or token in a file that others
-    may read is refused, as ssh refuses a private key others may read."""
+    `args.repo` for what else needs it). The file must be a regular file that only its owner
+    (root or this user) may change, since it decides what this device runs; one whose URL
+    carries a password or token must be readable by its owner alone, as ssh asks of a key."""
+    import stat
+
     from reconciler.errors import UsageError
-    from reconciler.gitsync import carries_credentials
+    from reconciler.gitsync import carries_credentials, check_url
 
     if args.repo is not None or not getattr(args, "repo_file", None):
         return args.repo
     path = args.repo_file
     try:
-        with open(path, "rb") as file:
-            mode = os.fstat(file.fileno()).st_mode
-            data = file.read(65537)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not hang
     except OSError as exc:
         raise UsageError(f"--repo-file: cannot read {path}: {exc.strerror}") from None
+    with open(fd, "rb") as file:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise UsageError(f"--repo-file: {path} is not a regular file")
+        if status.st_uid not in (0, os.geteuid()) or status.st_mode & 0o022:
+            raise UsageError(f"--repo-file: {path} may be changed by another user (owner uid "
+                             f"{status.st_uid}, mode {status.st_mode & 0o777:o}), and it decides "
+                             f"what this device runs: chown root {path}; chmod go-w {path}")
+        data = file.read(65537)
     if len(data) > 65536:
         raise UsageError(f"--repo-file: {path} is larger than 64 KiB; it holds one URL")
     try:
-        text = data.decode()
+        text = data.decode().removeprefix("\ufeff")  # as some editors save it
     except UnicodeDecodeError:
         raise UsageError(f"--repo-file: {path} is not UTF-8 text") from None
     found = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
@@ -618,10 +628,11 @@ def _repository(args) -> str:
         raise UsageError(f"--repo-file: {path} holds no URL (only empty lines and # comments)")
     if len(found) > 1:
         raise UsageError(f"--repo-file: {path}:{found[1][0]}: a second URL; the file holds one")
-    url = found[0][1]
-    if carries_credentials(url) and mode & 0o077:
-        raise UsageError(f"--repo-file: {path}:{found[0][0]}: the URL carries a password or "
-                         f"token, and others may read the file (mode {mode & 0o777:o}): "
+    number, url = found[0]
+    check_url(url)  # its own error, the password redacted
+    if carries_credentials(url) and status.st_mode & 0o077:
+        raise UsageError(f"--repo-file: {path}:{number}: the URL carries a password or token, "
+                         f"and others may read the file (mode {status.st_mode & 0o777:o}): "
                          f"chmod 600 {path}")
     args.repo = url
     return url
@@ -699,7 +710,8 @@ def _install(args) -> int:
         device, argv,
         cron_text=install.crontab(argv, command, root, _sync_options(args)) if use_cron else None,
         unit_text=None if use_cron else install.unit(argv),
-        remove=False, repo_text=install.repository_file(_sync_options(args)),
+        remove=False, repo_text=None if _is_file(args.repo_file, device.host(install.REPO_PATH))
+        else install.repository_file(_sync_options(args)),
     )
     return _carry_out_install(args, device, planned, systemctl, use_cron)
 
@@ -739,6 +751,15 @@ def _carry_out_install(args, device, planned, systemctl, use_cron: bool) -> int:
     elif planned.write and not use_cron:
         print("Not activated: systemd is not running this root; it starts the service at boot.")
     return EXIT_OK
+
+
+def _is_file(given: str | None, path: str) -> bool:
+    """Whether `given` (an option's file) is the file at `path`: install then leaves it as the
+    operator wrote it, and the unit names it."""
+    try:
+        return given is not None and os.path.samefile(given, path)
+    except OSError:
+        return False
 
 
 def _installed_spos() -> tuple[str, ...]:

@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from reconciler.errors import SposError
 
@@ -278,12 +278,21 @@ def _scheme_problem(url: str) -> str:
         return "its host is missing or starts with '-'"
     if (parts.username or "").startswith("-"):
         return "its user name starts with '-'"
+    if scheme == "ssh" and parts.password is not None:
+        return ("ssh takes no password from a URL, and a file or command line showing it would "
+                "give it away; use a key (an ssh agent, or ~/.ssh of the user spos runs as)")
     return ""
 
 
 def carries_credentials(url: str) -> bool:
-    """Whether `url` holds a password or token (the user part of an https URL)."""
-    return url.lower().startswith("https://") and "@" in urlsplit(url).netloc
+    """Whether `url` holds a password or token (the user part of an https URL; check_url
+    refuses a password in any other). A URL that cannot be parsed is taken to hold one."""
+    if not url.lower().startswith("https://"):
+        return False
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:
+        return True
 
 
 def _without_credentials(url: str) -> tuple[str, dict[str, str] | None]:
@@ -295,7 +304,8 @@ def _without_credentials(url: str) -> tuple[str, dict[str, str] | None]:
     parts = urlsplit(url)
     userinfo, _, host = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
-    username, password = unquote(username), unquote(password)
+    # Bytes that are not UTF-8 survive as surrogates, which the environment turns back into them.
+    username, password = (os.fsdecode(unquote_to_bytes(part)) for part in (username, password))
     if _CONTROL.search(username + password):
         raise UnsafeSourceError(f"remote URL {redacted(url)!r} is refused: its user name or "
                                 "password holds a control character")
@@ -305,8 +315,10 @@ def _without_credentials(url: str) -> tuple[str, dict[str, str] | None]:
 
 def redacted(url: str) -> str:
     """The URL as it may appear in messages and logs: the user part (a password, or a token
-    given as the user name) is replaced by ***."""
-    return re.sub(r"^([a-z+]+://)[^/@]*@", r"\1***@", url, flags=re.IGNORECASE)
+    given as the user name) is replaced by ***, up to the last `@` before the path, since a
+    password may hold an `@` itself; wherever a scheme's `://` is, so that nothing in front of
+    it (a stray byte-order mark, a typo) leaves the password standing."""
+    return re.sub(r"([a-z][a-z0-9+.-]*://)[^/?#]*@", r"\1***@", url, flags=re.IGNORECASE)
 
 
 def check_branch(branch: str) -> str:

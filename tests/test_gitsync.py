@@ -35,6 +35,7 @@ from reconciler.gitsync import (
     UnsafeTreeError,
     check_branch,
     check_url,
+    redacted,
 )
 from reconciler.gitsync import _CREDENTIAL_HELPER, _HARDENING, _environment
 
@@ -452,6 +453,7 @@ def git_must_not_run(monkeypatch):
     "file://host/srv/manifests.git",
     "relative/path.git",
     "https://example.org/x\n.git",
+    "ssh://deploy:hunter2@example.org/manifests.git",
     "",
 ])
 def test_unsafe_urls_are_refused_before_git_runs(tmp_path, state_dir, git_must_not_run, url):
@@ -489,6 +491,18 @@ def test_a_password_in_the_url_stays_out_of_messages(state_dir):
     with pytest.raises(FetchError) as failed:
         mirror.fetch("main")
     assert "s3cret" not in str(failed.value) + repr(mirror)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://deploy:p@ss-s3cret@git.example.net/fleet.git", "https://***@git.example.net/fleet.git"),
+    ("\ufeffhttps://deploy:s3cret@git.example.net/f.git", "\ufeffhttps://***@git.example.net/f.git"),
+    ("git+https://deploy:s3cret@git.example.net/f.git", "git+https://***@git.example.net/f.git"),
+    ("https://s3cret@git.example.net/f.git?at=@x", "https://***@git.example.net/f.git?at=@x"),
+])
+def test_redaction_leaves_no_part_of_a_password(url, shown):
+    """A password may hold `@`; a URL read from a file may carry a byte-order mark or any
+    scheme before it is refused: none of it may show in a message or a state file."""
+    assert redacted(url) == shown
 
 
 def _command_lines() -> dict[int, str]:

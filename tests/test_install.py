@@ -131,6 +131,21 @@ def test_a_secret_in_the_repository_url_goes_into_a_root_only_file_and_no_comman
     assert not repository.exists() and not (root / path).exists()
 
 
+def test_install_leaves_a_repository_file_the_operator_wrote_in_its_place(spos, root):
+    """An operator who put the URL into /etc/spos/repository themselves (no marker) gives
+    install that file: install names it and leaves it as it is."""
+    own = root / "etc/spos/repository"
+    own.parent.mkdir(parents=True)
+    own.write_text("https://user:s3cret-token@git.example.net/fleet.git\n")
+    own.chmod(0o600)
+    result = spos("install", "--root", root, "--repo-file", own, "--cron")
+    assert result.code == 0, result.err
+    assert own.read_text() == "https://user:s3cret-token@git.example.net/fleet.git\n"
+    assert f"--repo-file {own} " in (root / "etc/cron.d/spos").read_text()
+    assert spos("install", "--root", root, "--remove").code == 0
+    assert own.exists()  # not spos's: --remove leaves it
+
+
 def test_install_takes_the_url_from_a_repository_file_too(spos, root, tmp_path):
     given = tmp_path / "repository"
     given.write_text("# the fleet's manifests\nhttps://user:s3cret-token@git.example.net/fleet.git\n")

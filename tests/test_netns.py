@@ -69,6 +69,32 @@ def test_a_lease_closed_instead_of_given_back_is_never_handed_on():
     assert pool.take("spos/agent") is None
 
 
+def test_a_passing_failure_to_make_a_namespace_is_tried_again_a_lasting_one_is_not(monkeypatch):
+    """Out of fds or memory now, the next run asks again; no privilege for it (EPERM), the
+    sandbox makes each run's own from then on, without asking again."""
+    import errno
+
+    from reconciler.executor import netns
+
+    answers = [OSError(errno.EMFILE, "Too many open files"), _stand_in(),
+               OSError(errno.EPERM, "Operation not permitted")]
+
+    def made():
+        answer = answers.pop(0)
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(netns, "new_namespace", made)
+    pool = NetworkPool(limit=2)
+    assert pool.take("spos/agent") is None and pool.unavailable is None
+    lease = pool.take("spos/agent")
+    assert lease is not None
+    lease.close()
+    assert pool.take("spos/other") is None and "not permitted" in pool.unavailable
+    assert pool.take("spos/other") is None and answers == []
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a network namespace needs root")
 def test_a_new_namespace_has_its_loopback_up_and_leaves_the_caller_where_it_was():

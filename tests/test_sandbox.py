@@ -328,6 +328,26 @@ def test_runs_without_network_take_turns_on_a_namespace_never_two_at_once(sandbo
     assert third_ns in (first_ns, second_ns) and third_loop == "own"
 
 
+def test_a_run_whose_cgroup_cannot_be_removed_never_hands_its_namespace_on(sandboxed, monkeypatch):
+    """A process of such a run may still be in its namespace: it is closed, never kept."""
+    from reconciler.executor.cgroup import CgroupError
+
+    run, _ = sandboxed.start(sandboxed.spec(_OWN_LOOPBACK))
+    assert run.wait(timeout=WAIT_SECONDS) == 0
+    kind = type(run._cgroup)
+    remove = kind.remove
+
+    def refused(self):
+        raise CgroupError("the cgroup is busy")
+
+    monkeypatch.setattr(kind, "remove", refused)
+    with pytest.raises(SandboxError, match="busy"):
+        run.cleanup()
+    monkeypatch.setattr(kind, "remove", remove)
+    run.cleanup()  # it goes now; its namespace went with the failure
+    assert sandboxed.sandbox.networks.kept() == 0
+
+
 def test_runs_of_another_agent_never_get_an_agents_namespace(sandboxed):
     """The namespaces kept for one agent's runs go to that agent's runs alone."""
     first, first_out = sandboxed.start(sandboxed.spec(_OWN_LOOPBACK))

@@ -408,7 +408,7 @@ def test_the_repository_url_can_come_from_a_file(device, upstream, spos, tmp_pat
     """--repo-file: the URL on the file's one line that is not empty or a comment."""
     sha = upstream.commit(site())
     given = tmp_path / "repository"
-    given.write_text(f"# the fleet's manifests\n\n  {upstream.bare}  \n")
+    given.write_text(f"\ufeff# the fleet's manifests\r\n\r\n  {upstream.bare}  \r\n")  # as Notepad saves
     done = spos("sync", "--root", device.root, "--repo-file", given, "--json")
     assert done.code == 0, done.err
     assert (json.loads(done.out)["outcome"], device.applied()) == ("applied", sha)
@@ -421,10 +421,15 @@ def test_the_repository_url_can_come_from_a_file(device, upstream, spos, tmp_pat
     ("https://deploy:s3cret@git.example.net/fleet.git\n", 0o644,
      "--repo-file: {file}:1: the URL carries a password or token, and others may read the file "
      "(mode 644): chmod 600 {file}"),
+    ("/srv/fleet.git\n", 0o664, "--repo-file: {file} may be changed by another user"),
+    ("https://deploy:s3cret@[::1/fleet.git\n", 0o600, "is refused: it cannot be parsed"),
+    ("fifo", 0o600, "--repo-file: {file} is not a regular file"),
 ])
 def test_a_repository_file_spos_cannot_use_is_refused_naming_it(device, spos, tmp_path, text, mode, said):
     given = tmp_path / "repository"
-    if text is not None:
+    if text == "fifo":
+        os.mkfifo(given, mode)  # nothing writes to it: reading must not wait
+    elif text is not None:
         given.write_text(text)
         given.chmod(mode)
     done = spos("sync", "--root", device.root, "--repo-file", given)

@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -489,7 +490,7 @@ static int enter(int argc, char **argv) {
     }
     if (strcmp(argv[6], "-") != 0) {
         long netns = strtol(argv[6], &end, 10);
-        if (*end != '\0' || end == argv[6] || netns < 0)
+        if (*end != '\0' || end == argv[6] || netns < 0 || netns > INT_MAX)
             fail(126, "cannot start bubblewrap: bad network namespace fd %s", argv[6]);
         if (setns((int)netns, CLONE_NEWNET) < 0)
             fail(126, "cannot start bubblewrap: cannot enter the run's network namespace: %s",

@@ -23,6 +23,7 @@ first; the kernel frees a namespace when its last fd and process are gone.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -35,6 +36,8 @@ _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 _IFREQ = "16sH22x"  # struct ifreq: the name, then ifr_flags in the 24-byte union
+_NEVER = {errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+"""unshare's answers that no later try would change: no privilege, no kernel support."""
 
 
 class NetworkPool:
@@ -63,7 +66,10 @@ class NetworkPool:
         try:
             return Lease(self, group, new_namespace())
         except OSError as exc:
-            self.unavailable = str(exc)
+            if exc.errno in _NEVER:
+                self.unavailable = str(exc)
+            return None  # for now (out of fds or memory): the next run asks again
+        except RuntimeError:  # no thread could be started
             return None
 
     def give(self, group: str, fd: int) -> None:

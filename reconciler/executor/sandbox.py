@@ -477,6 +477,8 @@ class SandboxedRun:
         try:
             self._cgroup.remove()
         except CgroupError as exc:
+            if self._lease is not None:
+                self._lease.close()  # a process of the run may be left in it: never handed on
             raise SandboxError(str(exc), retryable=True) from exc
         if self._lease is not None:
             self._lease.give_back()  # no process of the run is left in it
