@@ -531,50 +531,31 @@ def test_malformed_launcher_arguments_fail_cleanly(sandbox, arguments):
 
 
 @pytest.mark.parametrize("launcher", ["compiled"], indirect=True)
-def test_a_child_that_cannot_join_the_runs_cgroup_never_starts_bubblewrap(sandbox, tmp_path):
+@pytest.mark.parametrize("step, said", [
+    ("join", "cannot join the run's cgroup"),
+    ("netns", "cannot enter the run's network namespace"),
+])
+def test_a_child_that_cannot_enter_the_run_never_starts_bubblewrap(sandbox, tmp_path, step, said):
     """The compiled launcher's `--enter` mode stands between the executor and bubblewrap:
-    when it cannot put itself into the run's cgroup, nothing of the run may start outside it.
-    It says why on the setup pipe, exits 126 and executes nothing."""
+    when it cannot put itself into the run's cgroup, or into the network namespace the run is
+    handed (netns.py), nothing of the run may start outside them. It says why on the setup
+    pipe, exits 126 and executes nothing."""
     marker = tmp_path / "ran"
     read_end, setup = os.pipe()
-    not_writable = os.open("/dev/null", os.O_RDONLY)  # stands in for a cgroup.procs fd
+    not_it = os.open("/dev/null", os.O_RDONLY)  # stands in for a cgroup.procs fd or a namespace
+    join, netns = (str(not_it), "-") if step == "join" else ("", str(not_it))
     try:
         done = subprocess.run(
-            [sandbox.launcher, "--enter", str(setup), "-", str(setup), str(not_writable), "-",
+            [sandbox.launcher, "--enter", str(setup), "-", str(setup), join, netns,
              "--", "/usr/bin/touch", str(marker)],
-            pass_fds=(setup, not_writable), capture_output=True, text=True, timeout=WAIT_SECONDS)
+            pass_fds=(setup, not_it), capture_output=True, text=True, timeout=WAIT_SECONDS)
         os.close(setup)
         reported = os.read(read_end, 4096).decode()
     finally:
         os.close(read_end)
-        os.close(not_writable)
+        os.close(not_it)
     assert done.returncode == 126, done
-    assert reported.startswith("spos sandbox: cannot start bubblewrap: cannot join the run's cgroup"), reported
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize("launcher", ["compiled"], indirect=True)
-def test_a_child_that_cannot_enter_the_runs_network_namespace_never_starts_bubblewrap(
-        sandbox, tmp_path):
-    """Likewise for the network namespace a run is handed (netns.py): an fd that is not one
-    leaves the child where it was, so it must not go on into bubblewrap on the host's network."""
-    marker = tmp_path / "ran"
-    read_end, setup = os.pipe()
-    not_a_namespace = os.open("/dev/null", os.O_RDONLY)
-    try:
-        done = subprocess.run(
-            [sandbox.launcher, "--enter", str(setup), "-", str(setup), "", str(not_a_namespace),
-             "--", "/usr/bin/touch", str(marker)],
-            pass_fds=(setup, not_a_namespace), capture_output=True, text=True,
-            timeout=WAIT_SECONDS)
-        os.close(setup)
-        reported = os.read(read_end, 4096).decode()
-    finally:
-        os.close(read_end)
-        os.close(not_a_namespace)
-    assert done.returncode == 126, done
-    assert reported.startswith(
-        "spos sandbox: cannot start bubblewrap: cannot enter the run's network namespace"), reported
+    assert reported.startswith(f"spos sandbox: cannot start bubblewrap: {said}"), reported
     assert not marker.exists()
 
 
