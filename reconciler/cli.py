@@ -710,8 +710,7 @@ def _install(args) -> int:
         device, argv,
         cron_text=install.crontab(argv, command, root, _sync_options(args)) if use_cron else None,
         unit_text=None if use_cron else install.unit(argv),
-        remove=False, repo_text=None if _is_file(args.repo_file, device.host(install.REPO_PATH))
-        else install.repository_file(_sync_options(args)),
+        remove=False, repo_text=_repository_text(args, device),
     )
     return _carry_out_install(args, device, planned, systemctl, use_cron)
 
@@ -753,13 +752,21 @@ def _carry_out_install(args, device, planned, systemctl, use_cron: bool) -> int:
     return EXIT_OK
 
 
-def _is_file(given: str | None, path: str) -> bool:
-    """Whether `given` (an option's file) is the file at `path`: install then leaves it as the
-    operator wrote it, and the unit names it."""
+def _repository_text(args, device) -> str | None:
+    """What install keeps at REPO_PATH: the file as it is when --repo-file names it (spos's
+    from an earlier install, or the operator's own, which the unit then names), else the URL
+    when it carries a password or token."""
+    from reconciler import install
+
     try:
-        return given is not None and os.path.samefile(given, path)
+        named = args.repo_file is not None and os.path.samefile(
+            args.repo_file, device.host(install.REPO_PATH))
     except OSError:
-        return False
+        named = False
+    if not named:
+        return install.repository_file(_sync_options(args))
+    current = device.read_text(install.REPO_PATH) or ""
+    return current if current.startswith(install.MARKER) else None  # left, never taken over
 
 
 def _installed_spos() -> tuple[str, ...]:

@@ -146,6 +146,17 @@ def test_install_leaves_a_repository_file_the_operator_wrote_in_its_place(spos, 
     assert own.exists()  # not spos's: --remove leaves it
 
 
+def test_install_again_from_the_repository_file_it_wrote_keeps_it(spos, root):
+    secret = "https://user:s3cret-token@git.example.net/fleet.git"
+    assert spos("install", "--root", root, "--repo", secret, "--cron").code == 0
+    written = root / "etc/spos/repository"
+    before = written.read_text()
+    again = spos("install", "--root", root, "--repo-file", written, "--cron", "--interval", "5m")
+    assert again.code == 0, again.err
+    assert written.read_text() == before and written.stat().st_mode & 0o777 == 0o600
+    assert f"--repo-file {written} " in (root / "etc/cron.d/spos").read_text()
+
+
 def test_install_takes_the_url_from_a_repository_file_too(spos, root, tmp_path):
     given = tmp_path / "repository"
     given.write_text("# the fleet's manifests\nhttps://user:s3cret-token@git.example.net/fleet.git\n")
