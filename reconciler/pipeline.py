@@ -60,7 +60,7 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
     from reconciler import __version__
     from reconciler.labels import device_labels
     from reconciler.memo import PlanMemo, fingerprint
-    from reconciler.state import memo_file, read_inventory
+    from reconciler.state import INVENTORY, memo_file, read_inventory
     from reconciler.systemctl import detect
 
     device = Device(request.root, cgroup_root=request.device_cgroup_root, systemd=detect(request.root))
@@ -83,19 +83,25 @@ def make_plan(request: PlanRequest) -> tuple[Device, Plan]:
             from reconciler.observe import observe
             from reconciler.plan import plan
 
-            inventory = read_inventory(device)["resources"]
+            read = read_inventory(device)
+            inventory = read["resources"]
+            notices = [f"{INVENTORY} cannot be read ({read['unreadable']}): spos knows its "
+                       "resources by where and how it writes them until apply writes it afresh"
+                       ] if "unreadable" in read else []
             actual = None
             if remembered is not None:
-                desired, notices, declared = _recalled(request, device, facts, remembered, files,
-                                                       listed)
+                desired, found, declared = _recalled(request, device, facts, remembered, files,
+                                                     listed)
+                notices = [*found, *notices]
             else:
                 ahead = None
                 if primer.running:  # the device is observed, and cached files read, meanwhile
                     actual = _observe_ahead(device, set(inventory), memo)
                     ahead = _read_ahead(device, files)
                 primer.wait()
-                desired, notices, declared, digest = _rendered(request, device, facts, memo,
-                                                               files, listed, ahead)
+                desired, found, declared, digest = _rendered(request, device, facts, memo,
+                                                             files, listed, ahead)
+                notices = [*found, *notices]
         if not declared and inventory and not request.allow_empty:
             raise UsageError(
                 f"{request.path} holds no manifests: applying it would delete all {len(inventory)} "

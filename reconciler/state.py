@@ -29,12 +29,29 @@ INVENTORY_FORMAT = 1
 
 
 def read_inventory(device: Device) -> dict:
-    """The last applied inventory; an empty one on a device spos never applied to."""
-    raw = device.read_text(INVENTORY)
+    """The last applied inventory; an empty one on a device spos never applied to. One that
+    cannot be read as spos writes it (edited by hand, or by a spos of another inventory format)
+    is read as empty too, with "unreadable" saying why: spos then knows its resources by their
+    markers, as after an apply killed before it wrote the inventory, and the next apply writes
+    it afresh."""
+    empty = {"format": INVENTORY_FORMAT, "resources": {}}
+    try:
+        raw = device.read_text(INVENTORY)
+    except (OSError, UnicodeDecodeError, SposError) as exc:
+        return {**empty, "unreadable": str(exc)}
     if raw is None:
-        return {"format": INVENTORY_FORMAT, "resources": {}}
-    data = json.loads(raw)
-    data.setdefault("resources", {})
+        return empty
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        return {**empty, "unreadable": f"not JSON ({exc})"}
+    if not isinstance(data, dict) or data.get("format") != INVENTORY_FORMAT:
+        return {**empty, "unreadable": f"not an inventory of format {INVENTORY_FORMAT}"}
+    resources = data.setdefault("resources", {})
+    if not isinstance(resources, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("kind"), str)
+            for entry in resources.values()):
+        return {**empty, "unreadable": "its resources are not id -> {kind, digest}"}
     return data
 
 

@@ -497,12 +497,14 @@ def _is_time_zone(name: str) -> bool:
 
 def _unsafe_values(value: Any, path: tuple) -> Iterable[tuple[tuple, str, str]]:
     """Newlines, NUL and other control characters would let a value inject lines into a crontab
-    or unit file; they are refused in every string a manifest holds. So are `.inf` and `.nan`,
-    which no field means and JSON cannot carry."""
+    or unit file; they are refused in every string a manifest holds, the C1 ones (U+0080 to
+    U+009F) and Unicode's line and paragraph separators (U+2028, U+2029) too, which some readers
+    take for line breaks. So are `.inf` and `.nan`, which no field means and JSON cannot carry."""
     if isinstance(value, float) and not math.isfinite(value):
         yield path, f"{value} is not a finite number", ""
     elif isinstance(value, str):
-        bad = sorted({c for c in value if ord(c) < 32 and c != "\t" or ord(c) == 127})
+        bad = sorted({c for c in value if c != "\t" and (
+            ord(c) < 32 or 127 <= ord(c) <= 159 or c in "\u2028\u2029")})
         if bad:
             shown = ", ".join(repr(c) for c in bad)
             yield path, f"control characters ({shown}) are not allowed in manifest strings", (

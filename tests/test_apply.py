@@ -240,6 +240,33 @@ def test_removed_schedule_and_agent_are_pruned_keeping_run_history(spos, manifes
     assert "agent/monitor-001" in resources
 
 
+@pytest.mark.parametrize("damage", [
+    lambda text: text[: len(text) // 2],
+    lambda text: "[]",
+    lambda text: '{"format": 1, "resources": []}',
+    lambda text: text.replace('"format": 1', '"format": 99'),
+], ids=["truncated", "a-list", "resources-a-list", "another-format"])
+def test_a_damaged_inventory_is_said_and_repaired_and_pruning_still_works(
+        spos, manifests, applied, damage):
+    """An inventory edited by hand (or by a spos of another format) is read as empty, said
+    in the plan naming the file, and written afresh by the next apply; spos still knows its
+    resources by where and how it writes them, so what left the manifests is still pruned."""
+    path = applied / INVENTORY
+    path.write_text(damage(path.read_text()))
+    (manifests / "backup-001.yaml").unlink()
+
+    plan = spos("plan", manifests, "--root", applied, "--detailed-exitcode")
+    assert plan.code == 2, plan.err
+    assert f"/{INVENTORY} cannot be read (" in plan.out + plan.err
+    assert "  -   agent/backup-001  (no longer in the manifests)" in plan.out
+    assert "  -   cron/backup-001-nightly  (no longer in the manifests)" in plan.out
+
+    assert spos("apply", manifests, "--root", applied, "--auto-approve").code == 0
+    assert "agent/monitor-001" in inventory(applied)["resources"]
+    again = spos("plan", manifests, "--root", applied, "--detailed-exitcode")
+    assert again.code == 0 and "cannot be read" not in again.out + again.err
+
+
 @pytest.mark.parametrize("policies_beside", [
     True,
     False,

@@ -930,6 +930,35 @@ def test_control_characters_are_refused_wherever_they_are(project, spos):
     ]
 
 
+def test_unicode_line_breaks_are_refused_like_newlines(project, spos):
+    """U+0085 (NEL), U+2028 and U+2029 end a line for some readers (Python's splitlines among
+    them), so a path holding one rendered into a unit or crontab could split it."""
+    write(project, "bad.yaml", """\
+        apiVersion: spos/v1
+        kind: Agent
+        metadata:
+          name: probe
+        spec:
+          description: "one\\u2028two"
+          env:
+            A: "x\\x85y"
+            B: "p\\u2029q"
+            C: "accents, é and ü, are fine"
+          tasks:
+            tick:
+              command: ["/bin/true"]
+    """)
+    hint = "    hint: newlines and NUL could inject lines into crontab or unit files; write one line"
+    assert problems(spos("validate", "agents.d")) == [
+        f"agents.d/bad.yaml:6:3: error: control characters ('\\u2028') are not allowed in "
+        f"manifest strings (at spec.description)\n{hint}",
+        f"agents.d/bad.yaml:8:5: error: control characters ('\\x85') are not allowed in "
+        f"manifest strings (at spec.env.A)\n{hint}",
+        f"agents.d/bad.yaml:9:5: error: control characters ('\\u2029') are not allowed in "
+        f"manifest strings (at spec.env.B)\n{hint}",
+    ]
+
+
 def test_percent_signs_and_specifiers_in_commands_are_data(project, spos):
     """Commands reach only the compiled agent.json, never a crontab or unit file."""
     write(project, "ok.yaml", """\

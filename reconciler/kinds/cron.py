@@ -198,10 +198,19 @@ def _mode(device: "Device", path: str) -> str | None:
     return None if st is None else format(st.st_mode & 0o7777, "04o")
 
 
+def _lines(text: str) -> list[str]:
+    """The file's lines as cron reads them: broken at "\n" alone, so that a carriage return or
+    a Unicode line separator in an operator's line stays in that line, as it was."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def parse_entries(text: str) -> dict[str, str]:
     """Managed resource id -> the line below its marker ('' when the marker ends the file)."""
     entries = {}
-    lines = text.splitlines()
+    lines = _lines(text)
     for index, line in enumerate(lines):
         if line.startswith(MARKER):
             rid = line[len(MARKER):].strip()
@@ -216,7 +225,7 @@ def edit(text: str | None, changes: dict[str, str | None], agent: str) -> str | 
     Unmarked lines keep their content and order. Returns None when only spos's own lines would
     remain, meaning the file should be deleted. Pure.
     """
-    lines = text.splitlines() if text else []
+    lines = _lines(text) if text else []
     out: list[str] = []
     done: set[str] = set()
     index = 0

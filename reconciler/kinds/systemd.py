@@ -253,7 +253,7 @@ def parse_unit(text: str) -> dict:
     setting is kept under the key "" so that it shows as a difference. Pure."""
     sections: dict[str, dict] = {}
     current: dict | None = None
-    for raw in text.splitlines():
+    for raw in text.split("\n"):  # as systemd reads it; a Unicode line separator breaks no line
         line = raw.strip()
         if not line or line[0] in "#;":
             continue
@@ -412,15 +412,21 @@ class TimerKind:
 
     @staticmethod
     def _write(device: "Device", change: Change) -> None:
-        # The service first: a timer is never left pointing at a missing or old service.
+        # Both files are checked before either is written: a Schedule refused for one that is
+        # not spos's leaves nothing of its own behind that the plan did not show.
+        currents = {}
         for suffix in ("service", "timer"):
             unit = change.after[suffix]
-            text = unit_text(change.id, unit)
-            current = device.read_text(unit["path"])
+            current = currents[suffix] = device.read_text(unit["path"])
             if current is not None and not is_owned(current, change.id):
                 raise NotOwnedError(
                     f"refusing to overwrite {unit['path']}: it is not spos's (its first line is "
                     f"not '{MARKER}{change.id}'); rename or remove it, or rename the Schedule")
+        # The service first: a timer is never left pointing at a missing or old service.
+        for suffix in ("service", "timer"):
+            unit = change.after[suffix]
+            text = unit_text(change.id, unit)
+            current = currents[suffix]
             st = device.stat(unit["path"]) if current is not None else None
             mode = format(st.st_mode & 0o7777, "04o") if st is not None else None
             if current != text or mode != unit["mode"]:
