@@ -790,8 +790,9 @@ def _metrics(args) -> int:
         address, _, port = args.listen.rpartition(":")
         if not address or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise UsageError(f"--listen: expected ADDRESS:PORT such as 127.0.0.1:9108, got {args.listen!r}")
-        print(f"spos metrics: serving http://{args.listen}/metrics (pid {os.getpid()})", file=sys.stderr)
-        metrics.serve(device, address.strip("[]"), int(port))
+        metrics.serve(device, address.strip("[]"), int(port), listening_now=lambda: print(
+            f"spos metrics: serving http://{args.listen}/metrics (pid {os.getpid()})",
+            file=sys.stderr, flush=True))
         return EXIT_OK
     if args.textfile:
         metrics.write_textfile(device, args.textfile, interval=_duration("--interval", args.interval),

@@ -163,17 +163,26 @@ class DeviceCollector:
         return iter(families)
 
 
+CLIENT_TIMEOUT = 10.0
+"""Seconds a connection to the listener may stay silent, or leave the answer unread."""
+MAX_CONNECTIONS = 32
+"""Connections the listener serves at once; Prometheus needs one per scrape."""
+
+
 def exposition(device: Device) -> str:
     """The device's metrics now, in the Prometheus text format (version 0.0.4)."""
     return generate_latest(_registry(device)).decode()
 
 
-def serve(device: Device, address: str, port: int) -> None:
+def serve(device: Device, address: str, port: int,
+          listening_now: Callable[[], None] = lambda: None) -> None:
     """Answer GET /metrics on `address`:`port` (404 elsewhere), reading the device afresh for
-    each scrape, until SIGTERM or SIGINT. A scraper asking for OpenMetrics gets it. Signal
-    handlers are installed only on the main thread (the only one Python delivers signals to)
-    and the previous ones are restored on return."""
+    each scrape, until SIGTERM or SIGINT; `listening_now` is called once the port is bound. A
+    scraper asking for OpenMetrics gets it. Signal handlers are installed only on the main
+    thread (the only one Python delivers signals to) and the previous ones are restored on
+    return."""
     server = _MetricsServer(address, port, _registry(device))
+    listening_now()
 
     def stop() -> None:  # shutdown() waits for serve_forever(), which runs on this very thread
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -194,8 +203,15 @@ def write_textfile(device: Device, path: str, interval: float = 15.0, once: bool
     stopping = threading.Event()
     with _until_signalled(stopping.set):
         while True:
-            _replace(path, generate_latest(registry))
-            if once or stopping.wait(interval):
+            if once:
+                _replace(path, generate_latest(registry))
+                return
+            try:
+                _replace(path, generate_latest(registry))
+            except Exception as exc:  # noqa: BLE001 - said, and tried again at the next interval
+                print(f"spos metrics: cannot write {path}: {exc}; trying again in {interval:g}s",
+                      file=sys.stderr, flush=True)
+            if stopping.wait(interval):
                 return
 
 
@@ -355,11 +371,11 @@ def _trigger_families(status: dict | None) -> list[Metric]:
             continue
         up.add_metric([name], 1 if daemon_up and trigger.get("state") in TRIGGER_UP_STATES else 0)
         info.add_metric([name], {key: str(trigger.get(key) or "") for key in ("agent", "task", "type")})
-        if isinstance(trigger.get("events"), int):
-            events.add_metric([name], trigger["events"])
+        if amount(trigger.get("events")) is not None:
+            events.add_metric([name], amount(trigger["events"]))
         for outcome in OUTCOMES:
-            if isinstance(trigger.get(outcome), int):
-                outcomes.add_metric([name, outcome], trigger[outcome])
+            if amount(trigger.get(outcome)) is not None:
+                outcomes.add_metric([name, outcome], amount(trigger[outcome]))
         last_fired = _epoch(trigger.get("lastFired"))
         if last_fired is not None:
             fired.add_metric([name], last_fired)
@@ -431,6 +447,7 @@ def _registry(device: Device) -> CollectorRegistry:
 
 class _MetricsHandler(BaseHTTPRequestHandler):
     server: "_MetricsServer"
+    timeout = CLIENT_TIMEOUT  # a client that sends nothing, or reads nothing, is let go
 
     def do_GET(self) -> None:
         if urlsplit(self.path).path != "/metrics":
@@ -438,9 +455,14 @@ class _MetricsHandler(BaseHTTPRequestHandler):
             return
         encoder, content_type = choose_encoder(self.headers.get("Accept"))
         try:
-            body = encoder(self.server.registry)
+            with self.server.scraping:  # one scrape reads the device at a time
+                body = encoder(self.server.registry)
         except (OSError, SposError) as exc:  # the state cannot be read now; the next scrape may
             self._answer(500, "text/plain; charset=utf-8", f"spos metrics: {exc}\n".encode())
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug, said on stderr; the scraper gets a 500
+            print(f"spos metrics: the scrape failed: {exc!r}", file=sys.stderr, flush=True)
+            self._answer(500, "text/plain; charset=utf-8", b"spos metrics: the scrape failed\n")
             return
         self._answer(200, content_type, body)
 
@@ -456,12 +478,40 @@ class _MetricsHandler(BaseHTTPRequestHandler):
 
 
 class _MetricsServer(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS at once: a connection over that is
+    closed at once, so clients that hold connections open cannot exhaust threads or fds."""
+
     daemon_threads = True
+    request_queue_size = 64
 
     def __init__(self, address: str, port: int, registry: CollectorRegistry):
         self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.registry = registry
+        self.scraping = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__((address, port), _MetricsHandler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A scraper that went away mid-answer, or timed out, is not an error; anything else
+        is a bug."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse lookup of the address, which can hang for the DNS
@@ -469,10 +519,6 @@ class _MetricsServer(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    def handle_error(self, request, client_address) -> None:
-        """A scraper that went away mid-answer is not an error; anything else is a bug."""
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -148,6 +149,21 @@ def test_a_stopped_trigger_daemon_is_down_and_keeps_its_last_counts(device):
     assert values(found, "spos_trigger_outcomes_total", trigger="research-001-github", outcome="queued") == {(): 4}
 
 
+def test_numbers_no_process_wrote_in_the_trigger_status_are_left_out(device):
+    """A pid beyond any Linux hands out and a 400-digit count (a hand-edited status file) make
+    no traceback: the daemon is down and the count is not shown."""
+    status_file = device.root / STATE / "triggerd/status.json"
+    status = json.loads(status_file.read_text())
+    status["pid"] = 2 ** 64
+    status["triggers"]["research-001-github"]["events"] = 10 ** 400
+    status_file.write_text(json.dumps(status))
+
+    found = samples(metrics.exposition(Device(device.root)))
+
+    assert values(found, "spos_triggers_daemon_up") == {(): 0}
+    assert "research-001-github" not in {key[0] for key in values(found, "spos_trigger_events_total")}
+
+
 def test_sync_outcome_applied_revision_quarantine_and_drift_repairs(device):
     found = samples(metrics.exposition(Device(device.root)))
 
@@ -274,6 +290,27 @@ def test_textfile_loop_rewrites_from_fresh_state_until_sigterm(device, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["device", "spos.prom"]  # no temporary file left
 
 
+def test_textfile_loop_outlives_a_failed_write_and_says_so(device, tmp_path):
+    """node_exporter keeps serving the last file: a writer that died at one failed write
+    (its directory moved away a moment) would leave stale numbers with no sign of it."""
+    directory = tmp_path / "textfiles"
+    directory.mkdir()
+    target = directory / "spos.prom"
+    process = _spos_process("--root", device.root, "--textfile", target, "--interval", "1s")
+    try:
+        wait_for(lambda: target.exists() or process.poll() is not None, "the first textfile", WAIT)
+        directory.rename(tmp_path / "away")
+        time.sleep(2.2)  # two writes fail meanwhile
+        assert process.poll() is None
+        (tmp_path / "away").rename(directory)
+        target.unlink()
+        wait_for(lambda: target.exists() or process.poll() is not None, "the textfile again", WAIT)
+        assert process.poll() is None
+    finally:
+        code, err = _stop(process)
+    assert code == 0 and f"spos metrics: cannot write {target}" in err, err
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -318,3 +355,37 @@ def test_listen_serves_fresh_metrics_and_exits_0_on_sigterm(device):
         code, err = _stop(process)
     assert code == 0, err
     assert err == f"spos metrics: serving http://127.0.0.1:{port}/metrics (pid {process.pid})\n"
+
+
+def test_the_listener_lets_go_of_silent_clients_and_bounds_connections(device, monkeypatch):
+    """Clients that connect and send nothing (or never read) hold no thread or fd beyond
+    MAX_CONNECTIONS, are let go after the client timeout, and a scrape then gets its answer."""
+    import threading
+
+    monkeypatch.setattr(metrics._MetricsHandler, "timeout", 0.5)
+    server = metrics._MetricsServer("127.0.0.1", 0, metrics._registry(Device(device.root)))
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                               daemon=True)
+    serving.start()
+    port = server.server_address[1]
+    silent = []
+    try:
+        for _ in range(metrics.MAX_CONNECTIONS + 8):
+            silent.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
+        over = silent[-1]
+        assert over.recv(1) == b""  # closed at once: over the limit
+        assert threading.active_count() <= metrics.MAX_CONNECTIONS + 4
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/metrics"), "a scrape after the "
+                 "silent clients were let go", WAIT)
+    finally:
+        for connection in silent:
+            connection.close()
+        server.shutdown()
+        server.server_close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return _get(url)[0] == 200
+    except OSError:
+        return False

@@ -21,9 +21,14 @@ def alive(owner: dict) -> bool:
     return isinstance(pid, int) and ticks is not None and _start_ticks(pid) == ticks
 
 
+PID_MAX = 1 << 22
+"""The largest pid Linux hands out (kernel.pid_max cannot go higher); a file saying more was
+not written by a process."""
+
+
 def process_alive(pid) -> bool:
     """Whether a process with this pid exists (one that is not ours to signal counts)."""
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= PID_MAX:
         return False
     try:
         os.kill(pid, 0)
