@@ -58,8 +58,11 @@ def _daemon(status: dict | None) -> dict:
     detail = f"pid {pid} since {status.get('startedAt')}, next sync at {status.get('nextSyncAt')}"
     if age is not None and age > STALE_AFTER:
         detail += f" (no status written for {age:.0f}s: it may be stuck)"
+    children = status.get("children")
+    children = {name: child for name, child in children.items() if isinstance(child, dict)} \
+        if isinstance(children, dict) else {}
     return {"running": True, "pid": pid, "detail": detail, "nextSyncAt": status.get("nextSyncAt"),
-            "children": status.get("children") or {}}
+            "children": children}
 
 
 def _executor(device: Device) -> dict:
@@ -73,8 +76,12 @@ def _triggers(status: dict | None) -> dict:
         return {"running": False, "detail": "the trigger daemon is not running", "states": {}}
     states: dict[str, int] = {}
     problems = []
-    for name, trigger in sorted((status.get("triggers") or {}).items()):
-        state = trigger.get("state", "?")
+    triggers = status.get("triggers")
+    for name, trigger in sorted(triggers.items() if isinstance(triggers, dict) else ()):
+        if not isinstance(trigger, dict):
+            continue
+        state = trigger.get("state")
+        state = state if isinstance(state, str) else "?"
         states[state] = states.get(state, 0) + 1
         if state == "error":
             problems.append(f"{name}: {trigger.get('detail', '')}")
@@ -88,20 +95,23 @@ def text(report: dict) -> str:
     applied, repo = report["applied"], report["repo"] or {}
     source = f" from {repo.get('url')} {repo.get('branch')}:{repo.get('path')}" if repo else ""
     if applied:
-        lines.append(f"Applied:    {applied['revision'][:12]} at {applied['at']} "
+        lines.append(f"Applied:    {str(applied.get('revision'))[:12]} at {applied.get('at')} "
                      f"({applied.get('changed', 0)} changed){source}")
     else:
         lines.append("Applied:    nothing synced yet (spos sync or spos daemon)")
     last = report["lastSync"]
     if last:
-        lines.append(f"Last sync:  {last['at']} {last['outcome']}: {last['message']}")
+        lines.append(f"Last sync:  {last.get('at')} {last.get('outcome')}: {last.get('message')}")
     pending = report["pending"]
     if pending:
-        lines.append(f"Pending:    {pending['revision'][:12]} {pending['outcome']}: {pending['message']}")
-        lines.extend(f"              {reason}" for reason in pending.get("reasons") or [])
+        lines.append(f"Pending:    {str(pending.get('revision'))[:12]} {pending.get('outcome')}: "
+                     f"{pending.get('message')}")
+        reasons = pending.get("reasons")
+        lines.extend(f"              {reason}" for reason in reasons if isinstance(reasons, list))
     failure = report["lastFailure"]
     if failure and failure != last:
-        lines.append(f"Last failure: {failure['at']} {failure['outcome']}: {failure['message']}")
+        lines.append(f"Last failure: {failure.get('at')} {failure.get('outcome')}: "
+                     f"{failure.get('message')}")
     if report["quarantined"]:
         held = ", ".join(f"{q['revision'][:12]} ({q['stage']})" for q in report["quarantined"][:5])
         lines.append(f"Quarantined: {held}")
@@ -109,16 +119,19 @@ def text(report: dict) -> str:
     if drift:
         said = f"checked {drift.get('checkedAt')}, {drift.get('repairs', 0)} repair(s) so far"
         repair = drift.get("lastRepair")
-        if repair:
-            said += f"; last at {repair['at']}: {', '.join(repair['repaired']) or 'none'}"
-            if repair.get("failed"):
+        if isinstance(repair, dict):
+            repaired = repair.get("repaired")
+            repaired = [str(item) for item in repaired] if isinstance(repaired, list) else []
+            said += f"; last at {repair.get('at')}: {', '.join(repaired) or 'none'}"
+            if isinstance(repair.get("failed"), list) and repair["failed"]:
                 said += f" ({len(repair['failed'])} failed)"
         lines.append(f"Drift:      {said}")
     daemon = report["daemon"]
     lines.append(f"Daemon:     {'running' if daemon['running'] else 'not running'} ({daemon['detail']})")
     for name, child in (daemon.get("children") or {}).items():
         exits = f", restarted {child['restarts']} time(s)" if child.get("restarts") else ""
-        lines.append(f"  {name}: {'running, pid ' + str(child['pid']) if child['running'] else 'not running'}{exits}")
+        running = f"running, pid {child.get('pid')}" if child.get("running") else "not running"
+        lines.append(f"  {name}: {running}{exits}")
     lines.append(f"Executor:   {'running' if report['executor']['running'] else 'not running'} "
                  f"({report['executor']['detail']})")
     triggers = report["triggers"]

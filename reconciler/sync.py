@@ -458,8 +458,10 @@ def now_iso() -> str:
 
 
 def elapsed_since(iso: str | None) -> float | None:
+    if not isinstance(iso, str) or not iso:
+        return None
     try:
-        return time.time() - datetime.fromisoformat(iso).timestamp() if iso else None
+        return time.time() - datetime.fromisoformat(iso).timestamp()
     except ValueError:
         return None
 

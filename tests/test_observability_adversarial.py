@@ -623,3 +623,49 @@ def test_a_record_nested_too_deeply_is_a_corrupt_record_not_a_traceback(device_r
         no_traceback(result)
         assert result.code == 0, (command, result.err)
     assert "20261126T090000-00000002" in spos("action", "list", "--root", device_root).out
+
+
+# -- status files damaged by hand ------------------------------------------------------------
+
+LIVE = os.getpid()  # a process that is alive: the status files' daemons "run"
+
+
+@pytest.mark.parametrize("path, content", [
+    ("triggerd/status.json", {"pid": 2 ** 64, "triggers": {}}),
+    ("daemon.json", {"pid": 2 ** 63}),
+    ("triggerd/status.json", {"pid": LIVE, "triggers": [1, 2]}),
+    ("triggerd/status.json", {"pid": LIVE, "triggers": {"x": "armed"}}),
+    ("daemon.json", {"pid": LIVE, "updatedAt": 12345}),
+    ("daemon.json", {"pid": LIVE, "children": {"executor": {"pid": 5}}}),
+    ("daemon.json", {"pid": LIVE, "children": [1]}),
+    ("sync/state.json", {"drift": {"lastRepair": "yesterday"}}),
+    ("sync/state.json", {"drift": {"lastRepair": {"repaired": "x"}}}),
+    ("sync/state.json", {"applied": {"revision": "a" * 40}}),
+], ids=["huge-trigger-pid", "huge-daemon-pid", "triggers-a-list", "trigger-a-string",
+        "updated-at-a-number", "child-without-running", "children-a-list", "repair-a-string",
+        "repair-without-at", "applied-without-at"])
+def test_status_trigger_list_and_metrics_read_hand_damaged_status_files(device_root, path, content):
+    """Status files say what a live process is doing; one edited by hand is shown as far as it
+    makes sense, never as a traceback (state.py: a reader then shows nothing rather than fail)."""
+    target = device_root / STATE / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(content))
+    for command in (("status",), ("status", "--json"), ("trigger", "list"), ("metrics",)):
+        done = spos(*command, "--root", device_root)
+        no_traceback(done)
+        assert done.code == 0, (command, done.err)
+
+
+@pytest.mark.parametrize("triggers", [[1, 2], {"probe": "armed"}], ids=["a-list", "a-string"])
+def test_trigger_list_with_a_registration_and_a_status_of_the_wrong_shape(device_root, triggers):
+    registrations = device_root / STATE / "triggers"
+    registrations.mkdir(parents=True)
+    (registrations / "probe.json").write_text(json.dumps(
+        {"type": "filesystem", "agent": "a", "task": "t", "enabled": True}))
+    status = device_root / STATE / "triggerd/status.json"
+    status.parent.mkdir(parents=True)
+    status.write_text(json.dumps({"pid": LIVE, "triggers": triggers}))
+    for command in (("trigger", "list"), ("trigger", "list", "--json"), ("status",)):
+        done = spos(*command, "--root", device_root)
+        no_traceback(done)
+        assert done.code == 0, (command, done.err)
