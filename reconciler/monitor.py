@@ -135,7 +135,7 @@ def _entries(device: Device, agent: str, bucket: str) -> list[str]:
     """Every name in one of the agent's run directories, unsorted: counting needs no order."""
     try:
         return os.listdir(device.host(f"{AGENTS_DIR}/{agent}/{bucket}"))
-    except (FileNotFoundError, NotADirectoryError):
+    except (OSError, SposError):  # missing, or a link passed over as `action list` does
         return []
 
 

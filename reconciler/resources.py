@@ -19,6 +19,7 @@ from collections import Counter
 
 from reconciler import AGENTS_DIR
 from reconciler.device import Device
+from reconciler.errors import SposError
 from reconciler.executor.cgroup import Cgroups
 from reconciler.executor.config import ConfigError, agent_config
 from reconciler.executor.estimate import trend
@@ -80,10 +81,11 @@ def _agent(device: Device, agent: str, tally, tasks: dict) -> dict:
 
 
 def _quota(device: Device, agent: str) -> dict:
-    """The compiled quota; {} for an agent without one, or no longer applied."""
+    """The compiled quota; {} for an agent without one, no longer applied, or whose config
+    cannot be read safely (a link, a directory): one agent's trouble is not the listing's."""
     try:
         return agent_config(device, agent).get("quota") or {}
-    except ConfigError:
+    except (ConfigError, SposError, OSError):
         return {}
 
 
@@ -102,9 +104,13 @@ def _cgroup_usage(device: Device, agent: str) -> dict:
 
 
 def _storage(device: Device, agent: str, name: str, limit: int | None) -> dict:
-    """Bytes used (None past storage.MAX_ENTRIES, where the walk stops) against the quota."""
-    walked = usage(device.host(f"{AGENTS_DIR}/{agent}/{DIRECTORIES[name]}"))
-    used = walked.bytes if walked.complete else None
+    """Bytes used (None past storage.MAX_ENTRIES, where the walk stops, or where the directory
+    cannot be looked at safely) against the quota."""
+    try:
+        walked = usage(device.host(f"{AGENTS_DIR}/{agent}/{DIRECTORIES[name]}"))
+    except (SposError, OSError):
+        walked = None
+    used = walked.bytes if walked is not None and walked.complete else None
     return {"bytes": used, **_against(used, limit, "limitBytes")}
 
 

@@ -669,3 +669,20 @@ def test_trigger_list_with_a_registration_and_a_status_of_the_wrong_shape(device
         done = spos(*command, "--root", device_root)
         no_traceback(done)
         assert done.code == 0, (command, done.err)
+
+
+def test_one_linked_agent_directory_or_bucket_leaves_the_others_listed(device_root):
+    """`action resources` and `action monitor` pass over an agent directory, or a run
+    directory, that is a link (as `action list` does), and show every other agent."""
+    assert spos("apply", "agents.d", "--root", device_root, "--auto-approve").code == 0
+    agents = device_root / AGENTS
+    (agents / "monitor-link").symlink_to(agents / "monitor-001")
+    queue = agents / "backup-001/queue"
+    queue.rmdir()
+    queue.symlink_to(device_root / "elsewhere", target_is_directory=True)
+    for command in (("action", "resources"), ("action", "resources", "--json"),
+                    ("action", "monitor"), ("action", "monitor", "--json")):
+        done = spos(*command, "--root", device_root)
+        no_traceback(done)
+        assert done.code == 0, (command, done.err)
+        assert "research-001" in done.out and "backup-001" in done.out, (command, done.out)
