@@ -1354,6 +1354,11 @@ def _find(args):
             agent, path, reason = aside
             raise UsageError(f"run {args.run_id!r} of {agent} was set aside, unreadable, as {path}: "
                              f"{reason} (spos action logs {args.run_id} shows what was noted)")
+        damaged = store.unreadable(args.run_id)
+        if damaged is not None:
+            agent, path, reason = damaged
+            raise UsageError(f"run {args.run_id!r} of {agent}: its record {path} cannot be read: "
+                             f"{reason} (spos action logs {args.run_id} shows its log)")
         raise UsageError(f"no run {args.run_id!r} on this device")
     return run
 
@@ -1410,8 +1415,10 @@ def _action_logs(args) -> int:
 
     store = _store(args)
     run = store.find(args.run_id)
-    aside = store.found_aside(args.run_id) if run is None and RUN_ID.fullmatch(args.run_id) else None
-    if aside is not None:  # its record was unreadable; its log says so
+    aside = None
+    if run is None and RUN_ID.fullmatch(args.run_id):
+        aside = store.found_aside(args.run_id) or store.unreadable(args.run_id)
+    if aside is not None:  # its record is unreadable; its log says what happened
         path = store.device.path(run_dirs(aside[0], args.run_id)["log"])
     else:
         run = _find(args)
@@ -1420,10 +1427,7 @@ def _action_logs(args) -> int:
     try:
         while True:
             if handle is None:
-                try:
-                    handle = open(path, "rb")
-                except FileNotFoundError:
-                    pass
+                handle = _open_log(path)
             chunk = handle.read() if handle is not None else b""
             if chunk:
                 sys.stdout.buffer.write(chunk)
@@ -1443,6 +1447,24 @@ def _action_logs(args) -> int:
     finally:
         if handle is not None:
             handle.close()
+
+
+def _open_log(path):
+    """The run's log to read, or None while there is none. Only a regular file: a FIFO put in
+    its place must not leave the command waiting for a writer."""
+    import stat
+
+    from reconciler.errors import UsageError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path} is not a regular file: it is no run's log")
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
 
 
 def _rotated(path, handle) -> bool:

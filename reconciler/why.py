@@ -57,6 +57,11 @@ def explain(device: Device, run_id: str) -> dict:
     store = RunStore(device)
     run = store.find(run_id)
     if run is None:
+        damaged = store.unreadable(run_id) or store.found_aside(run_id)
+        if damaged is not None:
+            agent, path, reason = damaged
+            raise UsageError(f"run {run_id!r} of {agent}: its record {path} cannot be read: "
+                             f"{reason} (spos action logs {run_id} shows its log)")
         raise UsageError(f"no run {run_id!r} on this device")
     current_raw = _current_config(device, run.agent)
     current = provenance.digest(current_raw) if current_raw is not None else None

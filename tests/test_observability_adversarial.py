@@ -686,3 +686,38 @@ def test_one_linked_agent_directory_or_bucket_leaves_the_others_listed(device_ro
         no_traceback(done)
         assert done.code == 0, (command, done.err)
         assert "research-001" in done.out and "backup-001" in done.out, (command, done.out)
+
+
+def test_a_damaged_finished_record_is_named_and_its_log_still_shown(device_root):
+    """A record in completed/ cut short by hand: show and why say the record cannot be read
+    (not that there is no such run), and logs still prints the run's log."""
+    run_id = record(device_root, "probe", "completed", 7, raw='{"format": 1, "id": "cut sh')
+    log = device_root / AGENTS / "probe/logs" / f"{run_id}.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("the run's own words\n")
+    for command in (("action", "show", run_id), ("why", run_id)):
+        done = spos(*command, "--root", device_root)
+        no_traceback(done)
+        assert done.code == 1 and f"run '{run_id}' of probe: its record " in done.err, done.err
+    shown = spos("action", "logs", run_id, "--root", device_root)
+    assert shown.code == 0 and shown.out == "the run's own words\n", shown
+
+
+def test_logs_of_a_run_whose_log_is_a_fifo_does_not_wait(device_root):
+    run_id = record(device_root, "probe", "completed", 8, state="completed")
+    log = device_root / AGENTS / "probe/logs" / f"{run_id}.log"
+    log.parent.mkdir(parents=True)
+    os.mkfifo(log)
+    done = spos("action", "logs", run_id, "--root", device_root)
+    assert done.code == 1 and "is not a regular file" in done.err, done
+
+
+def test_action_list_keeps_one_line_a_run_whatever_its_reason_says(device_root):
+    record(device_root, "probe", "failed", 9, state="failed",
+           reason="first line\nsecond line\r\nthird")
+    record(device_root, "probe", "completed", 10, state="completed")
+    done = spos("action", "list", "--root", device_root)
+    assert done.code == 0, done.err
+    lines = done.out.splitlines()
+    assert len(lines) == 3, lines  # the header and two runs
+    assert any(line.endswith("first line\\nsecond line\\r\\nthird") for line in lines), lines

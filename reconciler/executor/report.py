@@ -49,10 +49,15 @@ def table(rows: list[dict]) -> str:
         return "No runs.\n"
     header = "  ".join(name.upper().ljust(width) for name, width in COLUMNS) + "  REASON"
     lines = [header]
-    for row in rows:
-        cells = ["" if row[name] is None else str(row[name]) for name, _ in COLUMNS]
-        lines.append("  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS)) + "  " + row["reason"])
+    for row in rows:  # one line a run: a line break in a cell is shown as \n
+        cells = ["" if row[name] is None else _one_line(row[name]) for name, _ in COLUMNS]
+        lines.append("  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS)) + "  "
+                     + _one_line(row["reason"]))
     return "\n".join(lines) + "\n"
+
+
+def _one_line(value) -> str:
+    return str(value).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def task_history(run: Run, finished: list[Run]) -> list[dict]:

@@ -401,6 +401,23 @@ class RunStore:
                 if not storage_failure(exc):
                     raise
 
+    def unreadable(self, run_id: str) -> tuple[str, str, str] | None:
+        """(agent, device path, reason) of a record whose name carries `run_id` and that cannot
+        be read as a run (hand-damaged; the executor sets aside only those it would run), or
+        None."""
+        suffix = f"-{run_id}.json"
+        for agent in self.agents():
+            for bucket in BUCKETS:
+                for name in self.names(agent, bucket):
+                    if name.endswith(suffix):
+                        try:
+                            self.load(agent, bucket, name)
+                        except CorruptRecord as exc:
+                            return agent, f"{AGENTS_DIR}/{agent}/{bucket}/{name}", str(exc)
+                        except FileNotFoundError:
+                            continue
+        return None
+
     def found_aside(self, run_id: str) -> tuple[str, str, str] | None:
         """(agent, device path, reason) of a run file set aside as corrupt (`set_aside`) whose
         name carries `run_id`, or None."""
