@@ -1452,19 +1452,13 @@ def _action_logs(args) -> int:
 def _open_log(path):
     """The run's log to read, or None while there is none. Only a regular file: a FIFO put in
     its place must not leave the command waiting for a writer."""
-    import stat
-
     from reconciler.errors import UsageError
+    from reconciler.monitor import open_regular
 
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+    handle = open_regular(path)
+    if handle is None and os.path.lexists(path):
         raise UsageError(f"{path} is not a regular file: it is no run's log")
-    os.set_blocking(fd, True)
-    return open(fd, "rb")
+    return handle
 
 
 def _rotated(path, handle) -> bool:

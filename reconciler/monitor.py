@@ -923,7 +923,7 @@ class _LogTail:
         if self.path is None:
             return False
         for path in (self.path,) if self.opened else (f"{self.path}.1", self.path):
-            self.handle = _open_regular(path)
+            self.handle = open_regular(path)
             if self.handle is None:
                 continue
             self.opened = True
@@ -932,7 +932,7 @@ class _LogTail:
         return False
 
 
-def _open_regular(path: str):
+def open_regular(path: str):
     """The regular file at `path` open for reading; None when there is none (not there, a
     link, a FIFO, a directory...)."""
     try:
