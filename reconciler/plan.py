@@ -60,7 +60,11 @@ def _decide(want: Resource | None, have: Resource | None, applied: dict | None) 
     if want is None or have is None or want.digest == have.digest:
         return None
     if applied is None:
-        reason = "found on the device with a spos marker, not in the inventory"
+        # cron lines and units carry spos's marker; agent configs, cgroups and registrations
+        # are spos's by where they are
+        found = ("with a spos marker" if getattr(BY_NAME[want.kind], "marked", False)
+                 else "where spos keeps it")
+        reason = f"found on the device {found}, not in the inventory"
     elif applied.get("digest") == want.digest:
         reason = "changed on the device (drift)"
     else:

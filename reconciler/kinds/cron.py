@@ -61,6 +61,7 @@ def render_line(schedule: str, spec: dict, user: str, facts: Facts) -> str:
 class CronKind:
     name = "cron"
     replace_on = ("file",)
+    marked = True  # spos knows its lines by the marker above each
 
     def inputs(self, manifests: ManifestSet) -> dict[str, tuple[Manifest, ...]]:
         """Resource id -> every manifest its rendering reads (render.py relies on this). Pure."""

@@ -281,6 +281,7 @@ def is_owned(text: str, rid: str) -> bool:
 class TimerKind:
     name = "timer"
     replace_on: tuple[str, ...] = ()
+    marked = True  # spos knows its units by the marker on their first line
 
     def inputs(self, manifests: ManifestSet) -> dict[str, tuple[Manifest, ...]]:
         """Resource id -> every manifest its rendering reads (render.py relies on this). Pure."""
