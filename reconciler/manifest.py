@@ -31,6 +31,7 @@ class Refs(NamedTuple):
     cron: bool = False
     timer: bool = False
     webhook: str | None = None
+    serial: str | None = None  # a serial Trigger's device
 
     @classmethod
     def of(cls, kind: str, spec: Any) -> "Refs":
@@ -42,10 +43,11 @@ class Refs(NamedTuple):
                        selector=spec.get("selector"),
                        tasks=tuple(tasks) if isinstance(tasks, dict) else None)
         if kind in RUN_BY_AGENT:
-            webhook = spec.get("webhook")
+            webhook, serial = spec.get("webhook"), spec.get("serial")
             return cls(agent=_text(spec.get("agent")), task=_text(spec.get("task")),
                        cron="cron" in spec, timer="timer" in spec,
-                       webhook=_text(webhook.get("path")) if isinstance(webhook, dict) else None)
+                       webhook=_text(webhook.get("path")) if isinstance(webhook, dict) else None,
+                       serial=_text(serial.get("device")) if isinstance(serial, dict) else None)
         return cls()
 
 

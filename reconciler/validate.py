@@ -261,6 +261,8 @@ class _Run:
             self.report(manifest, path, summary, hint)
         for manifest, path, summary, hint in _duplicate_webhook_paths(self.candidates):
             self.report(manifest, path, summary, hint)
+        for manifest, path, summary, hint in _shared_serial_devices(self.candidates):
+            self.report(manifest, path, summary, hint)
         known = _index(self.candidates)
         for manifest, path, summary, hint in _dangling_references(self.manifests, known):
             self.report(manifest, path, summary, hint)
@@ -697,6 +699,24 @@ def _duplicate_webhook_paths(manifests: list[Manifest]):
             ), ""
         else:
             first[path] = manifest
+
+
+def _shared_serial_devices(manifests: list[Manifest]):
+    """A byte read from a serial device goes to one reader only: two Triggers on one device
+    would each get part of its lines."""
+    first: dict[str, Manifest] = {}
+    for manifest in manifests:
+        device = manifest.refs.serial if manifest.kind == "Trigger" else None
+        if device is None:
+            continue
+        if device in first:
+            yield manifest, ("spec", "serial", "device"), (
+                f"serial device {device!r} is already read by Trigger {first[device].name!r} at "
+                f"{first[device].where}"
+            ), ("each byte a device sends goes to one reader: use one Trigger per device (mode "
+                "line, and let its task tell lines apart)")
+        else:
+            first[device] = manifest
 
 
 def _index(manifests: list[Manifest]) -> dict[str, dict[str, Manifest]]:

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -305,3 +306,39 @@ def paho_publish(port: int, topic: str, payload: bytes) -> None:
 
 def connections_to(port: int) -> list:
     return [c for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == port]
+
+
+def _counting_sessions(monkeypatch) -> list[float]:
+    """When each connection of any MQTT source began."""
+    began: list[float] = []
+    session = mqtt_trigger.MqttSource._session
+
+    def counted(self, client):
+        began.append(time.monotonic())
+        return session(self, client)
+
+    monkeypatch.setattr(mqtt_trigger.MqttSource, "_session", counted)
+    return began
+
+
+def test_a_topic_filter_mqtt_does_not_allow_is_an_error_and_not_retried(
+        broker, start_source, monkeypatch):
+    began = _counting_sessions(monkeypatch)
+    source, _ = start_source(broker.port, topic="alarms/#/zone")
+    wait_for(lambda: source.status().state == "error", "the error status", 5)
+    assert "cannot be subscribed to" in source.status().detail
+    time.sleep(1.0)  # three reconnects' worth at the quick delays of these tests
+    assert len(began) == 1 and source.status().state == "error"
+
+
+def test_a_connection_dropped_at_once_is_retried_with_growing_delays(
+        broker, start_source, monkeypatch):
+    """Two clients with one client id take the session from each other as soon as each has
+    it: the delay grows as for a broker that refuses, and does not start again from the
+    shortest each time the broker accepts."""
+    monkeypatch.setattr(mqtt_trigger, "RECONNECT_MAX_SECONDS", 1.0)
+    began = _counting_sessions(monkeypatch)
+    start_source(broker.port, topic="alarms/#", clientId="one-device")
+    start_source(broker.port, topic="alarms/#", clientId="one-device")
+    time.sleep(3.0)
+    assert 2 <= len(began) <= 14, f"{len(began)} connections in 3 s"

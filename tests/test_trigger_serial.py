@@ -168,6 +168,35 @@ def test_pattern_mode_fires_only_on_matching_lines(device, start_source):
     ]
 
 
+def test_a_pattern_that_backtracks_forever_passes_the_line_over_and_stops_nothing(
+        device, start_source):
+    """A pattern such as `^(a|aa)+$` takes exponential time on a line of a's ending in b. The
+    match is cut short (the line passed over, said in the status) and runs without holding the
+    interpreter: meanwhile other threads of the daemon go on, and the next line is matched."""
+    device.plug()
+    source, recorder = start_source(mode="pattern", pattern=r"^(a|aa)+$|^ALARM")
+    wait_for(lambda: armed(source), "the source to open the device", 3)
+    ticks = []
+    stop = threading.Event()
+
+    def ticking():  # stands in for the daemon's other triggers and its heartbeat
+        while not stop.wait(0.01):
+            ticks.append(time.monotonic())
+
+    other = threading.Thread(target=ticking, daemon=True)
+    other.start()
+    try:
+        device.send(b"a" * 200 + b"b\nALARM zone 1\n")
+        events = wait_for(events_count(recorder, 1), "the line after the slow one", 5)
+    finally:
+        stop.set()
+        other.join()
+    assert [e.data["line"] for e in events] == ["ALARM zone 1"]
+    assert "longer than" in source.status().detail
+    gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:])]
+    assert max(gaps) < 0.09, f"another thread waited {max(gaps):.3f}s while the pattern ran"
+
+
 def test_data_mode_fires_with_the_raw_bytes(device, start_source):
     device.plug()
     source, recorder = start_source(mode="data")

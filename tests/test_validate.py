@@ -762,6 +762,27 @@ def test_duplicate_webhook_paths(examples, spos):
     ]
 
 
+def test_two_serial_triggers_on_one_device(examples, spos):
+    """Each byte a serial device sends goes to one reader: two Triggers would split its lines."""
+    write(examples, "zz-serial.yaml", """\
+        apiVersion: spos/v1
+        kind: Trigger
+        metadata:
+          name: second-reader
+        spec:
+          agent: iot-sensor-001
+          task: record_reading
+          serial:
+            device: /dev/ttyUSB0
+            mode: pattern
+            pattern: ALARM
+    """)
+    found = problems(spos("validate", "agents.d"))
+    assert len(found) == 1 and found[0].startswith(
+        "agents.d/zz-serial.yaml:9:5: error: serial device '/dev/ttyUSB0' is already read by "
+        "Trigger 'iot-sensor-001-serial' at agents.d/iot-sensor-001.yaml:"), found
+
+
 # ---------------------------------------------------------------- cron and time zones
 
 SCHEDULE = """\

@@ -12,13 +12,15 @@ Each message fires with data `{"topic": <its topic>, "qos": <the qos it was deli
 The source keeps its own connection loop on one thread. It subscribes on every successful
 connect, so a reconnect resubscribes; while the broker is unreachable or refuses it, the status
 is `waiting` (or `error` for a refusal or an unreadable password file) and it tries again after
-RECONNECT_MIN_SECONDS, doubling up to RECONNECT_MAX_SECONDS and back to the minimum once
-connected. The session is clean: messages published while the source is disconnected are not
+RECONNECT_MIN_SECONDS, doubling up to RECONNECT_MAX_SECONDS and back to the minimum once a
+subscription has lasted STABLE_SECONDS. A topic filter MQTT does not allow (`a/#/b`) is an
+error status, not retried. The session is clean: messages published while the source is disconnected are not
 delivered later (retained ones are, as for any new subscription).
 """
 
 from __future__ import annotations
 
+import time
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -28,6 +30,10 @@ from reconciler.triggers.base import Context, Emit, Event, Registration, Stoppab
 RECONNECT_MIN_SECONDS = 1.0
 """The first wait before connecting again; read at each retry, so tests may lower it."""
 RECONNECT_MAX_SECONDS = 60.0
+STABLE_SECONDS = 10.0
+"""How long a subscription must last before the backoff starts again from the shortest delay:
+a broker that accepts and drops at once (another client with the same id, a session taken
+over) is retried with backoff like one that refuses."""
 """The longest wait between connection attempts."""
 LOOP_TIMEOUT_SECONDS = 0.2
 """The longest the network loop waits for traffic; bounds how long `stop()` goes unnoticed."""
@@ -62,6 +68,8 @@ class MqttSource(Stoppable):
         self.password_path = context.host(self.password_file) if self.password_file else None
         self.keepalive = _whole_seconds(config.get("keepaliveSeconds"), DEFAULT_KEEPALIVE_SECONDS)
         self._connected = False
+        self._armed_at: float | None = None  # when the subscription was acknowledged
+        self._unusable = False
         self._refusal = ""
         self.set_status("waiting", f"not connected to {self.broker} yet")
 
@@ -86,7 +94,9 @@ class MqttSource(Stoppable):
         try:
             while not self.stopping.is_set():
                 self._session(client)
-                if self._connected:
+                if self._unusable:  # the topic filter: no retry would do better
+                    break
+                if self._armed_at is not None and time.monotonic() - self._armed_at >= STABLE_SECONDS:
                     delay = RECONNECT_MIN_SECONDS
                 if self.wait(delay):
                     break
@@ -108,6 +118,7 @@ class MqttSource(Stoppable):
         """One connection: from connecting until it is lost or the source stops. Never raises;
         the status says how it ended."""
         self._connected = False
+        self._armed_at = None
         self._refusal = ""
         try:
             self._log_in(client)
@@ -131,6 +142,8 @@ class MqttSource(Stoppable):
                 return
 
     def _show_lost(self, result: MQTTErrorCode) -> None:
+        if self._unusable:  # it said why itself
+            return
         if self._refusal:
             self.set_status("error", f"broker {self.broker} refused the connection: {self._refusal}")
         else:
@@ -158,13 +171,19 @@ class MqttSource(Stoppable):
             return
         self._connected = True
         self.set_status("waiting", f"subscribing to {self.topic} at {self.broker}")
-        client.subscribe(self.topic, self.qos)
+        try:
+            client.subscribe(self.topic, self.qos)
+        except ValueError as error:  # a filter MQTT does not allow, such as a/#/b
+            self._unusable = True
+            self.set_status("error", f"topic filter {self.topic!r} cannot be subscribed to: {error}")
+            client.disconnect()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
             self.set_status("error", f"broker {self.broker} refused the subscription to {self.topic}: {refused[0]}")
         else:
+            self._armed_at = time.monotonic()
             self.set_status("armed", f"subscribed to {self.topic} at {self.broker}")
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:

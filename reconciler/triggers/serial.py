@@ -7,7 +7,10 @@ The registration's `serial` section: `device` (the node, opened below the daemon
 - line: each line fires. Lines end at `\\n`; a `\\r` before it is stripped; empty lines are
   ignored. Event data `{"device": <device as configured>, "line": <the line as UTF-8, undecodable
   bytes replaced>}`, payload the line's bytes without its line end.
-- pattern: like line, but only lines in which `re.search(pattern)` finds a match fire.
+- pattern: like line, but only lines in which `regex.search(pattern)` finds a match fire
+  (Python's `re` syntax). A match is given MATCH_SECONDS: a line on which it takes longer (a
+  pattern that backtracks catastrophically) is passed over and said in the status, and the
+  match runs without holding the interpreter, so the daemon's other triggers go on meanwhile.
 - data: each read from the device (up to 4096 bytes, whatever had arrived) fires with data
   `{"device": ...}` and the bytes as payload.
 
@@ -24,7 +27,6 @@ went away is discarded. Reads time out every 0.2 s so `stop()` is prompt.
 from __future__ import annotations
 
 import os
-import re
 import select
 from dataclasses import dataclass
 
@@ -38,6 +40,8 @@ READ_TIMEOUT_SECONDS = 0.2
 """The longest a read waits; bounds how long `stop()` and a removed node go unnoticed."""
 CHUNK_BYTES = 4096
 """The most bytes taken from the device in one read (one data-mode event)."""
+MATCH_SECONDS = 0.1
+"""How long a pattern may take to match one line."""
 DEFAULT_BAUDRATE = 9600
 DEFAULT_MAX_LINE_LENGTH = 4096
 STOP_JOIN_SECONDS = 1.0
@@ -161,7 +165,9 @@ class SerialSource(Stoppable):
             self.set_status("waiting", f"device {self.device} is absent; retrying every {RETRY_SECONDS}s")
             return None
         try:
-            port = serial.Serial(self.host_path, self.baudrate, timeout=0)
+            # exclusive: a second opener (another Trigger on the device, or any program) fails
+            # here and says so, rather than each reader silently getting part of the bytes
+            port = serial.Serial(self.host_path, self.baudrate, timeout=0, exclusive=True)
         except (serial.SerialException, OSError) as error:
             self.set_status("waiting", f"device {self.device} cannot be opened ({error}); retrying every {RETRY_SECONDS}s")
             return None
@@ -189,8 +195,16 @@ class SerialSource(Stoppable):
             self.emit(Event(data={"device": self.device}, payload=chunk))
             return
         for line in self.splitter.feed(chunk):
-            if self.pattern is None or self.pattern.search(line.content.decode("utf-8", "replace")):
+            if self.pattern is None or self._matches(line.content.decode("utf-8", "replace")):
                 self.emit(self._line_event(line))
+
+    def _matches(self, text: str) -> bool:
+        try:
+            return self.pattern.search(text, timeout=MATCH_SECONDS, concurrent=True) is not None
+        except TimeoutError:
+            self.set_status("armed", f"reading {self.device}; a line took the pattern longer than "
+                                     f"{MATCH_SECONDS:g}s to match and was passed over")
+            return False
 
     def _line_event(self, line: Line) -> Event:
         data = {"device": self.device, "line": line.content.decode("utf-8", "replace")}
@@ -199,7 +213,7 @@ class SerialSource(Stoppable):
         return Event(data=data, payload=line.content)
 
 
-def _compile(pattern: str | None, mode: str) -> tuple[re.Pattern | None, str]:
+def _compile(pattern: str | None, mode: str):
     """The pattern compiled for pattern mode (None otherwise), or a problem in words."""
     if mode not in ("line", "pattern", "data"):
         return None, f"mode {mode!r} is not one of line, pattern, data"
@@ -207,9 +221,11 @@ def _compile(pattern: str | None, mode: str) -> tuple[re.Pattern | None, str]:
         return None, ""
     if not pattern:
         return None, "mode pattern needs a pattern"
+    import regex
+
     try:
-        return re.compile(pattern), ""
-    except re.error as error:
+        return regex.compile(pattern), ""
+    except regex.error as error:
         return None, f"pattern {pattern!r} is not a valid regular expression: {error}"
 
 
