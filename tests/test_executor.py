@@ -698,6 +698,50 @@ def test_two_executors_never_run_the_same_claim(device):
 # -- at-least-once delivery ---------------------------------------------------------------------
 
 
+def test_an_attempt_a_crash_interrupted_uses_none_of_the_retries(device):
+    """`retries.limit` is how many times a failed run is retried: an attempt that ended
+    because its executor died did not fail, so a run with limit 1 still fails twice."""
+    device.apply({"t": {"command": sh('[ "$SPOS_ATTEMPT" = 1 ] && sleep 86401; exit 1'),
+                        "timeout": "30s", "retries": {"limit": 1, "backoff": {"initial": "1s"}}}})
+    run_id = device.enqueue("t")
+    daemon = device.daemon("--rescan", "60s")
+    wait_for(lambda: cgroup_pids(device.agent, run_id), "the run's processes")
+    daemon.process.kill()
+    daemon.process.wait(5)
+
+    device.once()
+
+    record = device.record(run_id)
+    assert [a["state"] for a in record["attempts"]] == ["interrupted", "failed", "failed"], record
+    assert record["state"] == "failed"
+
+
+def test_a_retry_is_due_at_once_after_the_clock_was_stepped_back(device):
+    """A retry waits `retryDelaySeconds` from when its attempt failed. A wall clock stepped
+    back since (notBefore now far ahead) does not hold it for the length of the step."""
+    device.apply({"t": {"command": sh('[ "$SPOS_ATTEMPT" -gt 1 ]'),
+                        "retries": {"limit": 1, "backoff": {"initial": "1h"}}}})
+    run_id = device.enqueue("t")
+    daemon = device.daemon()
+    try:
+        queued = wait_for(lambda: (lambda r: r.get("attempt") == 2 and r)(device.record(run_id)),
+                          "the retry to wait")
+        assert 270 <= queued["retryDelaySeconds"] <= 330  # an hour, capped at the default max
+    finally:
+        daemon.stop()
+    # As if the clock had been five minutes ahead when the attempt failed: the record says the
+    # retry waits 10 s, and notBefore is five minutes and 10 s away.
+    path = next((device.agent_dir() / "queue").glob(f"*{run_id}.json"))
+    record = json.loads(path.read_text())
+    record["retryDelaySeconds"] = 10
+    path.write_text(json.dumps(record))
+
+    started = time.monotonic()
+    device.once()
+    assert device.record(run_id)["state"] == "completed"
+    assert time.monotonic() - started < 20
+
+
 def test_executor_killed_mid_run_reruns_it_with_its_checkpoint(device):
     script = (
         'echo "attempt=$SPOS_ATTEMPT resume=${SPOS_RESUME:-0} '
@@ -1292,6 +1336,59 @@ def test_concurrency_forbid_sees_a_run_of_another_process(device):
     record = device.record(queued)
     assert record["state"] == "skipped" and executed in record["reason"], record
     assert device.record(executed)["state"] == "completed"
+
+
+def test_action_execute_exits_with_the_runs_end_when_an_executor_took_its_retry(device):
+    """`action execute` leaves a retry in queue/ while it waits, where a running executor may
+    take it: execute then exits with how the run ended, not with the failed attempt's code."""
+    device.apply({"t": {"command": sh('[ "$SPOS_ATTEMPT" -gt 1 ] || exit 7'),
+                        "retries": {"limit": 1, "backoff": {"initial": "2s"}}}})
+    foreground = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "action", "execute", "--root", str(device.root),
+         "--agent", device.agent, "--task", "t"],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    daemon = None
+    try:
+        queue = device.root / f"var/lib/systemprompt-os/agents/{device.agent}/queue"
+        wait_for(lambda: queue.is_dir() and any(queue.glob("*.json")), "the retry to wait in queue/")
+        foreground.send_signal(signal.SIGSTOP)  # the executor's turn: it takes the retry when due
+        daemon = device.daemon()
+        run_id = next(queue.glob("*.json")).name.rsplit("-", 2)[-2:]
+        run_id = "-".join(run_id).removesuffix(".json")
+        device.wait_state(run_id, "completed")
+        foreground.send_signal(signal.SIGCONT)
+        _, err = foreground.communicate(timeout=WAIT)
+    finally:
+        if foreground.poll() is None:
+            foreground.send_signal(signal.SIGCONT)
+            foreground.kill()
+        if daemon is not None:
+            daemon.stop()
+    assert foreground.returncode == 0, err
+
+
+@pytest.mark.parametrize("policy", ["Forbid", "Replace"])
+def test_a_retry_is_no_new_start_for_forbid_or_replace(device, policy):
+    """Forbid and Replace judge new starts. A run whose retry falls due while a newer run of
+    the task is active is neither skipped (Forbid) nor does it cancel the newer run (Replace):
+    it waits its turn, and then retries."""
+    script = ('[ "$SPOS_ATTEMPT" -gt 1 ] && exit 0; '
+              '[ -e $SPOS_OUTPUT_DIR/failed-once ] && { sleep 2; exit 0; }; '
+              'touch $SPOS_OUTPUT_DIR/failed-once; exit 1')
+    device.apply({"t": {"command": sh(script), "concurrency": policy,
+                        "retries": {"limit": 1, "backoff": {"initial": "1s"}}}})
+    daemon = device.daemon()
+    try:
+        first = device.enqueue("t")
+        wait_for(lambda: device.record(first).get("attempt") == 2, "the first run to wait to retry")
+        second = device.enqueue("t")  # starts at once, and is still running when the retry is due
+        assert device.wait_state(second, "completed", "cancelled", "failed")["state"] == "completed"
+        record = device.wait_state(first, "completed", "skipped", "failed", "cancelled")
+    finally:
+        daemon.stop()
+    assert record["state"] == "completed", record
+    assert [attempt["state"] for attempt in record["attempts"]] == ["failed", "completed"]
 
 
 def test_concurrency_replace_cancels_the_active_run(device):

@@ -49,8 +49,11 @@ from reconciler.executor.sandbox import Limits, SandboxSpec, adopt_orphans, reap
 from reconciler.executor.supervise import (
     DEFAULT_LOG_BYTES, DEFAULT_PATH, ActiveRun, LogWriter, now_iso, run_dirs, steps_of,
 )
+from reconciler.numbers import amount
 
 DEFAULT_RETRY_CAP = 300.0
+ELSEWHERE_CHECK = 0.2
+"""How often `action execute` looks at a run whose retry another executor took."""
 STORAGE_RETRY = 2.0
 """Seconds between tries of a write the state file system refused: a claim, the end of a run."""
 CANCEL_CHECK = 1.0
@@ -236,10 +239,21 @@ class Executor:
                     self._end_unstarted(run, "cancelled", "interrupted while waiting to retry")
                     return run.record
                 if not self._claim(run):
-                    return run.record
+                    return self._ended_elsewhere(run)
         finally:
             self._record_pending()
             self._close_signal_pipe()
+
+    def _ended_elsewhere(self, run: Run) -> dict:
+        """The record of a run whose retry an executor claimed while `action execute` waited
+        for it (the retry was in queue/, where any executor may take it): its final record once
+        that executor ended it, so that execute's exit code is the run's, not the failed
+        attempt's. A signal ends the wait with the record as it stands."""
+        while True:
+            found = self.store.find(run.id, run.agent)
+            if found is None or found.bucket in ("completed", "failed") or self.stopping:
+                return (found or run).record
+            self._wait(ELSEWHERE_CHECK)
 
     def _take_turn(self, run: Run, task: dict) -> bool:
         """`action execute`, which owns its run from the start, honours concurrency too:
@@ -430,7 +444,8 @@ class Executor:
         record = run.record
         now = time.time()
         not_before = _epoch(record.get("notBefore"))
-        if not_before is not None and not_before > now:
+        if not_before is not None and not_before > now and not _clock_stepped_back(
+                not_before - now, record):
             due = time.monotonic() + (not_before - now)
             self.retry_due = due if self.retry_due is None else min(self.retry_due, due)
             return False
@@ -445,6 +460,9 @@ class Executor:
         running = [a for a in self.active.values()
                    if a.run.agent == run.agent and a.run.record.get("task") == record.get("task")]
         policy = record.get("concurrency") or task.get("concurrency", "Forbid")
+        if record.get("attempt", 1) > 1 and policy in ("Forbid", "Replace"):
+            # A retry is no new start: Forbid and Replace decide those. It waits its turn.
+            policy = "Queue"
         if policy in ("Forbid", "Queue") and not running:
             running = self._active_elsewhere(run.agent, record.get("task"))
         if running and policy == "Forbid":
@@ -995,11 +1013,17 @@ class Executor:
                     final = True
                     active.reason += f" (not retried: {request})"
                     record["reason"] = active.reason
+                # Failures are what `limit` counts and what the backoff grows with: an attempt
+                # an executor crash interrupted (recovery counts it in `attempt`) is neither.
+                failures = sum(1 for earlier in record["attempts"]
+                               if isinstance(earlier, dict)
+                               and earlier.get("state") in ("failed", "timeout"))
                 retry = state in ("failed", "timeout") and not final \
-                    and attempt <= int(retries.get("limit", 0))
+                    and failures <= int(retries.get("limit", 0))
                 if retry:
-                    delay = _backoff(retries.get("backoff") or {}, attempt)
-                    record.update(attempt=attempt + 1, notBefore=_iso(time.time() + delay))
+                    delay = _backoff(retries.get("backoff") or {}, failures)
+                    record.update(attempt=attempt + 1, notBefore=_iso(time.time() + delay),
+                                  retryDelaySeconds=round(delay, 3))
                     active.log.note(
                         f"attempt {attempt} {state}: {active.reason}; retry in {delay:.1f}s")
                     active.log.close()
@@ -1317,6 +1341,14 @@ def _refused(write, *args) -> OSError | None:
             raise
         return exc
     return None
+
+
+def _clock_stepped_back(wait: float, record: dict) -> bool:
+    """Whether a retry's wait is longer than its backoff asked for (`retryDelaySeconds`): the
+    wall clock was stepped back since (NTP on a device without a real-time clock), and the
+    retry is due now rather than the step's length late."""
+    asked = amount(record.get("retryDelaySeconds"))
+    return asked is not None and wait > asked + 1
 
 
 def _backoff(backoff: dict, attempt: int) -> float:
