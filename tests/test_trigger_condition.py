@@ -137,6 +137,19 @@ def test_fires_once_while_it_keeps_holding_and_again_after_crossing_back(started
     wait_for(lambda: recorder.count == 2, "the fire after crossing back", 2)
 
 
+def test_a_sample_that_is_no_number_is_no_recovery(started):
+    """NaN from the metric source is no reading: an error, like a failed sample, and not a
+    crossing back, so the condition that still holds does not fire a second time."""
+    metric = SetMetric(95.0)
+    source, recorder = started({"metric": "cpu_percent", "above": 90}, metric)
+
+    wait_for(lambda: recorder.count == 1, "the first fire", 2)
+    metric.set_and_settle(float("nan"))
+    assert state_of(source) == "error" and "NaN" in source.status().detail
+    metric.set_and_settle(95.0, samples=10)
+    assert recorder.count == 1
+
+
 def test_a_condition_back_during_the_cooldown_fires_only_once_it_passed(started):
     metric = SetMetric(95.0)
     cooldown = 0.8  # long enough to watch it from inside, however slowly samples come

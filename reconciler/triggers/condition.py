@@ -295,11 +295,14 @@ class ConditionSource(Stoppable):
     def _sample(self) -> float | bool:
         """The metric's value; anything that goes wrong while sampling is MetricUnavailable."""
         try:
-            return self._metrics.sample(self._config)
+            value = self._metrics.sample(self._config)
         except MetricUnavailable:
             raise
         except Exception as exc:
             raise MetricUnavailable(f"sampling {self._metric} failed: {exc}") from exc
+        if isinstance(value, float) and math.isnan(value):  # no reading: neither held nor recovered
+            raise MetricUnavailable(f"sampling {self._metric} gave no number (NaN)")
+        return value
 
     def _event(self, value: float | bool) -> Event:
         data = {"metric": self._metric, "value": value_text(value),
