@@ -687,36 +687,34 @@ def _duplicates(manifests: list[Manifest]):
 
 def _duplicate_webhook_paths(manifests: list[Manifest]):
     """The trigger daemon routes a request by its path: one webhook Trigger per path."""
-    first: dict[str, Manifest] = {}
-    for manifest in manifests:
-        path = manifest.refs.webhook if manifest.kind == "Trigger" else None
-        if path is None:
-            continue
-        if path in first:
-            yield manifest, ("spec", "webhook", "path"), (
-                f"webhook path {path!r} is already used by Trigger {first[path].name!r} "
-                f"at {first[path].where}"
-            ), ""
-        else:
-            first[path] = manifest
+    return _one_trigger_each(manifests, lambda refs: refs.webhook, ("spec", "webhook", "path"),
+                             lambda path, first: (f"webhook path {path!r} is already used by "
+                                                  f"Trigger {first.name!r} at {first.where}", ""))
 
 
 def _shared_serial_devices(manifests: list[Manifest]):
     """A byte read from a serial device goes to one reader only: two Triggers on one device
     would each get part of its lines."""
+    return _one_trigger_each(
+        manifests, lambda refs: refs.serial, ("spec", "serial", "device"),
+        lambda device, first: (
+            f"serial device {device!r} is already read by Trigger {first.name!r} at {first.where}",
+            "each byte a device sends goes to one reader: use one Trigger per device (mode "
+            "line, and let its task tell lines apart)"))
+
+
+def _one_trigger_each(manifests: list[Manifest], key, path: tuple, problem):
+    """(manifest, path, summary, hint) for each Trigger whose `key(refs)` an earlier Trigger
+    already has; `problem(value, earlier)` says what is wrong."""
     first: dict[str, Manifest] = {}
     for manifest in manifests:
-        device = manifest.refs.serial if manifest.kind == "Trigger" else None
-        if device is None:
+        value = key(manifest.refs) if manifest.kind == "Trigger" else None
+        if value is None:
             continue
-        if device in first:
-            yield manifest, ("spec", "serial", "device"), (
-                f"serial device {device!r} is already read by Trigger {first[device].name!r} at "
-                f"{first[device].where}"
-            ), ("each byte a device sends goes to one reader: use one Trigger per device (mode "
-                "line, and let its task tell lines apart)")
+        if value in first:
+            yield (manifest, path, *problem(value, first[value]))
         else:
-            first[device] = manifest
+            first[value] = manifest
 
 
 def _index(manifests: list[Manifest]) -> dict[str, dict[str, Manifest]]:
