@@ -664,7 +664,9 @@ def test_trigger_test_dry_run_says_when_forbid_would_queue_nothing(site, spos):
     assert spos("trigger", "test", "once", "--root", site.root).code == 0
     dry = spos("trigger", "test", "once", "--root", site.root, "--dry-run")
     assert dry.code == 0
-    assert dry.out.startswith("Would queue nothing (concurrency Forbid): run ")
+    assert dry.out.startswith("Would queue nothing (a continuous trigger never overlaps its "
+                              "own runs): run ")
     assert len(site.queued()) == 1
     again = spos("trigger", "test", "once", "--root", site.root)
     assert again.code == 1 and again.out.startswith("Not queued (skipped)")
+    assert len(again.out.splitlines()) == 1, again.out  # no attachment of a run that is not there

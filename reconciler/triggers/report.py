@@ -182,6 +182,7 @@ def fire(device: Device, name: str, payload: bytes | None = None, dry_run: bool 
     tmp = f"{AGENTS_DIR}/{registration.agent}/tmp/<run id>/{ATTACHMENTS_DIR}"
     result = {
         "trigger": name,
+        "type": registration.type,
         "agent": registration.agent,
         "task": registration.task,
         "concurrency": registration.concurrency,
@@ -227,11 +228,13 @@ def _registration(device: Device, name: str) -> Registration:
 def fire_text(result: dict) -> str:
     verb = {"queued": "Queued", "would queue": "Would queue"}.get(result["status"])
     if result["status"] == "would skip":
-        return f"Would queue nothing (concurrency Forbid): {result['detail']}\n"
+        why = ("a continuous trigger never overlaps its own runs"
+               if result.get("type") == "continuous" else "concurrency Forbid")
+        return f"Would queue nothing ({why}): {result['detail']}\n"
     what = f"{result['agent']}/{result['task']}"
-    if verb is None:
-        lines = [f"Not queued ({result['status']}): {result.get('detail') or 'see spos trigger list'}"]
-    elif result.get("run"):
+    if verb is None:  # nothing was queued: no source, no attachments to tell of
+        return f"Not queued ({result['status']}): {result.get('detail') or 'see spos trigger list'}\n"
+    if result.get("run"):
         lines = [f"{verb} run {result['run']} of {what} from trigger {result['trigger']}."]
     else:
         lines = [f"{verb} a run of {what} from trigger {result['trigger']}."]
