@@ -170,15 +170,15 @@ class ApplyLock:
 
 def _own_command() -> list[str]:
     """This process's command line as the lock shows it: the user part of a URL (a password,
-    a token) replaced by ***."""
-    import re
+    a token) replaced by ***, as everywhere spos shows a repository URL."""
+    from reconciler.gitsync import redacted
 
     try:
         with open(f"/proc/{os.getpid()}/cmdline", "rb") as handle:
             words = [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
     except OSError:
         return ["spos"]
-    return [re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", word) for word in words]
+    return [redacted(word) for word in words]
 
 
 class AlreadyServed(SposError):

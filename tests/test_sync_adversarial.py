@@ -479,12 +479,14 @@ def test_spos_apply_and_drift_repair_never_interleave_with_a_sync(device, upstre
         pass
 
 
-def test_the_apply_lock_does_not_show_the_repositorys_password(device, spos, manifests):
+@pytest.mark.parametrize("credentials", ["deploy:s3cret@", "deploy:p@ss-s3cret@"],
+                         ids=["password", "password-with-an-at"])
+def test_the_apply_lock_does_not_show_the_repositorys_password(device, spos, manifests, credentials):
     """The sync redacts the URL's password everywhere it reports (messages, state.json,
     status). The apply lock records the holder's whole command line, `--repo` with its
     password included, in a file every user may read (0644), and `spos apply` (or the
     daemon's lastSync in daemon.json) repeats it in its error."""
-    with sync_holding_the_lock(device, credentials="deploy:s3cret@"):
+    with sync_holding_the_lock(device, credentials=credentials):
         holder = lock_holder(device)
         refused = spos("apply", manifests, "--root", device.root, "--auto-approve")
         mode = device.path(f"{STATE}/apply.lock").stat().st_mode & 0o777
