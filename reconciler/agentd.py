@@ -288,7 +288,14 @@ class Daemon:
 
 
 def read_status(device: Device) -> dict | None:
-    return read_json_object(device, STATUS_FILE)
+    """The status the daemon last wrote, or None. Its `children` is always name -> object:
+    entries of another shape (a hand edit) are dropped here, for every reader."""
+    status = read_json_object(device, STATUS_FILE)
+    if status is not None:
+        children = status.get("children")
+        status["children"] = {name: child for name, child in children.items()
+                              if isinstance(child, dict)} if isinstance(children, dict) else {}
+    return status
 
 
 def _iso(epoch: float) -> str:

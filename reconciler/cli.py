@@ -1345,21 +1345,12 @@ def _store(args):
 
 def _find(args):
     from reconciler.errors import UsageError
+    from reconciler.executor.report import missing
 
     store = _store(args)
     run = store.find(args.run_id)
     if run is None:
-        aside = store.found_aside(args.run_id)
-        if aside is not None:
-            agent, path, reason = aside
-            raise UsageError(f"run {args.run_id!r} of {agent} was set aside, unreadable, as {path}: "
-                             f"{reason} (spos action logs {args.run_id} shows what was noted)")
-        damaged = store.unreadable(args.run_id)
-        if damaged is not None:
-            agent, path, reason = damaged
-            raise UsageError(f"run {args.run_id!r} of {agent}: its record {path} cannot be read: "
-                             f"{reason} (spos action logs {args.run_id} shows its log)")
-        raise UsageError(f"no run {args.run_id!r} on this device")
+        raise UsageError(missing(store, args.run_id))
     return run
 
 

@@ -365,17 +365,16 @@ def _trigger_families(status: dict | None) -> list[Metric]:
         "daemon started (queued: a run was queued, the trigger fired)", labels=["trigger", "outcome"])
     fired = GaugeMetricFamily("spos_trigger_last_fired_timestamp_seconds", "When the trigger last "
                               "queued a run", labels=["trigger"])
-    triggers = status.get("triggers")
-    for name, trigger in sorted(triggers.items() if isinstance(triggers, dict) else ()):
-        if not isinstance(trigger, dict):
-            continue
+    for name, trigger in sorted((status.get("triggers") or {}).items()):
         up.add_metric([name], 1 if daemon_up and trigger.get("state") in TRIGGER_UP_STATES else 0)
         info.add_metric([name], {key: str(trigger.get(key) or "") for key in ("agent", "task", "type")})
-        if amount(trigger.get("events")) is not None:
-            events.add_metric([name], amount(trigger["events"]))
+        count = amount(trigger.get("events"))
+        if count is not None:
+            events.add_metric([name], count)
         for outcome in OUTCOMES:
-            if amount(trigger.get(outcome)) is not None:
-                outcomes.add_metric([name, outcome], amount(trigger[outcome]))
+            count = amount(trigger.get(outcome))
+            if count is not None:
+                outcomes.add_metric([name, outcome], count)
         last_fired = _epoch(trigger.get("lastFired"))
         if last_fired is not None:
             fired.add_metric([name], last_fired)

@@ -58,11 +58,8 @@ def _daemon(status: dict | None) -> dict:
     detail = f"pid {pid} since {status.get('startedAt')}, next sync at {status.get('nextSyncAt')}"
     if age is not None and age > STALE_AFTER:
         detail += f" (no status written for {age:.0f}s: it may be stuck)"
-    children = status.get("children")
-    children = {name: child for name, child in children.items() if isinstance(child, dict)} \
-        if isinstance(children, dict) else {}
     return {"running": True, "pid": pid, "detail": detail, "nextSyncAt": status.get("nextSyncAt"),
-            "children": children}
+            "children": status["children"]}
 
 
 def _executor(device: Device) -> dict:
@@ -76,10 +73,7 @@ def _triggers(status: dict | None) -> dict:
         return {"running": False, "detail": "the trigger daemon is not running", "states": {}}
     states: dict[str, int] = {}
     problems = []
-    triggers = status.get("triggers")
-    for name, trigger in sorted(triggers.items() if isinstance(triggers, dict) else ()):
-        if not isinstance(trigger, dict):
-            continue
+    for name, trigger in sorted(status["triggers"].items()):
         state = trigger.get("state")
         state = state if isinstance(state, str) else "?"
         states[state] = states.get(state, 0) + 1

@@ -34,6 +34,7 @@ from reconciler import AGENT_CONFIG, AGENTS_DIR, TRIGGERS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError, UsageError
 from reconciler.executor import provenance
+from reconciler.executor.report import missing
 from reconciler.executor.runs import BUCKETS, CorruptRecord, Run, RunStore
 from reconciler.kinds import cron, systemd
 from reconciler.numbers import amount, printable, strict_json
@@ -57,12 +58,7 @@ def explain(device: Device, run_id: str) -> dict:
     store = RunStore(device)
     run = store.find(run_id)
     if run is None:
-        damaged = store.unreadable(run_id) or store.found_aside(run_id)
-        if damaged is not None:
-            agent, path, reason = damaged
-            raise UsageError(f"run {run_id!r} of {agent}: its record {path} cannot be read: "
-                             f"{reason} (spos action logs {run_id} shows its log)")
-        raise UsageError(f"no run {run_id!r} on this device")
+        raise UsageError(missing(store, run_id))
     current_raw = _current_config(device, run.agent)
     current = provenance.digest(current_raw) if current_raw is not None else None
     attempts = _attempts(run, current)

@@ -30,6 +30,22 @@ def summary(run: Run) -> dict:
     }
 
 
+def missing(store, run_id: str) -> str:
+    """Why `store.find(run_id)` found nothing, for the commands that name a run: its record
+    was set aside as corrupt, or cannot be read where it is, or there is no such run."""
+    aside = store.found_aside(run_id)
+    if aside is not None:
+        agent, path, reason = aside
+        return (f"run {run_id!r} of {agent} was set aside, unreadable, as {path}: {reason} "
+                f"(spos action logs {run_id} shows what was noted)")
+    damaged = store.unreadable(run_id)
+    if damaged is not None:
+        agent, path, reason = damaged
+        return (f"run {run_id!r} of {agent}: its record {path} cannot be read: {reason} "
+                f"(spos action logs {run_id} shows its log)")
+    return f"no run {run_id!r} on this device"
+
+
 def sort_time(value) -> str:
     """A time field as a sort key: ISO 8601 text sorts as text; anything else first."""
     return value if isinstance(value, str) else ""

@@ -516,8 +516,15 @@ def _below(root: str):
 
 
 def read_status(device: Device) -> dict | None:
-    """The status a daemon last wrote, or None when none did (or it is unreadable)."""
-    return read_json_object(device, STATUS_FILE)
+    """The status a daemon last wrote, or None when none did (or it is unreadable). Its
+    `triggers` is always name -> object: entries of another shape (a hand edit) are dropped
+    here, for every reader."""
+    status = read_json_object(device, STATUS_FILE)
+    if status is not None:
+        triggers = status.get("triggers")
+        status["triggers"] = {name: state for name, state in triggers.items()
+                              if isinstance(state, dict)} if isinstance(triggers, dict) else {}
+    return status
 
 
 def _iso(epoch: float) -> str:

@@ -35,9 +35,7 @@ def listing(device: Device) -> dict:
     """Every registration with the daemon's view of it (docs/triggers.md: `trigger list --json`)."""
     status = read_status(device)
     daemon = _daemon(status)
-    seen = (status or {}).get("triggers") if daemon["running"] else {}
-    seen = {name: state for name, state in seen.items() if isinstance(state, dict)} \
-        if isinstance(seen, dict) else {}  # a status of another shape: nothing seen
+    seen = status["triggers"] if daemon["running"] else {}
     triggers = []
     for entry in device.listdir(TRIGGERS_DIR):
         if not entry.endswith(".json") or entry.startswith("."):
