@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from reconciler import STATE_DIR, loadlog
 from reconciler.device import Device
 from reconciler.errors import SposError
-from reconciler.state import hold_alone, read_json_object
+from reconciler.state import hold_alone, objects_by_name, read_json_object
 from reconciler.sync import SyncOptions, now_iso, repair_drift, sync
 
 STATUS_FILE = f"/{STATE_DIR}/daemon.json"
@@ -292,9 +292,7 @@ def read_status(device: Device) -> dict | None:
     entries of another shape (a hand edit) are dropped here, for every reader."""
     status = read_json_object(device, STATUS_FILE)
     if status is not None:
-        children = status.get("children")
-        status["children"] = {name: child for name, child in children.items()
-                              if isinstance(child, dict)} if isinstance(children, dict) else {}
+        status["children"] = objects_by_name(status.get("children"))
     return status
 
 

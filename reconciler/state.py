@@ -181,6 +181,14 @@ def _own_command() -> list[str]:
     return [redacted(word) for word in words]
 
 
+def objects_by_name(value) -> dict[str, dict]:
+    """`value` as name -> object, what a status file's `triggers` or `children` should be:
+    entries of another shape (a hand edit) dropped, anything but an object read as empty."""
+    if not isinstance(value, dict):
+        return {}
+    return {name: entry for name, entry in value.items() if isinstance(entry, dict)}
+
+
 class AlreadyServed(SposError):
     """Another process of the same kind serves this device (hold_alone)."""
 

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from reconciler import STATE_DIR, TRIGGERS_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError
-from reconciler.state import hold_alone, read_json_object
+from reconciler.state import hold_alone, objects_by_name, read_json_object
 from reconciler.triggers.base import Context, Registration, Source, Status, Stoppable
 from reconciler.triggers.gate import Gate
 
@@ -521,9 +521,7 @@ def read_status(device: Device) -> dict | None:
     here, for every reader."""
     status = read_json_object(device, STATUS_FILE)
     if status is not None:
-        triggers = status.get("triggers")
-        status["triggers"] = {name: state for name, state in triggers.items()
-                              if isinstance(state, dict)} if isinstance(triggers, dict) else {}
+        status["triggers"] = objects_by_name(status.get("triggers"))
     return status
 
 
