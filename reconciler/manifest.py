@@ -6,6 +6,8 @@ checks, plan views) can point back at the source, and its `Refs`: the names it r
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Iterable, NamedTuple
 
@@ -32,6 +34,7 @@ class Refs(NamedTuple):
     timer: bool = False
     webhook: str | None = None
     serial: str | None = None  # a serial Trigger's device
+    mqtt_client: str | None = None  # an mqtt Trigger's broker and clientId, when it names one
 
     @classmethod
     def of(cls, kind: str, spec: Any) -> "Refs":
@@ -43,16 +46,31 @@ class Refs(NamedTuple):
                        selector=spec.get("selector"),
                        tasks=tuple(tasks) if isinstance(tasks, dict) else None)
         if kind in RUN_BY_AGENT:
-            webhook, serial = spec.get("webhook"), spec.get("serial")
+            webhook, serial, mqtt = spec.get("webhook"), spec.get("serial"), spec.get("mqtt")
             return cls(agent=_text(spec.get("agent")), task=_text(spec.get("task")),
                        cron="cron" in spec, timer="timer" in spec,
                        webhook=_text(webhook.get("path")) if isinstance(webhook, dict) else None,
-                       serial=_text(serial.get("device")) if isinstance(serial, dict) else None)
+                       serial=_text(serial.get("device")) if isinstance(serial, dict) else None,
+                       mqtt_client=_mqtt_client(mqtt) if isinstance(mqtt, dict) else None)
         return cls()
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+_BROKER = re.compile(r"(mqtts?)://(\[[^\]]*\]|[^:/]*)(?::(\d+))?/?")
+
+
+def _mqtt_client(spec: dict) -> str | None:
+    """`<broker> <clientId>` with the broker written one way (`mqtt://host:port`, the host in
+    lower case, the default port filled in), or None without a clientId or a readable broker."""
+    client, broker = _text(spec.get("clientId")), _text(spec.get("broker"))
+    found = _BROKER.fullmatch(broker) if client and broker else None
+    if found is None:
+        return None
+    scheme, host, port = found.groups()
+    return f"{scheme}://{host.lower()}:{port or (8883 if scheme == 'mqtts' else 1883)} {client}"
 
 
 _UNREAD = object()

@@ -263,6 +263,8 @@ class _Run:
             self.report(manifest, path, summary, hint)
         for manifest, path, summary, hint in _shared_serial_devices(self.candidates):
             self.report(manifest, path, summary, hint)
+        for manifest, path, summary, hint in _shared_mqtt_client_ids(self.candidates):
+            self.report(manifest, path, summary, hint)
         known = _index(self.candidates)
         for manifest, path, summary, hint in _dangling_references(self.manifests, known):
             self.report(manifest, path, summary, hint)
@@ -701,6 +703,19 @@ def _shared_serial_devices(manifests: list[Manifest]):
             f"serial device {device!r} is already read by Trigger {first.name!r} at {first.where}",
             "each byte a device sends goes to one reader: use one Trigger per device (mode "
             "line, and let its task tell lines apart)"))
+
+
+def _shared_mqtt_client_ids(manifests: list[Manifest]):
+    """A broker keeps one connection per client id and drops the older one when another
+    connects: two Triggers with one clientId would take turns being connected, each losing
+    messages while the other holds the id."""
+    return _one_trigger_each(
+        manifests, lambda refs: refs.mqtt_client, ("spec", "mqtt", "clientId"),
+        lambda key, first: (
+            f"MQTT client id {key.split(' ', 1)[1]!r} on {key.split(' ', 1)[0]} is already used "
+            f"by Trigger {first.name!r} at {first.where}",
+            "a broker keeps one connection per client id: give each Trigger its own clientId, "
+            "or leave it out and let the broker assign one"))
 
 
 def _one_trigger_each(manifests: list[Manifest], key, path: tuple, problem):

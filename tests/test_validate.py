@@ -783,6 +783,53 @@ def test_two_serial_triggers_on_one_device(examples, spos):
         "Trigger 'iot-sensor-001-serial' at agents.d/iot-sensor-001.yaml:"), found
 
 
+MQTT_TRIGGER = """\
+    apiVersion: spos/v1
+    kind: Trigger
+    metadata:
+      name: {name}
+    spec:
+      agent: iot-sensor-001
+      task: record_reading
+      mqtt:
+        broker: {broker}
+        topic: {topic}
+{client}"""
+
+
+def test_two_mqtt_triggers_with_one_client_id_on_one_broker(examples, spos):
+    """A broker drops the older connection when a second one uses its client id: the two
+    Triggers would take turns being connected. The broker is compared as the daemon connects
+    to it (host case, default port)."""
+    write(examples, "zz-mqtt.yaml", MQTT_TRIGGER.format(
+        name="alarms", broker="mqtts://Broker.example.net", topic="site/+/alarm",
+        client="        clientId: gateway-7\n") + "---\n" + MQTT_TRIGGER.format(
+        name="climate", broker="mqtts://broker.example.net:8883/", topic="site/climate",
+        client="        clientId: gateway-7\n"))
+    assert problems(spos("validate", "agents.d")) == [
+        "agents.d/zz-mqtt.yaml:23:9: error: MQTT client id 'gateway-7' on "
+        "mqtts://broker.example.net:8883 is already used by Trigger 'alarms' at "
+        "agents.d/zz-mqtt.yaml:1 (at spec.mqtt.clientId)\n"
+        "    hint: a broker keeps one connection per client id: give each Trigger its own "
+        "clientId, or leave it out and let the broker assign one",
+    ]
+
+
+@pytest.mark.parametrize("first, second", [
+    ("mqtt://broker.example.net", "mqtt://other.example.net"),  # another broker
+    ("mqtt://broker.example.net", "mqtts://broker.example.net"),  # another port
+])
+def test_one_client_id_on_two_brokers_and_triggers_without_one_are_fine(examples, spos, first, second):
+    write(examples, "zz-mqtt.yaml", MQTT_TRIGGER.format(
+        name="alarms", broker=first, topic="a", client="        clientId: gateway-7\n")
+        + "---\n" + MQTT_TRIGGER.format(name="climate", broker=second, topic="a",
+                                         client="        clientId: gateway-7\n")
+        + "---\n" + MQTT_TRIGGER.format(name="plain-1", broker=first, topic="a", client="")
+        + "---\n" + MQTT_TRIGGER.format(name="plain-2", broker=first, topic="a", client=""))
+    result = spos("validate", "agents.d")
+    assert result.code == 0 and "39 manifests valid" in result.out, result
+
+
 # ---------------------------------------------------------------- cron and time zones
 
 SCHEDULE = """\
