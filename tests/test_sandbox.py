@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -209,6 +210,37 @@ def test_reads_outside_the_capability_are_refused(sandboxed, device_root):
     code, out, _ = sandboxed(sh(script), read=("/opt/agents/probe",))
     assert "readable" in out
     assert "root=0" not in out and "dpkg=0" not in out
+
+
+@BOTH_LAUNCHERS
+@pytest.mark.parametrize("kind", ["read", "execute"])
+def test_a_link_planted_at_a_rule_path_on_a_writable_mount_is_refused(sandbox, launcher, tmp_path,
+                                                                       kind):
+    """With the device's own root, read and execute paths are not bound: the launcher opens
+    them in the view. A run that may write where such a path lies can leave a link there for
+    the agent's next run, pointing the rule at "/"; that rule must not widen to everything."""
+    data = Path(tempfile.mkdtemp(prefix="spos-test-", dir="/var/tmp"))
+    runner = Runner(sandbox_with(Path("/"), launcher), tmp_path)
+    try:
+        (data / "real").mkdir()
+        (data / "sub").symlink_to("/")           # a link as the last component
+        (data / "via").symlink_to(data / "sub")  # and one on the way to it
+        script = "head -c 5 /etc/shadow; echo shadow=$?; /usr/bin/id -u; echo id=$?"
+        for path in (f"{data}/sub", f"{data}/via/etc"):
+            rule = {"read": (path,), "execute": (SH, "/usr/bin/head", path)}[kind]
+            fields = dict(cwd="/", write=(str(data),), execute=(SH, "/usr/bin/head"))
+            code, out, run = runner(sh(script), **{**fields, kind: rule})
+            assert "shadow=0" not in out and "id=0" not in out, out
+            assert code == 126 and "symbolic link on a writable mount" in run.setup_error()
+        # A link on the read-only host tree is followed as before (/etc/localtime, /lib64...).
+        host_link = next(p for p in ("/etc/localtime", "/lib64", "/bin") if os.path.islink(p))
+        code, out, run = runner(sh(f"ls {host_link} >/dev/null; echo ls=$?"), cwd="/",
+                                write=(str(data),), read=(host_link,),
+                                execute=(SH, "/usr/bin/ls"))
+        assert run.setup_error() is None and "ls=0" in out, out
+    finally:
+        runner.close()
+        shutil.rmtree(data)
 
 
 # -- processes, network, privileges ------------------------------------------------------------

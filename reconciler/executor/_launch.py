@@ -158,9 +158,50 @@ def restrict(abi, handled_fs, handled_net, scoped, file_rights, paths, ports):
         posix.close(ruleset)
 
 
+def open_rule_path(path):
+    """An O_PATH fd of a rule's path, opened one component at a time. A symbolic link on the
+    way is followed only when it lies on a read-only mount (the host's tree); one on a writable
+    mount may have been left there by an earlier or concurrent run of the agent to point the
+    rule at something else ("/"): SetupError. OSError when the path is missing."""
+    flags = posix.O_PATH | posix.O_CLOEXEC
+    parts = path.split("/")[::-1]  # the components still to open, the next one last
+    links = 0
+    directory = posix.open("/", flags | posix.O_DIRECTORY)
+    try:
+        while parts:
+            name = parts.pop()
+            if not name:
+                continue
+            fd = posix.open(name, flags | posix.O_NOFOLLOW, dir_fd=directory)
+            if posix.fstat(fd).st_mode & 0o170000 != 0o120000:  # not a symbolic link
+                posix.close(directory)
+                directory = fd
+                continue
+            try:
+                if not posix.fstatvfs(fd).f_flag & 1:  # ST_RDONLY
+                    raise SetupError(f"refusing the rule for {path}: a symbolic link on a "
+                                     "writable mount leads there")
+                target = posix.readlink("", dir_fd=fd)
+            finally:
+                posix.close(fd)
+            links += 1
+            if links > 40:
+                raise OSError(40, "too many levels of symbolic links")  # ELOOP
+            parts += target.split("/")[::-1]
+            if target.startswith("/"):
+                posix.close(directory)
+                directory = -1
+                directory = posix.open("/", flags | posix.O_DIRECTORY)
+    except BaseException:
+        if directory >= 0:
+            posix.close(directory)
+        raise
+    return directory
+
+
 def add_path_rule(syscall, errno_of, ruleset, rights, path, file_rights):
     try:
-        fd = posix.open(path, posix.O_PATH | posix.O_CLOEXEC)
+        fd = open_rule_path(path)
     except OSError:
         return  # not in this sandbox (or hidden): nothing to allow
     try:

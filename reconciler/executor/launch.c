@@ -202,8 +202,69 @@ static size_t parse_list(const char *text, unsigned long long **out) {
     return count;
 }
 
+/* An O_PATH fd of a rule's path, opened one component at a time. A symbolic link on the way is
+ * followed only when it lies on a read-only mount (the host's tree: /lib64, /etc/localtime...);
+ * one on a writable mount may have been left there by an earlier or concurrent run of the agent
+ * to point the rule at something else ("/"), so the rule is refused (exit 126). -1 when the
+ * path is missing. */
+static int open_rule_path(const char *path) {
+    char rest[2 * PATH_MAX], target[PATH_MAX];
+    if (snprintf(rest, sizeof rest, "%s", path) >= (int)sizeof rest)
+        return -1;
+    int links = 0;
+    int dir = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    char *cursor = rest;
+    while (dir >= 0) {
+        while (*cursor == '/')
+            cursor++;
+        if (*cursor == '\0')
+            return dir;
+        char *end = strchr(cursor, '/');
+        size_t length = end ? (size_t)(end - cursor) : strlen(cursor);
+        char name[NAME_MAX + 1];
+        if (length > NAME_MAX)
+            break;
+        memcpy(name, cursor, length);
+        name[length] = '\0';
+        cursor += length;
+        int fd = openat(dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        struct stat status;
+        if (fd < 0 || fstat(fd, &status) < 0) {
+            if (fd >= 0)
+                close(fd);
+            break;
+        }
+        if (!S_ISLNK(status.st_mode)) {
+            close(dir);
+            dir = fd;
+            continue;
+        }
+        struct statvfs mount_of_link;
+        if (fstatvfs(fd, &mount_of_link) < 0 || !(mount_of_link.f_flag & ST_RDONLY))
+            fail(126, "refusing the rule for %s: a symbolic link on a writable mount leads "
+                 "there", path);
+        ssize_t got = readlinkat(fd, "", target, sizeof target - 1);
+        close(fd);
+        if (got < 0 || ++links > 40)
+            break;
+        target[got] = '\0';
+        char joined[2 * PATH_MAX];
+        if (snprintf(joined, sizeof joined, "%s/%s", target, cursor) >= (int)sizeof joined)
+            break;
+        memcpy(rest, joined, strlen(joined) + 1);
+        cursor = rest;
+        if (target[0] == '/') {
+            close(dir);
+            dir = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        }
+    }
+    if (dir >= 0)
+        close(dir);
+    return -1;
+}
+
 static void add_path_rule(int ruleset, uint64_t rights, const char *path, uint64_t file_rights) {
-    int fd = open(path, O_PATH | O_CLOEXEC);
+    int fd = open_rule_path(path);
     if (fd < 0)
         return; /* not in this sandbox (or hidden): nothing to allow */
     struct stat status;
