@@ -192,6 +192,31 @@ def test_a_denied_path_under_a_writable_dir_is_hidden_and_unwritable(sandboxed, 
     assert sorted(p.name for p in (output / "secret").iterdir()) == ["key"]
 
 
+def test_a_denied_path_cannot_be_moved_out_of_hiding_for_the_next_run(sandboxed, device_root):
+    """A run may not rename a directory on the way to a denied path (inside a writable one), so
+    that the next run, which hides the denied path by its name, sees it under another name."""
+    output = device_root / OUTPUT.lstrip("/")
+    (output / "a" / "b").mkdir(parents=True)
+    (output / "a" / "b" / "key").write_text("s3cret")
+    (output / "a" / "b" / "dir").mkdir()
+    (output / "a" / "b" / "dir" / "inner").write_text("s3cret")
+    denied = (f"{OUTPUT}/a/b/key", f"{OUTPUT}/a/b/dir")
+    script = f"""
+        mv {OUTPUT}/a {OUTPUT}/moved-a; echo mv-a=$?
+        mv {OUTPUT}/a/b {OUTPUT}/moved-b; echo mv-b=$?
+        mv {OUTPUT}/a/b {OUTPUT}/a/c; echo mv-c=$?
+        echo fine > {OUTPUT}/a/b/other; echo write=$?
+    """
+    code, out, _ = sandboxed(sh(script), denied=denied, execute=(SH, "/usr/bin/mv"))
+    assert "write=0" in out, out
+    for probe in ("mv-a", "mv-b", "mv-c"):
+        assert f"{probe}=0" not in out, out
+    code, out, _ = sandboxed(sh(f"cat {OUTPUT}/*/key {OUTPUT}/*/*/key {OUTPUT}/*/*/dir/inner"),
+                             denied=denied)
+    assert "s3cret" not in out
+    assert (output / "a" / "b" / "key").read_text() == "s3cret"
+
+
 def test_a_writable_path_through_a_symlink_is_refused(sandboxed, device_root, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

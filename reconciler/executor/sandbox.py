@@ -636,6 +636,7 @@ class MountPlan:
         self.synthesized = self._synthesize(
             [*PRIVATE_TMPFS, *staged, *(b.dest for b in (*self.binds, *self.device_binds))])
         self.hidden_dirs, self.hidden_files = self._hidden(spec.denied)
+        self.pinned = self._pinned()
         if self.kind_in_view(spec.cwd) != "dir":
             raise SandboxError(f"working directory {spec.cwd} does not exist in the sandbox")
 
@@ -646,7 +647,7 @@ class MountPlan:
         fds = []
         walked: dict[str, int] = {}  # directories opened on the way, shared by the paths below them
         try:
-            for path in (*(bind.dest for bind in self.binds), *self.staged):
+            for path in (*(bind.dest for bind in self.binds), *self.staged, *self.pinned):
                 fds.append(_open_without_links(str(self.device.root), path, walked))
                 opened.append(fds[-1])
         finally:
@@ -675,10 +676,13 @@ class MountPlan:
             args += ["--perms", "0755", "--dir", directory]
         for directory in self.staged:
             args += ["--perms", "0755", "--tmpfs", directory]
-        for index, fd in enumerate(source_fds[len(self.binds):]):
+        staged_fds = source_fds[len(self.binds):len(self.binds) + len(self.staged)]
+        for index, fd in enumerate(staged_fds):
             args += ["--bind-fd", str(fd), f"{STAGE_DIR}/{index}"]
         for bind, fd in zip(self.binds, source_fds):
             args += [f"{bind.option}-fd", str(fd), bind.dest]
+        for directory, fd in zip(self.pinned, source_fds[len(self.binds) + len(self.staged):]):
+            args += ["--bind-fd", str(fd), directory]  # onto itself: a mount cannot be renamed
         for bind in self.device_binds:
             args += [bind.option, bind.source, bind.dest]
         for directory in self.hidden_dirs:
@@ -787,6 +791,24 @@ class MountPlan:
             elif kind == "file":
                 files.append(path)
         return dirs, files
+
+    def _pinned(self) -> list[str]:
+        """The directories between a writable bind and a denied path hidden inside it, each to
+        be bound onto itself. The hiding mount is found by the denied path's name when the
+        sandbox is set up; a run that renamed a directory on the way (`mv a moved`) would
+        leave the next run the denied path under a name nobody hides. A mount point cannot
+        be renamed or removed (EBUSY), nor anything moved across it (EXDEV)."""
+        pinned: set[str] = set()
+        for path in (*self.hidden_dirs, *self.hidden_files):
+            bind = max((b for b in self.binds if _is_within(path, b.dest) and path != b.dest),
+                       key=lambda b: len(b.dest), default=None)
+            if bind is None or bind.option != "--bind":
+                continue
+            directory = posixpath.dirname(path)
+            while directory != bind.dest:
+                pinned.add(directory)
+                directory = posixpath.dirname(directory)
+        return sorted(pinned)
 
     def implicit_executables(self, program: str) -> tuple[str, ...]:
         """argv[0], and the interpreter on its `#!` line when it is a script."""
