@@ -233,6 +233,8 @@ def _safe_loader(text: str):
         constructor.add_constructor(tag, _reject_tag)
     for tag in _STRING_TAGS:
         constructor.add_constructor(tag, _as_string)
+    for tag in _CHECKED_TAGS:
+        constructor.add_constructor(tag, _checked_scalar)
     return constructor, parser
 
 
@@ -260,6 +262,27 @@ _STRING_TAGS = (
 
 def _as_string(constructor, node):
     return constructor.construct_scalar(node)
+
+
+_CHECKED_TAGS = {
+    "tag:yaml.org,2002:int": ("an integer", "!!int", "construct_yaml_int"),
+    "tag:yaml.org,2002:float": ("a number", "!!float", "construct_yaml_float"),
+    "tag:yaml.org,2002:bool": ("a boolean", "!!bool", "construct_yaml_bool"),
+}
+
+
+def _checked_scalar(constructor, node):
+    """An int, float or bool. A plain scalar gets these tags only when it has their form; an
+    explicit tag (`!!int x`, `!!bool maybe`) does not, and is an error at the value."""
+    from ruamel.yaml.constructor import ConstructorError, SafeConstructor
+
+    noun, tag, construct = _CHECKED_TAGS[node.tag]
+    try:
+        return getattr(SafeConstructor, construct)(constructor, node)
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ConstructorError(
+            None, None, f"{node.value!r} is not {noun}, as its tag {tag} says", node.start_mark
+        ) from None
 
 
 def _unsafe_node(root: Any) -> tuple[Any, str, str] | None:

@@ -150,6 +150,18 @@ def test_tags_outside_the_core_schema(in_process, tagged, tag):
     )
 
 
+@pytest.mark.parametrize("tagged, summary", [
+    ('!!int "x"', "'x' is not an integer, as its tag !!int says"),
+    ("!!int 1.5", "'1.5' is not an integer, as its tag !!int says"),
+    ("!!float many", "'many' is not a number, as its tag !!float says"),
+    ("!!bool maybe", "'maybe' is not a boolean, as its tag !!bool says"),
+    ("!!int", "'' is not an integer, as its tag !!int says"),
+])
+def test_a_core_tag_on_a_value_it_does_not_fit(in_process, tagged, summary):
+    content = MANIFEST.replace("  memory: 1G", f"  memory: {tagged}")
+    assert only(in_process, content) == ("agents.d/x.yaml", 6, 11, f"invalid YAML: {summary}", "")
+
+
 def test_yaml_1_1_directive(in_process):
     assert only(in_process, "%YAML 1.1\n---\n" + MANIFEST) == (
         "agents.d/x.yaml", 1, 1, "unsupported YAML version directive %YAML 1.1",
