@@ -28,6 +28,9 @@ MAX_EXPANDED_NODES = 100_000
 MAX_DEPTH = 64
 MAX_SCAN_DEPTH = 1_000
 """The C parser recurses per nesting level and crashes past ~20,000: refuse well before parsing."""
+MAX_NUMBER_CHARS = 100
+"""An integer written longer than this means nothing to any field, and past 4,300 digits Python
+can neither read nor print it."""
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
 _YAML_DIRECTIVE = re.compile(r"^%YAML[ \t]+(\S+)", re.MULTILINE)
@@ -273,10 +276,15 @@ _CHECKED_TAGS = {
 
 def _checked_scalar(constructor, node):
     """An int, float or bool. A plain scalar gets these tags only when it has their form; an
-    explicit tag (`!!int x`, `!!bool maybe`) does not, and is an error at the value."""
+    explicit tag (`!!int x`, `!!bool maybe`) does not, and is an error at the value. So is an
+    integer longer than MAX_NUMBER_CHARS."""
     from ruamel.yaml.constructor import ConstructorError, SafeConstructor
 
     noun, tag, construct = _CHECKED_TAGS[node.tag]
+    if tag == "!!int" and len(node.value) > MAX_NUMBER_CHARS:
+        raise ConstructorError(
+            None, None, f"{node.value[:12]}... has more than {MAX_NUMBER_CHARS} characters: "
+            "no field takes a number that large", node.start_mark)
     try:
         return getattr(SafeConstructor, construct)(constructor, node)
     except (ValueError, KeyError, IndexError, TypeError):

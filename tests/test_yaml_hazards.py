@@ -162,6 +162,16 @@ def test_a_core_tag_on_a_value_it_does_not_fit(in_process, tagged, summary):
     assert only(in_process, content) == ("agents.d/x.yaml", 6, 11, f"invalid YAML: {summary}", "")
 
 
+@pytest.mark.parametrize("number", ["9" * 5000, "0x" + "f" * 5000, "1" * 101])
+def test_integers_too_long_to_mean_anything(isolated, number):
+    content = MANIFEST.replace("  memory: 1G", f"  tasksMax: {number}")
+    assert only(isolated, content) == (
+        "agents.d/x.yaml", 6, 13,
+        f"invalid YAML: {number[:12]}... has more than {source.MAX_NUMBER_CHARS} characters: "
+        "no field takes a number that large", "",
+    )
+
+
 def test_yaml_1_1_directive(in_process):
     assert only(in_process, "%YAML 1.1\n---\n" + MANIFEST) == (
         "agents.d/x.yaml", 1, 1, "unsupported YAML version directive %YAML 1.1",
