@@ -173,7 +173,10 @@ def fingerprint(manifest_dir: str, policy_dir: str | None, memo: PlanMemo
         # os.walk does not enter linked directories, so below the resolved top only a file
         # itself can be a link.
         top, real_top = os.path.normpath(directory), os.path.realpath(directory)
-        listed[directory] = paths = discover(directory)
+        unlisted: list[tuple[str, str]] = []
+        listed[directory] = paths = discover(directory, unlisted)
+        if unlisted:
+            return None, known, {}
         for path in paths:
             try:
                 st = os.lstat(path)

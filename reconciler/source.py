@@ -46,11 +46,14 @@ class Document:
     data: Any
 
 
-def discover(directory: str | os.PathLike) -> list[str]:
+def discover(directory: str | os.PathLike, unlisted: list[tuple[str, str]] | None = None) -> list[str]:
     """Every `*.yaml` / `*.yml` file below `directory`, at any depth, hidden entries skipped,
-    as normalised path strings (a large repository has tens of thousands: no Path objects)."""
+    as normalised path strings (a large repository has tens of thousands: no Path objects).
+    A directory that cannot be listed is added to `unlisted` as (path, why): its manifests
+    are not known, which is an error, never a directory to skip."""
     found = []
-    for current, dirs, files in os.walk(os.path.normpath(directory)):
+    refused = (lambda exc: unlisted.append((exc.filename, exc.strerror))) if unlisted is not None else None
+    for current, dirs, files in os.walk(os.path.normpath(directory), onerror=refused):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(
             os.path.join(current, name)

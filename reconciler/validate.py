@@ -146,7 +146,13 @@ class _Run:
                        else f"{role} directory does not exist")
             self.diagnostics.append(Diagnostic(str(directory), 1, 1, summary))
             return
-        paths = self.listed.get(os.fspath(given)) or discover(directory)
+        paths = self.listed.get(os.fspath(given))
+        if paths is None:
+            unlisted: list[tuple[str, str]] = []
+            paths = discover(directory, unlisted)
+            for path, why in unlisted:
+                self.diagnostics.append(Diagnostic(
+                    display_name(path, self.cwd), 1, 1, f"cannot read the directory: {why}"))
         noun = {"manifests": "manifest", "policies": "policy"}.get(role, role)
         self.stage(f"Checking {len(paths)} {noun} file{'' if len(paths) == 1 else 's'}...", len(paths))
         for path in paths:

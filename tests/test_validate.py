@@ -100,6 +100,29 @@ def test_files_other_than_yaml_and_hidden_files_are_not_read(project, spos):
     assert (result.code, result.out) == (0, "agents.d: 1 manifests valid.\n")
 
 
+def test_a_directory_that_cannot_be_listed_is_an_error_not_skipped(project, spos, monkeypatch):
+    """A subdirectory spos may not list (another owner's, mode 0700) would hide every manifest
+    in it: the revision would be applied without them."""
+    import os
+
+    write(project, "probe.yaml", AGENT)
+    write(project, "team/other.yaml", AGENT.replace("name: probe", "name: other"))
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith("team"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    assert problems(spos("validate", "agents.d")) == [
+        "agents.d/team:1:1: error: cannot read the directory: Permission denied",
+    ]
+    planned = spos("plan", "agents.d", "--root", project / "device")
+    assert planned.code == 1
+    assert "agents.d/team:1:1: error: cannot read the directory: Permission denied\n" in planned.err
+
+
 # ---------------------------------------------------------------- the document envelope
 
 
