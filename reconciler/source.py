@@ -103,7 +103,10 @@ def content_digest(file_hashes: dict[str, str]) -> str:
 
 
 def parse(text: str, file: str) -> tuple[list[Document], list[Diagnostic]]:
-    """The non-empty documents of `text`, or the diagnostics that explain why it can't be read."""
+    """The non-empty documents of `text`, and the diagnostics that explain why it, or a part of
+    it, can't be read. A document that cannot be read ends the file; those before it are kept
+    (not to be applied: the problem is an error), so that other files' references to what they
+    define are not reported as dangling."""
     if len(text) > MAX_FILE_BYTES:
         return [], [Diagnostic(file, 1, 1, f"file is larger than {MAX_FILE_BYTES} bytes")]
     for match in _YAML_DIRECTIVE.finditer(text):
@@ -127,7 +130,7 @@ def parse(text: str, file: str) -> tuple[list[Document], list[Diagnostic]]:
     try:
         while parser.check_node():
             node = parser.get_node()
-            if index == MAX_DOCUMENTS:
+            if index == MAX_DOCUMENTS:  # nothing of it is checked: that alone would take long
                 return [], [Diagnostic(
                     file, node.start_mark.line + 1, node.start_mark.column + 1,
                     f"more than {MAX_DOCUMENTS} documents in one file", hint="split the file",
@@ -135,7 +138,7 @@ def parse(text: str, file: str) -> tuple[list[Document], list[Diagnostic]]:
             unsafe = _unsafe_node(node)
             if unsafe:
                 mark, problem, hint = unsafe
-                return [], [Diagnostic(file, mark.line + 1, mark.column + 1, problem, hint=hint)]
+                return documents, [Diagnostic(file, mark.line + 1, mark.column + 1, problem, hint=hint)]
             data = constructor.construct_document(node)
             if data is not None:
                 documents.append(Document(file, index, node.start_mark.line + 1, data))
@@ -144,16 +147,16 @@ def parse(text: str, file: str) -> tuple[list[Document], list[Diagnostic]]:
         line = text.count("\n", 0, exc.position) + 1
         col = exc.position - text.rfind("\n", 0, exc.position)
         summary = f"invalid YAML: {exc.reason}: {chr(exc.character)!r}"
-        return [], [Diagnostic(file, line, col, summary)]
+        return documents, [Diagnostic(file, line, col, summary)]
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         summary = " ".join(str(part).strip() for part in (exc.context, exc.problem) if part)
-        return [], [Diagnostic(file, line, col, f"invalid YAML: {_first_line(summary)}")]
+        return documents, [Diagnostic(file, line, col, f"invalid YAML: {_first_line(summary)}")]
     except YAMLError as exc:
-        return [], [Diagnostic(file, 1, 1, f"invalid YAML: {_first_line(str(exc))}")]
+        return documents, [Diagnostic(file, 1, 1, f"invalid YAML: {_first_line(str(exc))}")]
     except RecursionError:
-        return [], [Diagnostic(file, 1, 1, f"YAML nesting deeper than {MAX_DEPTH} levels")]
+        return documents, [Diagnostic(file, 1, 1, f"YAML nesting deeper than {MAX_DEPTH} levels")]
     return documents, []
 
 

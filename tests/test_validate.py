@@ -123,6 +123,22 @@ def test_a_directory_that_cannot_be_listed_is_an_error_not_skipped(project, spos
     assert "agents.d/team:1:1: error: cannot read the directory: Permission denied\n" in planned.err
 
 
+def test_documents_before_an_unreadable_one_still_count_for_other_files(project, spos):
+    """A file whose second document cannot be read still defines the Agent of its first: the
+    Schedule in another file that starts it is not reported as dangling."""
+    write(project, "probe.yaml", AGENT + "---\nbroken: !!binary aGk=\n")
+    write(project, "hourly.yaml", """\
+        apiVersion: spos/v1
+        kind: Schedule
+        metadata: {name: hourly}
+        spec: {agent: probe, task: tick, cron: "0 * * * *"}
+    """)
+    assert problems(spos("validate", "agents.d")) == [
+        "agents.d/probe.yaml:10:9: error: invalid YAML: the tag 'tag:yaml.org,2002:binary' is "
+        "not allowed in manifests",
+    ]
+
+
 # ---------------------------------------------------------------- the document envelope
 
 
