@@ -173,7 +173,7 @@ def fingerprint(manifest_dir: str, policy_dir: str | None, memo: PlanMemo
         # os.walk does not enter linked directories, so below the resolved top only a file
         # itself can be a link.
         top, real_top = os.path.normpath(directory), os.path.realpath(directory)
-        unlisted: list[tuple[str, str]] = []
+        unlisted: list[tuple[str, str, str]] = []
         listed[directory] = paths = discover(directory, unlisted)
         if unlisted:
             return None, known, {}

@@ -46,15 +46,22 @@ class Document:
     data: Any
 
 
-def discover(directory: str | os.PathLike, unlisted: list[tuple[str, str]] | None = None) -> list[str]:
+def discover(directory: str | os.PathLike,
+             unlisted: list[tuple[str, str, str]] | None = None) -> list[str]:
     """Every `*.yaml` / `*.yml` file below `directory`, at any depth, hidden entries skipped,
     as normalised path strings (a large repository has tens of thousands: no Path objects).
-    A directory that cannot be listed is added to `unlisted` as (path, why): its manifests
-    are not known, which is an error, never a directory to skip."""
+    A directory that cannot be listed, or is a link (not followed: it could lead back up), is
+    added to `unlisted` as (path, summary, hint): its manifests are not known, which is an
+    error, never a directory to skip."""
     found = []
-    refused = (lambda exc: unlisted.append((exc.filename, exc.strerror))) if unlisted is not None else None
+    refused = None if unlisted is None else (lambda exc: unlisted.append(
+        (exc.filename, f"cannot read the directory: {exc.strerror}", "")))
     for current, dirs, files in os.walk(os.path.normpath(directory), onerror=refused):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if unlisted is not None:
+            unlisted.extend((os.path.join(current, d), "a linked directory is not read",
+                             "move its manifests here, or link each file")
+                            for d in dirs if os.path.islink(os.path.join(current, d)))
         found.extend(
             os.path.join(current, name)
             for name in sorted(files)

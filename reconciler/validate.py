@@ -148,11 +148,10 @@ class _Run:
             return
         paths = self.listed.get(os.fspath(given))
         if paths is None:
-            unlisted: list[tuple[str, str]] = []
+            unlisted: list[tuple[str, str, str]] = []
             paths = discover(directory, unlisted)
-            for path, why in unlisted:
-                self.diagnostics.append(Diagnostic(
-                    display_name(path, self.cwd), 1, 1, f"cannot read the directory: {why}"))
+            for path, summary, hint in unlisted:
+                self.diagnostics.append(Diagnostic(path, 1, 1, summary, hint=hint))
         noun = {"manifests": "manifest", "policies": "policy"}.get(role, role)
         self.stage(f"Checking {len(paths)} {noun} file{'' if len(paths) == 1 else 's'}...", len(paths))
         for path in paths:

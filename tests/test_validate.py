@@ -123,6 +123,23 @@ def test_a_directory_that_cannot_be_listed_is_an_error_not_skipped(project, spos
     assert "agents.d/team:1:1: error: cannot read the directory: Permission denied\n" in planned.err
 
 
+def test_a_linked_directory_is_an_error_not_skipped(project, spos, tmp_path):
+    """spos does not follow a directory link (one could lead back to its own parent): the
+    manifests behind it are reported as not read rather than left out unnoticed."""
+    write(project, "probe.yaml", AGENT)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "other.yaml").write_text(AGENT.replace("name: probe", "name: other"))
+    (project / "agents.d" / "shared").symlink_to(shared)
+    (project / "agents.d" / "loop").symlink_to(".")
+    assert problems(spos("validate", "agents.d")) == [
+        "agents.d/loop:1:1: error: a linked directory is not read\n"
+        "    hint: move its manifests here, or link each file",
+        "agents.d/shared:1:1: error: a linked directory is not read\n"
+        "    hint: move its manifests here, or link each file",
+    ]
+
+
 def test_documents_before_an_unreadable_one_still_count_for_other_files(project, spos):
     """A file whose second document cannot be read still defines the Agent of its first: the
     Schedule in another file that starts it is not reported as dangling."""
