@@ -1,4 +1,5 @@
-"""Organisation-wide guardrails (`Policy` documents) checked against every manifest. Pure.
+"""Organisation-wide guardrails (`Policy` documents) checked against every manifest. Pure: how
+often a timer's calendar events fire is given by the caller (systemd computes it).
 
 A policy can deny paths, executables, devices and network to every Capability, put ceilings on
 Quotas and task timeouts, bound how often schedules fire, and require every Agent to name a
@@ -16,25 +17,30 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 from functools import lru_cache
-from typing import Iterable
+from typing import Callable, Iterable
 
 from reconciler import cronexpr, units
 from reconciler.manifest import Manifest
 
 Violation = tuple[Manifest, tuple, str, str]
+CalendarInterval = Callable[[tuple[str, ...]], "float | None"]
+"""The shortest time between two firings of a timer with these onCalendar events, or None."""
 DEFAULT_TIMEOUT = "1h"
 """The timeout of a task that sets none (agent.schema.json); ceilings.timeout counts it."""
 
 
-def violations(manifests: list[Manifest]) -> Iterable[Violation]:
-    """Every way `manifests` break the Policy documents among them."""
+def violations(manifests: list[Manifest],
+               calendar_interval: CalendarInterval | None = None) -> Iterable[Violation]:
+    """Every way `manifests` break the Policy documents among them. Without
+    `calendar_interval`, timers' calendar events are not held to `schedules.minInterval`."""
     policies = [m for m in manifests if m.kind == "Policy"]
     others = [m for m in manifests if m.kind != "Policy"]
     for policy in policies:
         spec = policy.spec
         yield from _denials(policy, spec.get("deny") or {}, others)
         yield from _ceilings(policy, spec.get("ceilings") or {}, others)
-        yield from _schedule_bounds(policy, spec.get("schedules") or {}, others)
+        yield from _schedule_bounds(policy, spec.get("schedules") or {}, others,
+                                    calendar_interval)
         yield from _requirements(policy, spec.get("require") or {}, others)
 
 
@@ -180,12 +186,13 @@ def destinations(rule: str, *, names: bool = True) -> list[tuple[ipaddress.IPv4N
     return [(ipaddress.ip_network(address, strict=False), port)]
 
 
-def _schedule_bounds(policy: Manifest, bounds: dict, manifests: list[Manifest]) -> Iterable[Violation]:
+def _schedule_bounds(policy: Manifest, bounds: dict, manifests: list[Manifest],
+                     calendar_interval: CalendarInterval | None) -> Iterable[Violation]:
     if "minInterval" not in bounds:
         return
     minimum = units.seconds(bounds["minInterval"])
     for schedule in (m for m in manifests if m.kind == "Schedule"):
-        interval, path = _shortest_interval(schedule.spec)
+        interval, path = _shortest_interval(schedule.spec, calendar_interval)
         if interval is not None and interval < minimum:
             yield schedule, path, (
                 f"fires every {_human(interval)}, more often than the minimum interval "
@@ -199,16 +206,26 @@ def _cron_interval(expression: str) -> float:
     return cronexpr.parse(expression).min_interval_minutes() * 60.0
 
 
-def _shortest_interval(spec: dict) -> tuple[float | None, tuple]:
+def _shortest_interval(spec: dict, calendar_interval: CalendarInterval | None
+                       ) -> tuple[float | None, tuple]:
+    """The shortest time between two firings of a Schedule, and the field that sets it; None
+    for one that does not repeat (or whose calendar events are not computed)."""
     expression = spec.get("cron")
     if isinstance(expression, str):
         if expression.strip().lower() == cronexpr.REBOOT:
             return None, ()
         return _cron_interval(expression), ("spec", "cron")
     timer = spec.get("timer") or {}
+    found: list[tuple[float, tuple]] = []
     if "onUnitActiveSec" in timer:
-        return units.seconds(timer["onUnitActiveSec"]), ("spec", "timer", "onUnitActiveSec")
-    return None, ()
+        found.append((units.seconds(timer["onUnitActiveSec"]), ("spec", "timer", "onUnitActiveSec")))
+    calendar = timer.get("onCalendar")
+    events = [calendar] if isinstance(calendar, str) else calendar if isinstance(calendar, list) else []
+    events = tuple(event.strip() for event in events if isinstance(event, str))
+    interval = calendar_interval(events) if events and calendar_interval else None
+    if interval is not None:
+        found.append((interval, ("spec", "timer", "onCalendar")))
+    return min(found, key=lambda pair: pair[0]) if found else (None, ())
 
 
 def _requirements(policy: Manifest, require: dict, manifests: list[Manifest]) -> Iterable[Violation]:

@@ -28,7 +28,7 @@ import sys
 import weakref
 import zlib
 from contextlib import suppress
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -292,7 +292,8 @@ class _Run:
         judged = [m for m in self.manifests if m.kind != "Policy"
                   and not self.cache.judged(self.file_hashes[m.file], judged_by)]
         broken = set()
-        for manifest, path, summary, hint in policy.violations(policies + judged):
+        for manifest, path, summary, hint in policy.violations(policies + judged,
+                                                               calendar_interval):
             broken.add(manifest.file)
             self.report(manifest, path, summary, hint)
         for file in {m.file for m in judged} - broken:
@@ -344,6 +345,41 @@ def _calendar_events(spec: Any) -> list[tuple[tuple, str]]:
         return [((*path, index), event.strip()) for index, event in enumerate(calendar)
                 if isinstance(event, str)]
     return []
+
+
+CALENDAR_ITERATIONS = 200
+"""How many elapses of a timer's calendar events are looked at for its shortest interval."""
+
+
+def calendar_interval(events: tuple[str, ...]) -> float | None:
+    """The shortest time between two elapses of a timer that fires at each of `events`, over
+    their next CALENDAR_ITERATIONS elapses as systemd computes them, in UTC (`*:0/10`, or
+    `["08:00", "08:00:30"]`, fire more often than they look). None when they elapse less than
+    twice, or systemd-analyze cannot compute them here (a missing tool, or an event systemd
+    refuses, which `check_calendars` reports)."""
+    series = [_calendar_elapses(event) for event in events]
+    if not series or any(elapses is None for elapses in series):
+        return None
+    # Past the last elapse listed for an event, its later ones are unknown: gaps stop there.
+    horizon = min((elapses[-1] for elapses in series if len(elapses) == CALENDAR_ITERATIONS),
+                  default=float("inf"))
+    times = sorted({moment for elapses in series for moment in elapses if moment <= horizon})
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    return min(gaps) if gaps else None
+
+
+@lru_cache(maxsize=1024)
+def _calendar_elapses(event: str) -> tuple[float, ...] | None:
+    from datetime import datetime, timezone
+
+    from reconciler import forecast
+
+    try:
+        elapses = forecast.systemd_calendar(event, timezone.utc, datetime.now(timezone.utc),
+                                            CALENDAR_ITERATIONS)
+    except forecast.CalendarUnavailable:
+        return None
+    return tuple(moment.timestamp() for moment in elapses)
 
 
 def _kind_of(data: Any) -> Any:

@@ -388,6 +388,21 @@ def test_schedules_min_interval(project, spos):
         kind: Schedule
         metadata: {name: boot-timer}
         spec: {agent: worker, task: tick, timer: {onBootSec: 1m}}
+        ---
+        apiVersion: spos/v1
+        kind: Schedule
+        metadata: {name: calendar-10m}
+        spec: {agent: worker, task: tick, timer: {onCalendar: "*:0/10"}}
+        ---
+        apiVersion: spos/v1
+        kind: Schedule
+        metadata: {name: calendar-pair}
+        spec: {agent: worker, task: tick, timer: {onCalendar: ["Sun 08:00", "Sun 08:00:30"]}}
+        ---
+        apiVersion: spos/v1
+        kind: Schedule
+        metadata: {name: calendar-weekly}
+        spec: {agent: worker, task: tick, timer: {onCalendar: "Mon *-*-* 04:00"}}
     """)
     add(project, "agents.d/base.yaml", dedent(BASE).replace('cron: "0 * * * *"', 'cron: "0 0 1,15 * *"'))
     by = "of policy 'calm' (policies/calm.yaml:1)"
@@ -398,6 +413,10 @@ def test_schedules_min_interval(project, spos):
         f"{by} (at spec.cron)",
         f"agents.d/probe.yaml:14:58: error: fires every 36h, more often than the minimum interval 2d "
         f"{by} (at spec.timer.onUnitActiveSec)",
+        f"agents.d/probe.yaml:39:43: error: fires every 10m, more often than the minimum interval 2d "
+        f"{by} (at spec.timer.onCalendar)",
+        f"agents.d/probe.yaml:44:43: error: fires every 30s, more often than the minimum interval 2d "
+        f"{by} (at spec.timer.onCalendar)",
     ]
 
 
