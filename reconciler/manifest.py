@@ -6,6 +6,7 @@ checks, plan views) can point back at the source, and its `Refs`: the names it r
 
 from __future__ import annotations
 
+import posixpath
 import re
 
 from dataclasses import dataclass, field
@@ -50,13 +51,18 @@ class Refs(NamedTuple):
             return cls(agent=_text(spec.get("agent")), task=_text(spec.get("task")),
                        cron="cron" in spec, timer="timer" in spec,
                        webhook=_text(webhook.get("path")) if isinstance(webhook, dict) else None,
-                       serial=_text(serial.get("device")) if isinstance(serial, dict) else None,
+                       serial=_path(serial.get("device")) if isinstance(serial, dict) else None,
                        mqtt_client=_mqtt_client(mqtt) if isinstance(mqtt, dict) else None)
         return cls()
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _path(value: Any) -> str | None:
+    """A path written one way (`/dev//ttyUSB0` and `/dev/./ttyUSB0` are `/dev/ttyUSB0`)."""
+    return posixpath.normpath(value) if isinstance(value, str) and value else None
 
 
 _BROKER = re.compile(r"(mqtts?)://(\[[^\]]*\]|[^:/]*)(?::(\d+))?/?")

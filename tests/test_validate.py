@@ -818,9 +818,11 @@ def test_duplicate_webhook_paths(examples, spos):
     ]
 
 
-def test_two_serial_triggers_on_one_device(examples, spos):
-    """Each byte a serial device sends goes to one reader: two Triggers would split its lines."""
-    write(examples, "zz-serial.yaml", """\
+@pytest.mark.parametrize("device", ["/dev/ttyUSB0", "/dev//ttyUSB0", "/dev/./ttyUSB0"])
+def test_two_serial_triggers_on_one_device(examples, spos, device):
+    """Each byte a serial device sends goes to one reader: two Triggers would split its lines,
+    however the second writes the device's path."""
+    write(examples, "zz-serial.yaml", f"""\
         apiVersion: spos/v1
         kind: Trigger
         metadata:
@@ -829,7 +831,7 @@ def test_two_serial_triggers_on_one_device(examples, spos):
           agent: iot-sensor-001
           task: record_reading
           serial:
-            device: /dev/ttyUSB0
+            device: {device}
             mode: pattern
             pattern: ALARM
     """)
