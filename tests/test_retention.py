@@ -24,7 +24,7 @@ import pytest
 from sandboxes import sandbox_missing
 
 from reconciler.device import Device
-from reconciler.executor.retention import clean
+from reconciler.executor.retention import PeriodicCleanup, clean
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = "var/lib/systemprompt-os"
@@ -156,6 +156,24 @@ def test_the_quota_retention_decides_and_defaults_apply_without_one(spos, runs):
     assert removed_ids(report) == {short_done, default_done}
     assert runs.files("ret-short", short_kept) and runs.files("ret-default", default_kept)
     assert short_failed not in removed_ids(report)  # 1.5 h < 2 h
+
+
+def test_a_retention_too_long_for_a_float_keeps_the_runs_and_the_pass_goes_on(spos, runs):
+    """A duration of hundreds of digits passes the schema and apply compiles it to a whole
+    number of seconds beyond any float: such runs are kept, and the pass (the executor's at its
+    start too) still cleans the other agents."""
+    forever = 10 ** 400
+    runs.agent("ret-forever", retention={"temp": forever, "completed": forever, "failed": forever})
+    runs.agent("ret-normal")
+    kept = runs.run("ret-forever", "completed", 4000, tmp=True)
+    gone = runs.run("ret-normal", "completed", 8)
+
+    code, report, err = cleanup(spos, runs)
+
+    assert code == 0, err
+    assert removed_ids(report) == {gone} and report["errors"] == []
+    assert runs.files("ret-forever", kept)
+    assert PeriodicCleanup(Device(runs.root), 3600).run_if_due().errors == []
 
 
 def test_age_counts_from_ended_at_and_falls_back_to_the_file_time(spos, runs):

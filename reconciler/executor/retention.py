@@ -556,12 +556,13 @@ class _AgentPass:
 
 def _retention(config: dict) -> dict:
     """Seconds to keep each kind, from the config's Quota, with the defaults for what it leaves
-    out."""
+    out. Numbers are kept as they are: a whole number of seconds may be too large for a float
+    (a duration of hundreds of digits), and Python compares it with one exactly."""
     quota = config.get("quota") or {}
     given = quota.get("retentionSeconds") or {}
     return {
-        kind: float(given[kind]) if isinstance(given.get(kind), (int, float)) and given[kind] >= 0
-        else float(default)
+        kind: given[kind] if isinstance(given.get(kind), (int, float)) and given[kind] >= 0
+        else default
         for kind, default in DEFAULT_RETENTION.items()
     }
 
