@@ -432,6 +432,35 @@ def test_a_broken_agent_is_reported_and_the_others_are_cleaned(spos, runs):
     assert runs.files("ret-badjson", kept)
 
 
+@pytest.mark.parametrize("quota, field", [
+    ("7d", "`quota` must be an object or null, got '7d'"),
+    ({"name": "q", "retentionSeconds": [604800]}, "`quota.retentionSeconds` must be an object or null"),
+    ({"name": "q", "retentionSeconds": {"completed": "1d"}},
+     "`quota.retentionSeconds.completed` must be a number from 0, got '1d'"),
+])
+def test_an_agent_config_with_a_damaged_quota_is_named_and_left_alone(spos, runs, quota, field):
+    """agent.json edited by hand: the pass says which field is wrong, removes nothing of that
+    agent, and goes on with the others; the executor's pass does not stop the executor."""
+    damaged = runs.agent("ret-damaged")
+    config = json.loads((damaged / "agent.json").read_text())
+    (damaged / "agent.json").write_text(json.dumps({**config, "quota": quota}))
+    kept = runs.run("ret-damaged", "completed", 400)
+    runs.agent("ret-fine")
+    gone = runs.run("ret-fine", "completed", 8)
+    before = {p: p.lstat().st_mtime for p in damaged.rglob("*")}
+
+    result = spos("action", "cleanup", "--root", runs.root)
+
+    assert result.code == 1
+    assert f"removed ret-fine run {gone}" in result.out
+    assert (f"spos: cleanup: ret-damaged: agent.json: {field}" in result.err
+            and "the agent is left alone" in result.err), result.err
+    assert runs.files("ret-damaged", kept)
+    assert {p: p.lstat().st_mtime for p in damaged.rglob("*")} == before
+    periodic = PeriodicCleanup(Device(runs.root), 3600).run_if_due()
+    assert [e for e in periodic.errors if e.startswith("ret-damaged: agent.json: ")], periodic.errors
+
+
 def test_a_mount_inside_a_run_directory_is_left_in_place(spos, runs, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("bind mounts need root")

@@ -75,7 +75,7 @@ def shape_problem(config: dict) -> str | None:
     return (_check(config, "agent", _text)
             or _check(config, "user", _optional(_text))
             or _capability_problem(config.get("capability"))
-            or _quota_problem(config.get("quota")))
+            or quota_problem(config.get("quota")))
 
 
 def task_problem(name: str, task) -> str | None:
@@ -162,7 +162,9 @@ def _capability_problem(capability) -> str | None:
     return None
 
 
-def _quota_problem(quota) -> str | None:
+def quota_problem(quota) -> str | None:
+    """What in an agent.json's `quota` is not of the shape docs/agent-config.md gives (the
+    retention pass reads it too), or None."""
     if quota is None:
         return None
     if not isinstance(quota, dict):

@@ -27,7 +27,8 @@ What a pass never does:
   outside the agent's directory is ever reached; nor does it descend into another file system.
 
 Files that vanish while a pass runs (another pass, the executor, an operator) are skipped. A
-broken agent directory is reported and the pass goes on with the next agent.
+broken agent directory, or an agent.json that is not JSON or whose `quota` is of the wrong
+shape, is reported and the pass goes on with the next agent.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from datetime import datetime, timezone
 from reconciler import AGENT_CONFIG, AGENTS_DIR, STATE_DIR
 from reconciler.device import Device
 from reconciler.errors import SposError, UsageError
+from reconciler.executor.config import quota_problem
 from reconciler.executor.enqueue import wake
 from reconciler.executor.provenance import CONFIGS_DIR, copy_name, digest
 
@@ -276,6 +278,10 @@ class _AgentPass:
                 self.report.kept_agents.append(self.agent)
                 return
             config, current = applied
+            problem = quota_problem(config.get("quota"))
+            if problem:
+                raise RetentionError(f"{AGENT_CONFIG}: {problem}; the agent is left alone until "
+                                     "spos apply repairs it")
             gone = self._clean(_retention(config))
             if self.report.complete:
                 self._clean_configs(current, gone)
