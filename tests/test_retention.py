@@ -524,6 +524,27 @@ def test_a_time_budget_slices_the_work_and_every_slice_makes_progress(runs):
     assert final.removed == [] and final.complete is True
 
 
+def test_a_slow_listing_does_not_use_up_a_slice(runs, monkeypatch):
+    """Listing an agent's runs is done again by every slice; with tens of thousands of runs it
+    alone takes longer than the executor's 0.25 s. It is not counted against the budget, so a
+    slice still removes as much as the budget allows instead of one run, and a backlog is
+    worked off in a few slices, not one slice a run."""
+    from reconciler.executor import retention
+
+    runs.agent("ret-slow")
+    ids = {runs.run("ret-slow", "completed", 10) for _ in range(40)}
+    listing = retention._AgentPass._finished
+
+    def slow_listing(self):
+        time.sleep(0.3)  # what listing 50,000 records takes
+        return listing(self)
+
+    monkeypatch.setattr(retention._AgentPass, "_finished", slow_listing)
+    report = clean(Device(runs.root), time_budget=0.25)
+    assert report.errors == []
+    assert {removal.run_id for removal in report.removed} == ids and report.complete
+
+
 # -- the executor ---------------------------------------------------------------------------------
 
 

@@ -129,13 +129,14 @@ def clean(device: Device, *, agent: str | None = None, now: float | None = None,
           dry_run: bool = False, time_budget: float | None = None) -> CleanupReport:
     """One retention pass over every agent's runs (or only `agent`'s). With `dry_run`, nothing
     is removed and the report says what would be. With `time_budget` (seconds), the pass stops
-    removing once that time has passed (after at least one removal, so every pass makes
-    progress) and reports itself incomplete; runs go oldest first within an agent."""
+    removing once it has spent that time (after at least one removal, so every pass makes
+    progress) and reports itself incomplete; runs go oldest first within an agent. Listing an
+    agent's runs does not count against the budget (_Budget)."""
     if agent is not None and ("/" in agent or agent.startswith(".") or not agent):
         raise UsageError(f"{agent!r} is not an agent name")
     report = CleanupReport(dry_run=dry_run)
     started = time.monotonic()
-    deadline = None if time_budget is None else started + time_budget
+    budget = _Budget(time_budget)
     now = time.time() if now is None else now
     agents_dir = device.host(AGENTS_DIR)
     try:
@@ -148,11 +149,11 @@ def clean(device: Device, *, agent: str | None = None, now: float | None = None,
     try:
         names = [agent] if agent else sorted(n for n in os.listdir(agents_fd) if not n.startswith("."))
         for name in names:
-            if _out_of_time(report, deadline):
+            if budget.over(report):
                 break
             try:
                 inside = f"{agents_dir}/{name}/"
-                _AgentPass(agents_fd, name, now, dry_run, report, deadline,
+                _AgentPass(agents_fd, name, now, dry_run, report, budget,
                            [m[len(inside):] for m in mounts if m.startswith(inside)]).run()
             except FileNotFoundError:
                 if agent is not None:
@@ -167,7 +168,8 @@ def clean(device: Device, *, agent: str | None = None, now: float | None = None,
 
 class PeriodicCleanup:
     """The executor's retention passes: the first when it starts, then one every `interval`
-    seconds (0 turns them off). A pass stops removing after `budget` seconds; when more is due,
+    seconds (0 turns them off). A pass stops once it has spent `budget` seconds removing (its
+    listings not counted, see _Budget); when more is due,
     it nudges the executor's wake pipe, so the next slice follows the next round of dispatching:
     a large backlog is worked off in slices and never holds up dispatch for long. Each pass's
     outcome is written to STATUS_FILE; a pass never raises."""
@@ -262,9 +264,9 @@ class _AgentPass:
     """One agent's run directories, opened without following links, for one pass."""
 
     def __init__(self, agents_fd: int, agent: str, now: float, dry_run: bool,
-                 report: CleanupReport, deadline: float | None, mounts: list[str]):
+                 report: CleanupReport, budget: "_Budget", mounts: list[str]):
         self.agent, self.now, self.dry_run, self.report = agent, now, dry_run, report
-        self.deadline = deadline
+        self.budget = budget
         self.mounts = mounts  # mount points inside this agent's directory, relative to it
         self.fd = _open_directory(agents_fd, agent)
         self.dirs: dict[str, int | None] = {}
@@ -294,16 +296,18 @@ class _AgentPass:
     def _clean(self, retention: dict) -> set[str]:
         """Remove the agent's finished runs past their retention, then the temporary
         directories left behind; the ids of the runs removed (or in a dry run, to be)."""
+        listing = time.monotonic()
         protected = self._queued_or_active()
         finished = sorted(self._finished(), key=lambda run: run.since)
         files = self._files_of_runs()
         protected |= self._queued_or_active()  # a run that moved between buckets while we listed
+        self.budget.uncounted(listing)
         ended = {run.run_id: run.since for run in finished}
         gone = set()
         for run in finished:
             if run.run_id in protected or self.now - run.since < retention[run.kind]:
                 continue
-            if _out_of_time(self.report, self.deadline):
+            if self.budget.over(self.report):
                 return gone
             try:
                 if self._clean_run(run, files.get(run.run_id, []), retention):
@@ -339,7 +343,7 @@ class _AgentPass:
             return  # no longer applied: its history, copies included, is kept
         unnamed.discard(copy_name(applied[1]))
         for name in sorted(unnamed):
-            if _out_of_time(self.report, self.deadline):
+            if self.budget.over(self.report):
                 return
             self._remove_copy(name)
 
@@ -426,7 +430,7 @@ class _AgentPass:
                 return
             if ended is None and run_id in self._queued_or_active():  # the last look before removing
                 return
-            if _out_of_time(self.report, self.deadline):
+            if self.budget.over(self.report):
                 return
             state = "finished" if ended is not None else "no run record"
             self._refuse_mounts(f"tmp/{run_id}")
@@ -707,12 +711,26 @@ def _rmdir(fd: int, name: str) -> None:
 # -- small helpers ----------------------------------------------------------------------------
 
 
-def _out_of_time(report: CleanupReport, deadline: float | None) -> bool:
-    """Whether a pass with a time budget must stop; it removes at least one thing first."""
-    if deadline is None or not report.removed or time.monotonic() < deadline:
-        return False
-    report.complete = False
-    return True
+class _Budget:
+    """The time a pass with a time budget may spend removing. Listing an agent's run
+    directories is not counted: every slice of a backlog lists them again, and with tens of
+    thousands of runs the listing alone outlasts the executor's budget, so a slice that counted
+    it removed one run and stopped, and the backlog took one slice (and one listing) a run."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def uncounted(self, since: float) -> None:
+        """Leave the time from `since` (time.monotonic()) until now out of the budget."""
+        if self.deadline is not None:
+            self.deadline += time.monotonic() - since
+
+    def over(self, report: CleanupReport) -> bool:
+        """Whether the pass must stop; it removes at least one thing first."""
+        if self.deadline is None or not report.removed or time.monotonic() < self.deadline:
+            return False
+        report.complete = False
+        return True
 
 
 def _epoch(text) -> float | None:
