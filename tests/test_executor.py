@@ -1595,6 +1595,21 @@ def test_cancel_of_an_unknown_run_fails(device):
     assert result.code == 1 and "no run 'no-such-run'" in result.err
 
 
+def test_cancel_of_a_run_whose_record_is_damaged_names_the_file_and_changes_nothing(device):
+    device.apply({"t": {"command": sh("true")}})
+    run_id = device.enqueue("t")
+    [queued] = list((device.agent_dir() / "queue").iterdir())
+    record = json.loads(queued.read_text())
+    queued.write_text(json.dumps({**record, "attempt": 0}))
+    before = queued.read_bytes()
+
+    result = device.spos("action", "cancel", run_id, "--root", device.root)
+
+    assert result.code == 1
+    assert f"queue/{queued.name}" in result.err and "`attempt`" in result.err, result.err
+    assert [p.name for p in queued.parent.iterdir()] == [queued.name] and queued.read_bytes() == before
+
+
 def test_a_cancel_request_outliving_its_executor_is_honoured_at_recovery(device):
     device.apply({"t": {"command": sh("echo $SPOS_ATTEMPT >> $SPOS_OUTPUT_DIR/attempts; "
                                       "trap '' TERM; sleep 86409"), "timeout": "30s"}})

@@ -26,6 +26,7 @@ import json
 from reconciler.errors import UsageError
 from reconciler.executor.enqueue import wake
 from reconciler.executor.owner import alive
+from reconciler.executor.report import missing
 from reconciler.executor.runs import CorruptRecord, Run, RunStore, storage_failure
 from reconciler.executor.supervise import now_iso
 
@@ -35,7 +36,7 @@ BY_REQUEST = "cancelled by request"
 def cancel(store: RunStore, run_id: str) -> str:
     """Cancel `run_id`; returns what happened, in a sentence."""
     if store.find(run_id) is None:
-        raise UsageError(f"no run {run_id!r} on this device")
+        raise UsageError(missing(store, run_id))
     with store.locked():
         run = store.find(run_id)
         if run is not None and run.bucket == "queue":
