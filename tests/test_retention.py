@@ -242,6 +242,25 @@ def test_leftover_temporary_directories_go_after_the_temp_retention(spos, runs):
     assert states == {finished: "finished", orphan_old.name: "no run record"}
 
 
+def test_a_temporary_directory_an_enqueue_is_writing_survives_a_temp_retention_of_0(spos, runs):
+    """A trigger's large attachments are written into tmp/<run id>/spos-trigger/ before the
+    queue file (docs/queue.md): until then the directory has no record. A retention of `temp`
+    0 must not take it from the run about to be queued."""
+    directory = runs.agent("ret-enqueue", retention={"temp": 0, "completed": 0, "failed": 0})
+    being_queued = directory / "tmp" / "20260101T000000-5b6c7d8e" / "spos-trigger"
+    being_queued.mkdir(parents=True)
+    (being_queued / "payload").write_bytes(b"x" * 20000)
+    forgotten = directory / "tmp" / "20260101T000000-00f00f00"
+    forgotten.mkdir()
+    runs.age(forgotten, 2 / 1440)  # two minutes: no enqueue takes that long
+
+    code, report, err = cleanup(spos, runs)
+
+    assert code == 0, err
+    assert removed_ids(report, "tmp") == {forgotten.name}
+    assert (being_queued / "payload").read_bytes() == b"x" * 20000
+
+
 def test_records_set_aside_as_corrupt_go_by_the_failed_retention(spos, runs):
     directory = runs.agent("ret-corrupt")
     old = directory / "failed" / "050-00000000000000000001-20250101T000000-0badc0de.json.corrupt"

@@ -62,6 +62,11 @@ one file descriptor per level."""
 COPY_GRACE = 60.0
 """Seconds a config copy is kept after it was written, whether or not a record names it yet."""
 
+TMP_GRACE = 60.0
+"""Seconds a temporary directory with no run record is kept after it was last changed, whatever
+the `temp` retention: an enqueue writes a trigger's large attachments into it before the queue
+file (docs/queue.md), so until then it has no record."""
+
 _RUN_DIRECTORIES = ("queue", "active", "completed", "failed", "checkpoints", "logs", "tmp")
 _RECORD_BUCKETS = ("queue", "active", "completed", "failed")
 _CONFIG_COPY = re.compile(r"^sha256-[0-9a-f]{64}\.json$")
@@ -423,10 +428,11 @@ class _AgentPass:
 
     def _clean_temporary(self, run_id: str, ended: float | None, keep: float) -> None:
         """A temporary directory left behind: of a finished run whose end is `keep` ago, or of
-        a run with no record left whose directory was last changed `keep` ago."""
+        a run with no record left whose directory was last changed `keep` ago (and at least
+        TMP_GRACE ago)."""
         try:
             since = ended if ended is not None else _lstat(self.dirs["tmp"], run_id).st_mtime
-            if self.now - since < keep:
+            if self.now - since < (keep if ended is not None else max(keep, TMP_GRACE)):
                 return
             if ended is None and run_id in self._queued_or_active():  # the last look before removing
                 return
