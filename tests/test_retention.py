@@ -279,6 +279,26 @@ def test_records_set_aside_as_corrupt_go_by_the_failed_retention(spos, runs):
     assert new.exists() and Path(f"{new}.reason").exists()
 
 
+def test_a_record_nested_too_deeply_to_parse_counts_as_unreadable(spos, runs):
+    """A record damaged into JSON nested deeper than the parser goes: its end time and the
+    config it names cannot be read, as for a record that is not JSON, and the pass goes on."""
+    directory = runs.agent("ret-nested")
+    old = runs.run("ret-nested", "failed", 31, body="[" * 200000)
+    young = runs.run("ret-nested", "completed", 1, body="{\"a\": " * 200000)
+    copy = directory / "configs" / f"sha256-{'0' * 64}.json"
+    copy.parent.mkdir()
+    copy.write_text("{}\n")
+    runs.age(copy, 1)
+
+    code, report, err = cleanup(spos, runs)
+
+    assert code == 0, err
+    assert removed_ids(report) == {old} and report["errors"] == []
+    assert [r["paths"] for r in report["removed"] if r["what"] == "config"] == [
+        [f"/{STATE}/agents/ret-nested/configs/{copy.name}"]]
+    assert runs.files("ret-nested", young)
+
+
 def test_an_agent_that_is_not_applied_keeps_its_history(spos, runs):
     runs.agent("ret-removed", applied=False)
     kept = runs.run("ret-removed", "completed", 365)

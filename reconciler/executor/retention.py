@@ -407,8 +407,8 @@ class _AgentPass:
                 return json.loads(_record_bytes(self.dirs[where], name))
             except FileNotFoundError:
                 continue
-            except (RetentionError, ValueError):
-                return None  # a link, or not a record
+            except (RetentionError, ValueError, RecursionError):
+                return None  # a link, or not a record (nested too deeply to parse, too)
         return None
 
     def _clean_run(self, run: _Finished, paths: list[str], retention: dict) -> bool:
@@ -559,7 +559,7 @@ class _AgentPass:
         file's modification time."""
         try:
             record = json.loads(_record_bytes(self.dirs[run.bucket], run.name))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             return
         if not isinstance(record, dict):
             return
