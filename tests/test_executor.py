@@ -2009,6 +2009,26 @@ def test_enqueueing_an_unknown_agent_or_task_is_refused(device, spos):
     assert result.code == 1 and "'nobody' is not applied" in result.err
 
 
+def test_an_agent_config_nested_too_deeply_to_parse_is_not_valid_json(device, spos):
+    """agent.json damaged into JSON nested deeper than the parser goes reads as any config that
+    is not JSON: enqueueing is refused, and the executor fails the agent's queued run and goes
+    on, instead of stopping at a RecursionError."""
+    device.apply({"t": {"command": sh("true")}})
+    run_id = device.enqueue("t")
+    config = device.agent_dir() / "agent.json"
+    config.write_text('{"tasks": ' * 100000)
+
+    result = spos("action", "run", "--root", device.root, "--agent", device.agent, "--task", "t")
+    assert result.code == 1 and f"{device.agent}/agent.json is not valid JSON" in result.err, result.err
+
+    device.once()
+    record = device.record(run_id)
+    assert record["state"] == "failed" and "agent.json is not valid JSON" in record["reason"], record
+
+    result = spos("action", "cleanup", "--root", device.root, "--agent", device.agent)
+    assert result.code == 1 and "agent.json is not valid JSON" in result.err, result.err
+
+
 @pytest.mark.parametrize("now", [0.0, 1.0005, 1795746584.4834995, 1795746584.4835005,
                                  1795746599.9999996, 1795746584.0009999, 4102444799.999])
 @pytest.mark.parametrize("deadline", [None, 0.0, 600.0, 0.0004, 86399.9996])

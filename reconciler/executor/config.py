@@ -26,7 +26,7 @@ def read_agent_config(device: Device, agent: str) -> tuple[dict, bytes]:
         raise ConfigError(f"agent {agent!r} is not applied on this device (no {path})")
     try:
         config = leanjson.loads(raw.decode("utf-8", errors="replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
         raise ConfigError(f"{path} is not valid JSON; run spos apply to repair it") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} is not a JSON object; run spos apply to repair it")

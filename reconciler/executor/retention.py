@@ -496,7 +496,7 @@ class _AgentPass:
             raw = handle.read()
             try:
                 config = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
                 raise RetentionError(f"{AGENT_CONFIG} is not valid JSON; the agent is left alone "
                                      "until spos apply repairs it") from None
         return (config if isinstance(config, dict) else {}), digest(raw)
