@@ -1368,6 +1368,33 @@ def test_action_execute_exits_with_the_runs_end_when_an_executor_took_its_retry(
     assert foreground.returncode == 0, err
 
 
+def test_action_execute_waiting_to_retry_exits_soon_after_its_run_is_cancelled(device):
+    """`action cancel` ends the retry waiting in queue/ at once; `action execute`, which reads
+    no wake pipe, sees it within a second or so, not when the backoff would have ended."""
+    device.apply({"t": {"command": sh("exit 7"),
+                        "retries": {"limit": 1, "backoff": {"initial": "2m", "max": "2m"}}}})
+    foreground = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "action", "execute", "--root", str(device.root),
+         "--agent", device.agent, "--task", "t"],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        queue = device.agent_dir() / "queue"
+        wait_for(lambda: queue.is_dir() and any(queue.glob("*.json")), "the retry to wait in queue/")
+        run_id = "-".join(next(queue.glob("*.json")).name.removesuffix(".json").split("-")[-2:])
+        result = device.spos("action", "cancel", run_id, "--root", device.root)
+        assert result.code == 0 and "while waiting to retry" in result.out, result.out + result.err
+        asked = time.monotonic()
+        _, err = foreground.communicate(timeout=WAIT)
+        waited = time.monotonic() - asked
+    finally:
+        if foreground.poll() is None:
+            foreground.kill()
+    assert waited < 3, f"execute went on waiting {waited:.1f}s after the cancel"
+    assert foreground.returncode != 0, err
+    assert device.record(run_id)["state"] == "cancelled"
+
+
 @pytest.mark.parametrize("policy", ["Forbid", "Replace"])
 def test_a_retry_is_no_new_start_for_forbid_or_replace(device, policy):
     """Forbid and Replace judge new starts. A run whose retry falls due while a newer run of

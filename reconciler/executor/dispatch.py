@@ -230,11 +230,14 @@ class Executor:
                     self._enforce_deadlines()
                 if run.bucket != "queue":
                     return run.record
-                while not self.stopping:  # the retry's backoff; a signal ends the wait
+                # The retry's backoff; a signal ends the wait, and so does the run leaving
+                # queue/ (`action cancel`, or an executor that took it), looked at every second
+                # as this process reads no wake pipe.
+                while not self.stopping:
                     delay = (_epoch(run.record.get("notBefore")) or 0) - time.time()
-                    if delay <= 0:
+                    if delay <= 0 or not self.device.exists(run.path):
                         break
-                    self._wait(delay)
+                    self._wait(min(delay, CANCEL_CHECK))
                 if self.stopping:
                     self._end_unstarted(run, "cancelled", "interrupted while waiting to retry")
                     return run.record
