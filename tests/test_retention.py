@@ -195,6 +195,22 @@ def test_age_counts_from_ended_at_and_falls_back_to_the_file_time(spos, runs):
     assert since[by_end] == _iso(runs.now - 8 * DAY)[:19] + "+00:00"
 
 
+@pytest.mark.parametrize("ended", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-14:00"])
+def test_an_end_time_past_what_utc_holds_counts_from_the_file_time(spos, runs, ended):
+    """A hand-edited `endedAt` whose time zone takes it before year 1 or past year 9999 in UTC
+    is no time the pass can count from, nor show in its report: the file's time stands."""
+    runs.agent("ret-far")
+    record = {"format": 1, "id": "20260101T000000-0000f0f0", "task": "t", "state": "failed",
+              "endedAt": ended}
+    run_id = runs.run("ret-far", "failed", 40, body=json.dumps(record))
+
+    code, report, err = cleanup(spos, runs)
+
+    assert code == 0, err
+    assert {r["runId"]: r["since"] for r in report["removed"]} == {
+        run_id: _iso(runs.now - 40 * DAY)[:19] + "+00:00"}
+
+
 def test_queue_and_active_are_never_touched(spos, runs):
     directory = runs.agent("ret-live", retention={"temp": 0, "completed": 0, "failed": 0})
     retry = runs.run("ret-live", "queued", 40, checkpoint=True, tmp=True)

@@ -740,15 +740,17 @@ class _Budget:
 
 
 def _epoch(text) -> float | None:
+    """An ISO 8601 time as seconds since the epoch; None for anything else, and for a time
+    whose zone takes it before year 1 or past year 9999 in UTC (a report could not show it)."""
     if not isinstance(text, str) or not text:
         return None
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc).timestamp()
+    except (ValueError, OverflowError):
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
 
 
 def _describe(exc: BaseException) -> str:
