@@ -41,6 +41,8 @@
 #define SYS_LANDLOCK_ADD_RULE 445
 #define SYS_LANDLOCK_RESTRICT_SELF 446
 #define SYS_CLOSE_RANGE 436
+#define SYS_OPENAT2 437
+#define RESOLVE_NO_SYMLINKS_FLAG 0x04
 #define RULE_PATH_BENEATH 1
 #define RULE_NET_PORT 2
 
@@ -206,8 +208,16 @@ static size_t parse_list(const char *text, unsigned long long **out) {
  * followed only when it lies on a read-only mount (the host's tree: /lib64, /etc/localtime...);
  * one on a writable mount may have been left there by an earlier or concurrent run of the agent
  * to point the rule at something else ("/"), so the rule is refused (exit 126). -1 when the
- * path is missing. */
+ * path is missing. A path with no link on the way (most) takes one openat2 that refuses links;
+ * one with a link, or a kernel without openat2 (before 5.6), takes the walk. */
 static int open_rule_path(const char *path) {
+    struct { uint64_t flags, mode, resolve; } how = {
+        .flags = O_PATH | O_CLOEXEC, .mode = 0, .resolve = RESOLVE_NO_SYMLINKS_FLAG};
+    int direct = (int)syscall(SYS_OPENAT2, AT_FDCWD, path, &how, sizeof how);
+    if (direct >= 0)
+        return direct;
+    if (errno == ENOENT || errno == ENOTDIR)
+        return -1; /* missing, and no link on the way before the missing part */
     char rest[2 * PATH_MAX], target[PATH_MAX];
     if (snprintf(rest, sizeof rest, "%s", path) >= (int)sizeof rest)
         return -1;
