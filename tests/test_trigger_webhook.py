@@ -491,6 +491,34 @@ def test_a_connection_beyond_the_limit_is_answered_503_at_once(root):
         listener.stop()
 
 
+def test_a_request_that_arrived_whole_is_answered_in_full_and_holds_up_no_other(
+        root, monkeypatch):
+    """A request whose headers and body are all there when its connection is accepted is served
+    at once. Answered without its body being read (an unknown path), it still gets its whole
+    answer with no reset, and the listener waits for nothing more from that client: the next
+    client is served while the first keeps its connection open."""
+    from reconciler.triggers import webhook as webhook_module
+    monkeypatch.setattr(webhook_module, "LINGER_SECONDS", 60.0)  # far past BOUND
+    write_secret(root, SECRET)
+    gate = Gate()
+    listener = Listener(request_timeout=60.0)
+    listener.start()
+    try:
+        webhook(root, listener, gate)
+        body = b'{"unread": true}'
+        lingering = connect(listener.port)
+        lingering.sendall(raw_request("/hooks/unknown", {"Content-Length": str(len(body))}, body))
+        answered = read_until(lingering, b"}")  # the answer, while the client keeps its side open
+
+        after = post(listener.port, PATH, b"{}", signed(b"{}"))
+
+        assert status_and_body(answered)[0] == 404
+        assert after.status == 202 and [event.payload for event in gate.events] == [b"{}"]
+        lingering.close()
+    finally:
+        listener.stop()
+
+
 # --- the secret -------------------------------------------------------------------------------
 
 
