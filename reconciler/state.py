@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from reconciler import STATE_DIR
 from reconciler.device import Device
-from reconciler.errors import LockHeldError, SposError
+from reconciler.errors import LockHeldError, SposError, UnsafePathError
 
 INVENTORY = f"/{STATE_DIR}/inventory.json"
 LOCK = f"/{STATE_DIR}/apply.lock"
@@ -137,7 +137,7 @@ class ApplyLock:
     def __enter__(self) -> "ApplyLock":
         self.device.makedirs(f"/{STATE_DIR}")
         path = self.device.path(LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = open_lock(path)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -166,6 +166,31 @@ class ApplyLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def open_lock(path) -> int:
+    """An fd of the lock file at host path `path` (created when missing). Taking a lock
+    truncates the file and writes the holder into it, so it must be a regular file of its own:
+    a symbolic link, or a hard link that makes it a second name of another file, is refused
+    (UnsafePathError naming it) before anything is written."""
+    import errno
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UnsafePathError(f"lock file {path} is a symbolic link; spos writes its holder into "
+                              "its lock: remove the link, and spos creates the file afresh") from None
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(status.st_mode) else \
+            f"a hard link to a file with {status.st_nlink} names"
+        raise UnsafePathError(f"lock file {path} is {what}; spos writes its holder into its lock, "
+                              "which would change that file: remove it, and spos creates it afresh")
+    return fd
 
 
 def _own_command() -> list[str]:
@@ -198,7 +223,7 @@ def hold_alone(device: Device, lock_path: str, what: str) -> int:
     the returned fd when it is done), with this pid written in it; raises AlreadyServed naming
     the pid that holds it. For the daemons a device runs one of: two would do everything twice."""
     device.makedirs(lock_path.rsplit("/", 1)[0], mode=0o755)
-    fd = os.open(device.host(lock_path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = open_lock(device.host(lock_path))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -868,3 +868,33 @@ def test_a_newline_in_an_install_option_cannot_add_lines_to_the_unit_or_crontab(
         lines = (root_dir / path).read_text().splitlines()
         assert not any(line.startswith("* * * * * root touch") for line in lines), lines
 
+
+
+# -- the locks -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lock", ["apply.lock", "daemon.lock"])
+def test_a_lock_file_replaced_by_a_hard_link_is_refused_and_its_target_left_alone(tmp_path, device, upstream, lock):
+    """The locks are opened with O_NOFOLLOW, which stops a symbolic link but not a hard link:
+    taking the lock truncates the file and writes the holder into it, so a lock file that is
+    a second name of another file (here one outside the state directory) would have that
+    file's content replaced. The lock is refused, naming the path, and the file is kept."""
+    upstream.commit(site())
+    assert synced(device)["outcome"] == "applied"
+    victim = tmp_path / "operator-file"
+    victim.write_text("the operator's content\n")
+    path = device.path(f"{STATE}/{lock}")
+    path.unlink(missing_ok=True)
+    os.link(victim, path)
+
+    command = ["sync"] if lock == "apply.lock" else ["daemon", "--no-executor", "--no-triggers"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", *command, "--root", str(device.root), "--repo", str(upstream.bare)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = process.communicate(timeout=WAIT)
+    except subprocess.TimeoutExpired:  # a daemon that took the lock runs on
+        os.killpg(process.pid, signal.SIGKILL)
+        _, err = process.communicate()
+
+    assert victim.read_text() == "the operator's content\n"
+    assert process.returncode == 1 and str(path) in err and "link" in err, err
