@@ -11,8 +11,8 @@ One process keeps the device converged and runs its work:
   `spos triggers`): one that exits is started again after a backoff that doubles from 1 s up
   to a minute, and resets once a child has run for a minute.
 
-SIGTERM or SIGINT: the children get SIGTERM at once (the executor drains its active runs),
-no new sync starts, and the daemon exits once the sync going on (if any) has ended and the
+SIGTERM, SIGINT or SIGHUP: the children get SIGTERM at once (the executor drains its active
+runs), no new sync starts, and the daemon exits once the sync going on (if any) has ended and the
 children have; after `stop_timeout` each child's whole process group is killed. Nothing a
 sync or drift check raises ends the daemon: it is reported in the status and tried again.
 After every cycle `daemon.json` in the state directory is written atomically: the children,
@@ -251,7 +251,9 @@ class Daemon:
 
     def _handle_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            # SIGHUP too: its default action would end the daemon at once, leaving its
+            # children (each in a session of its own) running without it
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, lambda *_: self.stop())
 
     def status(self) -> dict:

@@ -898,3 +898,29 @@ def test_a_lock_file_replaced_by_a_hard_link_is_refused_and_its_target_left_alon
 
     assert victim.read_text() == "the operator's content\n"
     assert process.returncode == 1 and str(path) in err and "link" in err, err
+
+
+def test_sighup_stops_the_daemon_as_sigterm_does_and_leaves_no_child_behind(tmp_path, device, upstream, daemons):
+    """A hangup (the terminal the daemon was started from closing, `kill -HUP` meant as a
+    reload) took the default action: the daemon died at once, its children, each in a
+    session of its own, ran on without it, no final status was written, and a daemon
+    started again found its executor's and trigger daemon's locks taken. SIGHUP stops it as
+    SIGTERM does."""
+    upstream.commit(site())
+    started = tmp_path / "child-pid"
+    child = ["sh", "-c", f'echo $$ > {started}; trap "exit 0" TERM; while :; do sleep 0.1; done']
+    daemon = daemons(device, str(upstream.bare), {"worker": child}, stop=2.0)
+    wait_for(lambda: started.exists() and daemon.children().get("worker", {}).get("running"),
+             "the child running", WAIT)
+    pid = int(started.read_text())
+
+    daemon.process.send_signal(signal.SIGHUP)
+    try:
+        code = daemon.process.wait(WAIT)
+        wait_for(lambda: not alive(pid), "the child's end", WAIT)
+    finally:
+        if alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+    final = json.loads(daemon.status_path.read_text())
+    assert code == 0 and final.get("stoppedAt"), (code, final)
