@@ -147,12 +147,15 @@ def plan_install(device: Device, argv: list[str], cron_text: str | None, unit_te
 
 
 def carry_out(device: Device, installation: Installation) -> None:
-    """Write and delete as planned: REPO_PATH readable by root alone, the others by all."""
+    """Write and delete as planned: REPO_PATH readable by root alone, the others by all; with
+    REPO_PATH goes its directory when nothing else is in it."""
     for path, text in installation.write.items():
         device.makedirs(path.rsplit("/", 1)[0], mode=0o755)
         device.write_atomic(path, text.encode(), mode=0o600 if path == REPO_PATH else 0o644)
     for path in installation.delete:
         device.remove(path)
+        if path == REPO_PATH:  # the directory install made for it, unless something else is in it
+            device.rmdir_if_empty(posixpath.dirname(REPO_PATH))
 
 
 def _unit_word(word: str, program: bool = False) -> str:

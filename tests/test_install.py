@@ -233,3 +233,19 @@ def test_remove_needs_no_repository_and_leaves_a_file_that_is_not_spos_s(spos, r
     assert again.code == 0 and "Nothing to remove" in again.out
     missing = spos("install", "--root", root, "--cron")
     assert missing.code == 1 and "--repo: give the manifests repository" in missing.err
+
+
+def test_remove_leaves_no_directory_install_made_and_keeps_one_the_operator_uses(spos, root):
+    """Installing with a password in the URL makes /etc/spos for the repository file;
+    --remove deleted the file and left the directory. It goes too when nothing else is in
+    it; one that holds a file of the operator's stays."""
+    secret = "https://user:s3cret-token@git.example.net/fleet.git"
+    assert spos("install", "--root", root, "--repo", secret, "--cron").code == 0
+    assert spos("install", "--root", root, "--remove").code == 0
+    assert not (root / "etc/spos").exists()
+
+    assert spos("install", "--root", root, "--repo", secret, "--cron").code == 0
+    own = root / "etc/spos/fleet.url"
+    own.write_text(secret + "\n")
+    assert spos("install", "--root", root, "--remove").code == 0
+    assert own.read_text() == secret + "\n" and not (root / "etc/spos/repository").exists()
