@@ -733,14 +733,21 @@ def _carry_out_install(args, device, planned, systemctl, use_cron: bool) -> int:
     active = systemctl if args.root in ("/", "") else None
     if active is not None and install.UNIT_PATH in planned.delete:
         active.run("disable", "--now", "spos.service")
-    crontab = device.read_text(install.CRON_PATH) if install.CRON_PATH in planned.delete else None
+    crontab = device.read_text(install.CRON_PATH)
     install.carry_out(device, planned)
-    if crontab is not None:
+    if crontab is not None and install.CRON_PATH in planned.delete:
         from reconciler.agentd import LOCK_FILE
 
         stopped = install.stop_cron_daemon(device, crontab, LOCK_FILE)
         if stopped:
             print(stopped)
+    elif crontab is not None and install.CRON_PATH in planned.write:
+        from reconciler.agentd import LOCK_FILE
+
+        restarted = install.restart_cron_daemon(device, crontab, planned.write[install.CRON_PATH],
+                                                LOCK_FILE)
+        if restarted:
+            print(restarted)
     if active is not None and (planned.write or planned.delete):
         active.run("daemon-reload")
         if install.UNIT_PATH in planned.write:

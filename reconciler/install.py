@@ -12,9 +12,10 @@ by root alone, and the unit or crontab line reads it from there (`--repo-file`):
 which every local user can see in /proc, and no unit property, which `systemctl show` gives to
 anyone, holds it.
 
-These files carry spos's marker and are spos's own: install rewrites them, `--remove` deletes
-them (and stops the daemon they started: `stop_cron_daemon` for cron), and neither touches a
-file without the marker. Where systemd runs and the root is `/`,
+These files carry spos's marker and are spos's own: install rewrites them (and, for cron,
+restarts with the new options the daemon the old crontab started: `restart_cron_daemon`),
+`--remove` deletes them (and stops the daemon they started: `stop_cron_daemon` for cron), and
+neither touches a file without the marker. Where systemd runs and the root is `/`,
 the service is enabled and started (or restarted) after a daemon-reload.
 """
 
@@ -25,6 +26,7 @@ import os
 import posixpath
 import shlex
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -201,6 +203,30 @@ def stop_cron_daemon(device: Device, crontab_text: str, lock_path: str,
         return None  # it ended meanwhile
     finally:
         os.close(fd)
+
+
+def restart_cron_daemon(device: Device, before: str, after: str, lock_path: str,
+                        wait: float = STOP_SECONDS) -> str | None:
+    """After the crontab was rewritten with other options: the daemon the old `@reboot` line
+    started would run on with the old ones (another repository, say) until the next boot,
+    while the sync every 15 minutes uses the new ones. Stop it (as `stop_cron_daemon`) and
+    start the new line's daemon, as cron would at boot. Returns what happened, for the
+    screen; None when no daemon runs (the new line starts one at boot)."""
+    wanted = _reboot_argv(after)
+    if wanted is None or _reboot_argv(before) == wanted:
+        return None
+    stopped = stop_cron_daemon(device, before, lock_path, wait)
+    if stopped is None or not stopped.startswith("Stopped"):
+        return stopped
+    device.makedirs(posixpath.dirname(DAEMON_LOG), mode=0o755)
+    try:
+        with open(device.host(DAEMON_LOG), "ab") as log:
+            started = subprocess.Popen(wanted, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd="/", start_new_session=True)
+    except OSError as exc:
+        return f"{stopped} Could not start it with the new options ({exc.strerror or exc}): " \
+               "the next boot does, and the sync every 15 minutes converges meanwhile."
+    return f"{stopped} Started it with the new options (pid {started.pid})."
 
 
 def _reboot_argv(crontab_text: str) -> list[str] | None:

@@ -249,3 +249,40 @@ def test_remove_leaves_no_directory_install_made_and_keeps_one_the_operator_uses
     own.write_text(secret + "\n")
     assert spos("install", "--root", root, "--remove").code == 0
     assert own.read_text() == secret + "\n" and not (root / "etc/spos/repository").exists()
+
+
+def _lock_holder(root) -> int | None:
+    text = (root / "var/lib/systemprompt-os/daemon.lock").read_text().strip()
+    return int(text) if text.isdigit() else None
+
+
+@pytest.mark.root
+def test_install_again_with_other_options_in_cron_mode_restarts_the_daemon_with_them(spos, root, tmp_path,
+                                                                                    monkeypatch):
+    """systemd restarts the service when install changes the unit. In cron mode the daemon
+    the old `@reboot` line started ran on with the old options (another repository, say)
+    until the next boot, while the sync every 15 minutes used the new ones: install stops it
+    and starts the new line's daemon."""
+    monkeypatch.setenv("SPOS_COMMAND", f"{sys.executable} -m reconciler")
+    assert spos("install", "--root", root, "--repo", tmp_path / "old.git", "--cron").code == 0
+    reboot = next(line for line in (root / "etc/cron.d/spos").read_text().splitlines()
+                  if line.startswith("@reboot "))
+    old = _start_daemon(shlex.split(reboot.removeprefix("@reboot root ").removesuffix(
+        " >>/var/log/spos-daemon.log 2>&1")), root)
+    new = None
+    try:
+        again = spos("install", "--root", root, "--repo", tmp_path / "new.git", "--cron")
+        assert again.code == 0, again.err
+        assert old.wait(timeout=30) == 0
+        new = wait_for(lambda: _lock_holder(root) not in (None, old.pid) and _lock_holder(root),
+                       "a new daemon holding the lock", 30)
+        with open(f"/proc/{new}/cmdline", "rb") as handle:
+            command = handle.read().split(b"\0")
+        assert os.fsencode(tmp_path / "new.git") in command, command
+        assert f"(pid {new})" in again.out, again.out
+    finally:
+        _ended(old)
+        if new:  # SIGTERM: it stops its executor and trigger daemon too
+            os.kill(new, signal.SIGTERM)
+            wait_for(lambda: not os.path.exists(f"/proc/{new}/cmdline")
+                     or not open(f"/proc/{new}/cmdline", "rb").read(), "the new daemon's end", 60)
