@@ -112,6 +112,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TRANSPORT_HELPER = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*::")
 _SCP_LIKE = re.compile(
     r"(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]*)@)?(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*):(?P<path>.+)")
+_SCP_WITH_PASSWORD = re.compile(r"[^/@:]+:[^/@]*@[^/:@]+:")
+"""`user:password@host:path`: a password where the scp-like form has none."""
 _REFNAME_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
 
@@ -251,6 +253,10 @@ def _url_problem(url: str) -> str:
         return ""
     if "://" in url:
         return _scheme_problem(url)
+    if _SCP_WITH_PASSWORD.match(url):
+        return ("a user@host:path URL takes no password (git would read what comes before the "
+                "first ':' as the host), and a file or command line showing it would give it "
+                "away; use a key (an ssh agent, or ~/.ssh of the user spos runs as)")
     scp = _SCP_LIKE.fullmatch(url)
     if scp is None:
         return ("not an https://, ssh://, file:// or user@host:path URL; a local repository "
@@ -317,8 +323,12 @@ def redacted(url: str) -> str:
     """The URL as it may appear in messages and logs: the user part (a password, or a token
     given as the user name) is replaced by ***, up to the last `@` before the path, since a
     password may hold an `@` itself; wherever a scheme's `://` is, so that nothing in front of
-    it (a stray byte-order mark, a typo) leaves the password standing."""
-    return re.sub(r"([a-z][a-z0-9+.-]*://)[^/?#]*@", r"\1***@", url, flags=re.IGNORECASE)
+    it (a stray byte-order mark, a typo) leaves the password standing. So is the user part of
+    a `user:password@host:path` URL, which check_url refuses."""
+    url = re.sub(r"([a-z][a-z0-9+.-]*://)[^/?#]*@", r"\1***@", url, flags=re.IGNORECASE)
+    if _SCP_WITH_PASSWORD.match(url):  # `user:password@host:path`, which check_url refuses
+        url = "***@" + url.split("@", 1)[1]
+    return url
 
 
 def check_branch(branch: str) -> str:

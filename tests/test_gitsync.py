@@ -454,6 +454,7 @@ def git_must_not_run(monkeypatch):
     "relative/path.git",
     "https://example.org/x\n.git",
     "ssh://deploy:hunter2@example.org/manifests.git",
+    "deploy:hunter2@example.org:org/manifests.git",
     "",
 ])
 def test_unsafe_urls_are_refused_before_git_runs(tmp_path, state_dir, git_must_not_run, url):
@@ -757,3 +758,13 @@ def test_update_refuses_a_crafted_tree_before_changing_anything(tmp_path, upstre
     with pytest.raises(UnsafeTreeError):
         mirror.update(second, checkout, first, max_files=10)
     assert exported(checkout) == before
+
+
+def test_a_password_in_a_user_at_host_path_url_is_refused_without_being_shown(state_dir):
+    """`user:password@host:path` is no scp-like URL git would read as meant (the host would be
+    `user`), and the refusal must not show the password it refuses."""
+    with pytest.raises(UnsafeSourceError) as refused:
+        Mirror(state_dir, "deploy:hunter2@example.org:org/manifests.git")
+    assert "hunter2" not in str(refused.value) and "takes no password" in str(refused.value)
+    assert redacted("deploy:hunter2@example.org:org/manifests.git") == "***@example.org:org/manifests.git"
+    assert redacted("git@example.org:org/manifests.git") == "git@example.org:org/manifests.git"
