@@ -519,6 +519,39 @@ def test_a_request_that_arrived_whole_is_answered_in_full_and_holds_up_no_other(
         listener.stop()
 
 
+def send_before_accepted(listener: Listener, data: bytes) -> socket.socket:
+    """Connects and sends `data` while the listener cannot yet look at the new connection, so
+    that all of it has arrived when the listener does."""
+    with listener._server._open_lock:  # taken by the listener between accept and looking
+        client = connect(listener.port)
+        client.sendall(data)
+    return client
+
+
+@pytest.mark.parametrize("line_break", [b"\n", b"\r"], ids=["bare-LF", "bare-CR"])
+def test_a_header_line_break_without_crlf_cannot_make_the_listener_wait_for_a_body(
+        root, line_break):
+    """A header block whose lines are not all ended by CRLF is read by http.server with a
+    Content-Length that a look for CRLF lines does not see: such a request must not be taken
+    for one that arrived whole, or the listener would wait for its body and accept no one."""
+    write_secret(root, SECRET)
+    gate = Gate()
+    listener = Listener(request_timeout=60.0)
+    listener.start()
+    try:
+        webhook(root, listener, gate)
+        hidden = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: x".encode() + line_break
+                  + b"Content-Length: 100\r\n\r\n{}")
+        stalled = send_before_accepted(listener, hidden)
+
+        after = post(listener.port, PATH, b"{}", signed(b"{}"))
+
+        assert after.status == 202 and [event.payload for event in gate.events] == [b"{}"]
+        stalled.close()
+    finally:
+        listener.stop()
+
+
 # --- the secret -------------------------------------------------------------------------------
 
 

@@ -65,6 +65,10 @@ accepted is served on the listener's own thread (`_arrived_whole`)."""
 
 
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+_PLAIN_HEAD = re.compile(rb"[\x20-\x7e]+\r\n(?:[\x21-\x39\x3b-\x7e]+:[\t\x20-\x7e]*\r\n)*\r\n")
+"""A request line and header block that http.server reads as the same lines: every line ends
+in CRLF, no other byte breaks a line (a bare CR or LF does there), no line continues the one
+before it, and every header has a name."""
 _TIMESTAMP = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 
 _ACKNOWLEDGED = {
@@ -308,13 +312,15 @@ def _arrived_whole(connection: socket.socket) -> bool:
     """Whether a whole request is already in the connection's receive buffer: its headers and
     the body their Content-Length announces, INLINE_BYTES at most, and no chunked body or
     `Expect` to wait on. Looked at without reading (MSG_PEEK) or waiting (MSG_DONTWAIT); the
-    request is then read and checked as any other."""
+    request is then read and checked as any other. Only a plainly written header block
+    (`_PLAIN_HEAD`) is looked at: in any other, http.server may find a Content-Length that this
+    look does not, and wait for a body that is not there on the listener's thread."""
     try:
         data = connection.recv(INLINE_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:
         return False
     end = data.find(b"\r\n\r\n")
-    if end < 0:
+    if end < 0 or not _PLAIN_HEAD.fullmatch(data, 0, end + 4):
         return False
     length = 0
     for line in data[:end].split(b"\r\n")[1:]:
