@@ -272,6 +272,27 @@ def test_recursive_reports_the_files_of_a_directory_moved_in_or_within(device, w
     ]
 
 
+def test_recursive_watches_a_new_directory_renamed_before_it_could_be_watched(device, watch):
+    """A directory created and renamed (a staging directory put in place) before the source
+    could watch it is watched under its new name, and the files in it are reported."""
+    _, recorder = watch(events=["create"], recursive=True)
+    recorder.release.clear()
+    host(device, "first").touch()
+    wait_for(recorder.blocked.is_set, "the source to be held up emitting", 3)
+    host(device, "staging").mkdir()
+    host(device, "staging/a.csv").touch()
+    host(device, "staging").rename(host(device, "batch"))
+    recorder.release.set()
+    wait_for(lambda: len(recorder.recorded()) >= 2, "the staged file", 3)
+    host(device, "batch/b.csv").touch()
+    host(device, "end").touch()
+
+    assert recorder.wait_for_event("end", "create") == [
+        event("first", "create"), event("batch/a.csv", "create"), event("batch/b.csv", "create"),
+        event("end", "create"),
+    ]
+
+
 def test_without_recursive_subdirectories_and_directories_do_not_fire(device, watch):
     _, recorder = watch(events=["create", "close_write"])
     host(device, "sub").mkdir()

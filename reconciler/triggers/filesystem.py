@@ -304,6 +304,9 @@ class Watches:
     def forget(self, wd: int) -> None:
         self.directories.pop(wd, None)
 
+    def watching(self, directory: str) -> bool:
+        return directory in self.directories.values()
+
     def rename_tree(self, old: str, new: str) -> None:
         """A watched directory moved within the tree: its watches (and those below) stay, under
         new names."""
@@ -604,7 +607,11 @@ class FilesystemSource(Stoppable):
 
     def _directory_moved(self, old: str, new: str) -> None:
         """A directory moved within the tree: each file known in it moved (files that arrived
-        in it since have events of their own)."""
+        in it since have events of their own). One that was renamed before it could be watched
+        (created and put in place at once) is watched now, and its files reported as created."""
+        if not self._watches.watching(old):
+            self._appeared_all(self._watches.watch_tree(new), self._caught_up("create"))
+            return
         self._watches.rename_tree(old, new)
         for name in self._names_below(old):
             self._moved(name, new + name[len(old):])
