@@ -361,6 +361,20 @@ def test_a_file_deleted_before_it_settles_fires_nothing(device, watch):
     assert recorder.wait_for_event("end.txt", "close_write") == [event("end.txt", "close_write")]
 
 
+
+def test_a_file_renamed_before_it_settles_fires_once_at_its_new_name(device, watch):
+    """The write a rename interrupts is handed over where the file now is, once it settles;
+    a trigger that counts the move hears of the move instead."""
+    _, recorder = watch(events=["close_write"], settleSeconds=0.5)
+    host(device, "a.txt").write_text("done")
+    host(device, "a.txt").rename(host(device, "b.txt"))
+    host(device, "end.txt").write_text("")
+
+    assert by_name(recorder.wait_for_event("end.txt", "close_write")) == [
+        event("b.txt", "close_write"), event("end.txt", "close_write"),
+    ]
+    assert recorder.sizes[recorder.recorded().index(event("b.txt", "close_write"))] == 4
+
 # Nothing is lost
 
 

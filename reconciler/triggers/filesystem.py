@@ -205,6 +205,11 @@ class Settling:
     def drop(self, name: str) -> None:
         self._held.pop(name, None)
 
+    def take(self, name: str) -> dict | None:
+        """Removes and returns the data held for `name`, if any."""
+        held = self._held.pop(name, None)
+        return None if held is None else held[1]
+
     def due(self, now: float) -> list[dict]:
         """Removes and returns the data of every event whose quiet time has passed, oldest first."""
         ready = sorted((deadline, name) for name, (deadline, _) in self._held.items() if deadline <= now)
@@ -655,13 +660,17 @@ class FilesystemSource(Stoppable):
 
     def _moved(self, source: str, name: str) -> None:
         """A file renamed within the tree: reported at its new path with "from", or, when only
-        its old path counts, at the old path with "to"."""
+        its old path counts, at the old path with "to". An event still settling at the old
+        path follows the file to the new one, unless the move counts and takes its place."""
         source_counts = self._selects(source)
-        self._forget(source)
+        self._snapshot.pop(source, None)
+        held = self._settling.take(source)
         if self._selects(name):
             key = self._stat(name)
             if key is not None:
                 self._snapshot[name] = key
+            if held is not None and "move" not in self.config.events:
+                self._report(name, held["event"])
             self._report(name, "move", {"from": self._layout.device_path(source)})
         elif source_counts:
             self._report(source, "move", {"to": self._layout.device_path(name)})
