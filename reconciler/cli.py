@@ -1343,6 +1343,20 @@ def _action_execute(args) -> int:
     return _exit_code(final)
 
 
+def _known_agent(store, agent: str | None):
+    """`store`, once `agent` (when given) is one the device has a directory for (applied, or
+    removed with its history kept): a mistyped name is said, not answered with "No runs." as if
+    it had none."""
+    from reconciler.errors import UsageError
+
+    if agent is not None:
+        agents = sorted(store.agents())
+        if agent not in agents:
+            known = ", ".join(agents[:10]) + (f" and {len(agents) - 10} more" if len(agents) > 10 else "")
+            raise UsageError(f"no agent {agent!r} on this device (its agents: {known or 'none'})")
+    return store
+
+
 def _store(args):
     from reconciler.device import Device
     from reconciler.executor.runs import RunStore
@@ -1364,14 +1378,19 @@ def _find(args):
 def _action_list(args) -> int:
     from reconciler.executor import report
 
-    runs = [run for run in _store(args).runs(args.agent) if not args.state or run.state == args.state]
+    store = _known_agent(_store(args), args.agent)
+    runs = [run for run in store.runs(args.agent) if not args.state or run.state == args.state]
     return _print_rows(args, [report.summary(run) for run in runs])
 
 
 def _action_history(args) -> int:
     from reconciler.executor import report
 
-    runs = _store(args).runs(args.agent, buckets=("completed", "failed"))
+    if args.limit < 1:
+        from reconciler.errors import UsageError
+
+        raise UsageError(f"--limit: give at least 1, not {args.limit}")
+    runs = _known_agent(_store(args), args.agent).runs(args.agent, buckets=("completed", "failed"))
     rows = sorted((report.summary(run) for run in runs), key=lambda r: report.sort_time(r.get("endedAt")),
                   reverse=True)
     return _print_rows(args, rows[: max(args.limit, 0)])

@@ -72,3 +72,14 @@ def test_schedule_next(manifests, snapshot):
     assert forecast.text(found) == snapshot
     assert [s["agent"] for s in forecast.next_fires(load(str(manifests), None), agent=AGENT,
                                                     now=now, zone="UTC")["schedules"]] == [AGENT, AGENT]
+
+
+@pytest.mark.parametrize("words, says", [
+    (("action", "list", "--agent", "research-01"), "no agent 'research-01' on this device (its agents: "),
+    (("action", "history", "--agent", "research-01"), "no agent 'research-01' on this device (its agents: "),
+    (("action", "history", "--limit", "-5"), "--limit: give at least 1, not -5"),
+    (("action", "history", "--limit", "0"), "--limit: give at least 1, not 0"),
+])
+def test_a_mistyped_agent_or_a_limit_below_one_is_said_not_answered_with_no_runs(spos, device, words, says):
+    result = spos(*words, "--root", device)
+    assert result.code == 1 and says in result.err and "No runs" not in result.out, result
