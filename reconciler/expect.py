@@ -92,6 +92,8 @@ def _limits_changed(change: Change) -> list[str]:
     if change.action == "create" or change.before is None:
         return []
     old, new = (change.before or {}).get("config") or {}, (change.after or {}).get("config") or {}
+    if not isinstance(old, dict):  # the device's copy could not be read: every limit is set anew
+        old = {}
     old_tasks, new_tasks = old.get("tasks") or {}, new.get("tasks") or {}
     if (old.get("quota") or {}) != (new.get("quota") or {}):
         return sorted(new_tasks)

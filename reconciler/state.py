@@ -45,6 +45,8 @@ def read_inventory(device: Device) -> dict:
         data = json.loads(raw)
     except ValueError as exc:
         return {**empty, "unreadable": f"not JSON ({exc})"}
+    except RecursionError:
+        return {**empty, "unreadable": "not JSON (nested too deeply to parse)"}
     if not isinstance(data, dict) or data.get("format") != INVENTORY_FORMAT:
         return {**empty, "unreadable": f"not an inventory of format {INVENTORY_FORMAT}"}
     resources = data.setdefault("resources", {})

@@ -98,6 +98,8 @@ def in_words(change: dict) -> list[str]:
     name = change["id"].split("/", 1)[-1]
     if change["kind"] == "agent":
         old, new = before.get("config") or {}, after.get("config") or {}
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            return []  # the device's copy could not be read: its fields say so, nothing to compare
         return _capability_words(name, old.get("capability") or {}, new.get("capability") or {}) \
             + _quota_words(name, old.get("quota") or {}, new.get("quota") or {})
     if change["kind"] == "cgroup":

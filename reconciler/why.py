@@ -351,7 +351,7 @@ def _read(device: Device, path: str) -> str | None:
 def _parse(raw: bytes | None) -> dict | None:
     try:
         config = json.loads(raw) if raw is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
         return None
     return config if isinstance(config, dict) else None
 

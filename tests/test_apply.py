@@ -199,6 +199,21 @@ def test_deleted_agent_config_is_created_again(spos, manifests, applied):
     assert config.read_text() == original
 
 
+@pytest.mark.parametrize("damage", ["{not json", "[" * 100_000 + "]" * 100_000],
+                         ids=["not-json", "nested-too-deeply"])
+def test_a_damaged_agent_config_is_planned_to_be_rewritten(spos, manifests, applied, damage):
+    config = applied / STATE / "agents/backup-001/agent.json"
+    original = config.read_text()
+    config.write_text(damage)
+
+    plan = spos("plan", manifests, "--root", applied)
+
+    assert plan.code == 0 and "Traceback" not in plan.err, plan.err
+    assert "agent/backup-001" in plan.out and "Plan: 0 to create, 1 to update" in plan.out, plan.out
+    assert spos("apply", manifests, "--root", applied, "--auto-approve").code == 0
+    assert config.read_text() == original
+
+
 HEALTH_SCHEDULE = """apiVersion: spos/v1
 kind: Schedule
 metadata:
@@ -245,7 +260,8 @@ def test_removed_schedule_and_agent_are_pruned_keeping_run_history(spos, manifes
     lambda text: "[]",
     lambda text: '{"format": 1, "resources": []}',
     lambda text: text.replace('"format": 1', '"format": 99'),
-], ids=["truncated", "a-list", "resources-a-list", "another-format"])
+    lambda text: "[" * 100_000 + "]" * 100_000,
+], ids=["truncated", "a-list", "resources-a-list", "another-format", "nested-too-deeply"])
 def test_a_damaged_inventory_is_said_and_repaired_and_pruning_still_works(
         spos, manifests, applied, damage):
     """An inventory edited by hand (or by a spos of another format) is read as empty, said

@@ -1664,6 +1664,27 @@ def test_a_cancel_request_outliving_its_executor_is_honoured_at_recovery(device)
     assert "run cancelled" in device.log(run_id)
 
 
+def test_a_cancel_request_nested_too_deeply_to_parse_counts_and_the_executor_goes_on(device):
+    """A request file written by hand counts whatever it holds, one nested past what the JSON
+    reader can take too: the run is cancelled, and the executor serves the next run."""
+    device.apply({"t": {"command": sh("trap '' TERM; sleep 86407"), "timeout": "30s",
+                        "concurrency": "Allow"},
+                  "after": {"command": sh("true")}})
+    run_id = device.enqueue("t")
+    daemon = device.daemon("--rescan", "60s", "--grace", "1s")
+    pids = wait_for(lambda: cgroup_pids(device.agent, run_id), "the run to start")
+    active = device.agent_dir() / "active"
+    record_file = next(p for p in active.glob(f"*-{run_id}.json"))
+    (active / f"{record_file.name}.cancel").write_text("[" * 100_000 + "]" * 100_000)  # seen within a second
+
+    wait_for(lambda: device.record(run_id).get("state") == "cancelled", "the run to be cancelled")
+    after = device.enqueue("after")
+    wait_for(lambda: device.record(after).get("state") == "completed", "the next run to complete")
+    assert daemon.process.poll() is None
+    assert not survivors(pids, "86407")
+    daemon.stop()
+
+
 def test_a_record_left_half_written_by_a_killed_enqueuer_is_removed(device):
     """`spos action run` killed between writing its record and renaming it into queue/ leaves
     a temporary file: the run was never queued (nothing said it was); the executor removes

@@ -99,7 +99,7 @@ def requested(store: RunStore, run: Run) -> str | None:
         return None
     try:
         request = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
         return BY_REQUEST
     if not isinstance(request, dict):
         return BY_REQUEST

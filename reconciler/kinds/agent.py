@@ -205,7 +205,7 @@ class AgentKind:
         present = [d for d in RUN_DIRECTORIES if d in existing]
         try:
             config = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             config = "unreadable: not valid JSON"
         return Resource(
             id=f"agent/{name}",

@@ -183,7 +183,7 @@ class TriggerKind:
             return None
         try:
             registration = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             registration = "unreadable: not valid JSON"
         return Resource(
             id=f"trigger/{name}",

@@ -79,7 +79,7 @@ def _daemon(status: dict | None) -> dict:
 def _entry(name: str, raw: bytes, seen: dict | None, daemon: dict) -> dict:
     try:
         registration = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
         registration = {}
     if not isinstance(registration, dict):
         registration = {}
