@@ -653,3 +653,48 @@ def test_stopping_the_listener_closes_open_connections_and_is_idempotent(root):
     assert read_until_closed(pending) == b""
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=BOUND)
+
+
+def test_a_listener_out_of_file_descriptors_waits_instead_of_spinning_and_then_serves(
+        root, monkeypatch, caplog):
+    """accept() failing for want of file descriptors leaves the connection in the backlog,
+    where the socket stays ready: the listener tries again every ACCEPT_PAUSE, says so once,
+    and serves the connection once accepting works again."""
+    import errno as errno_module
+    import socketserver
+
+    from reconciler.triggers import webhook as webhook_module
+    caplog.set_level(logging.WARNING)
+    attempts, failing = [], threading.Event()
+    failing.set()
+    accept = socketserver.TCPServer.get_request
+
+    def short_of_fds(server):
+        attempts.append(time.monotonic())
+        if failing.is_set():
+            raise OSError(errno_module.EMFILE, "Too many open files")
+        return accept(server)
+
+    monkeypatch.setattr(socketserver.TCPServer, "get_request", short_of_fds)
+    write_secret(root, SECRET)
+    gate = Gate()
+    listener = Listener()
+    listener.start()
+    try:
+        webhook(root, listener, gate)
+        answers = []
+        client = threading.Thread(target=lambda: answers.append(
+            post(listener.port, PATH, b"{}", signed(b"{}"))))
+        client.start()
+        wait_for(lambda: len(attempts) >= 3, "accept to be tried again", BOUND)
+        time.sleep(0.5)
+        tried = len(attempts)
+        failing.clear()
+        client.join(BOUND)
+
+        assert tried <= 0.5 / webhook_module.ACCEPT_PAUSE + 6, tried  # not thousands: no spin
+        assert answers and answers[0].status == 202 and len(gate.events) == 1
+        said = [r.getMessage() for r in caplog.records if "webhook listener" in r.getMessage()]
+        assert len(said) == 2 and "cannot accept" in said[0] and "again" in said[1], said
+    finally:
+        listener.stop()

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import select
 import selectors
 import socket
 import socketserver
@@ -58,6 +59,10 @@ LINGER_SECONDS = 1.0
 """After answering without reading a declared body, how long the rest of it is received and
 discarded before closing, so that closing does not reset the connection before the client has
 read the answer."""
+
+ACCEPT_PAUSE = 0.1
+"""Seconds the listener waits before it accepts again after the process or the system ran out of
+file descriptors (or memory) for a connection."""
 
 INLINE_BYTES = 64 * 1024
 """A request up to this size (headers and body) that has arrived whole when its connection is
@@ -218,6 +223,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
         self._inline = threading.local()
+        self._cannot_accept = False  # accepting fails for want of file descriptors (or memory)
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         if ":" in address[0]:  # an IPv6 address (`--listen [::1]:9180`)
             self.address_family = socket.AF_INET6
@@ -236,6 +242,29 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self._handle_request_noblock()
                 if self.socket.fileno() < 0:  # closed while a request was served here
                     return
+                if self._cannot_accept:  # the socket stays ready: wait (for a wake-up only)
+                    if select.select([self._wake_read], [], [], ACCEPT_PAUSE)[0]:
+                        return
+
+    def get_request(self):
+        """Accept a connection. When the process or the system has no file descriptor (or
+        memory) left for it, the connection stays in the backlog and the loop waits
+        ACCEPT_PAUSE before it tries again, instead of finding the socket ready at once, over
+        and over, and spinning; said once in the log, and once more when accepting works
+        again."""
+        try:
+            accepted = super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if not self._cannot_accept:
+                    log.warning("webhook listener: cannot accept a connection (%s); trying again "
+                                "every %g s", exc.strerror, ACCEPT_PAUSE)
+                self._cannot_accept = True
+            raise
+        if self._cannot_accept:
+            log.warning("webhook listener: accepting connections again")
+            self._cannot_accept = False
+        return accepted
 
     def wake(self) -> None:
         try:
