@@ -528,6 +528,31 @@ def test_argv0_and_its_script_interpreter_are_executable_without_listing(sandbox
     assert "script-ran" in out and "id=126" in out, out
 
 
+def test_a_fifo_in_place_of_the_program_is_never_opened_by_the_executor(sandboxed, device_root):
+    """The executor reads a program's first line (a script's interpreter is executable too) as
+    root, outside the sandbox. Something a run left where a task's program lies, a FIFO here (a
+    device could rewind a tape on opening), is not opened: a writer waiting for a reader stays
+    waiting, and the run fails to execute it."""
+    program = device_root / OUTPUT.lstrip("/") / "job"
+    os.mkfifo(program)
+    opened = threading.Event()
+
+    def writer():
+        fd = os.open(program, os.O_WRONLY)  # returns once something opens the FIFO to read
+        opened.set()
+        os.close(fd)
+
+    waiting = threading.Thread(target=writer, daemon=True)
+    waiting.start()
+    try:
+        code, _, _ = sandboxed([f"{OUTPUT}/job"], execute=())
+        assert code != 0
+        assert not opened.wait(0.5)
+    finally:
+        os.close(os.open(program, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+        waiting.join(5)
+
+
 @BOTH_LAUNCHERS
 def test_a_missing_program_is_a_setup_error(sandboxed):
     code, out, run = sandboxed(["/usr/bin/no-such-program"])

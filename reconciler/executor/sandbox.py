@@ -1270,13 +1270,24 @@ def _exit_status(code: int | None) -> int | None:
 
 
 def _head_of_regular_file(path: str) -> bytes:
-    """The first bytes of a regular file; b"" for anything else (a FIFO must not hang us)."""
+    """The first bytes of a regular file; b"" for anything else. What `path` names is looked at
+    through an O_PATH descriptor first, which opens nothing: a FIFO, or a device whose opening
+    does something (a tape rewinds), put where a task's program was, is never opened; only the
+    regular file that descriptor found is then opened, through /proc, for reading."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        found = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
         return b""
     try:
-        return os.read(fd, 256) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        if not stat.S_ISREG(os.fstat(found).st_mode):
+            return b""
+        fd = os.open(f"/proc/self/fd/{found}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    finally:
+        os.close(found)
+    try:
+        return os.read(fd, 256)
     finally:
         os.close(fd)
 
