@@ -1393,7 +1393,7 @@ def _action_history(args) -> int:
     runs = _known_agent(_store(args), args.agent).runs(args.agent, buckets=("completed", "failed"))
     rows = sorted((report.summary(run) for run in runs), key=lambda r: report.sort_time(r.get("endedAt")),
                   reverse=True)
-    return _print_rows(args, rows[: max(args.limit, 0)])
+    return _print_rows(args, rows[: args.limit])
 
 
 def _print_rows(args, rows: list[dict]) -> int:

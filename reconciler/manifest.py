@@ -7,7 +7,6 @@ checks, plan views) can point back at the source, and its `Refs`: the names it r
 from __future__ import annotations
 
 import posixpath
-import re
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Iterable, NamedTuple
@@ -65,18 +64,30 @@ def _path(value: Any) -> str | None:
     return posixpath.normpath(value) if isinstance(value, str) and value else None
 
 
-_BROKER = re.compile(r"(mqtts?)://(\[[^\]]*\]|[^:/]*)(?::(\d+))?/?")
+def mqtt_broker(url: str) -> tuple[str | None, int, bool] | None:
+    """(host, port, TLS?) of an `mqtt://` or `mqtts://` broker URL, the host in lower case and
+    the port's default (1883, 8883 with TLS) filled in; None when it cannot be read."""
+    from urllib.parse import urlsplit  # here: every plan imports this module, few have brokers
+
+    try:
+        broker = urlsplit(url)
+        port = broker.port
+    except ValueError:
+        return None
+    tls = broker.scheme == "mqtts"
+    return broker.hostname, port or (8883 if tls else 1883), tls
 
 
 def _mqtt_client(spec: dict) -> str | None:
-    """`<broker> <clientId>` with the broker written one way (`mqtt://host:port`, the host in
-    lower case, the default port filled in), or None without a clientId or a readable broker."""
+    """`<broker> <clientId>` with the broker written one way (`mqtt://host:port`, as the daemon
+    connects to it), or None without a clientId or a readable broker."""
     client, broker = _text(spec.get("clientId")), _text(spec.get("broker"))
-    found = _BROKER.fullmatch(broker) if client and broker else None
-    if found is None:
+    found = mqtt_broker(broker) if client and broker else None
+    if found is None or found[0] is None:
         return None
-    scheme, host, port = found.groups()
-    return f"{scheme}://{host.lower()}:{port or (8883 if scheme == 'mqtts' else 1883)} {client}"
+    host, port, tls = found
+    host = f"[{host}]" if ":" in host else host
+    return f"{'mqtts' if tls else 'mqtt'}://{host}:{port} {client}"
 
 
 _UNREAD = object()

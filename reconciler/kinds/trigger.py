@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Collection, Iterable
 from reconciler import TRIGGERS_DIR, units
 from reconciler.errors import UnsafePathError
 from reconciler.kinds.recall import recall
-from reconciler.manifest import Manifest, ManifestSet
+from reconciler.manifest import Manifest, ManifestSet, mqtt_broker
 from reconciler.resource import Change, Facts, Resource
 
 if TYPE_CHECKING:
@@ -87,13 +87,10 @@ def _condition(spec: dict) -> dict:
 
 
 def _mqtt(spec: dict) -> dict:
-    from urllib.parse import urlsplit  # here: every plan imports this module, few have brokers
-
-    broker = urlsplit(spec["broker"])
-    tls = broker.scheme == "mqtts"
+    host, port, tls = mqtt_broker(spec["broker"])
     return {
-        "host": broker.hostname,
-        "port": broker.port or (8883 if tls else 1883),
+        "host": host,
+        "port": port,
         "tls": tls,
         "topic": spec["topic"],
         "qos": spec.get("qos", 0),
