@@ -97,7 +97,7 @@ def read_json_object(device: Device, path: str) -> dict | None:
     try:
         raw = device.read_text(path)
         data = json.loads(raw) if raw else None
-    except (ValueError, OSError, SposError):
+    except (ValueError, RecursionError, OSError, SposError):  # RecursionError: nested too deeply
         return None
     return data if isinstance(data, dict) else None
 

@@ -641,15 +641,18 @@ LIVE = os.getpid()  # a process that is alive: the status files' daemons "run"
     ("sync/state.json", {"drift": {"lastRepair": "yesterday"}}),
     ("sync/state.json", {"drift": {"lastRepair": {"repaired": "x"}}}),
     ("sync/state.json", {"applied": {"revision": "a" * 40}}),
+    ("triggerd/status.json", "[" * 100_000 + "]" * 100_000),
+    ("daemon.json", "[" * 100_000 + "]" * 100_000),
 ], ids=["huge-trigger-pid", "huge-daemon-pid", "triggers-a-list", "trigger-a-string",
         "updated-at-a-number", "child-without-running", "children-a-list", "repair-a-string",
-        "repair-without-at", "applied-without-at"])
+        "repair-without-at", "applied-without-at", "triggers-nested-too-deeply",
+        "daemon-nested-too-deeply"])
 def test_status_trigger_list_and_metrics_read_hand_damaged_status_files(device_root, path, content):
     """Status files say what a live process is doing; one edited by hand is shown as far as it
     makes sense, never as a traceback (state.py: a reader then shows nothing rather than fail)."""
     target = device_root / STATE / path
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(content))
+    target.write_text(content if isinstance(content, str) else json.dumps(content))
     for command in (("status",), ("status", "--json"), ("trigger", "list"), ("metrics",)):
         done = spos(*command, "--root", device_root)
         no_traceback(done)
