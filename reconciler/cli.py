@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130  # `action run --wait` gave up / was interrupted
 MAX_DURATION = 10 * 365 * 86400.0  # seconds; longer durations on the command line are mistakes
+REDELIVER_DELAY = 0.005  # seconds; see _redeliver
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,28 +51,61 @@ class Terminated(Interrupted):
 
 class _interruptible:
     """SIGINT raises Interrupted, SIGTERM Terminated, while a command runs (in the main thread;
-    the previous handlers are put back after). The daemons install their own on top."""
+    the previous handlers, and the unraisable hook, are put back after). The daemons install
+    their own on top.
+
+    A handler's exception is raised in whatever code runs when the signal arrives; in a
+    finalizer or a weakref callback (an import's module lock has one) Python only prints it
+    and goes on, and Ctrl-C would be lost. `_redeliver` sees it there and sends the signal
+    again, to be raised in the code that follows."""
 
     def __enter__(self):
         import signal
         import threading
 
         self.previous = {}
+        self.hook = None
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGINT, signal.SIGTERM):
                 self.previous[number] = signal.signal(number, _interrupt)
+            self.hook = sys.unraisablehook
+            sys.unraisablehook = lambda unraisable: _redeliver(unraisable, self.hook)
 
     def __exit__(self, *_) -> None:
         import signal
 
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+        if self.hook is not None:
+            sys.unraisablehook = self.hook
 
 
 def _interrupt(signum, frame):
     import signal
 
     raise Terminated() if signum == signal.SIGTERM else Interrupted()
+
+
+def _redeliver(unraisable, hook) -> None:
+    """An Interrupted that Python could not raise (see `_interruptible`): its signal again, sent
+    to the main thread REDELIVER_DELAY later by a thread of its own, once the finalizer and this
+    hook have returned (a handler run before that raises here, where it is lost too). A signal,
+    not a flag: it also ends the system call the main thread may be waiting in."""
+    import signal
+    import threading
+    import time
+
+    if isinstance(unraisable.exc_value, Interrupted):
+        number = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        main = threading.main_thread().ident
+
+        def again() -> None:
+            time.sleep(REDELIVER_DELAY)
+            signal.pthread_kill(main, number)
+
+        threading.Thread(target=again, name="spos-redeliver", daemon=True).start()
+    else:
+        hook(unraisable)
 
 
 def _run_with_feedback(args) -> int:

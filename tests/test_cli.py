@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from reconciler.cli import _parser
 
 
@@ -211,6 +213,39 @@ def test_an_interrupt_handled_inside_generated_code_keeps_the_exit_code(tmp_path
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), *sys.path]))}
     assert subprocess.run([sys.executable, "-m", "interrupted"], env=env, timeout=30).returncode == 130
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_arriving_in_a_finalizer_still_interrupts_the_command(tmp_path, signal_name, code):
+    """Python only prints an exception raised in a finalizer or a weakref callback (an import's
+    module lock has one), so a Ctrl-C (or SIGTERM) that lands there would be lost and `action
+    run --wait` would wait on: spos raises it again in the code that follows, silently."""
+    script = tmp_path / "finalizer.py"
+    script.write_text(
+        "import signal, time\n"
+        "from reconciler import cli\n"
+        "class Collected:\n"
+        "    def __del__(self):\n"
+        f"        signal.raise_signal(signal.{signal_name})  # the handler runs here, in __del__\n"
+        "def command():\n"
+        "    try:\n"
+        "        Collected()\n"
+        "        time.sleep(5)\n"
+        "    except cli.Terminated:\n"
+        "        return 143\n"
+        "    except cli.Interrupted:\n"
+        "        return 130\n"
+        "    return 0\n"
+        "with cli._interruptible():\n"
+        "    code = command()\n"
+        "raise SystemExit(code)\n"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert (done.returncode, done.stderr) == (code, "")
 
 
 def test_validate_at_a_terminal_counts_the_files_it_checks_then_gives_only_its_verdict(manifests):
