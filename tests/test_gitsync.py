@@ -403,10 +403,20 @@ def test_a_git_killed_while_it_lists_the_tree_is_no_fault_of_the_revision(tmp_pa
     mirror.fetch("main")
     start = Mirror._start
 
+    popen = subprocess.Popen
+
     def killed_at_once(self, args, **options):
-        process = start(self, args, **options)
-        if args[0] == "ls-tree":
-            os.killpg(process.pid, signal.SIGKILL)
+        if args[0] != "ls-tree":
+            return start(self, args, **options)
+        # git is started behind a shell that stops itself first, so the kill always finds it
+        # unfinished: a git quicker than the kill would exit 0 and prove nothing.
+        monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: popen(
+            ["sh", "-c", 'kill -STOP $$; exec "$@"', "sh", *argv], **kw))
+        try:
+            process = start(self, args, **options)
+        finally:
+            monkeypatch.setattr(subprocess, "Popen", popen)
+        os.killpg(process.pid, signal.SIGKILL)
         return process
 
     monkeypatch.setattr(Mirror, "_start", killed_at_once)
