@@ -2057,6 +2057,31 @@ def test_enqueueing_an_unknown_agent_or_task_is_refused(device, spos):
     assert result.code == 1 and "'nobody' is not applied" in result.err
 
 
+def test_a_long_lived_enqueuer_sees_every_change_to_agent_json(device):
+    """The trigger daemon and the executor keep what an unchanged agent.json parsed to; a
+    changed one is read afresh however it changed (here to the same length, with its
+    modification time put back): a task broken by hand is refused from the next enqueue on,
+    and accepted again once repaired."""
+    from reconciler.device import Device
+    from reconciler.executor.config import ConfigError
+    from reconciler.executor.enqueue import enqueue
+
+    device.apply({"t": {"command": sh("true"), "priority": 60}})
+    host = Device(device.root)
+    config = device.agent_dir() / "agent.json"
+    good, times = config.read_bytes(), os.stat(config)
+    bad = good.replace(b'"priority": 60', b'"priority": ""')
+    assert len(bad) == len(good) and bad != good
+
+    assert enqueue(host, device.agent, "t")["priority"] == 60
+    config.write_bytes(bad)
+    os.utime(config, ns=(times.st_atime_ns, times.st_mtime_ns))
+    with pytest.raises(ConfigError, match="priority"):
+        enqueue(host, device.agent, "t")
+    config.write_bytes(good)
+    assert enqueue(host, device.agent, "t")["priority"] == 60
+
+
 def test_an_agent_config_nested_too_deeply_to_parse_is_not_valid_json(device, spos):
     """agent.json damaged into JSON nested deeper than the parser goes reads as any config that
     is not JSON: enqueueing is refused, and the executor fails the agent's queued run and goes

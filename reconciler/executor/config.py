@@ -17,13 +17,36 @@ def agent_config(device: Device, agent: str) -> dict:
     return read_agent_config(device, agent)[0]
 
 
+class _Checked(dict):
+    """A config read and checked by read_agent_config, shared by every caller that reads the
+    same bytes: never changed once made. Its tasks' problems (task_config) are looked at once
+    each."""
+
+    __slots__ = ("task_problems",)
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.task_problems: dict[str, str | None] = {}
+
+
+_KEPT: dict[str, tuple[bytes, _Checked]] = {}
+"""agent name -> the bytes of its agent.json last read and what they parsed to: a long-lived
+reader (the executor starting a run, the trigger daemon queueing one) parses and checks an
+unchanged config once. Compared by content, so it cannot go stale."""
+KEEP_AT_MOST = 1024
+
+
 def read_agent_config(device: Device, agent: str) -> tuple[dict, bytes]:
     """The agent's compiled config, and the exact bytes it was read from (the executor records
-    their digest as the config each attempt ran under)."""
+    their digest as the config each attempt ran under). Read every time; parsed and checked
+    only when the bytes differ from the last read (`_KEPT`). The config must not be changed."""
     path = f"{AGENTS_DIR}/{agent}/{AGENT_CONFIG}"
     raw = device.read_bytes(path)
     if raw is None:
         raise ConfigError(f"agent {agent!r} is not applied on this device (no {path})")
+    kept = _KEPT.get(agent)
+    if kept is not None and kept[0] == raw:
+        return kept[1], raw
     try:
         config = leanjson.loads(raw.decode("utf-8", errors="replace"))
     except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
@@ -37,6 +60,10 @@ def read_agent_config(device: Device, agent: str) -> tuple[dict, bytes]:
     problem = shape_problem(config)
     if problem:
         raise ConfigError(f"{path}: {problem}; run spos apply to repair it")
+    config = _Checked(config)
+    if len(_KEPT) >= KEEP_AT_MOST:
+        _KEPT.clear()
+    _KEPT[agent] = (raw, config)
     return config, raw
 
 
@@ -47,7 +74,13 @@ def task_config(config: dict, task: str) -> dict:
     if task not in tasks:
         known = ", ".join(sorted(tasks)) or "none"
         raise ConfigError(f"agent {config.get('agent')!r} has no task {task!r} (its tasks: {known})")
-    problem = task_problem(task, tasks[task])
+    checked = getattr(config, "task_problems", None)
+    if checked is not None and task in checked:
+        problem = checked[task]
+    else:
+        problem = task_problem(task, tasks[task])
+        if checked is not None:
+            checked[task] = problem
     if problem:
         path = f"{AGENTS_DIR}/{config.get('agent')}/{AGENT_CONFIG}"
         raise ConfigError(f"{path}: {problem}; run spos apply to repair it")
