@@ -16,8 +16,9 @@ signature (401). With `timestampToleranceSeconds`, the signature also covers the
 rejected (401), so a captured request cannot be replayed later. Only then is the event emitted;
 the answer says what became of it (see `response_for`).
 
-Standard library only: http.server parses the request line and headers.
-"""
+Standard library only: http.server parses the request line and headers, except those of a
+request that arrived whole, which the listener reads itself into the same form
+(`_Handler._parse_plain`)."""
 
 from __future__ import annotations
 
