@@ -627,6 +627,33 @@ def test_a_header_line_break_without_crlf_cannot_make_the_listener_wait_for_a_bo
         listener.stop()
 
 
+@pytest.mark.parametrize("after", [b"GET /hooks/plain HTTP/1.1\r\n\r\n", b"}"], ids=["pipelined", "overlong-body"])
+def test_bytes_after_a_request_that_arrived_whole_get_its_answer_without_a_reset(after):
+    """A client that sends more after its request (a second request, or more body than its
+    Content-Length) gets its answer and a clean close, as when http.server reads it: its
+    buffered reader takes such bytes off the socket along with the request. Left in the
+    receive buffer, they make closing send a reset, which can discard the answer before the
+    client has read it."""
+    recorder = Recorder()
+    listener = Listener(request_timeout=BOUND)
+    listener.route("/hooks/plain", recorder)
+    listener.start()
+    try:
+        answers, errors = [], []
+        for send in (send_before_accepted, send_after_accepted):
+            client = send(listener, b"POST /hooks/plain HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}" + after)
+            answers.append(read_until_closed(client))
+            wait_for(lambda: listener.connections == 0, "the connection to end", BOUND)
+            errors.append(client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))  # EPIPE: reset
+            client.close()
+    finally:
+        listener.stop()
+
+    assert errors == [0, 0]
+    assert answers[0] == answers[1] and status_and_body(answers[0])[0] == 202
+    assert [seen[3] for seen in recorder.seen] == [b"{}", b"{}"]
+
+
 # --- the secret -------------------------------------------------------------------------------
 
 

@@ -355,9 +355,13 @@ def _whole_request(connection: socket.socket) -> bytes | None:
     `Expect` to wait on; None otherwise. Looked at without reading (MSG_PEEK) or waiting
     (MSG_DONTWAIT); the request is then checked as any other. Only a plainly written header
     block (`_PLAIN_HEAD`) is looked at: in any other, http.server may find a Content-Length
-    that this look does not, and wait for a body that is not there on the listener's thread."""
+    that this look does not, and wait for a body that is not there on the listener's thread.
+    None too when more follows the request (a second request, more body than announced):
+    only the request is read off the socket, and bytes left unread there make closing reset
+    the connection, which can discard the answer; http.server's buffered reader takes them
+    along with the request."""
     try:
-        data = connection.recv(INLINE_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = connection.recv(INLINE_BYTES + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:
         return None
     end = data.find(b"\r\n\r\n")
@@ -373,8 +377,7 @@ def _whole_request(connection: socket.socket) -> bytes | None:
             if not _CONTENT_LENGTH.fullmatch(value.decode("latin-1")):
                 return None
             length = int(value)
-    size = end + 4 + length
-    return data[:size] if size <= len(data) else None
+    return data if end + 4 + length == len(data) <= INLINE_BYTES else None
 
 
 def _take(connection: socket.socket, size: int) -> bytes:
