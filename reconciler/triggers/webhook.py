@@ -578,7 +578,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         deadline), so that closing does not reset the connection before the answer was read."""
         self.connection.shutdown(socket.SHUT_WR)
         if self.server.serving_inline():
-            # The whole body was in the receive buffer (`_whole_request`): read what more is, so that
+            # The request was read whole (`setup`): read whatever came after it, so that
             # closing sends no reset, and wait for nothing more on the listener's thread.
             self.connection.setblocking(False)
             while True:
