@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from sandboxes import reap_cgroups
+from waiting import wait_for
 
 from reconciler.executor.sandbox import Limits, Sandbox, SandboxError, SandboxSpec
 
@@ -808,6 +809,18 @@ def _still_running(pids: set[int]) -> list[int]:
     return [pid for pid in pids if _alive(pid)]
 
 
+def _running(spec: SandboxSpec, program: bytes, hierarchy: Path = CGROUP_ROOT / "pids") -> int:
+    """How many processes of the run's cgroup run `program` (their command line's first word):
+    until then, the launcher is still setting the sandbox up."""
+    count = 0
+    for pid in (hierarchy / spec.cgroup_name / "cgroup.procs").read_text().split():
+        try:
+            count += Path(f"/proc/{pid}/cmdline").read_bytes().startswith(program + b"\0")
+        except (FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+            pass
+    return count
+
+
 def _alive(pid: int) -> bool:
     """Running, as opposed to gone or dead and waiting for the host's init to reap it."""
     try:
@@ -818,8 +831,11 @@ def _alive(pid: int) -> bool:
 
 
 def test_terminate_ends_a_cooperative_action(sandboxed):
-    run, _ = sandboxed.start(sandboxed.spec(["/usr/bin/sleep", "60"]))
-    time.sleep(0.2)
+    """Once the action runs: before, the SIGTERM would find only bubblewrap and its init,
+    which it spares, and nothing would end."""
+    spec = sandboxed.spec(["/usr/bin/sleep", "60"])
+    run, _ = sandboxed.start(spec)
+    wait_for(lambda: _running(spec, b"/usr/bin/sleep") == 1, "the action to run", WAIT_SECONDS)
     run.terminate()
     assert run.wait(timeout=WAIT_SECONDS) == -signal.SIGTERM
 
@@ -1083,7 +1099,8 @@ def test_cgroup_v2_tree_kills_and_counts(tmp_path, device_root):
     try:
         spec = runner.spec(sh("sleep 60 & exec sleep 60"))
         run, _ = runner.start(spec)
-        time.sleep(0.2)
+        wait_for(lambda: _running(spec, b"sleep", unified) == 2, "the action and its child to run",
+                 WAIT_SECONDS)
         assert len((unified / spec.cgroup_name / "cgroup.procs").read_text().split()) >= 3
         run.kill_all()
         assert run.wait(timeout=WAIT_SECONDS) == -signal.SIGKILL
