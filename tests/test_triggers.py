@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,6 +33,7 @@ from reconciler.device import Device
 from reconciler.executor.enqueue import write_attachments
 from reconciler.triggers.base import Event, Registration
 from reconciler.triggers.daemon import TriggerDaemon
+from reconciler.triggers import gate as gate_module
 from reconciler.triggers.gate import Gate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -515,10 +517,14 @@ def test_debounce_coalesces_a_burst_into_one_run(site):
     assert gate.counts.outcomes["debounced"] == 5 and gate.counts.outcomes["queued"] == 1
 
 
-def test_rate_limit_drops_what_is_over_it(site):
+def test_rate_limit_drops_what_is_over_it(site, monkeypatch):
+    """On a clock the test turns: the first four events fall in one window however long
+    queueing a run takes on a busy machine."""
+    now = [1000.0]
+    monkeypatch.setattr(gate_module, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: now[0]))
     gate = _gate(site, rate_limit=(2, 0.5))
     assert [gate(Event({})).status for _ in range(4)] == ["queued", "queued", "limited", "limited"]
-    time.sleep(0.6)
+    now[0] += 0.6
     assert gate(Event({})).status == "queued"
     assert len(site.queued()) == 3
 
