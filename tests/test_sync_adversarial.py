@@ -634,8 +634,11 @@ def test_sigterm_stops_children_that_ignore_it_within_the_stop_timeout_and_with_
     daemon.process.send_signal(signal.SIGTERM)
     code = daemon.process.wait(WAIT)
     took = time.monotonic() - started
-    time.sleep(0.2)
-    survivors = [int(pid) for pid in pids.read_text().split() if alive(int(pid))]
+    # SIGKILLed, a process still has to be scheduled to die: wait (bounded) for that.
+    grandchildren, deadline = [int(pid) for pid in pids.read_text().split()], time.monotonic() + WAIT
+    while [pid for pid in grandchildren if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    survivors = [pid for pid in grandchildren if alive(pid)]
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
 
