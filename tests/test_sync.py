@@ -732,9 +732,12 @@ def test_the_daemon_repairs_managed_files_changed_by_hand_between_syncs(device, 
     # A line added by hand beside spos's own is the owner's, not drift.
     hand_edit(cron_file, good_cron, good_cron + "# checked by hand\n")
     checked = device.state()["drift"]["checkedAt"]
-    time.sleep(1.5)
+    # The first check to end may have read the file before the edit; the one after it did not.
+    first = wait_for(lambda: device.state()["drift"]["checkedAt"] != checked
+                     and device.state()["drift"]["checkedAt"], "a drift check", WAIT)
+    wait_for(lambda: device.state()["drift"]["checkedAt"] not in (checked, first),
+             "a drift check begun after the edit", WAIT)
     assert cron_file.read_text() == good_cron + "# checked by hand\n"
-    assert device.state()["drift"]["checkedAt"] != checked, "no drift check ran meanwhile"
     assert device.state()["drift"]["repairs"] == 2
 
     status = spos("status", "--root", device.root)
