@@ -1412,10 +1412,10 @@ def _make_dir(device: Device, device_path: str) -> None:
     """Create a run's directory (mode 0750) whose parent, the agent's directory, usually
     exists: one mkdir, and a walk from the root (Device.makedirs) only when the parent is
     missing. The path is resolved without following links either way."""
-    st = device.stat(device_path)
+    host, st = device.locate(device_path)
     if st is None:
         try:
-            os.mkdir(device.host(device_path), 0o750)
+            os.mkdir(host, 0o750)
             return
         except OSError:  # no parent, or made meanwhile: the walk makes or checks it
             pass
