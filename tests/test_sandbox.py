@@ -1197,6 +1197,64 @@ def test_a_prepared_sandbox_runs_a_later_run_confined_to_its_own_directories(
     assert not (CGROUP_ROOT / "pids" / PARENT / "r-second").exists()
 
 
+def test_a_prepared_sandbox_looks_again_for_rule_paths_missing_when_it_was_prepared(
+        prepared, sandboxed, device_root):
+    """The launcher of a prepared sandbox adds its shape's Landlock rules while it waits for
+    its run. A rule whose path did not exist then is looked for again when the run comes, as
+    a sandbox set up for the run looks for it: here a program the capability allows to
+    execute, written into the output directory after the sandbox was prepared. A program
+    beside it that no rule names stays refused."""
+    tool, other = f"{OUTPUT}/tool", f"{OUTPUT}/other"
+    execute = (SH, tool)
+    slot, output = prepared(execute=execute)
+    time.sleep(0.2)  # the launcher has added its rules and waits in read()
+    for path in (tool, other):
+        host = device_root / path.lstrip("/")
+        host.write_text("#!/bin/sh\necho ran $0\n")
+        host.chmod(0o755)
+    script = f"{tool}; echo tool=$?; {other}; echo other=$?"
+    spec = _run_spec(sandboxed, device_root, "r-second", sh(script), execute=execute)
+    run = slot.start(spec)
+    sandboxed.runs.append(run)
+    assert run.wait(timeout=WAIT_SECONDS) == 0 and run.setup_error() is None
+    output.seek(0)
+    prepared_out = output.read().decode()
+    code, fresh_out, _ = sandboxed(sh(script), execute=execute)
+    assert code == 0
+    for out in (prepared_out, fresh_out):
+        assert f"ran {tool}\ntool=0\n" in out and "other=126" in out, out
+
+
+def test_a_prepared_sandbox_hands_its_launcher_only_the_rules_it_does_not_hold(
+        sandbox, sandboxed, device_root):
+    """The rules a prepared sandbox's launcher gets with its run are the run's own (its
+    directories and its program): with those it held already, they are exactly the rules of
+    a sandbox set up for the run. Rules that do not include the held ones (another header, a
+    rule missing) are refused, and the run starts afresh."""
+    from reconciler.executor import landlock
+    from reconciler.executor.sandbox import MountPlan, _beyond, _shape_of
+
+    if not sandbox.landlock_abi:
+        pytest.skip("this kernel has no Landlock")
+    spec = _run_spec(sandboxed, device_root, "r-second", ["/usr/bin/true"])
+    shape = _shape_of(spec)
+    plan = MountPlan(sandbox.device, shape, staged=shape.per_run)
+    held = sandbox._ruleset(shape, plan)
+    whole = sandbox._ruleset(spec, plan)
+    beyond = _beyond(whole, held)
+    assert sorted(path for _, path in beyond.paths) == sorted(
+        [f"{AGENT_DIR}/checkpoints/r-second", f"{AGENT_DIR}/tmp/r-second", "/usr/bin/true"])
+    assert set(held.paths) | set(beyond.paths) == set(whole.paths)
+    assert (beyond.abi, beyond.handled_fs, beyond.handled_net, beyond.scoped) == \
+        (whole.abi, whole.handled_fs, whole.handled_net, whole.scoped)
+    assert _beyond(whole, landlock.NO_RULESET) == whole
+    for unfit in (dataclasses.replace(held, paths=(*held.paths, (landlock.READ, "/srv"))),
+                  dataclasses.replace(held, handled_fs=held.handled_fs >> 1)):
+        with pytest.raises(SandboxError) as refused:
+            _beyond(whole, unfit)
+        assert refused.value.retryable
+
+
 def test_a_prepared_sandbox_refuses_a_run_of_another_shape(prepared, sandboxed, device_root):
     slot, _ = prepared()
     other = _run_spec(sandboxed, device_root, "r-other", ["/bin/true"], execute=(SH,))

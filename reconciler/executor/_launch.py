@@ -27,7 +27,9 @@ standard library does not wrap), so it starts as fast as Python can. Its only ar
 holding the real arguments, NUL-terminated (so the action's environment is in no command line):
 COUNT (of the arguments after it), SETUP_FD UID GID GROUPS KEEP_FDS CWD, MOUNTS (0 here; a
 prepared sandbox's run directories, which only launch.c mounts), then the Landlock arguments (`Ruleset.launcher_args`), then
-N_ENV and N `KEY=VALUE` items, `--`, and the action's argv.
+N_ENV and N `KEY=VALUE` items, `--`, and the action's argv. launch.c takes a second fd in a
+prepared sandbox: COUNT and the Landlock arguments of the sandbox's shape, which it adds to a
+ruleset while it waits; the run's arguments then carry only the run's own rules.
 """
 
 import posix  # what `os` wraps, without importing os.py and its imports (~2 ms of start-up)

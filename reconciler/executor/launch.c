@@ -4,7 +4,8 @@
  * the cost of a sandboxed run's start. The protocol, the order of the steps and the reasons for
  * that order are described in _launch.py; for a sandbox set up for its run the two are
  * interchangeable (tests/test_sandbox.py runs the launcher contract against both). Only this
- * one also serves a prepared sandbox: it mounts the run's own directories first
+ * one also serves a prepared sandbox: it builds the Landlock ruleset of the sandbox's shape
+ * while it waits for the run (prebuild_ruleset), mounts the run's own directories first
  * (mount_run_directories), with the capabilities bubblewrap left it for that, then drops them.
  *
  * The same binary has a second job, outside the sandbox (`--enter`, see enter()): the executor
@@ -273,10 +274,12 @@ static int open_rule_path(const char *path) {
     return -1;
 }
 
-static void add_path_rule(int ruleset, uint64_t rights, const char *path, uint64_t file_rights) {
+/* Allow `rights` beneath `path`. 0 when the path is missing (not in this sandbox, or hidden:
+ * nothing to allow), 1 otherwise. */
+static int add_path_rule(int ruleset, uint64_t rights, const char *path, uint64_t file_rights) {
     int fd = open_rule_path(path);
     if (fd < 0)
-        return; /* not in this sandbox (or hidden): nothing to allow */
+        return 0;
     struct stat status;
     if (fstat(fd, &status) == 0 && !S_ISDIR(status.st_mode))
         rights &= file_rights;
@@ -286,48 +289,111 @@ static void add_path_rule(int ruleset, uint64_t rights, const char *path, uint64
             fail(126, "landlock_add_rule(%s) failed: %s", path, strerror(errno));
     }
     close(fd);
+    return 1;
 }
 
-/* Restrict this process (and so the action) with Landlock, from the arguments
- * ABI HANDLED_FS HANDLED_NET SCOPED FILE_RIGHTS N (RIGHTS PATH)*N M (RIGHTS PORT)*M. */
-static void restrict_self(struct args *args) {
-    unsigned long long abi = next_number(args);
-    struct ruleset_attr attr = {0, 0, 0};
-    attr.handled_access_fs = next_number(args);
-    attr.handled_access_net = next_number(args);
-    attr.scoped = next_number(args);
-    uint64_t file_rights = next_number(args);
-    unsigned long long paths = next_number(args);
-    size_t path_at = args->next;
-    if (paths > args->count || args->next + 2 * paths > args->count)
+/* The Landlock arguments ABI HANDLED_FS HANDLED_NET SCOPED FILE_RIGHTS N (RIGHTS PATH)*N M
+ * (RIGHTS PORT)*M, read from `args` (which is left after them). */
+struct rules {
+    unsigned long long header[5]; /* ABI HANDLED_FS HANDLED_NET SCOPED FILE_RIGHTS */
+    struct args items;
+    size_t path_at, port_at;
+    unsigned long long paths, ports;
+};
+
+static struct rules read_rules(struct args *args) {
+    struct rules rules;
+    for (int i = 0; i < 5; i++)
+        rules.header[i] = next_number(args);
+    rules.paths = next_number(args);
+    rules.path_at = args->next;
+    if (rules.paths > args->count || args->next + 2 * rules.paths > args->count)
         fail(126, "launcher arguments are malformed");
-    args->next += 2 * paths;
-    unsigned long long ports = next_number(args);
-    size_t port_at = args->next;
-    if (ports > args->count || args->next + 2 * ports > args->count)
+    args->next += 2 * rules.paths;
+    rules.ports = next_number(args);
+    rules.port_at = args->next;
+    if (rules.ports > args->count || args->next + 2 * rules.ports > args->count)
         fail(126, "launcher arguments are malformed");
-    args->next += 2 * ports;
-    if (abi == 0)
-        return;
-    size_t size = abi >= 6 ? 24 : abi >= 4 ? 16 : 8;
+    args->next += 2 * rules.ports;
+    rules.items = *args;
+    return rules;
+}
+
+static int create_ruleset(const unsigned long long header[5]) {
+    struct ruleset_attr attr = {header[1], header[2], header[3]};
+    size_t size = header[0] >= 6 ? 24 : header[0] >= 4 ? 16 : 8;
     int ruleset = (int)syscall(SYS_LANDLOCK_CREATE_RULESET, &attr, size, 0);
     if (ruleset < 0)
         fail(126, "landlock_create_ruleset failed: %s", strerror(errno));
-    struct args rules = *args;
-    rules.next = path_at;
-    for (unsigned long long i = 0; i < paths; i++) {
-        uint64_t rights = next_number(&rules);
-        add_path_rule(ruleset, rights, next_arg(&rules), file_rights);
+    return ruleset;
+}
+
+/* Add the rules to `ruleset`: every path rule when `only` is NULL, else those whose flag in
+ * `only` is set. A path rule whose path is missing gets its flag in `missing` (if given). */
+static void add_rules(int ruleset, struct rules *rules, const unsigned char *only,
+                      unsigned char *missing) {
+    struct args items = rules->items;
+    items.next = rules->path_at;
+    for (unsigned long long i = 0; i < rules->paths; i++) {
+        uint64_t rights = next_number(&items);
+        const char *path = next_arg(&items);
+        if ((only == NULL || only[i]) && !add_path_rule(ruleset, rights, path, rules->header[4]) &&
+            missing != NULL)
+            missing[i] = 1;
     }
-    rules.next = port_at;
-    for (unsigned long long i = 0; i < ports; i++) {
+    if (only != NULL)
+        return; /* a second pass over paths alone */
+    items.next = rules->port_at;
+    for (unsigned long long i = 0; i < rules->ports; i++) {
         struct net_port_attr rule;
-        rule.allowed_access = next_number(&rules);
-        rule.port = next_number(&rules);
+        rule.allowed_access = next_number(&items);
+        rule.port = next_number(&items);
         if (syscall(SYS_LANDLOCK_ADD_RULE, ruleset, RULE_NET_PORT, &rule, 0) < 0)
             fail(126, "landlock_add_rule(port %llu) failed: %s", (unsigned long long)rule.port,
                  strerror(errno));
     }
+}
+
+/* A prepared sandbox's ruleset: the rules of its shape (everything but the run's own
+ * directories and program), added while the launcher waits for its run, so that only the
+ * run's few rules remain to be added once it comes. Opening each rule's path is most of the
+ * launcher's work. The paths missing then are looked for again when the run comes, as a
+ * sandbox set up for the run would look for them. */
+static int prebuilt = -1;
+static struct rules prebuilt_rules;
+static unsigned char *prebuilt_missing;
+
+static void prebuild_ruleset(int fd) {
+    struct args args = read_args(fd);
+    prebuilt_rules = read_rules(&args);
+    if (args.next != args.count)
+        fail(126, "launcher arguments are malformed: the prepared rules go on");
+    if (prebuilt_rules.header[0] == 0)
+        return;
+    prebuilt_missing = calloc(prebuilt_rules.paths + 1, 1);
+    if (prebuilt_missing == NULL)
+        fail(126, "launcher error: out of memory");
+    prebuilt = create_ruleset(prebuilt_rules.header);
+    add_rules(prebuilt, &prebuilt_rules, NULL, prebuilt_missing);
+}
+
+/* Restrict this process (and so the action) with Landlock, from the arguments
+ * ABI HANDLED_FS HANDLED_NET SCOPED FILE_RIGHTS N (RIGHTS PATH)*N M (RIGHTS PORT)*M: in a
+ * prepared sandbox, the rules beyond those prebuilt, under the same header. */
+static void restrict_self(struct args *args) {
+    struct rules rules = read_rules(args);
+    int ruleset;
+    if (prebuilt >= 0) {
+        if (memcmp(rules.header, prebuilt_rules.header, sizeof rules.header) != 0)
+            fail(126, "the run's Landlock rules do not fit its prepared sandbox's");
+        ruleset = prebuilt;
+        add_rules(ruleset, &prebuilt_rules, prebuilt_missing, NULL);
+    } else {
+        if (rules.header[0] == 0)
+            return;
+        ruleset = create_ruleset(rules.header);
+    }
+    add_rules(ruleset, &rules, NULL, NULL);
     if (syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) < 0)
         fail(126, "landlock_restrict_self failed: %s", strerror(errno));
     close(ruleset);
@@ -585,12 +651,18 @@ static int enter(int argc, char **argv) {
 int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "--enter") == 0)
         return enter(argc, argv);
-    if (argc != 2)
-        fail(126, "usage: spos-launch ARGS_FD");
+    if (argc != 2 && argc != 3)
+        fail(126, "usage: spos-launch ARGS_FD [RULES_FD]");
     char *end;
     long args_fd = strtol(argv[1], &end, 10);
     if (*end != '\0' || args_fd < 0)
-        fail(126, "usage: spos-launch ARGS_FD");
+        fail(126, "usage: spos-launch ARGS_FD [RULES_FD]");
+    if (argc == 3) { /* a prepared sandbox: its shape's Landlock rules, ahead of its run */
+        long rules_fd = strtol(argv[2], &end, 10);
+        if (*end != '\0' || rules_fd < 0 || rules_fd == args_fd)
+            fail(126, "usage: spos-launch ARGS_FD [RULES_FD]");
+        prebuild_ruleset((int)rules_fd);
+    }
     struct args args = read_args((int)args_fd);
     setup_fd = (int)next_number(&args);
     unsigned long long uid_number = next_number(&args), gid_number = next_number(&args);

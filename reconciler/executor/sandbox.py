@@ -187,12 +187,13 @@ class Sandbox:
         plan = MountPlan(self.device, shape, staged=shape.per_run)
         parents = tuple(_identity_of(self.device, parent) for parent in shape.per_run)
         prepared = dataclasses.replace(shape, cgroup_name=cgroup_name)
+        base = self._ruleset(shape, plan)  # the shape has no program: all but the run's own
         cgroup = self._cgroup(prepared, plan)
         process, setup_read, _, args_write, setup_write, lease = self._start(
             prepared, plan, cgroup, identity, dict(stdin=stdin, stdout=stdout, stderr=stderr),
-            tuple(pass_fds), None)
+            tuple(pass_fds), None, base)
         return PreparedSandbox(self, shape, plan, identity, process, cgroup, setup_read,
-                               args_write, tuple(pass_fds), setup_write, parents, lease)
+                               args_write, tuple(pass_fds), setup_write, parents, lease, base)
 
     def _cgroup(self, spec: SandboxSpec, plan: MountPlan) -> RunCgroup:
         limits = spec.limits
@@ -230,12 +231,13 @@ class Sandbox:
                 raise SandboxError(f"denied path {path} hides {self.python}, which the sandbox "
                                    "uses to start the action")
 
-    def _start(self, spec, plan, cgroup, identity, stdio, pass_fds, ruleset):
+    def _start(self, spec, plan, cgroup, identity, stdio, pass_fds, ruleset, base=None):
         """Fork bubblewrap into `cgroup`. With a `ruleset` the launcher's arguments go with it
         (a memfd); without (a prepared sandbox) the launcher waits on a pipe, whose write end
-        is returned. Returns (process, the setup pipe's read end, the network link, the args
-        pipe's write end or -1, the number the setup pipe's write end had in the child, the
-        lease of the network namespace it entered or None)."""
+        is returned, having added the `base` rules (a second memfd) to a Landlock ruleset of
+        its own meanwhile. Returns (process, the setup pipe's read end, the network link, the
+        args pipe's write end or -1, the number the setup pipe's write end had in the child,
+        the lease of the network namespace it entered or None)."""
         opened: list[int] = []
         setup_read = args_write = -1
         gate = lease = None
@@ -255,6 +257,11 @@ class Sandbox:
                 launcher_fd, args_write = os.pipe2(os.O_CLOEXEC)
                 os.set_blocking(args_write, False)  # start() writes once; never wait on it
             opened.append(launcher_fd)
+            rules_fd = []
+            if base is not None and base.abi > 0 and self.launcher:
+                body = base.launcher_args()
+                rules_fd.append(_args_fd([str(len(body)), *body]))
+                opened += rules_fd
             gate = _NetworkGate() if spec.egress is not None else None
             if not spec.network and gate is None:
                 lease = self.networks.take(posixpath.dirname(spec.cgroup_name))
@@ -266,9 +273,10 @@ class Sandbox:
             launcher = ([LAUNCHER_IN_SANDBOX] if self.launcher else
                         [self.python, "-I", "-S", "-c", self._launcher_source])
             process = _Child.start(
-                [self.bwrap, "--args", str(bwrap_fd), "--", *launcher, str(launcher_fd)],
+                [self.bwrap, "--args", str(bwrap_fd), "--", *launcher, str(launcher_fd),
+                 *map(str, rules_fd)],
                 stdio=stdio_fds,
-                keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, bwrap_fd,
+                keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, *rules_fd, bwrap_fd,
                       *(gate.child_fds() if gate else ())),
                 join_fds=join_fds, nice=spec.limits.nice, error_fd=setup_write,
                 netns=lease.fd if lease is not None else None,
@@ -335,7 +343,7 @@ class Sandbox:
             )
         return landlock.ruleset_for(
             self.landlock_abi, read=spec.read, write=spec.write,
-            execute=(*spec.execute, *plan.implicit_executables(spec.argv[0])),
+            execute=(*spec.execute, *(plan.implicit_executables(spec.argv[0]) if spec.argv else ())),
             devices=tuple(bind.dest for bind in plan.device_binds), connect_ports=connect_ports,
         )
 
@@ -500,9 +508,11 @@ class PreparedSandbox:
     def __init__(self, sandbox: Sandbox, shape: SandboxSpec, plan: MountPlan, identity,
                  process: _Child, cgroup: RunCgroup, setup_fd: int, args_fd: int,
                  pass_fds: tuple[int, ...], setup_fd_in_child: int,
-                 parents: tuple[tuple[int, int] | None, ...], lease: Lease | None = None):
+                 parents: tuple[tuple[int, int] | None, ...], lease: Lease | None = None,
+                 base: landlock.Ruleset = landlock.NO_RULESET):
         self._sandbox = sandbox
         self._lease = lease
+        self._base = base  # the Landlock rules the launcher added while it waited
         self.shape = shape
         self._plan = plan
         self._identity = identity
@@ -550,7 +560,7 @@ class PreparedSandbox:
             raise SandboxError(f"working directory {spec.cwd} does not exist in the sandbox")
         if self._process.poll() is not None:
             raise SandboxError("the prepared sandbox has ended", retryable=True)
-        ruleset = self._sandbox._ruleset(spec, self._plan)
+        ruleset = _beyond(self._sandbox._ruleset(spec, self._plan), self._base)
         data = "".join(f"{arg}\0" for arg in self._sandbox._launcher_args(
             spec, ruleset, self._identity, self._setup_fd_in_child, self.pass_fds, mounts))
         data = data.encode(_FS_ENCODING, _FS_ERRORS)
@@ -872,6 +882,25 @@ def _resolver_binds() -> list[str]:
     """/etc/resolv.conf often points into /run, which is a private tmpfs: bring its target."""
     target = os.path.realpath("/etc/resolv.conf")
     return ["--ro-bind-try", target, target] if _is_within(target, "/run") else []
+
+
+def _beyond(ruleset: landlock.Ruleset, base: landlock.Ruleset) -> landlock.Ruleset:
+    """The rules of `ruleset` that a prepared sandbox's launcher does not hold yet: those beyond
+    `base`, the rules of the sandbox's shape it added while it waited (with no Landlock, or no
+    compiled launcher, none: then `ruleset` itself). SandboxError (the run starts afresh) when
+    `base` is not part of `ruleset`."""
+    if base.abi == 0:
+        return ruleset
+    header = (ruleset.abi, ruleset.handled_fs, ruleset.handled_net, ruleset.scoped)
+    paths, ports = set(ruleset.paths), set(ruleset.ports)
+    if header != (base.abi, base.handled_fs, base.handled_net, base.scoped) \
+            or not paths.issuperset(base.paths) or not ports.issuperset(base.ports):
+        raise SandboxError("the run's Landlock rules differ from its prepared sandbox's",
+                           retryable=True)
+    held_paths, held_ports = set(base.paths), set(base.ports)
+    return dataclasses.replace(
+        ruleset, paths=tuple(rule for rule in ruleset.paths if rule not in held_paths),
+        ports=tuple(rule for rule in ruleset.ports if rule not in held_ports))
 
 
 def _shape_of(spec: SandboxSpec) -> SandboxSpec:
