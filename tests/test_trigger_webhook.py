@@ -479,13 +479,67 @@ def test_a_connection_beyond_the_limit_is_answered_503_at_once(root):
         holder.sendall(f"POST {PATH} HTTP/1.1\r\n".encode())
         wait_for(lambda: listener.connections == 1, "the first client to be accepted", BOUND)
 
-        beyond = status_and_body(read_until_closed(connect(listener.port)))
+        beyond_client = connect(listener.port)
+        beyond_client.sendall(f"POST {PATH} HTTP/1.1\r\n".encode())
+        beyond = status_and_body(read_until_closed(beyond_client))
         read_until_closed(holder)
         wait_for(lambda: listener.connections == 0, "the first client's slot to be freed", BOUND)
         after = post(listener.port, PATH, b"{}", signed(b"{}"))
 
         assert beyond == (503, {"status": "error", "reason": "too many connections"})
         assert after.status == 202
+        assert [event.payload for event in gate.events] == [b"{}"]
+    finally:
+        listener.stop()
+
+
+def test_a_client_that_connects_and_sends_nothing_takes_no_connection_slot(root):
+    """A connection is accepted once its client has sent something (TCP_DEFER_ACCEPT): one that
+    connects and says nothing keeps no slot from a sender that posts its request, even at a
+    limit of one connection. It is accepted after about a second and then has the request
+    timeout like any other client: answered 408 and closed."""
+    write_secret(root, SECRET)
+    gate = Gate()
+    listener = Listener(max_connections=1, request_timeout=0.5)
+    listener.start()
+    try:
+        webhook(root, listener, gate)
+        silent = connect(listener.port)
+        served = post(listener.port, PATH, b"{}", signed(b"{}"))
+        answer = read_until_closed(silent)
+
+        assert served.status == 202
+        assert status_and_body(answer) == (
+            408, {"status": "error", "reason": "request not received in time"})
+        assert [event.payload for event in gate.events] == [b"{}"]
+    finally:
+        listener.stop()
+
+
+def test_a_request_sent_a_moment_after_connecting_is_still_read_whole(root, monkeypatch):
+    """A sender that connects, then sends its request a little later (as a client does after
+    its TLS proxy or its own preparation): the listener takes the connection only once the
+    request is there, so it is read whole, on the listener's thread, without a thread of its
+    own."""
+    from reconciler.triggers.webhook import _Handler
+
+    parse_plain, read_plainly = _Handler._parse_plain, []
+    monkeypatch.setattr(_Handler, "_parse_plain", lambda self: read_plainly.append(parse_plain(self))
+                        or read_plainly[-1])
+    write_secret(root, SECRET)
+    gate = Gate()
+    listener = Listener(request_timeout=BOUND)
+    listener.start()
+    try:
+        webhook(root, listener, gate)
+        client = connect(listener.port)
+        time.sleep(0.2)
+        assert listener.connections == 0
+        client.sendall(raw_request(PATH, {**signed(b"{}"), "Content-Length": "2"}, b"{}"))
+        answer = read_until_closed(client)
+
+        assert status_and_body(answer)[0] == 202
+        assert read_plainly == [True]
         assert [event.payload for event in gate.events] == [b"{}"]
     finally:
         listener.stop()
@@ -543,11 +597,14 @@ class Recorder:
 
 
 def send_after_accepted(listener: Listener, data: bytes) -> socket.socket:
-    """Connects, waits until the listener has taken the connection, then sends `data`: the
-    request did not arrive whole, and is read on a connection thread by http.server."""
+    """Connects, sends the first byte of `data` (the listener accepts a connection once its
+    client has sent something), waits until the listener has taken the connection, then sends
+    the rest: the request did not arrive whole, and is read on a connection thread by
+    http.server."""
     client = connect(listener.port)
+    client.sendall(data[:1])
     wait_for(lambda: listener.connections == 1, "the connection to be accepted", BOUND)
-    client.sendall(data)
+    client.sendall(data[1:])
     return client
 
 

@@ -22,6 +22,7 @@ request that arrived whole, which the listener reads itself into the same form
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -65,6 +66,12 @@ read the answer."""
 ACCEPT_PAUSE = 0.1
 """Seconds the listener waits before it accepts again after the process or the system ran out of
 file descriptors (or memory) for a connection."""
+
+DEFER_ACCEPT_SECONDS = 1
+"""A connection is accepted once its client has sent something (TCP_DEFER_ACCEPT), or after
+about this long: the listener then finds a request that arrived in one piece already there,
+and serves it at once (`_whole_request`) instead of on a thread of its own. A client that
+connects and sends nothing is accepted after that, and has the request timeout from then."""
 
 INLINE_BYTES = 64 * 1024
 """A request up to this size (headers and body) that has arrived whole when its connection is
@@ -234,6 +241,13 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if ":" in address[0]:  # an IPv6 address (`--listen [::1]:9180`)
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)  # closes the pipe too when it cannot bind
+
+    def server_bind(self) -> None:
+        defer = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux
+        if defer is not None:
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_TCP, defer, DEFER_ACCEPT_SECONDS)
+        super().server_bind()
 
     def serve_until_woken(self) -> None:
         """Accept connections until `wake()`: the loop sleeps until a client connects or it is
