@@ -19,12 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from test_prepared_adversarial import (  # noqa: F401 (_parent_cgroup, box, runs: fixtures)
-    AGENT_DIR, OUTPUT, WAIT_SECONDS, _parent_cgroup, _text, box, runs,
+    AGENT_DIR, EXECUTABLES, OUTPUT, WAIT_SECONDS, _parent_cgroup, _text, box, runs,
 )
 from test_sandbox import PYTHON, SH, launcher  # noqa: F401 (launcher: a fixture)
 
@@ -370,3 +371,92 @@ def test_the_tmpfs_standing_for_the_parents_is_read_only_for_the_run(runs):
         line = next(line for line in _text(output).splitlines()
                     if line.split()[4] == f"{AGENT_DIR}/{bucket}")
         assert " - tmpfs " in line and line.split()[5].startswith("ro"), line
+
+
+# -- the Landlock rules a prepared sandbox's launcher adds while it waits -------------------------
+
+def _wait_rules_held(slot) -> None:
+    """Until the prepared sandbox's launcher holds its Landlock ruleset, has added the shape's
+    rules to it and waits in read() for its run (a pipe)."""
+    procs = Path("/sys/fs/cgroup/pids") / slot._cgroup.name / "cgroup.procs"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        for pid in procs.read_text().split():
+            try:
+                links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+                waiting = "pipe" in Path(f"/proc/{pid}/wchan").read_text()
+            except OSError:
+                continue
+            if waiting and any("landlock-ruleset" in link for link in links):
+                return
+        time.sleep(0.01)
+    pytest.fail("the prepared sandbox's launcher never waited with its rules held")
+
+
+def test_a_rule_path_replaced_after_prepare_gives_the_run_what_a_fresh_sandbox_would(runs):
+    """A prepared sandbox's launcher adds its shape's rules long before its run (up to the
+    pool's idle time). Landlock ties a rule to the file its path named then; the run must
+    get the rules of the paths as they are when it comes. Here a program the capability
+    allows to execute, in the writable output directory (seen live by the run, as the host's
+    /etc and /usr are), is replaced by a rename after the sandbox was prepared (an upgrade,
+    a new resolv.conf or ld.so.cache are written so): the run may execute the new program,
+    as in a sandbox set up for it, and not the old one, which was moved aside."""
+    tool, old = f"{OUTPUT}/tool", f"{OUTPUT}/tool-old"
+    execute = (*EXECUTABLES, tool)
+
+    def write(path: str, text: str) -> None:
+        host = runs.host(path)
+        host.write_text(f"#!/bin/sh\necho {text}\n")
+        host.chmod(0o755)
+
+    write(tool, "old")
+    slot, output = runs.prepare(execute=execute)
+    _wait_rules_held(slot)
+    os.rename(runs.host(tool), runs.host(old))
+    write(f"{tool}.new", "new")
+    os.rename(runs.host(f"{tool}.new"), runs.host(tool))
+    script = f"{tool}; echo tool=$?; {old}; echo old=$?"
+    results = {}
+    for how in ("prepared", "fresh"):
+        spec = runs.spec(f"r-{how}", [SH, "-c", script], execute=execute)
+        if how == "prepared":
+            run = slot.start(spec)
+            runs.runs.append(run)
+            out = output
+        else:
+            run, out = runs.spawn(spec)
+        assert run.wait(timeout=WAIT_SECONDS) == 0 and run.setup_error() is None, _text(out)
+        results[how] = _text(out)
+    assert "new\ntool=0\n" in results["fresh"] and "old=126" in results["fresh"], results
+    assert "new\ntool=0\n" in results["prepared"] and "old=126" in results["prepared"], results
+
+
+def test_a_rule_path_turned_into_a_link_after_prepare_is_refused_as_in_a_fresh_sandbox(runs):
+    """A link on a writable mount on the way to a rule's path is refused, whatever it leads
+    to (docs/sandbox.md): an earlier run may have left it to point a rule elsewhere. A
+    prepared sandbox's launcher opened its shape's rule paths long before its run; a path
+    made a link since, even one leading to the very file the rule was added for, refuses the
+    run, as a sandbox set up for it would, and nothing of the run's action runs."""
+    tool, real = f"{OUTPUT}/tool", f"{OUTPUT}/tool-real"
+    execute = (*EXECUTABLES, tool)
+    runs.host(tool).write_text("#!/bin/sh\necho ran\n")
+    runs.host(tool).chmod(0o755)
+    slot, output = runs.prepare(execute=execute)
+    _wait_rules_held(slot)
+    os.rename(runs.host(tool), runs.host(real))
+    runs.host(tool).symlink_to("tool-real")
+    for how in ("prepared", "fresh"):
+        spec = runs.spec(f"r-{how}", [SH, "-c", f"touch {OUTPUT}/{how}-started; {tool}"],
+                         execute=execute)
+        try:
+            if how == "prepared":
+                run = slot.start(spec)
+                runs.runs.append(run)
+                out = output
+            else:
+                run, out = runs.spawn(spec)
+        except SandboxError:
+            continue  # refused before anything of the run started
+        assert run.wait(timeout=WAIT_SECONDS) == 126, (how, _text(out))
+        assert "refusing the rule" in (run.setup_error() or ""), (how, _text(out))
+        assert not runs.host(f"{OUTPUT}/{how}-started").exists(), how

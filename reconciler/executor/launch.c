@@ -275,14 +275,17 @@ static int open_rule_path(const char *path) {
 }
 
 /* Allow `rights` beneath `path`. 0 when the path is missing (not in this sandbox, or hidden:
- * nothing to allow), 1 otherwise. */
-static int add_path_rule(int ruleset, uint64_t rights, const char *path, uint64_t file_rights) {
+ * nothing to allow), 1 otherwise; then `found` (if given) is what the path names. */
+static int add_path_rule(int ruleset, uint64_t rights, const char *path, uint64_t file_rights,
+                         struct stat *found) {
     int fd = open_rule_path(path);
     if (fd < 0)
         return 0;
-    struct stat status;
+    struct stat status = {0}; /* on failure (never seen) it matches nothing later */
     if (fstat(fd, &status) == 0 && !S_ISDIR(status.st_mode))
         rights &= file_rights;
+    if (found != NULL)
+        *found = status;
     if (rights != 0) {
         struct path_beneath_attr rule = {rights, fd};
         if (syscall(SYS_LANDLOCK_ADD_RULE, ruleset, RULE_PATH_BENEATH, &rule, 0) < 0)
@@ -329,15 +332,17 @@ static int create_ruleset(const unsigned long long header[5]) {
 }
 
 /* Add the rules to `ruleset`: every path rule when `only` is NULL, else those whose flag in
- * `only` is set. A path rule whose path is missing gets its flag in `missing` (if given). */
+ * `only` is set. A path rule whose path is missing gets its flag in `missing` (if given), one
+ * whose path is found gets what it names in `found` (if given). */
 static void add_rules(int ruleset, struct rules *rules, const unsigned char *only,
-                      unsigned char *missing) {
+                      unsigned char *missing, struct stat *found) {
     struct args items = rules->items;
     items.next = rules->path_at;
     for (unsigned long long i = 0; i < rules->paths; i++) {
         uint64_t rights = next_number(&items);
         const char *path = next_arg(&items);
-        if ((only == NULL || only[i]) && !add_path_rule(ruleset, rights, path, rules->header[4]) &&
+        if ((only == NULL || only[i]) &&
+            !add_path_rule(ruleset, rights, path, rules->header[4], found ? &found[i] : NULL) &&
             missing != NULL)
             missing[i] = 1;
     }
@@ -362,6 +367,7 @@ static void add_rules(int ruleset, struct rules *rules, const unsigned char *onl
 static int prebuilt = -1;
 static struct rules prebuilt_rules;
 static unsigned char *prebuilt_missing;
+static struct stat *prebuilt_found; /* what each path named then (where it was not missing) */
 
 static void prebuild_ruleset(int fd) {
     struct args args = read_args(fd);
@@ -371,10 +377,37 @@ static void prebuild_ruleset(int fd) {
     if (prebuilt_rules.header[0] == 0)
         return;
     prebuilt_missing = calloc(prebuilt_rules.paths + 1, 1);
-    if (prebuilt_missing == NULL)
+    prebuilt_found = calloc(prebuilt_rules.paths + 1, sizeof *prebuilt_found);
+    if (prebuilt_missing == NULL || prebuilt_found == NULL)
         fail(126, "launcher error: out of memory");
     prebuilt = create_ruleset(prebuilt_rules.header);
-    add_rules(prebuilt, &prebuilt_rules, NULL, prebuilt_missing);
+    add_rules(prebuilt, &prebuilt_rules, NULL, prebuilt_missing, prebuilt_found);
+}
+
+/* Whether every prebuilt rule's path that was found still names the same file. A rule holds
+ * the file its path named when it was added, and the sandbox may have waited long for its
+ * run: a file replaced by a rename since (a program upgraded, a new resolv.conf) must get
+ * the rule, and the one moved aside must not keep it, as in a sandbox set up for the run. */
+static int prebuilt_paths_unchanged(void) {
+    struct args items = prebuilt_rules.items;
+    items.next = prebuilt_rules.path_at;
+    for (unsigned long long i = 0; i < prebuilt_rules.paths; i++) {
+        next_number(&items);
+        const char *path = next_arg(&items);
+        if (prebuilt_missing[i])
+            continue; /* looked for again anyway */
+        int fd = open_rule_path(path);
+        if (fd < 0)
+            return 0;
+        struct stat now, *then = &prebuilt_found[i];
+        int same = fstat(fd, &now) == 0 && now.st_dev == then->st_dev &&
+                   now.st_ino == then->st_ino &&
+                   (now.st_mode & S_IFMT) == (then->st_mode & S_IFMT);
+        close(fd);
+        if (!same)
+            return 0;
+    }
+    return 1;
 }
 
 /* Restrict this process (and so the action) with Landlock, from the arguments
@@ -386,14 +419,20 @@ static void restrict_self(struct args *args) {
     if (prebuilt >= 0) {
         if (memcmp(rules.header, prebuilt_rules.header, sizeof rules.header) != 0)
             fail(126, "the run's Landlock rules do not fit its prepared sandbox's");
-        ruleset = prebuilt;
-        add_rules(ruleset, &prebuilt_rules, prebuilt_missing, NULL);
+        if (prebuilt_paths_unchanged()) {
+            ruleset = prebuilt;
+            add_rules(ruleset, &prebuilt_rules, prebuilt_missing, NULL, NULL);
+        } else { /* build it again, as a sandbox set up for the run would */
+            close(prebuilt);
+            ruleset = create_ruleset(rules.header);
+            add_rules(ruleset, &prebuilt_rules, NULL, NULL, NULL);
+        }
     } else {
         if (rules.header[0] == 0)
             return;
         ruleset = create_ruleset(rules.header);
     }
-    add_rules(ruleset, &rules, NULL, NULL);
+    add_rules(ruleset, &rules, NULL, NULL, NULL);
     if (syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) < 0)
         fail(126, "landlock_restrict_self failed: %s", strerror(errno));
     close(ruleset);
