@@ -276,8 +276,8 @@ class Sandbox:
                 [self.bwrap, "--args", str(bwrap_fd), "--", *launcher, str(launcher_fd),
                  *map(str, rules_fd)],
                 stdio=stdio_fds,
-                keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, *rules_fd, bwrap_fd,
-                      *(gate.child_fds() if gate else ())),
+                keep=(*pass_fds, setup_write, *hide_fds, *source_fds, launcher_fd, *rules_fd,
+                      bwrap_fd, *(gate.child_fds() if gate else ())),
                 join_fds=join_fds, nice=spec.limits.nice, error_fd=setup_write,
                 netns=lease.fd if lease is not None else None,
                 helper=self.launcher if _SPAWN_KEEPS_FDS else None,
@@ -886,9 +886,9 @@ def _resolver_binds() -> list[str]:
 
 def _beyond(ruleset: landlock.Ruleset, base: landlock.Ruleset) -> landlock.Ruleset:
     """The rules of `ruleset` that a prepared sandbox's launcher does not hold yet: those beyond
-    `base`, the rules of the sandbox's shape it added while it waited (with no Landlock, or no
-    compiled launcher, none: then `ruleset` itself). SandboxError (the run starts afresh) when
-    `base` is not part of `ruleset`."""
+    `base`, the rules of the sandbox's shape it added while it waited (with no Landlock, none:
+    then `ruleset` itself). SandboxError (the run starts afresh) when `base` is not part of
+    `ruleset`."""
     if base.abi == 0:
         return ruleset
     header = (ruleset.abi, ruleset.handled_fs, ruleset.handled_net, ruleset.scoped)
