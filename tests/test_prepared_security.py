@@ -72,6 +72,16 @@ def _start_prepared(runs, spec, **fields):
     return run, output
 
 
+def _start_either(runs, how: str, spec, slot, output):
+    """Start `spec` in the prepared `slot` ("prepared", its output the slot's) or in a sandbox
+    set up for it ("fresh"); returns the run and its output."""
+    if how == "prepared":
+        run = slot.start(spec)
+        runs.runs.append(run)
+        return run, output
+    return runs.spawn(spec)
+
+
 def _hand_over(runs, slot, spec, mounts) -> None:
     """Give the waiting launcher `spec` with exactly these (stage, name, target) mounts, as
     start() would after its checks, and wait until the sandbox has ended."""
@@ -419,12 +429,7 @@ def test_a_rule_path_replaced_after_prepare_gives_the_run_what_a_fresh_sandbox_w
     results = {}
     for how in ("prepared", "fresh"):
         spec = runs.spec(f"r-{how}", [SH, "-c", script], execute=execute)
-        if how == "prepared":
-            run = slot.start(spec)
-            runs.runs.append(run)
-            out = output
-        else:
-            run, out = runs.spawn(spec)
+        run, out = _start_either(runs, how, spec, slot, output)
         assert run.wait(timeout=WAIT_SECONDS) == 0 and run.setup_error() is None, _text(out)
         results[how] = _text(out)
     assert "new\ntool=0\n" in results["fresh"] and "old=126" in results["fresh"], results
@@ -449,12 +454,7 @@ def test_a_rule_path_turned_into_a_link_after_prepare_is_refused_as_in_a_fresh_s
         spec = runs.spec(f"r-{how}", [SH, "-c", f"touch {OUTPUT}/{how}-started; {tool}"],
                          execute=execute)
         try:
-            if how == "prepared":
-                run = slot.start(spec)
-                runs.runs.append(run)
-                out = output
-            else:
-                run, out = runs.spawn(spec)
+            run, out = _start_either(runs, how, spec, slot, output)
         except SandboxError:
             continue  # refused before anything of the run started
         assert run.wait(timeout=WAIT_SECONDS) == 126, (how, _text(out))

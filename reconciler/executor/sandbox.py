@@ -341,9 +341,9 @@ class Sandbox:
                 f"TCP port rules need Landlock ABI 4 or later; this kernel has "
                 f"{self.landlock_abi or 'no Landlock'}"
             )
+        program = plan.implicit_executables(spec.argv[0]) if spec.argv else ()  # a shape has none
         return landlock.ruleset_for(
-            self.landlock_abi, read=spec.read, write=spec.write,
-            execute=(*spec.execute, *(plan.implicit_executables(spec.argv[0]) if spec.argv else ())),
+            self.landlock_abi, read=spec.read, write=spec.write, execute=(*spec.execute, *program),
             devices=tuple(bind.dest for bind in plan.device_binds), connect_ports=connect_ports,
         )
 
