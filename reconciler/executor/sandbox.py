@@ -154,10 +154,9 @@ class Sandbox:
             return "only the compiled launcher mounts a run's directories into a prepared sandbox"
         if spec.egress is not None:
             return "a filtered network is linked to one run's sandbox"
-        if any(path not in spec.write for path in spec.per_run):
-            return "a per-run path is not writable"
-        if any(not _RUN_NAME.fullmatch(posixpath.basename(path)) for path in spec.per_run):
-            return "a per-run path is not a run's directory"
+        why = _per_run_problem(spec)
+        if why:
+            return why
         parents = {posixpath.dirname(path) for path in spec.per_run}
         others = [p for p in (*spec.write, *spec.read, *spec.execute, *spec.denied, *spec.devices)
                   if p not in spec.per_run]
@@ -542,7 +541,8 @@ class PreparedSandbox:
         if not self.matches(spec):
             raise SandboxError("the run's sandbox differs from the prepared one")
         _check_spec(spec)
-        why = self._sandbox.unpreparable(spec)
+        # The rest of `unpreparable` is the shape's, which `prepare` checked and `matches` held.
+        why = _per_run_problem(spec)
         if why:
             raise SandboxError(f"cannot run in a prepared sandbox: {why}")
         device = self._sandbox.device
@@ -882,6 +882,18 @@ def _resolver_binds() -> list[str]:
     """/etc/resolv.conf often points into /run, which is a private tmpfs: bring its target."""
     target = os.path.realpath("/etc/resolv.conf")
     return ["--ro-bind-try", target, target] if _is_within(target, "/run") else []
+
+
+def _per_run_problem(spec: SandboxSpec) -> str | None:
+    """What keeps `spec`'s per-run paths from being mounted into a prepared sandbox (the part
+    of `Sandbox.unpreparable` that is the run's own), or None."""
+    if not spec.per_run:
+        return "the spec names no per-run paths"
+    if any(path not in spec.write for path in spec.per_run):
+        return "a per-run path is not writable"
+    if any(not _RUN_NAME.fullmatch(posixpath.basename(path)) for path in spec.per_run):
+        return "a per-run path is not a run's directory"
+    return None
 
 
 def _beyond(ruleset: landlock.Ruleset, base: landlock.Ruleset) -> landlock.Ruleset:
