@@ -521,14 +521,15 @@ class Executor:
         stays queued and is tried again). `start`, the fields of the attempt about to start
         (`_attempt_start`), goes into the same write: one durable record per start.
 
-        With `stage`, that record is written but not yet durable or in place: it is returned,
-        the claim lock stays held, and `_commit_claim` finishes both once a prepared sandbox
-        has the run's arguments, so the action starts while the record is fsynced (before
-        anything slow: a fresh sandbox's fork, a leftover checkpoint's removal). Until then
-        the run's file in active/ holds the record as it was queued, which is what a crash
-        leaves (docs/executor.md, "Delivery")."""
+        With `stage`, that record is not written yet: True is returned, the claim lock stays
+        held, and `_commit_claim` writes the record and makes it durable once a prepared
+        sandbox has the run's arguments, so the action starts while the record is written
+        and fsynced (before anything slow: a fresh sandbox's fork, a leftover checkpoint's
+        removal). Until then the run's file in active/ holds the record as it was queued,
+        which is what a crash leaves (docs/executor.md, "Delivery"); a write refused then
+        fails the run as a refused commit does."""
         before, name = dict(run.record), run.name
-        staged = None
+        pending = False
         self.store.lock()
         try:
             claimed = self.store.claim(run)
@@ -538,8 +539,8 @@ class Executor:
             run.record.update({"state": "active", "executor": self.identity, **(start or {})})
             self.store.reserve(run)
             if stage:
-                staged = self.store.stage(run)
-                return staged
+                pending = True
+                return True
             self.store.save(run)
         except OSError as exc:
             if not storage_failure(exc):
@@ -554,22 +555,22 @@ class Executor:
             self._retry_storage_later()
             return None if stage else False
         finally:
-            if staged is None:
+            if not pending:
                 self.store.unlock()
         return True
 
     def _commit_claim(self, active: ActiveRun) -> None:
-        """Make the staged claim of `active` its record, durably, and give the claim lock
+        """Write the record of `active`'s pending claim, durably, and give the claim lock
         back. When the state file system refuses (twice: the second try with the run's
         reserve given up, as `_save` does), the run's file in active/ still holds the record
         as queued, without an owner: the lock is then kept until the run's end is recorded
         (`_release_claim_lock`), so that no executor takes the run for abandoned meanwhile,
         and the run is killed at once; it fails for its record (ActiveRun.storage_problem)."""
-        staged, active.claim = active.claim, None
-        if staged is None:
+        pending, active.claim = active.claim, False
+        if not pending:
             return
         try:
-            failure = _refused(staged.commit)
+            failure = _refused(self.store.save, active.run)
             if failure and self.store.release(active.run):
                 failure = _refused(self.store.save, active.run)
         except BaseException:
@@ -639,11 +640,11 @@ class Executor:
         return fields
 
     def _start(self, run: Run, config: dict, raw: bytes, task: dict, recorded: bool = False,
-               claim=None, ahead: Ahead | None = None) -> None:
+               claim: bool = False, ahead: Ahead | None = None) -> None:
         """Start the run's next attempt under `config`, read from the bytes `raw`. `recorded`:
-        the claim already wrote the attempt's start (`_attempt_start`) with the run's owner;
+        the claim's record holds the attempt's start (`_attempt_start`) with the run's owner;
         otherwise (`action execute`, which owns its run from the start) it is written here,
-        before the sandbox is spawned. `claim`: that write, staged (`_claim`), committed as
+        before the sandbox is spawned. `claim`: that write is pending (`_claim`), made as
         soon as the first step's sandbox has its arguments. `ahead`: what was worked out
         before the claim."""
         record = run.record

@@ -138,7 +138,7 @@ class ActiveRun:
     reason: str = ""
     record_failure: OSError | None = None  # the record could not be written (see storage_problem)
     setup_problem: str | None = None  # why the run cannot start, found while preparing it
-    claim: object = None  # the claim's record while it is staged (Executor._claim), or None
+    claim: bool = False  # the claim's record is yet to be written (Executor._commit_claim)
     holds_claim_lock: bool = False  # its claim was refused: the lock is kept until its end
     network: tuple | None = None  # the first step's network, worked out before the claim
     started: float = field(default_factory=time.monotonic)
