@@ -217,9 +217,7 @@ class Device:
         temp = os.path.join(directory, temporary_name(name))
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fchmod(fd, mode)
         except BaseException:
             os.close(fd)
@@ -269,6 +267,13 @@ class Device:
 
 
 _TEMPORARY = ".spos-tmp-"
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (os.write may write less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def temporary_name(name: str) -> str:

@@ -16,7 +16,7 @@ import stat
 import time
 
 from reconciler import AGENTS_DIR, STATE_DIR, leanjson
-from reconciler.device import Device
+from reconciler.device import Device, write_all
 from reconciler.errors import SposError
 from reconciler.executor.config import CONCURRENCY, ConfigError, agent_config, task_config
 
@@ -270,9 +270,7 @@ def write_attachments(device: Device, agent: str, record: dict) -> None:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o640, dir_fd=folder)
             try:
-                view = memoryview(a2b_base64(text))
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, a2b_base64(text))
                 os.fchmod(fd, 0o640)
             finally:
                 os.close(fd)

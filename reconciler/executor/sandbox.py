@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.device import Device
+from reconciler.device import Device, write_all
 from reconciler.errors import SposError
 from reconciler.executor import landlock, network
 from reconciler.executor._build import compiled_launcher
@@ -186,7 +186,9 @@ class Sandbox:
         plan = MountPlan(self.device, shape, staged=shape.per_run)
         parents = tuple(_identity_of(self.device, parent) for parent in shape.per_run)
         prepared = dataclasses.replace(shape, cgroup_name=cgroup_name)
-        base = self._ruleset(shape, plan)  # the shape has no program: all but the run's own
+        # The shape has no program: its rules are all but the run's own. Only the compiled
+        # launcher builds them ahead (and only it serves a prepared sandbox: `unpreparable`).
+        base = self._ruleset(shape, plan) if self.launcher else landlock.NO_RULESET
         cgroup = self._cgroup(prepared, plan)
         process, setup_read, _, args_write, setup_write, lease = self._start(
             prepared, plan, cgroup, identity, dict(stdin=stdin, stdout=stdout, stderr=stderr),
@@ -230,7 +232,8 @@ class Sandbox:
                 raise SandboxError(f"denied path {path} hides {self.python}, which the sandbox "
                                    "uses to start the action")
 
-    def _start(self, spec, plan, cgroup, identity, stdio, pass_fds, ruleset, base=None):
+    def _start(self, spec, plan, cgroup, identity, stdio, pass_fds, ruleset,
+               base: landlock.Ruleset = landlock.NO_RULESET):
         """Fork bubblewrap into `cgroup`. With a `ruleset` the launcher's arguments go with it
         (a memfd); without (a prepared sandbox) the launcher waits on a pipe, whose write end
         is returned, having added the `base` rules (a second memfd) to a Landlock ruleset of
@@ -257,7 +260,7 @@ class Sandbox:
                 os.set_blocking(args_write, False)  # start() writes once; never wait on it
             opened.append(launcher_fd)
             rules_fd = []
-            if base is not None and base.abi > 0 and self.launcher:
+            if base.abi > 0:
                 body = base.launcher_args()
                 rules_fd.append(_args_fd([str(len(body)), *body]))
                 opened += rules_fd
@@ -903,13 +906,12 @@ def _beyond(ruleset: landlock.Ruleset, base: landlock.Ruleset) -> landlock.Rules
     `ruleset`."""
     if base.abi == 0:
         return ruleset
-    header = (ruleset.abi, ruleset.handled_fs, ruleset.handled_net, ruleset.scoped)
-    paths, ports = set(ruleset.paths), set(ruleset.ports)
-    if header != (base.abi, base.handled_fs, base.handled_net, base.scoped) \
-            or not paths.issuperset(base.paths) or not ports.issuperset(base.ports):
+    held_paths, held_ports = set(base.paths), set(base.ports)
+    if (ruleset.abi, ruleset.handled_fs, ruleset.handled_net, ruleset.scoped) != \
+            (base.abi, base.handled_fs, base.handled_net, base.scoped) \
+            or not held_paths.issubset(ruleset.paths) or not held_ports.issubset(ruleset.ports):
         raise SandboxError("the run's Landlock rules differ from its prepared sandbox's",
                            retryable=True)
-    held_paths, held_ports = set(base.paths), set(base.ports)
     return dataclasses.replace(
         ruleset, paths=tuple(rule for rule in ruleset.paths if rule not in held_paths),
         ports=tuple(rule for rule in ruleset.ports if rule not in held_ports))
@@ -1372,9 +1374,7 @@ def _args_fd(args: list[str]) -> int:
     """A sealed-off memory file holding `args`, NUL-terminated, read from the start."""
     fd = os.memfd_create("spos-sandbox-args", os.MFD_CLOEXEC)
     data = "".join(f"{arg}\0" for arg in args).encode(_FS_ENCODING, _FS_ERRORS)  # os.fsencode each
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
