@@ -215,6 +215,57 @@ def test_a_run_whose_arguments_do_not_fit_is_refused_and_nothing_of_it_runs(runs
         assert marker.read_text() == "args=800\n"
 
 
+# -- a run held until its executor lets it start -------------------------------------------------
+
+def test_a_held_run_starts_only_when_released_and_sees_what_was_made_meanwhile(runs):
+    """start(hold=True): the launcher sets the run up and waits before its action, while the
+    executor writes the run's log and attachments; the action starts at release(), and
+    finds the files made in its own directories in between."""
+    slot, output = runs.prepare()
+    runs.wait_waiting(slot)
+    spec = runs.spec("r-held", [SH, "-c", f"cat attachment > {OUTPUT}/seen"])
+    run = slot.start(spec, hold=True)
+    runs.runs.append(run)
+    assert (CGROUP_ROOT / "pids" / spec.cgroup_name).is_dir()  # under the run's name already
+    time.sleep(0.3)
+    assert run.poll() is None and not runs.host(f"{OUTPUT}/seen").exists()
+    runs.host(f"{AGENT_DIR}/tmp/r-held/attachment").write_text("made meanwhile\n")
+    run.release()
+    assert run.wait(timeout=WAIT_SECONDS) == 0 and run.setup_error() is None, _text(output)
+    assert runs.host(f"{OUTPUT}/seen").read_text() == "made meanwhile\n"
+
+
+@pytest.mark.parametrize("how", ["withdraw", "cleanup"])
+def test_a_held_run_withdrawn_never_starts_and_leaves_nothing(runs, how):
+    """A held run the executor gives up on (its log or attachments could not be written)
+    ends without its action ever running, quietly, and its cleanup leaves no process and
+    no cgroup."""
+    slot, output = runs.prepare()
+    runs.wait_waiting(slot)
+    spec = runs.spec(f"r-{how}", [SH, "-c", f"touch {OUTPUT}/started"])
+    run = slot.start(spec, hold=True)
+    runs.runs.append(run)
+    if how == "withdraw":
+        run.withdraw()
+        assert run.wait(timeout=WAIT_SECONDS) == 126
+    run.cleanup()
+    assert not runs.host(f"{OUTPUT}/started").exists()
+    assert not (CGROUP_ROOT / "pids" / spec.cgroup_name).exists()
+    assert not _alive(run.pid)
+    assert _text(output) == ""
+
+
+def test_the_go_of_a_run_that_is_not_held_comes_with_its_arguments(runs):
+    """Without hold, start() sends the go with the arguments: the run needs nothing more."""
+    slot, output = runs.prepare()
+    runs.wait_waiting(slot)
+    run = slot.start(runs.spec("r-go", [SH, "-c", f"touch {OUTPUT}/started"]))
+    runs.runs.append(run)
+    assert not run.held
+    assert run.wait(timeout=WAIT_SECONDS) == 0, _text(output)
+    assert runs.host(f"{OUTPUT}/started").exists()
+
+
 # -- a prepared sandbox whose run directories' parents were replaced ------------------------------
 
 def test_a_prepared_sandbox_whose_run_directories_were_made_again_starts_the_run_or_refuses(runs):

@@ -29,7 +29,7 @@ from test_prepared_adversarial import (  # noqa: F401 (_parent_cgroup, box, runs
 )
 from test_sandbox import PYTHON, SH, launcher  # noqa: F401 (launcher: a fixture)
 
-from reconciler.executor.sandbox import STAGE_DIR, SandboxError
+from reconciler.executor.sandbox import GO_BYTE, STAGE_DIR, SandboxError
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -88,7 +88,7 @@ def _hand_over(runs, slot, spec, mounts) -> None:
     sandbox = runs.sandbox
     items = sandbox._launcher_args(spec, sandbox._ruleset(spec, slot._plan), slot._identity,
                                    slot._setup_fd_in_child, slot.pass_fds, mounts=mounts)
-    os.write(slot._args_fd, "".join(f"{item}\0" for item in items).encode())
+    os.write(slot._args_fd, "".join(f"{item}\0" for item in items).encode() + GO_BYTE)
     os.close(slot._args_fd)
     slot._args_fd = -1
     slot._process.wait(timeout=WAIT_SECONDS)

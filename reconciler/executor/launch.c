@@ -6,7 +6,8 @@
  * interchangeable (tests/test_sandbox.py runs the launcher contract against both). Only this
  * one also serves a prepared sandbox: it builds the Landlock ruleset of the sandbox's shape
  * while it waits for the run (prebuild_ruleset), mounts the run's own directories first
- * (mount_run_directories), with the capabilities bubblewrap left it for that, then drops them.
+ * (mount_run_directories), with the capabilities bubblewrap left it for that, then drops them,
+ * and executes the action only on the executor's go (wait_for_go).
  *
  * The same binary has a second job, outside the sandbox (`--enter`, see enter()): the executor
  * spawns it without forking itself (posix_spawn), and it puts itself into the run's cgroup and
@@ -122,13 +123,21 @@ struct args {
 };
 
 /* NUL-terminated arguments from an fd (a memfd, or a pipe for a prepared sandbox: nothing in
- * any command line). The first one counts the rest, so arguments cut short are refused. */
-static struct args read_args(int fd) {
-    size_t size = 0, capacity = 1 << 16;
+ * any command line). The first one counts the rest, so arguments cut short are refused. A
+ * memfd is read to its end and closed. A prepared sandbox's pipe (`go` not NULL) is read only
+ * until the count is complete and stays open: the executor may hold the run back there while
+ * the launcher sets it up, and sends GO_BYTE after the arguments when it may start (at once,
+ * or later: wait_for_go). *go tells whether that byte came with the arguments. */
+#define GO_BYTE 'g'
+
+static struct args read_args(int fd, int *go) {
+    size_t size = 0, capacity = 1 << 16, ends = 0, wanted = 0, used = 0;
     char *buffer = malloc(capacity);
     for (;;) {
         if (buffer == NULL)
             fail(126, "launcher error: out of memory");
+        if (go != NULL && wanted != 0 && ends == wanted)
+            break;
         if (size == capacity) {
             capacity *= 2;
             buffer = realloc(buffer, capacity);
@@ -141,9 +150,32 @@ static struct args read_args(int fd) {
             fail(126, "launcher error: cannot read its arguments: %s", strerror(errno));
         if (got == 0)
             break;
+        for (size_t i = size; i < size + (size_t)got && (wanted == 0 || ends < wanted); i++) {
+            if (buffer[i] != '\0')
+                continue;
+            used = i + 1;
+            if (ends++ == 0) { /* the count: how many ends to wait for */
+                char *declared_end;
+                errno = 0;
+                unsigned long long declared = strtoull(buffer, &declared_end, 10);
+                if (errno != 0 || *declared_end != '\0' || declared_end == buffer ||
+                    declared >= SIZE_MAX / 2)
+                    fail(126, "launcher arguments are malformed: not the number they announce");
+                wanted = (size_t)declared + 1;
+            }
+        }
         size += (size_t)got;
     }
-    close(fd);
+    if (go == NULL) {
+        close(fd);
+        used = size;
+    } else {
+        /* After the arguments, nothing or the go byte alone. */
+        if (size > used + 1 || (size == used + 1 && buffer[used] != GO_BYTE))
+            fail(126, "launcher arguments are malformed: more than they announce");
+        *go = size == used + 1;
+        size = used;
+    }
     struct args args = {NULL, 0, 0};
     for (size_t i = 0; i < size; i++)
         args.count += buffer[i] == '\0';
@@ -164,6 +196,27 @@ static struct args read_args(int fd) {
         fail(126, "launcher arguments are malformed: not the number they announce");
     args.next = 1;
     return args;
+}
+
+/* A prepared sandbox's run, set up in full, waits here for the executor's go (unless it came
+ * with the arguments). The pipe closed instead means the executor withdrew the run before it
+ * started (it could not write the run's log or attachments): nothing of the run executes, and
+ * the executor, which knows why, says so; the launcher leaves quietly. */
+static void wait_for_go(int fd, int go) {
+    while (!go) {
+        char byte;
+        ssize_t got = read(fd, &byte, 1);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got == 0)
+            _exit(126);
+        if (got < 0)
+            fail(126, "launcher error: cannot read the go of its run: %s", strerror(errno));
+        if (byte != GO_BYTE)
+            fail(126, "launcher arguments are malformed: more than they announce");
+        go = 1;
+    }
+    close(fd);
 }
 
 static char *next_arg(struct args *args) {
@@ -370,7 +423,7 @@ static unsigned char *prebuilt_missing;
 static struct stat *prebuilt_found; /* what each path named then (where it was not missing) */
 
 static void prebuild_ruleset(int fd) {
-    struct args args = read_args(fd);
+    struct args args = read_args(fd, NULL);
     prebuilt_rules = read_rules(&args);
     if (args.next != args.count)
         fail(126, "launcher arguments are malformed: the prepared rules go on");
@@ -515,11 +568,37 @@ static int has_capability(int cap) {
     return (data[cap / 32].permitted >> (cap % 32)) & 1;
 }
 
+/* The bounding set (CapBnd in /proc/self/status); every capability when it cannot be read. */
+static uint64_t bounding_set(void) {
+    uint64_t set = ~(uint64_t)0;
+    FILE *status = fopen("/proc/self/status", "re");
+    if (status == NULL)
+        return set;
+    char line[256];
+    while (fgets(line, sizeof line, status) != NULL) {
+        if (strncmp(line, "CapBnd:", 7) == 0) {
+            char *end;
+            errno = 0;
+            unsigned long long read = strtoull(line + 7, &end, 16);
+            if (errno == 0 && end != line + 7)
+                set = read;
+            break;
+        }
+    }
+    fclose(status);
+    return set;
+}
+
 /* Give up every capability bubblewrap left for mounting, in every set, bounding set included;
- * CAP_SETUID and CAP_SETGID stay (effective and permitted only) when `become` needs them. */
+ * CAP_SETUID and CAP_SETGID stay (effective and permitted only) when `become` needs them.
+ * Only what the bounding set holds is dropped from it (bubblewrap keeps there no more than
+ * it was asked to keep): a system call per capability it holds, not one per capability. */
 static void drop_mount_capabilities(uid_t uid) {
+    uint64_t bounding = bounding_set();
     for (int cap = 0; cap <= 63; cap++) {
         if (uid != 0 && (cap == CAPABILITY_SETUID || cap == CAPABILITY_SETGID))
+            continue;
+        if (!((bounding >> cap) & 1))
             continue;
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
             fail(126, "cannot drop capability %d: %s", cap, strerror(errno));
@@ -702,7 +781,11 @@ int main(int argc, char **argv) {
             fail(126, "usage: spos-launch ARGS_FD [RULES_FD]");
         prebuild_ruleset((int)rules_fd);
     }
-    struct args args = read_args((int)args_fd);
+    /* A prepared sandbox's arguments come on a pipe (a set-up run's in a memfd). */
+    struct stat args_status;
+    int prepared = fstat((int)args_fd, &args_status) == 0 && S_ISFIFO(args_status.st_mode);
+    int go = 1;
+    struct args args = read_args((int)args_fd, prepared ? &go : NULL);
     setup_fd = (int)next_number(&args);
     unsigned long long uid_number = next_number(&args), gid_number = next_number(&args);
     if (uid_number >= (uid_t)-1 || gid_number >= (gid_t)-1)
@@ -751,9 +834,11 @@ int main(int argc, char **argv) {
     restrict_self(&args);
     if (uid != 0)
         become(uid, gid, groups, group_count);
+    reset_signals();
+    if (prepared)
+        wait_for_go((int)args_fd, go);
     keep[keep_count++] = (unsigned long long)setup_fd;
     close_fds_except(keep, keep_count);
-    reset_signals();
     fcntl(setup_fd, F_SETFD, FD_CLOEXEC);
     write_all(setup_fd, "exec\n", 5);
     execve(action[0], action, env);

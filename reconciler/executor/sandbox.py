@@ -70,6 +70,9 @@ _RUN_NAME = re.compile(r"[0-9A-Za-z_-]{1,255}")
 # Where a prepared sandbox's launcher finds the parents of the run's own directories, until it
 # has mounted those and detached these (launch.c, mount_run_directories).
 STAGE_DIR = "/run/spos-stage"
+# After a prepared sandbox's run arguments, the byte that lets its action start (launch.c,
+# wait_for_go): with them, or later (`PreparedSandbox.start(hold=True)`).
+GO_BYTE = b"g"
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
@@ -381,11 +384,15 @@ class Sandbox:
 
 
 class SandboxedRun:
-    """A running (or finished) sandboxed action. Select on `pidfd` to learn that it exited."""
+    """A running (or finished) sandboxed action. Select on `pidfd` to learn that it exited.
+
+    A run handed to a prepared sandbox with `hold` is set up there but waits before its
+    action: `release()` lets it start, `withdraw()` (or `cleanup()`) ends it unstarted."""
 
     def __init__(self, process: _Child, cgroup: RunCgroup, setup_fd: int,
                  link: network.Link | None = None, own_network: bool = True,
-                 lease: Lease | None = None):
+                 lease: Lease | None = None, go_fd: int = -1):
+        self._go_fd = go_fd
         self._process = process
         self._cgroup = cgroup
         self._setup_fd = setup_fd
@@ -398,6 +405,30 @@ class SandboxedRun:
         self.unenforced: tuple[str, ...] = cgroup.unenforced
         self._settled = False
         self._cleaned = False
+
+    @property
+    def held(self) -> bool:
+        return self._go_fd >= 0
+
+    def release(self) -> None:
+        """Let a held run's action start. A launcher that failed while it set the run up has
+        exited already: that exit and its message report the failure, as for any run."""
+        fd, self._go_fd = self._go_fd, -1
+        if fd < 0:
+            return
+        try:
+            os.write(fd, GO_BYTE)  # the pipe has room for it: start() made sure
+        except BrokenPipeError:
+            pass
+        finally:
+            os.close(fd)
+
+    def withdraw(self) -> None:
+        """End a held run before its action started: the launcher finds its pipe closed
+        without the go and exits (126). Nothing of the run is executed. `cleanup()` after."""
+        fd, self._go_fd = self._go_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def poll(self) -> int | None:
         """The exit status like Popen.returncode (negative: killed by that signal), or None."""
@@ -480,6 +511,7 @@ class SandboxedRun:
         """Kill anything left, reap, remove the run's cgroup, close the fds. Idempotent."""
         if self._cleaned:
             return
+        self.withdraw()
         self.settle()
         self._process.wait()
         reap_orphans()  # the sandbox's init, handed here as bubblewrap's monitor exited
@@ -534,13 +566,18 @@ class PreparedSandbox:
     def matches(self, spec: SandboxSpec) -> bool:
         return not self._done and _shape_of(spec) == self.shape
 
-    def start(self, spec: SandboxSpec) -> SandboxedRun:
+    def start(self, spec: SandboxSpec, hold: bool = False) -> SandboxedRun:
         """Run `spec` here: the cgroup takes the run's name, the launcher gets the run's
         arguments (its own directories to mount, Landlock rules for exactly its paths, its
         environment, cwd and argv). SandboxError when it cannot (another shape, the sandbox
         ended, a parent directory replaced since, arguments too large for the pipe), before
         anything of the run started: the caller then closes this one and spawns the run
-        afresh. `pass_fds` are those given to prepare."""
+        afresh. `pass_fds` are those given to prepare.
+
+        With `hold`, the launcher sets the run up (mounts, Landlock, user) and then waits
+        before the action until `release()` of the returned run: what the caller still has
+        to do before the action may start (its log, its attachments) is done meanwhile.
+        The run's own directories must exist now; files made in them later are seen."""
         if not self.matches(spec):
             raise SandboxError("the run's sandbox differs from the prepared one")
         _check_spec(spec)
@@ -566,14 +603,12 @@ class PreparedSandbox:
         ruleset = _beyond(self._sandbox._ruleset(spec, self._plan), self._base)
         data = "".join(f"{arg}\0" for arg in self._sandbox._launcher_args(
             spec, ruleset, self._identity, self._setup_fd_in_child, self.pass_fds, mounts))
-        data = data.encode(_FS_ENCODING, _FS_ERRORS)
-        if len(data) > _pipe_capacity(self._args_fd, len(data)):
+        data = data.encode(_FS_ENCODING, _FS_ERRORS) + (b"" if hold else GO_BYTE)
+        if len(data) + hold > _pipe_capacity(self._args_fd, len(data) + hold):
             raise SandboxError("the run's arguments are too large for a prepared sandbox",
                                retryable=True)
-        try:
-            self._cgroup = self._sandbox.cgroups.rename(self._cgroup, spec.cgroup_name)
-        except CgroupError as exc:
-            raise SandboxError(str(exc), retryable=True) from exc
+        if not hold:
+            self._take_name(spec)  # the action starts in the run's cgroup
         try:
             written = os.write(self._args_fd, data)  # into an empty pipe that holds it all
         except OSError as exc:  # EPIPE: the launcher is gone
@@ -588,11 +623,21 @@ class PreparedSandbox:
             self._args_fd = -1
             raise SandboxError(f"cannot hand the run to the prepared sandbox: {failure or 'short write'}",
                                retryable=True)
-        os.close(self._args_fd)
-        self._args_fd = -1
+        if hold:  # while the launcher sets the run up; a failure leaves this to close()
+            self._take_name(spec)
+        go_fd, self._args_fd = self._args_fd, -1
+        if not hold:
+            os.close(go_fd)
+            go_fd = -1
         self._done = True
         return SandboxedRun(self._process, self._cgroup, self._setup_fd,
-                            own_network=not spec.network, lease=self._lease)
+                            own_network=not spec.network, lease=self._lease, go_fd=go_fd)
+
+    def _take_name(self, spec: SandboxSpec) -> None:
+        try:
+            self._cgroup = self._sandbox.cgroups.rename(self._cgroup, spec.cgroup_name)
+        except CgroupError as exc:
+            raise SandboxError(str(exc), retryable=True) from exc
 
     def close(self) -> None:
         """End an unused prepared sandbox: kill it, remove its cgroup, close its fds. A no-op
