@@ -681,7 +681,7 @@ def parse_stamp(text: str) -> float:
 
 
 NOTE_STAGES = (
-    ("claimed", re.compile(r"attempt \d+ of run .* started$")),
+    ("started", re.compile(r"attempt \d+ of run .* started$")),
     ("spawned", re.compile(r"step \S+ started: ")),
     ("exited", re.compile(r"step \S+ exited with ")),
     ("recorded", re.compile(r"run \w+")),
@@ -744,7 +744,7 @@ def breakdown(samples: list[dict]) -> dict:
         if "enqueue_call_s" in sample:
             points["enqueue() returned"] = origin + sample["enqueue_call_s"]
         points.update({
-            "claimed": sample["notes"].get("claimed"),
+            "attempt started": sample["notes"].get("started"),
             "spawned": sample["notes"].get("spawned"),
             "action running": sample["stamp"],
             "exit seen": sample["notes"].get("exited"),

@@ -766,7 +766,7 @@ def breakdown(samples: list[dict]) -> dict:
             "record in queue/": sample["in_queue"],
             "enqueue() returned": sample.get("returned"),
             "202 received": sample.get("answered"),
-            "claimed": sample["notes"].get("claimed"),
+            "attempt started": sample["notes"].get("started"),
             "spawned": sample["notes"].get("spawned"),
             "action running": sample["stamp"],
             "run recorded": sample["ended_at"],

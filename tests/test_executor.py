@@ -2214,6 +2214,24 @@ def test_an_idle_executor_uses_no_cpu_and_stops_at_once_on_sigterm(device):
     assert time.monotonic() - stopped < 2.0
 
 
+def test_what_is_written_to_a_log_before_it_is_opened_comes_first_in_it(tmp_path):
+    """A run's first step is worked out before its log is made when a prepared sandbox takes
+    it (what the network rules could not resolve is said then): those lines are kept and
+    come first in the log, before the run's output."""
+    from reconciler.device import Device as Root
+    from reconciler.executor.supervise import LogWriter
+
+    (tmp_path / "logs").mkdir()
+    log = LogWriter(Root(str(tmp_path)), "/logs/r.log", 4096)
+    log.write(b"--- spos: denied host bad.example did not resolve\n")
+    assert not (tmp_path / "logs" / "r.log").exists()
+    log.open()
+    log.write(b"output\n")
+    log.close()
+    assert (tmp_path / "logs" / "r.log").read_bytes() == (
+        b"--- spos: denied host bad.example did not resolve\noutput\n")
+
+
 def test_the_log_is_rotated_at_the_quota_log_size_and_followed_across(device):
     script = (
         "i=0; while [ $i -lt 96 ]; do echo \"line $i of a chatty task ..........................\"; "

@@ -119,3 +119,51 @@ def test_no_sandbox_is_prepared_with_prepared_0(device):
         assert record["state"] == "completed" and "(prepared" not in device.log(run_id)
     assert not prepared_cgroups(device)
     assert daemon.stop() == 0
+
+
+def test_a_triggered_run_in_a_prepared_sandbox_finds_its_payload(device):
+    """A run is handed to its agent's prepared sandbox before its attachments are written
+    (the sandbox sets the run up meanwhile); its action still starts with them in place."""
+    from test_executor import enqueue_with_payload
+
+    device.apply({"report": {"command": sh('cat "$SPOS_PAYLOAD" > $SPOS_OUTPUT_DIR/$SPOS_RUN_ID'),
+                             "timeout": "30s", "concurrency": "Allow"}})
+    daemon = device.daemon()
+    device.wait_ready(daemon)
+    first = enqueue_with_payload(device, "report")["id"]
+    assert device.wait_state(first, "completed", "failed")["state"] == "completed", device.log(first)
+    wait_for(lambda: prepared_cgroups(device), "a sandbox prepared for the agent's next run")
+    second = enqueue_with_payload(device, "report")["id"]
+    assert device.wait_state(second, "completed", "failed")["state"] == "completed", device.log(second)
+    assert "(prepared sandbox)" in device.log(second)
+    assert device.output(second).read_bytes() == device.output(first).read_bytes() == b"x"
+    assert daemon.stop() == 0
+
+
+def test_a_run_that_cannot_be_prepared_after_its_hand_over_never_starts(device):
+    """When what is written after the hand-over cannot be (here a file stands where the
+    agent's logs directory belongs), the run fails "could not start", its action never runs,
+    nothing of its sandbox is left, and the agent's next run starts as ever."""
+    device.apply({"report": {"command": sh("touch $SPOS_OUTPUT_DIR/$SPOS_RUN_ID"),
+                             "timeout": "30s", "concurrency": "Allow"}})
+    daemon = device.daemon()
+    device.wait_ready(daemon)
+    first, record = run_and_wait(device)
+    assert record["state"] == "completed", device.log(first)
+    waiting = wait_for(lambda: prepared_cgroups(device), "a sandbox prepared for the next run")
+    logs = device.agent_dir() / "logs"
+    logs.rename(logs.with_name("logs-aside"))
+    logs.write_text("not a directory")
+
+    blocked, record = run_and_wait(device)
+    assert record["state"] == "failed" and record["reason"].startswith("could not start"), record
+    assert not device.output(blocked).exists()  # its action never ran
+    assert not run_cgroup_dirs(device.agent, blocked)
+    assert not any(p.exists() for p in waiting)  # the sandbox it was handed to is gone
+
+    logs.unlink()
+    logs.with_name("logs-aside").rename(logs)
+    after, record = run_and_wait(device)
+    assert record["state"] == "completed", device.log(after)
+    assert device.output(after).exists()
+    assert daemon.stop() == 0

@@ -31,6 +31,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from reconciler import AGENT_CONFIG, AGENTS_DIR, STATE_DIR
 from reconciler.device import Device
@@ -45,7 +46,7 @@ from reconciler.executor.queuewatch import QueueWatch
 from reconciler.executor.retention import PeriodicCleanup, remove_tree
 from reconciler.executor.runs import (RUN_FILE, TERMINAL_BUCKET, CorruptRecord, Listings, Run, RunStore,
                                       storage_failure)
-from reconciler.executor.sandbox import Limits, SandboxSpec, adopt_orphans, reap_orphans
+from reconciler.executor.sandbox import Limits, SandboxError, SandboxSpec, adopt_orphans, reap_orphans
 from reconciler.executor.supervise import (
     DEFAULT_LOG_BYTES, DEFAULT_PATH, ActiveRun, LogWriter, now_iso, run_dirs, steps_of,
 )
@@ -96,6 +97,14 @@ class Ahead:
 
     network: tuple = (False, None)  # (host network?, egress rules), network.setup_for
     over_quota: str | None = None  # why the agent is over its storage quota
+
+
+class Early(NamedTuple):
+    """A run's first step as `Executor._hand_over` left it: its spec, and its start in a
+    prepared sandbox, held until the run's log and attachments are written (None without)."""
+
+    spec: SandboxSpec
+    started: tuple | None
 
 
 class Executor:
@@ -660,29 +669,65 @@ class Executor:
         self.active[run.id] = active
         if not recorded:
             record.update(self._attempt_start(run, raw, task))
+        early = self._hand_over(active) if recorded else None
         try:
-            failure = _refused(self._prepare, active, not recorded)
+            failure = _refused(self._prepare, active, not recorded, early is not None)
         except (SposError, OSError) as exc:  # its directories, as something else left them
             failure, active.setup_problem = None, active.setup_problem or str(exc)
         problem = active.storage_problem() or (failure and failure.strerror) or active.setup_problem \
             or (ahead.over_quota if ahead else self._over_storage_quota(run.agent, quota))
         if problem:
+            if early is not None and early.started is not None:
+                self._withdraw(active, early.started)
             active.ending, active.reason = "failed", f"could not start: {problem}"
             self._end(active, None)
             return
         log.note(f"attempt {attempt} of run {run.id} ({run.agent}/{record.get('task')}) started")
-        self._next_step(active)
+        self._next_step(active, early)
 
-    def _prepare(self, active: ActiveRun, save: bool) -> None:
-        """The run's directories, its log, and (`save`) its record saying it started."""
+    def _hand_over(self, active: ActiveRun) -> Early | None:
+        """Hand a claimed run's first step to its agent's prepared sandbox before the run's
+        log and attachments are written: the launcher sets the run up (mounts, Landlock,
+        user) while they are, and its action waits until `_next_step` releases it. Only
+        into directories made here and now: what an earlier attempt left is first dealt with
+        by `_prepare`. None when that does not apply (the run then starts as before);
+        otherwise the step's spec and, when a prepared sandbox took the run, its start."""
+        run = active.run
+        if self.prepared is None or not self.prepared.has(run.agent) or not active.remaining_steps():
+            return None
+        dirs = run_dirs(run.agent, run.id)
+        try:
+            if any(self.device.stat(dirs[key]) is not None for key in ("checkpoint", "tmp")):
+                return None
+            for key in ("checkpoint", "tmp", "output"):
+                _make_dir(self.device, dirs[key])
+            spec = self._spec(active, active.remaining_steps()[0])
+        except Exception:  # _prepare and _next_step meet it again, and report it
+            return None
+        return Early(spec, self._spawn(active, spec, hold=True))
+
+    def _withdraw(self, active: ActiveRun, started: tuple) -> None:
+        """End a held first step unstarted: the run could not be prepared after all."""
+        process, output_read, progress_read, _ = started
+        for fd in (output_read, progress_read):
+            os.close(fd)
+        try:
+            process.cleanup()  # withdraws it: nothing of the run was executed
+        except SandboxError as exc:
+            active.log.note(f"its sandbox could not be removed: {exc}")
+
+    def _prepare(self, active: ActiveRun, save: bool, fresh: bool = False) -> None:
+        """The run's directories (unless `fresh`: `_hand_over` made them just now), its log,
+        and (`save`) its record saying it started."""
         run = active.run
         dirs = run_dirs(run.agent, run.id)
-        if active.task.get("checkpoint") is None:  # checkpoints off: every attempt starts afresh
-            if self.device.stat(dirs["checkpoint"]) is not None:
-                self._commit_claim(active)  # a removal may take long: not under the claim lock
-                _remove_tree(self.device, dirs["checkpoint"])
-        for key in ("checkpoint", "tmp", "output"):
-            _make_dir(self.device, dirs[key])
+        if not fresh:
+            if active.task.get("checkpoint") is None:  # checkpoints off: every attempt starts afresh
+                if self.device.stat(dirs["checkpoint"]) is not None:
+                    self._commit_claim(active)  # a removal may take long: not under the claim lock
+                    _remove_tree(self.device, dirs["checkpoint"])
+            for key in ("checkpoint", "tmp", "output"):
+                _make_dir(self.device, dirs[key])
         _make_dir(self.device, dirs["log"].rsplit("/", 1)[0])
         active.log.open()
         if run.record.get("attachments"):
@@ -701,7 +746,9 @@ class Executor:
         if save:
             self._save(active)
 
-    def _next_step(self, active: ActiveRun) -> None:
+    def _next_step(self, active: ActiveRun, early: Early | None = None) -> None:
+        """Start the run's next step, or end the run when none is left. `early`: the first
+        step's spec, worked out by `_hand_over`, and its held start there if it has one."""
         remaining = active.remaining_steps()
         if not remaining:
             self._end(active, 0)
@@ -710,8 +757,17 @@ class Executor:
         active.step = step
         active.step_deadline = time.monotonic() + step.timeout if step.timeout else None
         try:
-            spec = self._spec(active, step)
-            active.process, output_read, progress_read, ready = self._spawn(active, spec)
+            if early is not None and early.started is not None:
+                spec = early.spec
+                try:
+                    early.started[0].release()
+                except BaseException:
+                    self._withdraw(active, early.started)
+                    raise
+                active.process, output_read, progress_read, ready = early.started
+            else:
+                spec = early.spec if early is not None else self._spec(active, step)
+                active.process, output_read, progress_read, ready = self._spawn(active, spec)
         except Exception as exc:  # a run that cannot start fails visibly; the executor goes on
             active.reason = f"could not start step {step.name!r}: {exc}"
             active.log.note(active.reason)
@@ -729,19 +785,22 @@ class Executor:
         self.selector.register(progress_read, selectors.EVENT_READ, ("progress", active))
         self.selector.register(active.process.pidfd, selectors.EVENT_READ, ("exit", active))
 
-    def _spawn(self, active: ActiveRun, spec):
+    def _spawn(self, active: ActiveRun, spec, hold: bool = False):
         """Start `spec` in the agent's prepared sandbox when it has one that fits, else in a
         new one (the claim made durable first: the claim lock is not held while a sandbox is
         set up, a network linked, or a fork's child holds the lock's fd until it closes its
-        fds). Returns (the run, its output and progress pipes' read ends, prepared?)."""
+        fds). Returns (the run, its output and progress pipes' read ends, prepared?). With
+        `hold`, only a prepared sandbox, whose run waits for its release (None without one)."""
         agent = active.run.agent
         slot = self.prepared.take(agent, spec) if self.prepared is not None else None
         if slot is not None:
             spec.env["SPOS_PROGRESS_FD"] = str(slot.progress_number)
             try:
-                return slot.sandbox.start(spec), slot.output_fd, slot.progress_fd, True
+                return slot.sandbox.start(spec, hold), slot.output_fd, slot.progress_fd, True
             except Exception:  # it ended, or cannot take this run: start afresh (start()
                 slot.close()   # hands nothing of the run over when it raises)
+        if hold:
+            return None
         self._commit_claim(active)
         output_read, output_write = os.pipe()
         progress_read, progress_write = os.pipe()
@@ -782,7 +841,7 @@ class Executor:
             if any(entries):
                 env["SPOS_RESUME"] = "1"
         env.update(trigger_env(run.record.get("source") or {}, dirs["tmp"],
-                               self.device.host(dirs["tmp"])))
+                               self.device.host(dirs["tmp"]), run.record.get("attachments") or {}))
         host_network, egress = active.network or network.setup_for(allowed.get("network"),
                                                                    denied.get("network"))
         active.network = None  # later steps resolve again

@@ -278,11 +278,14 @@ def write_attachments(device: Device, agent: str, record: dict) -> None:
         os.close(folder)
 
 
-def trigger_env(source: dict, tmp: str, tmp_host) -> dict[str, str]:
+def trigger_env(source: dict, tmp: str, tmp_host, inline=()) -> dict[str, str]:
     """The environment that tells a run what triggered it (docs/triggers.md): SPOS_TRIGGER,
     SPOS_TRIGGER_TYPE, SPOS_EVENT_COUNT, one SPOS_EVENT_<KEY> per entry of the last event's
     data, and SPOS_EVENTS_FILE / SPOS_PAYLOAD naming the attachments the run has. `tmp` is the
-    run's tmp directory as the run sees it, `tmp_host` the same directory on this machine."""
+    run's tmp directory as the run sees it, `tmp_host` the same directory on this machine,
+    where the large ones were written before the record; `inline`, the names of those the
+    record carries, which `write_attachments` puts there before the action starts (perhaps
+    after this is called: a run whose attachments cannot be written does not start)."""
     if source.get("kind") != "trigger":
         return {}
     import re
@@ -296,6 +299,6 @@ def trigger_env(source: dict, tmp: str, tmp_host) -> dict[str, str]:
         name = re.sub(r"[^A-Za-z0-9]", "_", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(key))).upper()
         env[f"SPOS_EVENT_{name}"] = str(value).replace("\0", "")
     for variable, file in (("SPOS_EVENTS_FILE", "events.json"), ("SPOS_PAYLOAD", "payload")):
-        if os.path.isfile(os.path.join(tmp_host, ATTACHMENTS_DIR, file)):
+        if file in inline or os.path.isfile(os.path.join(tmp_host, ATTACHMENTS_DIR, file)):
             env[variable] = f"{tmp}/{ATTACHMENTS_DIR}/{file}"
     return env

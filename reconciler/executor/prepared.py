@@ -79,6 +79,10 @@ class PreparedPool:
             return None
         return slot
 
+    def has(self, agent: str) -> bool:
+        """Whether a prepared sandbox waits for `agent`'s next run (of whatever shape)."""
+        return agent in self.slots
+
     def want(self, agent: str, spec: SandboxSpec) -> None:
         """A run of `agent` just started with `spec`: keep a sandbox of its shape ready."""
         if self.limit <= 0 or self.sandbox.unpreparable(spec):

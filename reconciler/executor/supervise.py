@@ -46,7 +46,9 @@ class LogWriter:
     """Appends to a run's log, rotating once to `.1` when it would pass `limit` bytes.
 
     A write the file system refuses (`storage_failure`) does not raise: it is kept in
-    `failure`, the run's further output is dropped, and the executor fails the run."""
+    `failure`, the run's further output is dropped, and the executor fails the run. What is
+    written before the first `open()` is kept until then (a run's first step may be worked
+    out before its log is made: Executor._hand_over)."""
 
     device: Device
     path: str
@@ -54,11 +56,15 @@ class LogWriter:
     fd: int = -1
     size: int = 0
     failure: OSError | None = None
+    early: list[bytes] | None = field(default_factory=list)
 
     def open(self) -> None:
         host = self.device.host(self.path)
         self.fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         self.size = os.fstat(self.fd).st_size
+        early, self.early = self.early, None
+        for data in early or ():
+            self._append(data)
 
     def write(self, data: bytes) -> None:
         """Append the run's output; dropped once a write failed."""
@@ -71,6 +77,9 @@ class LogWriter:
         self._append(f"--- spos {now_iso()} {text}\n".encode())
 
     def _append(self, data: bytes) -> None:
+        if self.early is not None:
+            self.early.append(data)
+            return
         try:
             while data and self.fd >= 0:
                 room = self.limit - self.size
