@@ -669,7 +669,7 @@ class Executor:
         self.active[run.id] = active
         if not recorded:
             record.update(self._attempt_start(run, raw, task))
-        early = self._hand_over(active) if recorded else None
+        early = self._hand_over(active) if recorded and not (ahead and ahead.over_quota) else None
         try:
             failure = _refused(self._prepare, active, not recorded, early is not None)
         except (SposError, OSError) as exc:  # its directories, as something else left them
@@ -678,7 +678,7 @@ class Executor:
             or (ahead.over_quota if ahead else self._over_storage_quota(run.agent, quota))
         if problem:
             if early is not None and early.started is not None:
-                self._withdraw(active, early.started)
+                self._withdraw(active, early)
             active.ending, active.reason = "failed", f"could not start: {problem}"
             self._end(active, None)
             return
@@ -701,20 +701,26 @@ class Executor:
                 return None
             for key in ("checkpoint", "tmp", "output"):
                 _make_dir(self.device, dirs[key])
-            spec = self._spec(active, active.remaining_steps()[0])
+            spec = self._spec(active, active.remaining_steps()[0], attachments_pending=True)
         except Exception:  # _prepare and _next_step meet it again, and report it
             return None
         return Early(spec, self._spawn(active, spec, hold=True))
 
-    def _withdraw(self, active: ActiveRun, started: tuple) -> None:
-        """End a held first step unstarted: the run could not be prepared after all."""
-        process, output_read, progress_read, _ = started
+    def _withdraw(self, active: ActiveRun, early: Early) -> None:
+        """End a held first step unstarted: the run could not be prepared after all. Its
+        agent gets a sandbox prepared again, as after a run that started. A sandbox that
+        cannot be removed now (a process stuck in the kernel) is left, as a prepared one
+        that cannot be closed is (PreparedPool); the run's log says so."""
+        self._commit_claim(active)  # tearing a sandbox down may take long: not under the lock
+        process, output_read, progress_read, _ = early.started
         for fd in (output_read, progress_read):
             os.close(fd)
         try:
             process.cleanup()  # withdraws it: nothing of the run was executed
         except SandboxError as exc:
             active.log.note(f"its sandbox could not be removed: {exc}")
+        if self.prepared is not None:
+            self.prepared.want(active.run.agent, early.spec)
 
     def _prepare(self, active: ActiveRun, save: bool, fresh: bool = False) -> None:
         """The run's directories (unless `fresh`: `_hand_over` made them just now), its log,
@@ -762,7 +768,7 @@ class Executor:
                 try:
                     early.started[0].release()
                 except BaseException:
-                    self._withdraw(active, early.started)
+                    self._withdraw(active, early)
                     raise
                 active.process, output_read, progress_read, ready = early.started
             else:
@@ -817,7 +823,9 @@ class Executor:
             os.close(progress_write)
         return process, output_read, progress_read, False
 
-    def _spec(self, active: ActiveRun, step):
+    def _spec(self, active: ActiveRun, step, attachments_pending: bool = False):
+        """The sandbox spec of `step`. `attachments_pending`: the run's attachments are yet to
+        be written (`_hand_over`), so those its record carries are named to the action too."""
         run, task, config = active.run, active.task, active.config
         dirs = run_dirs(run.agent, run.id)
         capability = config.get("capability") or {"allowed": {}, "denied": {}}
@@ -841,7 +849,8 @@ class Executor:
             if any(entries):
                 env["SPOS_RESUME"] = "1"
         env.update(trigger_env(run.record.get("source") or {}, dirs["tmp"],
-                               self.device.host(dirs["tmp"]), run.record.get("attachments") or {}))
+                               self.device.host(dirs["tmp"]),
+                               (run.record.get("attachments") or {}) if attachments_pending else ()))
         host_network, egress = active.network or network.setup_for(allowed.get("network"),
                                                                    denied.get("network"))
         active.network = None  # later steps resolve again
