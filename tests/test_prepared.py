@@ -143,8 +143,7 @@ def test_a_triggered_run_in_a_prepared_sandbox_finds_its_payload(device):
 def test_a_run_that_cannot_be_prepared_after_its_hand_over_never_starts(device):
     """When what is written after the hand-over cannot be (here a file stands where the
     agent's logs directory belongs), the run fails "could not start", its action never runs,
-    nothing of its sandbox is left, and the agent's next run starts as ever, in a sandbox
-    prepared again."""
+    nothing of its sandbox is left, and the agent's next run starts as ever."""
     device.apply({"report": {"command": sh("touch $SPOS_OUTPUT_DIR/$SPOS_RUN_ID"),
                              "timeout": "30s", "concurrency": "Allow"}})
     daemon = device.daemon()
@@ -164,8 +163,7 @@ def test_a_run_that_cannot_be_prepared_after_its_hand_over_never_starts(device):
 
     logs.unlink()
     logs.with_name("logs-aside").rename(logs)
-    wait_for(lambda: prepared_cgroups(device), "a sandbox prepared again for the agent")
     after, record = run_and_wait(device)
     assert record["state"] == "completed", device.log(after)
-    assert device.output(after).exists() and "(prepared sandbox)" in device.log(after)
+    assert device.output(after).exists()
     assert daemon.stop() == 0
