@@ -699,8 +699,7 @@ class Executor:
         try:
             if any(self.device.stat(dirs[key]) is not None for key in ("checkpoint", "tmp")):
                 return None
-            for key in ("checkpoint", "tmp", "output"):
-                _make_dir(self.device, dirs[key])
+            _make_run_dirs(self.device, dirs)
             spec = self._spec(active, active.remaining_steps()[0], attachments_pending=True)
         except Exception:  # _prepare and _next_step meet it again, and report it
             return None
@@ -732,8 +731,7 @@ class Executor:
                 if self.device.stat(dirs["checkpoint"]) is not None:
                     self._commit_claim(active)  # a removal may take long: not under the claim lock
                     _remove_tree(self.device, dirs["checkpoint"])
-            for key in ("checkpoint", "tmp", "output"):
-                _make_dir(self.device, dirs[key])
+            _make_run_dirs(self.device, dirs)
         _make_dir(self.device, dirs["log"].rsplit("/", 1)[0])
         active.log.open()
         if run.record.get("attachments"):
@@ -1475,6 +1473,13 @@ def _remove_tree(device: Device, device_path: str) -> None:
         remove_tree(parent_fd, name)
     finally:
         os.close(parent_fd)
+
+
+def _make_run_dirs(device: Device, dirs: dict[str, str]) -> None:
+    """The directories a run's sandbox binds (`run_dirs`: its checkpoints, its tmp, the
+    agent's output)."""
+    for key in ("checkpoint", "tmp", "output"):
+        _make_dir(device, dirs[key])
 
 
 def _make_dir(device: Device, device_path: str) -> None:

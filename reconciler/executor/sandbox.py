@@ -603,10 +603,13 @@ class PreparedSandbox:
         ruleset = _beyond(self._sandbox._ruleset(spec, self._plan), self._base)
         data = "".join(f"{arg}\0" for arg in self._sandbox._launcher_args(
             spec, ruleset, self._identity, self._setup_fd_in_child, self.pass_fds, mounts))
-        data = data.encode(_FS_ENCODING, _FS_ERRORS) + (b"" if hold else GO_BYTE)
-        if len(data) + hold > _pipe_capacity(self._args_fd, len(data) + hold):
+        data = data.encode(_FS_ENCODING, _FS_ERRORS)
+        room = len(data) + len(GO_BYTE)  # the go, with the arguments or after them
+        if room > _pipe_capacity(self._args_fd, room):
             raise SandboxError("the run's arguments are too large for a prepared sandbox",
                                retryable=True)
+        if not hold:
+            data += GO_BYTE
         if not hold:
             self._take_name(spec)  # the action starts in the run's cgroup
         try:
