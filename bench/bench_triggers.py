@@ -31,8 +31,9 @@ a warm-up), each sample that starts a run waiting for it to end, then --gap:
                 the whole request (request sent). Runs before 2026-11-29 06:00 started the
                 clock before http.client built and sent the request, 0.5 ms earlier.
 - for scale     one atomic write as the device layer does it (write, fsync, rename, fsync of the
-                directory) on the root's file system: a trigger's enqueue does two (the events
-                file, the record), a webhook's three (the payload too), a plain enqueue one.
+                directory) on the root's file system: every enqueue here does one, the record
+                (a trigger's events file and a webhook's payload travel in it, being under
+                16 KiB; docs/queue.md, "Attachments").
                 And bench_executor.py's path, enqueue() called in a long-lived process with no
                 trigger, through the same executor: its executor part is what a trigger run's
                 should be.
@@ -550,8 +551,8 @@ class TriggerBench:
 
     def trial_write(self, index: int) -> dict:
         """For scale: one atomic write as the device layer does it (write, fsync, rename, fsync
-        of the directory), on the root's file system. A trigger's enqueue does two (the events
-        file, the record), a webhook's three (and the payload)."""
+        of the directory), on the root's file system. Each enqueue here does one: the record,
+        which carries the small attachments (a trigger's events file, a webhook's payload)."""
         directory = self.host(WRITES_DIR)
         temp = directory / f".write-{index:05d}.tmp"
         t0 = time.time()
