@@ -134,11 +134,13 @@ class Device:
             if exc.errno == errno.ELOOP:
                 raise UnsafePathError(f"refusing to read {device_path}: it is a symlink") from exc
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePathError(f"refusing to read {device_path}: not a regular file")
+            return read_all(fd, st.st_size)
+        finally:
             os.close(fd)
-            raise UnsafePathError(f"refusing to read {device_path}: not a regular file")
-        with os.fdopen(fd, "rb") as handle:
-            return handle.read()
 
     def read_text(self, device_path: str) -> str | None:
         data = self.read_bytes(device_path)
@@ -274,6 +276,16 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def read_all(fd: int, size: int) -> bytes:
+    """Everything left to read from `fd`, a regular file of about `size` bytes: a read of that
+    much and one more that finds the end (reading on if the file grew meanwhile). A buffered
+    file object would add an fstat, an isatty ioctl and two lseeks to those two reads."""
+    chunks = [os.read(fd, size + 1)]
+    while chunks[-1]:
+        chunks.append(os.read(fd, max(size, 65536)))
+    return b"".join(chunks)
 
 
 def temporary_name(name: str) -> str:
