@@ -155,19 +155,17 @@ class Cgroups:
         if run.directories and posixpath.dirname(run.directories[0]) != \
                 posixpath.dirname(target.directories[0]):
             raise CgroupError(f"cannot rename cgroup {run.name} to {name}: another parent")
-        if target.exists():
-            if target.pids():
-                raise CgroupError(f"cgroup {name} already holds processes")
-            target.remove()
-        done: list[tuple[str, str]] = []
         try:
-            for old, new in zip(run.directories, target.directories):
-                os.rename(old, new)
-                done.append((old, new))
+            _rename_each(run.directories, target.directories)
+        except FileExistsError:  # a leftover of that name (cgroupfs refuses to rename over it)
+            if target.pids():
+                raise CgroupError(f"cgroup {name} already holds processes") from None
+            target.remove()
+            try:
+                _rename_each(run.directories, target.directories)
+            except OSError as exc:
+                raise CgroupError(f"cannot rename cgroup {run.name} to {name}: {exc}") from exc
         except OSError as exc:
-            for old, new in reversed(done):
-                with contextlib.suppress(OSError):
-                    os.rename(new, old)
             raise CgroupError(f"cannot rename cgroup {run.name} to {name}: {exc}") from exc
         target.unenforced = run.unenforced
         return target
@@ -185,6 +183,21 @@ class Cgroups:
 
     def _v2_available(self) -> list[str]:
         return _read(self.root / "cgroup.controllers").split()
+
+
+def _rename_each(old: list[str], new: list[str]) -> None:
+    """Rename each directory of `old` to its counterpart in `new`; all or none: on a failure
+    the ones renamed are renamed back before the error is raised."""
+    done: list[tuple[str, str]] = []
+    try:
+        for source, target in zip(old, new):
+            os.rename(source, target)
+            done.append((source, target))
+    except OSError:
+        for source, target in reversed(done):
+            with contextlib.suppress(OSError):
+                os.rename(target, source)
+        raise
 
 
 class RunCgroup:

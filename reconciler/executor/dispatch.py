@@ -700,7 +700,7 @@ class Executor:
             if any(self.device.stat(dirs[key]) is not None for key in ("checkpoint", "tmp")):
                 return None
             _make_run_dirs(self.device, dirs)
-            spec = self._spec(active, active.remaining_steps()[0], attachments_pending=True)
+            spec = self._spec(active, active.remaining_steps()[0], fresh=True)
         except Exception:  # _prepare and _next_step meet it again, and report it
             return None
         return Early(spec, self._spawn(active, spec, hold=True))
@@ -737,9 +737,10 @@ class Executor:
         if run.record.get("attachments"):
             # Written afresh for each attempt: an earlier one's action may have changed them,
             # or put a link, a file or a deep tree in their place; what cannot be removed or
-            # written fails this run, never the executor.
+            # written fails this run, never the executor. Directories made just now hold none.
             try:
-                if os.path.lexists(os.path.join(self.device.host(dirs["tmp"]), ATTACHMENTS_DIR)):
+                if not fresh and os.path.lexists(
+                        os.path.join(self.device.host(dirs["tmp"]), ATTACHMENTS_DIR)):
                     self._commit_claim(active)  # a removal may take long: not under the claim lock
                     _remove_tree(self.device, attachments_dir(run.agent, run.id))
                 write_attachments(self.device, run.agent, run.record)
@@ -821,15 +822,15 @@ class Executor:
             os.close(progress_write)
         return process, output_read, progress_read, False
 
-    def _spec(self, active: ActiveRun, step, attachments_pending: bool = False):
-        """The sandbox spec of `step`. `attachments_pending`: the run's attachments are yet to
-        be written (`_hand_over`), so those its record carries are named to the action too."""
+    def _spec(self, active: ActiveRun, step, fresh: bool = False):
+        """The sandbox spec of `step`. `fresh`: the run's directories were made just now
+        (`_hand_over`), so its checkpoint directory is empty, and its attachments are yet to
+        be written: those its record carries are named to the action too."""
         run, task, config = active.run, active.task, active.config
         dirs = run_dirs(run.agent, run.id)
         capability = config.get("capability") or {"allowed": {}, "denied": {}}
         allowed, denied = capability.get("allowed") or {}, capability.get("denied") or {}
         quota = config.get("quota") or {}
-        checkpoint_host = self.device.host(dirs["checkpoint"])
         env = {
             "PATH": DEFAULT_PATH,
             "HOME": dirs["tmp"],
@@ -843,12 +844,13 @@ class Executor:
             "SPOS_CHECKPOINT_DIR": dirs["checkpoint"],
             "SPOS_OUTPUT_DIR": dirs["output"],
         }
-        with os.scandir(checkpoint_host) as entries:
-            if any(entries):
-                env["SPOS_RESUME"] = "1"
+        if not fresh:
+            with os.scandir(self.device.host(dirs["checkpoint"])) as entries:
+                if any(entries):
+                    env["SPOS_RESUME"] = "1"
         env.update(trigger_env(run.record.get("source") or {}, dirs["tmp"],
                                self.device.host(dirs["tmp"]),
-                               (run.record.get("attachments") or {}) if attachments_pending else ()))
+                               (run.record.get("attachments") or {}) if fresh else ()))
         host_network, egress = active.network or network.setup_for(allowed.get("network"),
                                                                    denied.get("network"))
         active.network = None  # later steps resolve again

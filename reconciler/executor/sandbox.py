@@ -976,12 +976,14 @@ def _shape_of(spec: SandboxSpec) -> SandboxSpec:
 
 
 def _identity_of(device: Device, path: str) -> tuple[int, int] | None:
-    """(device, inode) of a directory under the root, None when it is missing."""
+    """(device, inode) of a directory under the root, None when it is missing. From the lstat
+    that resolving the path makes anyway: a link on the way is refused there, so it is the
+    directory itself."""
     try:
-        st = os.stat(device.host(path))
+        st = device.locate(path)[1]
     except (OSError, SposError):
         return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+    return (st.st_dev, st.st_ino) if st is not None and stat.S_ISDIR(st.st_mode) else None
 
 
 def _check_spec(spec: SandboxSpec) -> None:
