@@ -29,6 +29,7 @@ import pytest
 from sandboxes import reap_cgroups
 from waiting import wait_for
 
+from reconciler.executor.prepared import PreparedPool
 from reconciler.executor.sandbox import Limits, Sandbox, SandboxError, SandboxSpec
 
 pytestmark = pytest.mark.root
@@ -1109,6 +1110,45 @@ def test_cgroup_v2_tree_kills_and_counts(tmp_path, device_root):
         assert not (unified / spec.cgroup_name).exists()
     finally:
         runner.close()
+        if (unified / PARENT).is_dir():
+            (unified / PARENT).rmdir()
+
+
+def test_no_sandbox_is_prepared_on_cgroup_v2(tmp_path, device_root):
+    """cgroup v2 refuses to rename a cgroup, and a prepared sandbox's cgroup takes its run's name
+    by a rename: on v2 runs start in sandboxes set up for them, and the executor's pool never
+    prepares one (it would be refused at every run, after costing a sandbox's set-up)."""
+    unified = CGROUP_ROOT / "unified"
+    if not (unified / "cgroup.controllers").exists():
+        pytest.skip("no cgroup v2 mount at /sys/fs/cgroup/unified")
+    probe = unified / f"{PARENT}-rename"
+    probe.mkdir()
+    try:
+        with pytest.raises(PermissionError):
+            os.rename(probe, unified / f"{PARENT}-renamed")
+    finally:
+        probe.rmdir()
+    runner = Runner(Sandbox(root=str(device_root), cgroup_root=str(unified)), tmp_path)
+    v1 = Runner(Sandbox(root=str(device_root), cgroup_root=str(CGROUP_ROOT)), tmp_path)
+    if not runner.sandbox.launcher:
+        pytest.skip("this installation has no compiled launcher: it prepares no sandbox anyway")
+    try:
+        spec = _run_spec(runner, device_root, "r-v2", ["/bin/true"])
+        if v1.sandbox.cgroups.version == 1:  # the same spec gets one where renaming works
+            assert v1.sandbox.unpreparable(spec) is None
+        why = runner.sandbox.unpreparable(spec)
+        assert why and "cgroup v2" in why
+        with pytest.raises(SandboxError, match="cgroup v2"):
+            runner.sandbox.prepare(spec, f"{PARENT}/warm-v2", stdout=1, stderr=2)
+        assert not (unified / PARENT / "warm-v2").exists()
+        pool = PreparedPool(runner.sandbox, PARENT, limit=4, idle=600)
+        pool.want("r-v2-agent", spec)
+        assert not pool.pending(lambda agent: True)
+        available, described = runner.sandbox.available()  # what the executor says at start
+        assert available and "no prepared sandboxes: cgroup v2" in described
+    finally:
+        runner.close()
+        v1.close()
         if (unified / PARENT).is_dir():
             (unified / PARENT).rmdir()
 

@@ -155,6 +155,9 @@ class Sandbox:
             return "the spec names no per-run paths"
         if not self.launcher:
             return "only the compiled launcher mounts a run's directories into a prepared sandbox"
+        if self.cgroups.version == 2:
+            return ("a prepared sandbox's cgroup takes its run's name by a rename, which cgroup v2 "
+                    "refuses (EPERM)")
         if spec.egress is not None:
             return "a filtered network is linked to one run's sandbox"
         why = _per_run_problem(spec)
@@ -374,6 +377,8 @@ class Sandbox:
         missing = self.cgroups.missing_controllers()
         if missing:
             notes.append(f"missing cgroup controllers: {' '.join(missing)}")
+        if self.launcher and self.cgroups.version == 2:
+            notes.append("no prepared sandboxes: cgroup v2 cannot rename a cgroup")
         if self.landlock_abi:
             notes.append(f"Landlock ABI {self.landlock_abi}: reads, writes, executables"
                          + (" and TCP ports" if self.landlock_abi >= 4 else "") + " limited")
