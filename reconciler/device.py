@@ -285,7 +285,7 @@ def read_all(fd: int, size: int) -> bytes:
     chunks = [os.read(fd, size + 1)]
     while chunks[-1]:
         chunks.append(os.read(fd, max(size, 65536)))
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 2 else b"".join(chunks)
 
 
 def temporary_name(name: str) -> str:

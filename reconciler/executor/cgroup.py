@@ -149,8 +149,9 @@ class Cgroups:
 
     def rename(self, run: RunCgroup, name: str) -> RunCgroup:
         """Give `run`'s cgroup another name under the same parent, in every hierarchy, with its
-        processes in it (a prepared sandbox's cgroup becomes its run's). An empty leftover of
-        that name is removed first; one with processes is an error. All or nothing."""
+        processes in it (a prepared sandbox's cgroup becomes its run's; cgroup v1 only: v2
+        refuses renames). When a leftover of that name is in the way (EEXIST), an empty one is
+        removed and the rename tried again; one with processes is an error. All or nothing."""
         target = self.existing(name)
         if run.directories and posixpath.dirname(run.directories[0]) != \
                 posixpath.dirname(target.directories[0]):
