@@ -96,6 +96,12 @@ class Cgroups:
         # tree, so a run's cgroup is one directory there. Resolved once, not for every run.
         self._real = {c: os.path.realpath(path) for c, path in self.hierarchies.items()}
 
+    @property
+    def renames(self) -> bool:
+        """Whether a cgroup can be renamed here: v1 hierarchies allow it, cgroup v2 refuses
+        every rename (EPERM)."""
+        return self.version == 1
+
     def describe(self) -> str:
         if self.version == 2:
             controllers = " ".join(self._v2_available()) or "none"
@@ -149,23 +155,21 @@ class Cgroups:
 
     def rename(self, run: RunCgroup, name: str) -> RunCgroup:
         """Give `run`'s cgroup another name under the same parent, in every hierarchy, with its
-        processes in it (a prepared sandbox's cgroup becomes its run's; cgroup v1 only: v2
-        refuses renames). When a leftover of that name is in the way (EEXIST), an empty one is
+        processes in it (a prepared sandbox's cgroup becomes its run's; only where `renames`).
+        When a leftover of that name is in the way (EEXIST), an empty one is
         removed and the rename tried again; one with processes is an error. All or nothing."""
         target = self.existing(name)
         if run.directories and posixpath.dirname(run.directories[0]) != \
                 posixpath.dirname(target.directories[0]):
             raise CgroupError(f"cannot rename cgroup {run.name} to {name}: another parent")
         try:
-            _rename_each(run.directories, target.directories)
-        except FileExistsError:  # a leftover of that name (cgroupfs refuses to rename over it)
-            if target.pids():
-                raise CgroupError(f"cgroup {name} already holds processes") from None
-            target.remove()
             try:
                 _rename_each(run.directories, target.directories)
-            except OSError as exc:
-                raise CgroupError(f"cannot rename cgroup {run.name} to {name}: {exc}") from exc
+            except FileExistsError:  # a leftover of that name: cgroupfs does not rename over it
+                if target.pids():
+                    raise CgroupError(f"cgroup {name} already holds processes") from None
+                target.remove()
+                _rename_each(run.directories, target.directories)
         except OSError as exc:
             raise CgroupError(f"cannot rename cgroup {run.name} to {name}: {exc}") from exc
         target.unenforced = run.unenforced

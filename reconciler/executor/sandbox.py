@@ -155,7 +155,7 @@ class Sandbox:
             return "the spec names no per-run paths"
         if not self.launcher:
             return "only the compiled launcher mounts a run's directories into a prepared sandbox"
-        if self.cgroups.version == 2:
+        if self.cgroups.version is not None and not self.cgroups.renames:
             return ("a prepared sandbox's cgroup takes its run's name by a rename, which cgroup v2 "
                     "refuses (EPERM)")
         if spec.egress is not None:
@@ -377,7 +377,7 @@ class Sandbox:
         missing = self.cgroups.missing_controllers()
         if missing:
             notes.append(f"missing cgroup controllers: {' '.join(missing)}")
-        if self.launcher and self.cgroups.version == 2:
+        if self.launcher and not self.cgroups.renames:
             notes.append("no prepared sandboxes: cgroup v2 cannot rename a cgroup")
         if self.landlock_abi:
             notes.append(f"Landlock ABI {self.landlock_abi}: reads, writes, executables"
