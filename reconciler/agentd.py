@@ -9,7 +9,9 @@ One process keeps the device converged and runs its work:
 - a **load sample** every 5 minutes, for `spos schedule suggest` (loadlog.py);
 - the **executor** and the **trigger daemon** as supervised child processes (`spos executor`,
   `spos triggers`): one that exits is started again after a backoff that doubles from 1 s up
-  to a minute, and resets once a child has run for a minute.
+  to a minute, and resets once a child has run for a minute. The children are watched by a
+  thread of their own, woken by a child's exit (a pidfd), so a sync that takes minutes (a
+  slow fetch) does not keep the executor down.
 
 SIGTERM, SIGINT or SIGHUP: the children get SIGTERM at once (the executor drains its active
 runs), no new sync starts, and the daemon exits once the sync going on (if any) has ended and the
@@ -22,8 +24,10 @@ when the next sync is due, what the last cycle did (docs/sync.md, `spos status`)
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -45,8 +49,10 @@ BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 60.0, 60.0
 one that ran HEALTHY_AFTER seconds starts the count afresh."""
 STATUS_HEARTBEAT = 30.0
 """Seconds between status writes when nothing changed."""
-SUPERVISE_EVERY = 1.0
-"""How often children are looked at while nothing else is due."""
+TICK = 1.0
+"""How often the main loop looks for work while no sync or drift check is due."""
+POLL_CHILDREN = 0.25
+"""How often the children are looked at where the kernel has no pidfds (before Linux 5.3)."""
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Child:
     due: float = 0.0
     last_exit: dict | None = None
     terminated: bool = False
+    pidfd: int | None = None
+    """Readable once the process has exited; None where the kernel has no pidfds."""
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.log_path), mode=0o755, exist_ok=True)
@@ -72,6 +80,10 @@ class Child:
                 start_new_session=True,  # a Ctrl-C meant for the daemon reaches it once, via us
             )
         self.started, self.terminated = time.monotonic(), False
+        try:  # the pid cannot be another process's yet: only we reap it
+            self.pidfd = os.pidfd_open(self.process.pid)
+        except OSError:
+            self.pidfd = None
 
     def check(self, now: float) -> None:
         """Start it when due; note an exit and schedule the restart."""
@@ -92,6 +104,7 @@ class Child:
         ran = now - self.started
         self.last_exit = {"at": now_iso(), "code": code, "ranSeconds": round(ran, 1)}
         self.process = None
+        self._close_pidfd()
         self.restarts += 1
         if ran >= HEALTHY_AFTER:
             self.backoff = BACKOFF_FIRST
@@ -121,6 +134,12 @@ class Child:
             self.process.wait(5)
         except subprocess.TimeoutExpired:
             pass
+        self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
     def to_json(self) -> dict:
         running = self.process is not None and self.process.poll() is None
@@ -149,6 +168,18 @@ class Daemon:
         self.stopping = threading.Event()
         self.started_at = now_iso()
         self.children = [self._child(name) for name in settings.children]
+        self.lock = threading.RLock()
+        """Held to change or read the children, and to write the status: the supervisor
+        thread does both while the main thread syncs. Re-entrant, as a signal handler in the
+        main thread may take it while the main thread holds it."""
+        self._wake: int | None = None
+        """An eventfd that wakes the supervisor thread; open while `run` runs."""
+        self._supervisor = threading.Thread(target=self._supervise, name="spos-supervisor", daemon=True)
+        self._supervisor.fork_safe = True
+        """A sync may fork a child that parses manifests (pipeline._forkable) while this thread
+        runs. It takes no lock that child uses: it imports only modules loaded already, writes
+        to stderr only to report its own failure (the child writes nothing), and its own locks
+        (`lock`, its children's Popen objects') are not the child's."""
         self.load = loadlog.Sampler(self.device, log)
         self.next_sync = 0.0
         self.next_sync_at = time.time()
@@ -170,7 +201,9 @@ class Daemon:
         lock = hold_alone(self.device, LOCK_FILE, "spos daemon")
         try:
             self._handle_signals()
+            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             try:
+                self._supervisor.start()
                 while not self.stopping.is_set():
                     self.cycle()
                     self.stopping.wait(self._sleep())
@@ -178,14 +211,53 @@ class Daemon:
                 self.shutdown()
         finally:
             os.close(lock)
+            wake, self._wake = self._wake, None  # a signal from here on wakes nothing
+            if wake is not None:
+                os.close(wake)
+
+    def _supervise(self) -> None:
+        """The supervisor thread: start each child when due and note its exit as it happens,
+        until the daemon stops. A child is never started once `stopping` is set: that is read
+        under the lock `stop` takes to terminate the children. What it raises is reported and
+        the children are looked at again a second later, as a sync's failure is."""
+        while True:
+            try:
+                waiting = self._supervise_once()
+            except Exception as exc:  # noqa: BLE001 - a bug must not leave the children unwatched
+                self.log(f"spos daemon: supervising the children failed: {type(exc).__name__}: {exc}")
+                waiting = ([], TICK)
+            if waiting is None:
+                return
+            watched, timeout = waiting
+            poller = select.poll()
+            for fd in (self._wake, *watched):
+                poller.register(fd, select.POLLIN)
+            ready = poller.poll(None if timeout is None else math.ceil(timeout * 1000))  # ms, not early
+            if any(fd == self._wake for fd, _ in ready):
+                os.eventfd_read(self._wake)
+
+    def _supervise_once(self) -> tuple[list[int], float | None] | None:
+        """Each child started or its exit noted, as due; then the pidfds to wait on and for how
+        long at most (seconds, None for ever); None once the daemon stops."""
+        with self.lock:
+            if self.stopping.is_set():
+                return None
+            now = time.monotonic()
+            for child in self.children:
+                child.check(now)
+            watched = [child.pidfd for child in self.children if child.pidfd is not None]
+            due = [max(0.0, child.due - now) for child in self.children if child.process is None]
+            if any(child.process is not None and child.pidfd is None for child in self.children):
+                due.append(POLL_CHILDREN)
+        self.write_status()
+        return watched, min(due, default=None)
 
     def cycle(self) -> None:
-        """Whatever is due now: supervise the children, sync, or check for drift."""
+        """Whatever is due now: a load sample, a sync, or a drift check (the children are
+        the supervisor thread's)."""
         now = time.monotonic()
-        for child in self.children:
-            if self.stopping.is_set():  # told to stop (a signal may come at any moment): start none
-                return
-            child.check(now)
+        if self.stopping.is_set():
+            return
         self.load.tick()
         if now >= self.next_sync:
             self._sync()
@@ -226,28 +298,36 @@ class Daemon:
 
     def _sleep(self) -> float:
         now = time.monotonic()
-        due = [self.next_sync, self.next_drift, now + SUPERVISE_EVERY]
-        due += [child.due for child in self.children if child.process is None]
-        return max(0.0, min(due) - now)
+        return max(0.0, min(self.next_sync, self.next_drift, now + TICK) - now)
 
     def stop(self) -> None:
         """No new sync starts; the children are told at once, so the executor starts draining
         even while a sync (a slow fetch) is still going."""
         self.stopping.set()
-        for child in self.children:
-            child.terminate()
+        with self.lock:
+            for child in self.children:
+                child.terminate()
+        self._wake_supervisor()
         from reconciler import gitsync, state
 
         gitsync.abort()  # a fetch hanging on the remote ends now; the sync reports it failed
         state.stop_waiting()  # and so does a wait for the apply lock
 
     def shutdown(self) -> None:
+        self.stopping.set()
+        self._wake_supervisor()
+        if self._supervisor.is_alive():
+            self._supervisor.join()
         for child in self.children:
             child.terminate()
         deadline = time.monotonic() + self.settings.stop_timeout
         for child in self.children:
             child.stop(deadline)
         self.write_status(final=True)
+
+    def _wake_supervisor(self) -> None:
+        if self._wake is not None:
+            os.eventfd_write(self._wake, 1)
 
     def _handle_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -274,19 +354,20 @@ class Daemon:
     def write_status(self, final: bool = False) -> None:
         """Atomically, when something in it changed, and at least every STATUS_HEARTBEAT
         seconds so that a reader can tell a live daemon from a dead one."""
-        status = self.status()
-        text, now = json.dumps(status, sort_keys=True), time.monotonic()
-        if not final and self._written and self._written[0] == text \
-                and now - self._written[1] < STATUS_HEARTBEAT:
-            return
-        status["updatedAt"] = now_iso()
-        if final:
-            status["stoppedAt"] = status["updatedAt"]
-        try:
-            self.device.replace(STATUS_FILE, (json.dumps(status, indent=2) + "\n").encode())
-        except (OSError, SposError):
-            return  # `spos status` then shows it as stale; the work goes on
-        self._written = (text, now)
+        with self.lock:
+            status = self.status()
+            text, now = json.dumps(status, sort_keys=True), time.monotonic()
+            if not final and self._written and self._written[0] == text \
+                    and now - self._written[1] < STATUS_HEARTBEAT:
+                return
+            status["updatedAt"] = now_iso()
+            if final:
+                status["stoppedAt"] = status["updatedAt"]
+            try:
+                self.device.replace(STATUS_FILE, (json.dumps(status, indent=2) + "\n").encode())
+            except (OSError, SposError):
+                return  # `spos status` then shows it as stale; the work goes on
+            self._written = (text, now)
 
 
 def read_status(device: Device) -> dict | None:

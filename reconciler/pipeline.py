@@ -178,13 +178,26 @@ def _read_ahead(device: Device, files: dict):
     return ReadAhead(cache_file(device), files)
 
 
+def _forkable() -> bool:
+    """Whether a child forked here may run Python. A fork copies only the thread that calls
+    it: a lock another thread held then stays locked in the child. So every other thread must
+    have declared, with a `fork_safe` attribute set to True, that it never holds a lock such a
+    child takes: an import's, the standard streams', the logging module's (the supervisor of
+    `spos daemon`'s children, reconciler/agentd.py)."""
+    import threading
+
+    current = threading.current_thread()
+    return all(thread is current or getattr(thread, "fork_safe", False) for thread in threading.enumerate())
+
+
 class _CachePrimer:
     """While the device is observed (and the cached files' manifests read), a forked child
     parses and checks the manifest files the manifest cache does not hold
     (validate.prime_cache), on the other CPU: the YAML parser and
     the schema validator it imports for them (~45 ms) and the parsing itself are off this
-    process's path, and `load` finds every file cached. Only in a process with one thread (so
-    not under the progress bar of a command at a terminal), on a device with a manifest cache,
+    process's path, and `load` finds every file cached. Only in a process whose other threads
+    are fork-safe (`_forkable`: not under the progress bar of a command at a terminal), on a
+    device with a manifest cache,
     for a complete fingerprint; a child that fails only costs `load` the work it would have
     done anyway. `wait()`, and leaving the `with` block, wait for the child, which does no more
     than `load` would (it is not killed: a cache half saved would be thrown away)."""
@@ -197,9 +210,8 @@ class _CachePrimer:
         if cache is None or not files or not hasattr(os, "fork"):
             return
         import signal
-        import threading
 
-        if threading.active_count() > 1:  # a fork copies only this thread: not safe then
+        if not _forkable():
             return
         policies = set(listed.get(request.policy_dir, ())) if request.policy_dir else set()
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -675,6 +676,94 @@ def test_sigterm_reaches_the_children_while_a_fetch_hangs(tmp_path, device, daem
             os.killpg(pid, signal.SIGKILL)
 
     assert stopped, f"6 s after SIGTERM: (child got SIGTERM, daemon exit code) = {seen}"
+
+
+def test_a_child_that_exits_while_a_fetch_hangs_is_restarted_on_time(tmp_path, device, daemons):
+    """docs: a child that exits "is started again after 1 s". The children were looked at
+    between syncs only, so an executor that crashed while a fetch hung (up to
+    FETCH_TIMEOUT_SECONDS = 300) stayed down until the fetch gave up, and every restart came
+    up to a second late. Its restarts now follow its exits by the backoff, 1 s then 2 s,
+    while the first sync is still fetching; daemon.json says so meanwhile."""
+    starts = tmp_path / "starts"
+    worker = ["sh", "-c", f"date +%s.%N >> {starts}; exit 3"]
+    with stalled_remote() as url:
+        daemon = daemons(device, url, {"worker": worker})
+        wait_for(lambda: starts.exists() and len(starts.read_text().split()) >= 3, "three starts", WAIT)
+        status = daemon.status()
+
+    times = [float(value) for value in starts.read_text().split()]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert status["lastSync"] is None, "the first sync ended"
+    assert 1.0 <= gaps[0] < 1.5 and 2.0 <= gaps[1] < 2.5, gaps
+    assert status["children"]["worker"]["restarts"] >= 2
+    assert status["children"]["worker"]["lastExit"]["code"] == 3
+
+
+FIRST_SYNC = r'''
+import json, sys, threading
+from reconciler.agentd import Daemon, DaemonSettings
+from reconciler.sync import SyncOptions
+root, repo, worker = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+daemon = Daemon(root, SyncOptions(repo=repo), DaemonSettings(
+    interval=60, jitter=0, drift_interval=60, stop_timeout=2, children=("worker",)))
+daemon.children[0].argv = worker
+
+def first_sync(sync=daemon._sync):
+    sync()
+    print(json.dumps({"outcome": daemon.last_sync["outcome"], "threads": threading.active_count(),
+                      "parsed here": "ruamel.yaml" in sys.modules}), flush=True)
+    daemon.stop()
+
+daemon._sync = first_sync
+daemon.run()
+'''
+
+
+def test_the_daemons_sync_parses_new_manifests_in_a_child_beside_the_supervisor(device, upstream):
+    """The manifests a sync finds new are parsed in a forked child, off the daemon's path
+    (pipeline._CachePrimer), which refuses to fork beside a thread that could hold a lock
+    the child needs. The thread that watches the children runs throughout and declares that
+    it holds none; without that, every daemon sync parsed in the daemon itself."""
+    upstream.commit(site())
+    done = subprocess.run([sys.executable, "-c", FIRST_SYNC, str(device.root), str(upstream.bare),
+                           json.dumps(["sleep", "30"])],
+                          cwd=REPO, env=direct(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"outcome": "applied", "threads": 2, "parsed here": False}, done.stderr
+
+
+def test_a_failure_while_supervising_is_reported_and_the_children_are_still_started(device, upstream):
+    """An error the supervisor thread does not expect (a bug) would end that thread alone:
+    the daemon would go on syncing with nobody starting its children ever again. It is
+    logged, and the children are looked at again a second later."""
+    from reconciler.agentd import Daemon, DaemonSettings
+
+    upstream.commit(site())
+    logged = []
+    daemon = Daemon(str(device.root), SyncOptions(repo=str(upstream.bare)), DaemonSettings(
+        interval=60, jitter=0, drift_interval=60, stop_timeout=2, children=("worker",)), log=logged.append)
+    worker, looks = daemon.children[0], []
+    worker.argv = ["sleep", "30"]
+
+    def check(now, real=worker.check):
+        looks.append(now)
+        if len(looks) == 1:
+            raise RuntimeError("a bug")
+        real(now)
+        if worker.process is not None:  # started: the daemon stops (stop() would end this
+            daemon.stopping.set()       # process's every git and lock wait, the tests' too)
+
+    worker.check = check
+    running = threading.Thread(target=daemon.run)  # not the main thread: no signal handlers
+    running.start()
+    running.join(WAIT)
+
+    assert not running.is_alive(), "the daemon did not stop"
+    assert "spos daemon: supervising the children failed: RuntimeError: a bug" in logged
+    assert len(looks) == 2 and looks[1] - looks[0] >= 1.0, looks
+    assert worker.started and worker.process.returncode == -signal.SIGTERM
 
 
 def test_a_child_that_cannot_be_started_does_not_kill_the_daemon(device, upstream, daemons):
