@@ -589,6 +589,28 @@ def test_serial_bytes_nul_and_an_endless_line_give_passable_env(root, daemon):
         passable(trigger_env(run["source"], "/run-tmp", str(root.host(f"{AGENTS_DIR}/{AGENT}/tmp/{run['id']}"))))
 
 
+def test_a_stop_that_comes_while_another_thread_nudges_still_wakes_the_loop(root):
+    """nudge() from a signal handler used to give up when another thread was nudging at that
+    moment, counting on that thread's write; but that write could have been read already, and
+    the loop, asleep until the next heartbeat (30 s by default), did not see the stop:
+    `spos triggers` could outlive SIGTERM by up to the heartbeat (and a count's change go
+    unreported as long). Every nudge now writes to the loop's pipe."""
+    running = TriggerDaemon(root.device, listen=("127.0.0.1", 0), heartbeat=30.0)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    wait_for(lambda: root.host(f"/{STATE_DIR}/triggerd/status.json").exists(), "the first status", WAIT)
+    time.sleep(0.2)  # and the loop asleep
+    running._nudge_lock.acquire()  # a source thread between its write (already read) and release
+    stopping = threading.Thread(target=running.stop, daemon=True)
+    stopping.start()
+    time.sleep(0.1)
+    running._nudge_lock.release()
+    stopping.join(WAIT)
+    thread.join(3)
+
+    assert not thread.is_alive(), "the stopped daemon is still asleep"
+
+
 def test_without_inotify_the_registrations_are_listed_every_reload_interval(root, monkeypatch):
     """Where inotify cannot watch (no instance left, the watch limit reached), the daemon
     looks at the registrations every `reload_interval` instead, and still runs them."""

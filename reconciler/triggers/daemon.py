@@ -105,8 +105,9 @@ class TriggerDaemon:
         self._watch = _Watch(device)
         # Written to by nudge() from any thread; closed as run() ends, under _nudge_lock, so a
         # source thread that nudges late never writes to a descriptor reused for something else.
+        # Re-entrant: a signal handler's nudge runs on the main thread, which may hold it.
         self._nudge_read, self._nudge_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._nudge_lock = threading.Lock()
+        self._nudge_lock = threading.RLock()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -127,9 +128,10 @@ class TriggerDaemon:
                 self.shutdown()
                 self._watch.close()
                 with self._nudge_lock:
-                    for fd in (self._nudge_read, self._nudge_write):
+                    fds = (self._nudge_read, self._nudge_write)
+                    self._nudge_read = self._nudge_write = -1  # first: a signal may nudge meanwhile
+                    for fd in fds:
                         os.close(fd)
-                    self._nudge_read = self._nudge_write = -1
             finally:
                 os.close(lock)
 
@@ -152,16 +154,15 @@ class TriggerDaemon:
 
     def nudge(self) -> None:
         """Wake the loop: something the status shows changed. Any thread, and a signal
-        handler; never blocks (a nudge that finds another one under way leaves it to that)."""
-        if not self._nudge_lock.acquire(blocking=False):
-            return
-        try:
+        handler. Every nudge writes: one that left the wake-up to another nudge under way could
+        be lost, when the loop had read that one's byte already. It waits only for another
+        nudge's write (or the pipe's closing), never for the loop."""
+        with self._nudge_lock:
             if self._nudge_write >= 0:
-                os.write(self._nudge_write, b".")
-        except OSError:  # full: a wake-up is pending already
-            pass
-        finally:
-            self._nudge_lock.release()
+                try:
+                    os.write(self._nudge_write, b".")
+                except OSError:  # full: a wake-up is pending already
+                    pass
 
     def _sleep(self) -> bool:
         """Until a registration changes, a trigger's counts or state do, or the next thing
