@@ -198,6 +198,33 @@ def test_githubs_published_vector_is_accepted_and_emitted_exactly(root, listener
     )]
 
 
+def test_signatures_are_compared_in_constant_time_whatever_byte_differs(root, listener, monkeypatch):
+    """Every request's signature, right or wrong in its first or its last byte, is checked by
+    hmac.compare_digest over the two whole digests, whose time does not depend on where they
+    differ; a byte-by-byte compare that stops early would tell an attacker how much of a
+    forged signature is right."""
+    from reconciler.triggers import webhook as webhook_module
+
+    compared, real = [], hmac.compare_digest
+    monkeypatch.setattr(webhook_module.hmac, "compare_digest",
+                        lambda a, b: compared.append((bytes(a), bytes(b))) or real(a, b))
+    write_secret(root, SECRET)
+    gate = Gate()
+    webhook(root, listener, gate)
+    body = b'{"zen": "timing"}'
+    right = sign(SECRET, body)
+    forged = {"first": right[:7] + ("0" if right[7] != "0" else "1") + right[8:],
+              "last": right[:-1] + ("0" if right[-1] != "0" else "1")}
+
+    answers = [post(listener.port, PATH, body, {"X-Hub-Signature-256": signature}).status
+               for signature in (right, forged["first"], forged["last"])]
+
+    assert answers == [202, 401, 401]
+    expected = hmac.new(SECRET.encode(), body, hashlib.sha256).digest()
+    assert [a == expected and len(b) == 32 for a, b in compared] == [True, True, True], compared
+    assert [event.payload for event in gate.events] == [body]
+
+
 def test_a_listener_on_an_ipv6_address_serves_there(root):
     ipv6 = Listener("::1", 0, request_timeout=2.0)
     ipv6.start()

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 import types
 import urllib.error
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from sandboxes import remove_cgroups_of, sandbox_missing
+from test_trigger_mqtt import MOSQUITTO, Broker, free_port
 from waiting import wait_for
 
 from reconciler.device import Device
@@ -227,22 +229,106 @@ def test_a_signed_webhook_queues_a_run_with_its_body_and_a_bad_one_nothing(site)
     assert site.stop() == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
+                    reason="needs root, unshare and ip for a network namespace of its own")
+def test_the_listener_is_on_loopback_port_9180_by_default(site):
+    """Without --listen the webhooks are served on 127.0.0.1:9180, never on every address. The
+    daemon runs in a network namespace of its own, so nothing else on the machine holds the
+    port, and what it listens on is read from the kernel (/proc/PID/net/tcp), not its status."""
+    site.path("/etc/hooks").mkdir(parents=True)
+    site.path("/etc/hooks/secret").write_bytes(b"s3cret")
+    site.apply({"hook": {"webhook": {"path": "/hooks/deploy", "secretFile": "/etc/hooks/secret"}}})
+    site.log = open(site.tmp_path / "triggers.log", "w")
+    site.daemon = subprocess.Popen(  # unshare and sh exec: the daemon keeps this pid
+        ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+         sys.executable, "-m", "reconciler", "triggers", "--root", str(site.root)],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=site.log, stderr=subprocess.STDOUT)
+    try:
+        status = site.wait_armed("hook") and site.status()
+        listening = []
+        for line in Path(f"/proc/{site.daemon.pid}/net/tcp").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # TCP_LISTEN
+                address, port = local.split(":")
+                listening.append((".".join(str(b) for b in bytes.fromhex(address)[::-1]), int(port, 16)))
+    finally:
+        assert site.stop() == 0, site.output()
+    assert status["listen"] == "127.0.0.1:9180"
+    assert listening == [("127.0.0.1", 9180)]
+
+
+def test_webhook_requests_refused_by_the_daemon_queue_nothing(site):
+    """Through the real daemon: a body over the trigger's maxBodySize is 413, a correctly
+    signed request whose signed timestamp is outside the tolerance (a replay) is 401, and
+    neither queues anything; the same request signed now is queued, once."""
+    secret = b"s3cret"
+    site.path("/etc/hooks").mkdir(parents=True)
+    site.path("/etc/hooks/secret").write_bytes(secret)
+    site.apply({"hook": {"webhook": {"path": "/hooks/deploy", "secretFile": "/etc/hooks/secret",
+                                     "maxBodySize": "1K", "timestampTolerance": "5m"}}})
+    site.start()
+    url = f"http://{site.wait_armed('hook') and site.status()['listen']}/hooks/deploy"
+
+    def stamped(body: bytes, at: float) -> dict:
+        stamp = str(int(at))
+        return {"X-Spos-Timestamp": stamp, "X-Hub-Signature-256": signed(secret, stamp.encode() + b"." + body)}
+
+    big, body = b"x" * 1025, b'{"ref": "main"}'
+    oversize = post(url, big, stamped(big, time.time()))
+    replayed = post(url, body, stamped(body, time.time() - 600))
+    fresh = post(url, body, stamped(body, time.time()))
+
+    assert (oversize[0], replayed[0], fresh[0]) == (413, 401, 202)
+    [run] = site.settled_queue(1)
+    assert run["id"] == fresh[1]["run"] and site.attachment(run["id"], "payload") == body
+    assert site.stop() == 0
+
+
 def test_a_serial_line_queues_a_run_with_the_line(site):
+    """The device is opened at the manifest's baud rate (a pty starts at 38400) and each line
+    it sends queues a run with the line."""
     master, slave = os.openpty()
     try:
         site.path("/dev").mkdir()
         os.symlink(os.ttyname(slave), site.path("/dev/ttyUSB0"))
         site.apply({"sensor": {"serial": {"device": "/dev/ttyUSB0", "baudrate": 115200}}})
+        before = termios.tcgetattr(slave)[4:6]
         site.start()
         site.wait_armed("sensor")
+        speeds = termios.tcgetattr(slave)[4:6]  # input and output speed, shared by every opener
         os.write(master, b"T=21.4 H=48.2\r\n")
         [run] = site.settled_queue(1)
     finally:
         site.stop()
         os.close(master)
         os.close(slave)
+    assert (before, speeds) == ([termios.B38400] * 2, [termios.B115200] * 2)
     assert run["source"]["event"]["line"] == "T=21.4 H=48.2"
     assert site.attachment(run["id"], "payload") == b"T=21.4 H=48.2"
+
+
+@pytest.mark.skipif(not MOSQUITTO.exists(), reason="mosquitto is not installed (apt-get install mosquitto)")
+def test_an_mqtt_message_queues_a_run_with_its_topic_and_payload(site, tmp_path):
+    """Against a real mosquitto on a loopback port: a message on a topic the filter matches
+    queues one run with its topic and its bytes; one on another topic queues nothing."""
+    import paho.mqtt.publish as publish
+
+    (tmp_path / "broker").mkdir()
+    broker = Broker(tmp_path / "broker", free_port())
+    broker.start()
+    try:
+        site.apply({"alarms": {"mqtt": {"broker": f"mqtt://127.0.0.1:{broker.port}", "topic": "site/+/alarm",
+                                        "qos": 1}}})
+        site.start()
+        site.wait_armed("alarms")  # subscribed: the broker acknowledged the filter
+        for topic, payload in (("site/door/status", b"closed"), ("site/door/alarm", b"OPEN\x00\xff")):
+            publish.single(topic, payload, qos=1, hostname="127.0.0.1", port=broker.port)
+        [run] = site.settled_queue(1)
+    finally:
+        site.stop()
+        broker.kill()
+    assert run["source"]["event"] == {"topic": "site/door/alarm", "qos": "1", "retained": "0"}
+    assert site.attachment(run["id"], "payload") == b"OPEN\x00\xff"
 
 
 def test_a_temperature_condition_fires_once_per_crossing(site):

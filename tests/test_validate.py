@@ -466,6 +466,32 @@ def test_a_size_in_bytes_may_be_an_unquoted_number(project, spos, device_root):
     assert registration["webhook"]["maxBodyBytes"] == 100
 
 
+def test_a_webhook_secret_written_into_the_manifest_is_refused_without_being_repeated(project, spos):
+    """Secrets are read from a file named in the manifest, never from the manifest itself: a
+    secret written in place of `secretFile` is refused, where it stands, and the error does not
+    carry the secret on into CI logs."""
+    write(project, "hook.yaml", """\
+        apiVersion: spos/v1
+        kind: Trigger
+        metadata:
+          name: hook
+        spec:
+          agent: probe
+          task: tick
+          webhook:
+            path: /hooks/deploy
+            secret: hunter2-s3cret
+    """)
+    result = spos("validate", "agents.d")
+
+    assert problems(result) == [
+        "agents.d/hook.yaml:8:3: error: missing required field 'secretFile' (at spec.webhook)",
+        "agents.d/hook.yaml:10:5: error: unknown field 'secret' (at spec.webhook.secret)\n"
+        "    hint: did you mean 'secretFile'?",
+    ]
+    assert "hunter2-s3cret" not in result.out + result.err
+
+
 def test_paths_users_and_env_names_have_their_own_messages(project, spos):
     write(project, "bad.yaml", """\
         apiVersion: spos/v1
