@@ -289,6 +289,15 @@ def test_wait_options_are_checked_before_anything_is_queued(device):
     assert not list(queue.glob("*.json"))
 
 
+def _watching(pid: int) -> bool:
+    """Whether the process holds an inotify instance."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fd) == "anon_inode:inotify" for fd in fds.iterdir())
+    except OSError:  # an fd closed while looked at: look again
+        return False
+
+
 @needs_executor
 def test_waiting_sleeps_until_woken_and_ends_as_soon_as_the_run_does(device):
     device.apply({"t": {"command": sh("sleep 3")}})
@@ -297,6 +306,10 @@ def test_waiting_sleeps_until_woken_and_ends_as_soon_as_the_run_does(device):
     run_id = device.first_line(waiting)
     device.wait_state(run_id, "active")
     process = psutil.Process(waiting.pid)
+    # measured once it waits: it prints the run id before it sets up its watch (10 to 30 ms of
+    # CPU, which a loaded machine pushes into the window)
+    wait_for(lambda: _watching(waiting.pid) and process.status() == psutil.STATUS_SLEEPING,
+             "the waiting command to watch the run and sleep")
     before = sum(process.cpu_times()[:2])
     time.sleep(1.5)
     used = sum(process.cpu_times()[:2]) - before

@@ -108,17 +108,18 @@ def test_fires_only_after_the_condition_held_for_the_whole_span(started):
 
 
 def test_a_dip_during_the_span_restarts_it(started):
+    hold = 1.0  # long beside the set-up before the dip, which a loaded machine can stretch
     metric = SetMetric(95.0)
-    source, recorder = started({"metric": "cpu_percent", "above": 90, "forSeconds": HOLD}, metric)
+    source, recorder = started({"metric": "cpu_percent", "above": 90, "forSeconds": hold}, metric)
 
     metric.set_and_settle(95.0)
     metric.set_and_settle(50.0)
-    assert state_of(source) == "armed"
+    assert state_of(source) == "armed" and recorder.count == 0
     back = time.monotonic()
     metric.value = 95.0
-    wait_for(lambda: recorder.count == 1, "the fire", 3)
+    wait_for(lambda: recorder.count == 1, "the fire", 5)
 
-    assert recorder.time_of(0) - back >= HOLD
+    assert recorder.time_of(0) - back >= hold
 
 
 def test_fires_once_while_it_keeps_holding_and_again_after_crossing_back(started):

@@ -323,7 +323,8 @@ def test_a_single_file_path_reports_only_that_file(device, watch):
 
 
 def test_a_file_written_in_chunks_fires_once_after_the_last_write(device, watch):
-    _, recorder = watch(settleSeconds=0.2)
+    # settling 20 times the pause between chunks: a writer held up under load stays in time
+    _, recorder = watch(settleSeconds=1.0)
     chunks = 7
     for _ in range(chunks):
         with host(device, "big.bin").open("ab") as handle:
@@ -338,9 +339,10 @@ def test_a_file_written_in_chunks_fires_once_after_the_last_write(device, watch)
 
 
 def test_files_settle_independently(device, watch):
-    _, recorder = watch(events=["close_write"], settleSeconds=0.3)
+    # a.txt settles while b.txt is still written, every tenth of b's settling time
+    _, recorder = watch(events=["close_write"], settleSeconds=0.8)
     host(device, "a.txt").write_text("done")
-    chunks = 10
+    chunks = 15
     for _ in range(chunks):
         with host(device, "b.txt").open("a") as handle:
             handle.write("x")
