@@ -197,9 +197,8 @@ class _CachePrimer:
     the schema validator it imports for them (~45 ms) and the parsing itself are off this
     process's path, and `load` finds every file cached. Only in a process whose other threads
     are fork-safe (`_forkable`: not under the progress bar of a command at a terminal), on a
-    device with a manifest cache,
-    for a complete fingerprint; a child that fails only costs `load` the work it would have
-    done anyway. `wait()`, and leaving the `with` block, wait for the child, which does no more
+    device with a manifest cache, for a complete fingerprint; a child that fails only costs
+    `load` the work it would have done anyway. `wait()`, and leaving the `with` block, wait for the child, which does no more
     than `load` would (it is not killed: a cache half saved would be thrown away)."""
 
     def __init__(self, request: PlanRequest, device: Device, files: dict, listed: dict):

@@ -77,11 +77,14 @@ class Site:
 
     # -- the daemon ----------------------------------------------------------------------
 
-    def start(self, reload_interval: str = "100ms", heartbeat: str = "30s") -> None:
+    def start(self, reload_interval: str = "100ms", heartbeat: str = "30s",
+              listen: str | None = "127.0.0.1:0", within: tuple[str, ...] = ()) -> None:
+        """`listen` None: the daemon's default. `within`: a command that execs the daemon
+        (its pid stays the daemon's)."""
         self.log = open(self.tmp_path / "triggers.log", "w")
         self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "triggers", "--root", str(self.root),
-             "--listen", "127.0.0.1:0", "--reload-interval", reload_interval,
+            [*within, sys.executable, "-m", "reconciler", "triggers", "--root", str(self.root),
+             *(("--listen", listen) if listen else ()), "--reload-interval", reload_interval,
              "--heartbeat", heartbeat],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
         )
@@ -238,11 +241,7 @@ def test_the_listener_is_on_loopback_port_9180_by_default(site):
     site.path("/etc/hooks").mkdir(parents=True)
     site.path("/etc/hooks/secret").write_bytes(b"s3cret")
     site.apply({"hook": {"webhook": {"path": "/hooks/deploy", "secretFile": "/etc/hooks/secret"}}})
-    site.log = open(site.tmp_path / "triggers.log", "w")
-    site.daemon = subprocess.Popen(  # unshare and sh exec: the daemon keeps this pid
-        ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-         sys.executable, "-m", "reconciler", "triggers", "--root", str(site.root)],
-        cwd=REPO, stdin=subprocess.DEVNULL, stdout=site.log, stderr=subprocess.STDOUT)
+    site.start(listen=None, within=("unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"))
     try:
         status = site.wait_armed("hook") and site.status()
         listening = []
